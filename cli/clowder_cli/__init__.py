@@ -1,0 +1,1 @@
+"""The clowder command line."""

@@ -1,0 +1,205 @@
+"""The `clowder` command: run a local cluster and manage images and deployments."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from clowder.controller.v1 import controller_pb2, resources_pb2
+from clowder_cli import paths
+from clowder_cli.control import ControlPlane, describe
+from clowder_cli.progress import show_pull
+from clowder_cli.up import run_down, run_up
+from clowder_common.auth import read_admin_token
+from clowder_common.errors import ClowderError, NotFound
+
+STATE_NAMES = {
+    resources_pb2.REPLICA_STATE_PENDING: "pending",
+    resources_pb2.REPLICA_STATE_PULLING: "pulling",
+    resources_pb2.REPLICA_STATE_STARTING: "starting",
+    resources_pb2.REPLICA_STATE_READY: "ready",
+    resources_pb2.REPLICA_STATE_FAILED: "failed",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clowder", description=__doc__)
+    parser.add_argument("--data-dir", type=pathlib.Path, default=None,
+                        help="local cluster directory (default: $CLOWDER_DATA_DIR or ~/.local/share/clowder)")
+    parser.add_argument("--controller", default=os.environ.get("CLOWDER_CONTROLLER"),
+                        help="controller address host:port (default: the local cluster's)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run etcd, controller, storage and balancer here until Ctrl-C")
+    up.add_argument("--demo", action="store_true", help="also serve the bundled SmolLM2 as `smol`")
+    up.add_argument("--http-port", type=int, default=3090, help="OpenAI API port (default 3090)")
+    up.add_argument("--internal-ports", default="3091",
+                    help="first of five consecutive internal ports, or 'auto' for free ones (default 3091)")
+    sub.add_parser("down", help="stop the local cluster and everything it started")
+
+    image = sub.add_parser("image", help="manage aimages").add_subparsers(dest="image_command", required=True)
+    add = image.add_parser("add", help="add an aimage and pull it onto a node")
+    add.add_argument("alias")
+    add.add_argument("url", help="file:///path, http(s)://... or a local path")
+    add.add_argument("--system-prompt", default="")
+    add.add_argument("--context-size", type=int, default=0)
+    add.add_argument("--no-pull", action="store_true", help="only record it; deployments pull on demand")
+    image.add_parser("ls", help="list aimages")
+    rm = image.add_parser("rm", help="remove an aimage no deployment uses")
+    rm.add_argument("alias")
+    pull = image.add_parser("pull", help="pull an aimage onto a node")
+    pull.add_argument("alias")
+    pull.add_argument("--node", default="")
+
+    deploy = sub.add_parser("deploy", help="run N replicas of an aimage (creates or scales)")
+    deploy.add_argument("image")
+    deploy.add_argument("--replicas", type=int, default=1)
+    deploy.add_argument("--name", default="", help="deployment (and model) name; default: the image alias")
+    undeploy = sub.add_parser("undeploy", help="stop and remove a deployment")
+    undeploy.add_argument("name")
+    sub.add_parser("ps", help="deployments and their replicas")
+    sub.add_parser("nodes", help="registered nodes")
+    return parser
+
+
+def connect(args: argparse.Namespace, data_dir: pathlib.Path) -> ControlPlane:
+    address = args.controller
+    if not address:
+        cluster = paths.read_cluster(data_dir)
+        if cluster is None:
+            raise NotFound(f"no local cluster is running from {data_dir}: run `clowder up` (or pass --controller)")
+        address = cluster["controller"]
+    return ControlPlane(address, read_admin_token(data_dir))
+
+
+def source_url(value: str) -> str:
+    if "://" in value:
+        return value
+    path = pathlib.Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise NotFound(f"{value} is neither a URL nor a file")
+    return path.as_uri()
+
+
+def cmd_image(args, control: ControlPlane, console: Console) -> int:
+    if args.image_command == "add":
+        config = resources_pb2.ImageConfiguration(system_prompt=args.system_prompt, context_size=args.context_size)
+        image = resources_pb2.Image(alias=args.alias, source_url=source_url(args.url), configuration=config)
+        control.call(control.images.CreateImage, controller_pb2.CreateImageRequest(image=image))
+        console.print(f"image {args.alias} added")
+        if not args.no_pull:
+            pull(control, args.alias, "", console)
+    elif args.image_command == "pull":
+        pull(control, args.alias, args.node, console)
+    elif args.image_command == "rm":
+        control.call(control.images.DeleteImage, controller_pb2.DeleteImageRequest(alias=args.alias))
+        console.print(f"image {args.alias} removed")
+    else:
+        table = Table("ALIAS", "SOURCE", "DIGEST", "SIZE")
+        token = ""
+        while True:
+            page = control.call(control.images.ListImages, controller_pb2.ListImagesRequest(page_token=token))
+            for image in page.images:
+                table.add_row(image.alias, image.source_url, image.digest[:19] or "-",
+                              human_bytes(image.size_bytes) if image.size_bytes else "-")
+            token = page.next_page_token
+            if not token:
+                break
+        console.print(table)
+    return 0
+
+
+def pull(control: ControlPlane, alias: str, node: str, console: Console) -> None:
+    stream = control.stream(control.images.PullImage, controller_pb2.PullImageRequest(alias=alias, node=node),
+                            timeout=6 * 3600)
+    blob = show_pull(alias, stream, console)
+    if blob is not None:
+        console.print(f"{alias}: {blob.digest} ({human_bytes(blob.size_bytes)})")
+
+
+def cmd_deploy(args, control: ControlPlane, console: Console) -> int:
+    name = args.name or args.image
+    wanted = resources_pb2.Deployment(name=name, image=args.image, replicas=args.replicas)
+    try:
+        control.call(control.deployments.GetDeployment, controller_pb2.GetDeploymentRequest(name=name))
+    except NotFound:
+        control.call(control.deployments.CreateDeployment, controller_pb2.CreateDeploymentRequest(deployment=wanted))
+        console.print(f"deployment {name} created with {args.replicas} replica(s)")
+        return 0
+    control.call(control.deployments.UpdateDeployment, controller_pb2.UpdateDeploymentRequest(deployment=wanted))
+    console.print(f"deployment {name} set to {args.replicas} replica(s)")
+    return 0
+
+
+def cmd_ps(control: ControlPlane, console: Console) -> int:
+    deployments = control.call(control.deployments.ListDeployments, controller_pb2.ListDeploymentsRequest())
+    table = Table("DEPLOYMENT", "IMAGE", "READY")
+    for d in deployments.deployments:
+        table.add_row(d.name, d.image, f"{d.ready_replicas}/{d.replicas}")
+    console.print(table)
+    replicas = control.call(control.deployments.ListReplicas, controller_pb2.ListReplicasRequest(deployment="-"))
+    table = Table("DEPLOYMENT", "REPLICA", "NODE", "STATE", "RESTARTS", "ENDPOINT", "MESSAGE")
+    for r in replicas.replicas:
+        table.add_row(r.deployment, r.id, r.node or "-", STATE_NAMES.get(r.state, "unknown"), str(r.restarts),
+                      r.endpoint or "-", r.message)
+    console.print(table)
+    return 0
+
+
+def cmd_nodes(control: ControlPlane, console: Console) -> int:
+    nodes = control.call(control.nodes.ListNodes, controller_pb2.ListNodesRequest())
+    table = Table("NODE", "STORAGE", "CPUS", "MEMORY", "STORE FREE", "LABELS")
+    for n in nodes.nodes:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))
+        table.add_row(n.name, n.storage_address, str(n.cpus), human_bytes(n.memory_bytes),
+                      human_bytes(n.store_free_bytes), labels or "-")
+    console.print(table)
+    return 0
+
+
+def human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    data_dir = (args.data_dir or paths.default_data_dir()).expanduser()
+    if args.command == "up":
+        return run_up(data_dir, args.http_port, args.internal_ports, args.demo, console)
+    if args.command == "down":
+        return run_down(data_dir, console)
+    try:
+        control = connect(args, data_dir)
+        try:
+            if args.command == "image":
+                return cmd_image(args, control, console)
+            if args.command == "deploy":
+                return cmd_deploy(args, control, console)
+            if args.command == "undeploy":
+                control.call(control.deployments.DeleteDeployment,
+                             controller_pb2.DeleteDeploymentRequest(name=args.name))
+                console.print(f"deployment {args.name} removed")
+                return 0
+            if args.command == "ps":
+                return cmd_ps(control, console)
+            return cmd_nodes(control, console)
+        finally:
+            control.close()
+    except ClowderError as err:
+        console.print(f"[red]error:[/red] {describe(err)}", highlight=False)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

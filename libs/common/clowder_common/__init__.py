@@ -1,0 +1,1 @@
+"""What every Clowder service shares: config, etcd state, errors, auth, lifecycle."""

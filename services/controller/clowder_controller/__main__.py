@@ -1,0 +1,60 @@
+"""`python -m clowder_controller`: run the controller until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from clowder_common.auth import TOKEN_ENV
+from clowder_common.config import load_config
+from clowder_common.lifecycle import Lifecycle, die_with_parent, serve_until_stopped
+from clowder_common.logs import setup_logging
+from clowder_common.telemetry import setup_telemetry, shutdown_telemetry
+from clowder_controller.app import create_controller
+from clowder_controller.config import ControllerConfig
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m clowder_controller", description=__doc__)
+    parser.add_argument("--config", help="YAML file with ControllerConfig fields")
+    parser.add_argument("--listen", help="gRPC address (host:port)")
+    parser.add_argument("--data-dir", help="where runtime logs go")
+    parser.add_argument("--etcd-endpoints", help="comma-separated host:port list")
+    parser.add_argument("--etcd-prefix", help="key prefix for all cluster state")
+    parser.add_argument("--runtime-threads", type=int, help="llama.cpp threads per runtime (0: all cores)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging("controller")
+    die_with_parent()
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        print(f"{TOKEN_ENV} must be set: the control plane never runs without a token", file=sys.stderr)
+        return 2
+    config = load_config(ControllerConfig, args.config, overrides={
+        "listen": args.listen,
+        "data_dir": args.data_dir,
+        "etcd_endpoints": args.etcd_endpoints,
+        "etcd_prefix": args.etcd_prefix,
+        "runtime_threads": args.runtime_threads,
+    })
+    provider = setup_telemetry("controller")
+
+    async def start(lifecycle: Lifecycle) -> None:
+        app = await create_controller(config, token)
+        lifecycle.on_shutdown("controller", app.stop)
+        await app.start()
+
+    try:
+        asyncio.run(serve_until_stopped(start))
+    finally:
+        shutdown_telemetry(provider)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

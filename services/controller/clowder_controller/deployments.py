@@ -1,0 +1,109 @@
+"""DeploymentService: the desired replica counts the reconciler works towards."""
+
+from __future__ import annotations
+
+import logging
+
+from clowder.controller.v1 import controller_pb2, controller_pb2_grpc, resources_pb2
+from clowder_common import keys
+from clowder_common.errors import Aborted, NotFound
+from clowder_common.etcd import EtcdState
+from clowder_common.keys import validate_name
+from clowder_controller.images import get_image
+from clowder_controller.pagination import paginate
+from clowder_controller.validation import validate_replicas
+
+log = logging.getLogger(__name__)
+
+# Read-modify-write attempts before telling the client about a concurrent change.
+CAS_ATTEMPTS = 5
+
+
+async def list_replicas(state: EtcdState, deployment: str) -> list[resources_pb2.Replica]:
+    prefix = keys.REPLICAS if deployment in ("", "-") else keys.replicas_of(deployment)
+    items, _ = await state.list(state.key(prefix), resources_pb2.Replica)
+    return [i.value for i in items]
+
+
+def with_status(deployment: resources_pb2.Deployment, replicas: list[resources_pb2.Replica]):
+    out = resources_pb2.Deployment()
+    out.CopyFrom(deployment)
+    out.ready_replicas = sum(
+        1 for r in replicas if r.deployment == deployment.name and r.state == resources_pb2.REPLICA_STATE_READY
+    )
+    return out
+
+
+class DeploymentServicer(controller_pb2_grpc.DeploymentServiceServicer):
+    def __init__(self, state: EtcdState, max_replicas: int) -> None:
+        self._state = state
+        self._max_replicas = max_replicas
+
+    async def _get(self, name: str):
+        found = await self._state.get(self._state.key(keys.deployment(name)), resources_pb2.Deployment)
+        if found is None:
+            raise NotFound(f"deployment {name!r} not found", reason="DEPLOYMENT_NOT_FOUND",
+                           metadata={"deployment": name})
+        return found
+
+    async def CreateDeployment(self, request, context):
+        deployment = resources_pb2.Deployment()
+        deployment.CopyFrom(request.deployment)
+        if not deployment.name:
+            deployment.name = deployment.image
+        validate_name(deployment.name, "deployment.name")
+        validate_name(deployment.image, "deployment.image")
+        validate_replicas(deployment.replicas, self._max_replicas)
+        await get_image(self._state, deployment.image)
+        deployment.ready_replicas = 0
+        deployment.create_time.GetCurrentTime()
+        deployment.update_time.CopyFrom(deployment.create_time)
+        await self._state.create(self._state.key(keys.deployment(deployment.name)), deployment)
+        log.info("deployment %s created: image %s, %d replicas", deployment.name, deployment.image,
+                 deployment.replicas)
+        return controller_pb2.CreateDeploymentResponse(deployment=deployment)
+
+    async def GetDeployment(self, request, context):
+        found = await self._get(request.name)
+        replicas = await list_replicas(self._state, request.name)
+        return controller_pb2.GetDeploymentResponse(deployment=with_status(found.value, replicas))
+
+    async def ListDeployments(self, request, context):
+        items, _ = await self._state.list(self._state.key(keys.DEPLOYMENTS), resources_pb2.Deployment)
+        replicas = await list_replicas(self._state, "-")
+        page, token = paginate([(i.value.name, with_status(i.value, replicas)) for i in items],
+                               request.page_size, request.page_token)
+        return controller_pb2.ListDeploymentsResponse(deployments=page, next_page_token=token)
+
+    async def UpdateDeployment(self, request, context):
+        wanted = request.deployment
+        validate_replicas(wanted.replicas, self._max_replicas)
+        if wanted.image:
+            validate_name(wanted.image, "deployment.image")
+            await get_image(self._state, wanted.image)
+        for _ in range(CAS_ATTEMPTS):
+            current = await self._get(wanted.name)
+            updated = resources_pb2.Deployment()
+            updated.CopyFrom(current.value)
+            updated.replicas = wanted.replicas
+            if wanted.image:
+                updated.image = wanted.image
+            updated.update_time.GetCurrentTime()
+            if await self._state.update(current.key, updated, current.mod_revision):
+                log.info("deployment %s updated: image %s, %d replicas", updated.name, updated.image,
+                         updated.replicas)
+                replicas = await list_replicas(self._state, updated.name)
+                return controller_pb2.UpdateDeploymentResponse(deployment=with_status(updated, replicas))
+        raise Aborted(f"deployment {wanted.name!r} kept changing; try again", retry_after=0.5)
+
+    async def DeleteDeployment(self, request, context):
+        found = await self._get(request.name)
+        # The reconciler sees the deployment gone and stops its replicas.
+        await self._state.delete(found.key)
+        log.info("deployment %s deleted", request.name)
+        return controller_pb2.DeleteDeploymentResponse()
+
+    async def ListReplicas(self, request, context):
+        if request.deployment not in ("", "-"):
+            await self._get(request.deployment)
+        return controller_pb2.ListReplicasResponse(replicas=await list_replicas(self._state, request.deployment))

@@ -1,0 +1,51 @@
+"""Checks on what clients send the control plane, each failure naming its field."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+from clowder.controller.v1 import resources_pb2
+from clowder_common.errors import FieldViolation, InvalidArgument
+from clowder_common.keys import validate_name
+
+SUPPORTED_SCHEMES = ("file", "http", "https")
+MAX_CONTEXT = 1 << 20
+
+
+def validate_source_url(url: str, field: str = "image.source_url") -> str:
+    parsed = urllib.parse.urlsplit(url or "")
+    if parsed.scheme not in SUPPORTED_SCHEMES:
+        raise InvalidArgument(
+            f"source URL {url!r} must start with one of {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}",
+            field=field,
+        )
+    if parsed.scheme == "file" and (parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/")):
+        raise InvalidArgument(f"file URL {url!r} must name an absolute path (file:///path)", field=field)
+    if parsed.scheme in ("http", "https") and not parsed.hostname:
+        raise InvalidArgument(f"URL {url!r} has no host", field=field)
+    return url
+
+
+def validate_configuration(config: resources_pb2.ImageConfiguration, prefix: str) -> None:
+    violations = []
+    if config.context_size > MAX_CONTEXT:
+        violations.append(FieldViolation(f"{prefix}.context_size", f"must be at most {MAX_CONTEXT}"))
+    if config.HasField("temperature") and not 0.0 <= config.temperature <= 2.0:
+        violations.append(FieldViolation(f"{prefix}.temperature", "must be between 0 and 2"))
+    if config.HasField("top_p") and not 0.0 < config.top_p <= 1.0:
+        violations.append(FieldViolation(f"{prefix}.top_p", "must be in (0, 1]"))
+    if config.HasField("max_tokens") and config.max_tokens == 0:
+        violations.append(FieldViolation(f"{prefix}.max_tokens", "must be positive when set"))
+    if violations:
+        raise InvalidArgument("invalid image configuration", violations=violations)
+
+
+def validate_image(image: resources_pb2.Image) -> None:
+    validate_name(image.alias, "image.alias")
+    validate_source_url(image.source_url)
+    validate_configuration(image.configuration, "image.configuration")
+
+
+def validate_replicas(replicas: int, maximum: int, field: str = "deployment.replicas") -> None:
+    if replicas > maximum:
+        raise InvalidArgument(f"replicas must be at most {maximum}", field=field)

@@ -1,0 +1,71 @@
+"""Pure functions of the controller: pagination, validation, backoff."""
+
+from __future__ import annotations
+
+import pytest
+
+from clowder.controller.v1 import resources_pb2
+from clowder_common.errors import InvalidArgument
+from clowder_controller.pagination import paginate
+from clowder_controller.reconciler import backoff_delay
+from clowder_controller.validation import validate_image, validate_source_url
+
+
+def test_paginate_walks_all_items_once():
+    items = [(f"n{i:02d}", i) for i in range(7)]
+    seen, token = [], ""
+    while True:
+        page, token = paginate(items, 3, token)
+        seen += page
+        if not token:
+            break
+    assert seen == list(range(7))
+
+
+def test_paginate_rejects_foreign_token_and_huge_pages():
+    with pytest.raises(InvalidArgument) as bad_token:
+        paginate([("a", 1)], 10, "%%%not-base64")
+    assert bad_token.value.violations[0].field == "page_token"
+    with pytest.raises(InvalidArgument):
+        paginate([("a", 1)], 5000, "")
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("file:///models/a.gguf", True),
+    ("https://example.invalid/a.gguf", True),
+    ("http://127.0.0.1:8080/a.gguf", True),
+    ("file://relative/a.gguf", False),
+    ("ftp://host/a.gguf", False),
+    ("http:///nohost", False),
+    ("/models/a.gguf", False),
+    ("", False),
+])
+def test_source_url_schemes(url, ok):
+    if ok:
+        assert validate_source_url(url) == url
+    else:
+        with pytest.raises(InvalidArgument) as err:
+            validate_source_url(url)
+        assert err.value.violations[0].field == "image.source_url"
+
+
+@pytest.mark.parametrize("alias", ["Smol", "-x", "a b", "../etc", "a" * 64, ""])
+def test_bad_aliases_are_rejected(alias):
+    with pytest.raises(InvalidArgument) as err:
+        validate_image(resources_pb2.Image(alias=alias, source_url="file:///m.gguf"))
+    assert err.value.violations[0].field == "image.alias"
+
+
+def test_configuration_ranges_name_each_field():
+    config = resources_pb2.ImageConfiguration(temperature=3.0, top_p=0.0)
+    with pytest.raises(InvalidArgument) as err:
+        validate_image(resources_pb2.Image(alias="ok", source_url="file:///m.gguf", configuration=config))
+    assert {v.field for v in err.value.violations} == {"image.configuration.temperature",
+                                                        "image.configuration.top_p"}
+
+
+def test_backoff_grows_and_is_capped():
+    delays = [backoff_delay(n) for n in range(10)]
+    assert delays[0] == 0 and delays[1] == 1 and delays[2] == 2
+    assert all(a <= b for a, b in zip(delays, delays[1:]))
+    assert max(delays) == 30
