@@ -80,6 +80,10 @@ up: install ## run a local cluster serving the bundled model as `smol` on http:/
 down: ## stop the cluster `make up` started
 	$(VENV)/bin/clowder down
 
+.PHONY: bench-e2e
+bench-e2e: install ## time to first token from `clowder up --demo`, and balancer vs direct tokens/s
+	$(PY) bench/bench_e2e_stream.py
+
 .PHONY: bench-runtime
 bench-runtime: install ## tokens/s of the runtime against llama-cpp-python called directly
 	$(PY) bench/bench_runtime_single.py

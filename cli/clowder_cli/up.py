@@ -176,7 +176,8 @@ def deploy_demo(control: ControlPlane, console: Console, http_port: int) -> None
             raise Unavailable(f"{DEMO_ALIAS} did not become ready in {DEMO_READY_TIMEOUT_S}s; see `clowder ps`")
     console.print(f"[green]ready:[/green] model [bold]{DEMO_ALIAS}[/bold] on http://127.0.0.1:{http_port}/v1")
     console.print(f"  curl http://127.0.0.1:{http_port}/v1/chat/completions -H 'Content-Type: application/json' "
-                  f"-d '{{\"model\": \"{DEMO_ALIAS}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}]}}'")
+                  f"-d '{{\"model\": \"{DEMO_ALIAS}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}]}}'",
+                  soft_wrap=True, highlight=False)
 
 
 def pull_with_retry(control: ControlPlane, alias: str, console: Console, wait_for_node_s: float = 30) -> None:
@@ -211,7 +212,8 @@ def run_up(data_dir: pathlib.Path, http_port: int, internal_ports: str, demo: bo
                 deploy_demo(control, console, http_port)
             finally:
                 control.close()
-        console.print(f"cluster up; OpenAI API on http://127.0.0.1:{http_port}/v1 — Ctrl-C or `clowder down` stops it")
+        console.print(f"cluster up; OpenAI API on http://127.0.0.1:{http_port}/v1 — Ctrl-C or `clowder down` stops it",
+                      soft_wrap=True)
         code = cluster.wait()
     except Stopped:
         console.print("stopping")

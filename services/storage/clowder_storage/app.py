@@ -1,0 +1,127 @@
+"""Assembles the storage service: store, sources, puller, gRPC server and node registration."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import socket
+
+from clowder_common.etcd import EtcdState
+from clowder_common.grpc_server import GrpcServer, create_grpc_server
+
+from clowder_storage.config import StorageConfig
+from clowder_storage.puller import Puller
+from clowder_storage.registration import NodeRegistration
+from clowder_storage.service import StorageServicer, registrar
+from clowder_storage.sources import FileFetcher, HttpFetcher, Sources
+from clowder_storage.store import BlobStore
+
+log = logging.getLogger(__name__)
+
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+def advertised_address(config: StorageConfig, port: int) -> str:
+    """The address others dial: configured, else the listen host (this machine's name on a wildcard)."""
+    if config.advertise_address:
+        host, sep, given = config.advertise_address.rpartition(":")
+        if sep and given.isdigit() and not host.endswith(":"):
+            return config.advertise_address
+        return f"{config.advertise_address}:{port}"
+    host = config.listen.rpartition(":")[0]
+    if host in _WILDCARD_HOSTS:
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
+class StorageApp:
+    """One node's storage service. `start()` serves and registers; `stop()` drains and may be called twice."""
+
+    def __init__(
+        self,
+        config: StorageConfig,
+        store: BlobStore,
+        puller: Puller,
+        http: HttpFetcher,
+        server: GrpcServer,
+        state: EtcdState,
+        registration: NodeRegistration,
+        executor: concurrent.futures.ThreadPoolExecutor,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.puller = puller
+        self.server = server
+        self.state = state
+        self.registration = registration
+        self.address = advertised_address(config, server.port)
+        self._http = http
+        self._executor = executor
+        self._started = False
+        self._stop_task: asyncio.Task | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def node_key(self) -> str:
+        return self.registration.key
+
+    async def start(self) -> None:
+        # etcd first: a node that cannot register should fail before it accepts any call.
+        await self.state.connect()
+        self._started = True
+        await self.server.start()
+        # Registered only once serving, so whoever sees the node can call it.
+        await self.registration.start(self.address)
+
+    async def stop(self) -> None:
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stop_task)
+
+    async def _stop(self) -> None:
+        if self._started:
+            await self.server.set_serving(False)
+            # Gone from etcd first, so the controller stops sending pulls while we drain.
+            with contextlib.suppress(Exception):
+                await self.registration.stop()
+        await self.server.stop(self.config.shutdown_grace_s if self._started else 0)
+        await self.puller.close()
+        await self._http.close()
+        await self.state.close()
+        # puller.close() waited for every file operation, so nothing is left to run here.
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        log.info("storage stopped")
+
+
+async def create_storage(config: StorageConfig, admin_token: str | None) -> StorageApp:
+    """Build the service and bind its port (`config.listen`, port 0 for any); nothing is served before start().
+
+    With `admin_token`, every StorageService call needs "authorization: Bearer <token>".
+    """
+    executor = concurrent.futures.ThreadPoolExecutor(config.io_threads, thread_name_prefix="storage-io")
+    try:
+        store = BlobStore(config.data_dir, executor)
+        await store.prepare()
+        http = HttpFetcher(config.http_connect_timeout_s, config.http_read_timeout_s, config.http_total_timeout_s)
+        sources = Sources([FileFetcher(store.run), http])
+        state = EtcdState(config.etcd_endpoints, config.etcd_prefix)
+        registration = NodeRegistration(
+            state, store, config.node_name, config.labels, config.lease_ttl_s, config.node_refresh_s
+        )
+        puller = Puller(
+            store, sources, config.max_parallel_pulls,
+            progress_interval_s=config.progress_interval_s,
+            reserve_free_bytes=config.reserve_free_bytes,
+            on_stored=registration.store_changed,
+        )
+        servicer = StorageServicer(store, puller, on_change=registration.store_changed)
+        server = create_grpc_server(config.listen, [registrar(servicer)], admin_token=admin_token)
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    return StorageApp(config, store, puller, http, server, state, registration, executor)

@@ -1,0 +1,64 @@
+"""Storage service configuration: where the store lives, how it pulls, how the node registers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from clowder_common.config import EtcdConfig
+from clowder_common.errors import InvalidArgument
+from clowder_common.keys import validate_name
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageConfig(EtcdConfig):
+    """Every field can come from YAML, from CLOWDER_<FIELD>, or from a command-line flag."""
+
+    # gRPC listen address; port 0 picks a free one.
+    listen: str = "127.0.0.1:3093"
+    # Address other nodes and the controller use to reach this service ("host" or "host:port").
+    # Empty: the listen host (the machine's FQDN when listening on a wildcard) and the bound port.
+    advertise_address: str = ""
+    # Root of the content-addressed store (blobs/sha256/<hex>, tmp/); "~" is expanded.
+    data_dir: str = "~/.local/share/clowder/storage"
+    # Name of this node in etcd (nodes/<node_name>).
+    node_name: str = "local"
+    # Placement labels published on the Node ("k=v,k2=v2" from the environment).
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    # TTL of the lease that holds nodes/<node_name>; the node vanishes this long after a crash.
+    lease_ttl_s: int = 10
+    # Downloads running at once; further pulls wait their turn.
+    max_parallel_pulls: int = 4
+    # Threads that hash, write and read blobs (the event loop never touches file data).
+    io_threads: int = 4
+    # HTTP(S) sources: connecting, each read, and the whole transfer.
+    http_connect_timeout_s: float = 10.0
+    http_read_timeout_s: float = 30.0
+    http_total_timeout_s: float = 3600.0
+    # A pull is refused when it would leave less than this many bytes free on the store's volume.
+    reserve_free_bytes: int = 0
+    # Shortest gap between two progress messages of one pull.
+    progress_interval_s: float = 0.2
+    # How often the node record is rewritten with fresh free-space numbers, even without pulls.
+    node_refresh_s: float = 60.0
+    # Seconds in-flight calls get to finish on shutdown.
+    shutdown_grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        # Expanded here once so every user of the config sees the same absolute path.
+        object.__setattr__(self, "data_dir", os.path.abspath(os.path.expanduser(self.data_dir)))
+        validate_name(self.node_name, "node_name")
+        for name in ("lease_ttl_s", "max_parallel_pulls", "io_threads"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"config {name} must be at least 1", field=name)
+        for name in ("http_connect_timeout_s", "http_read_timeout_s", "http_total_timeout_s",
+                     "progress_interval_s", "node_refresh_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"config {name} must be positive", field=name)
+        if self.reserve_free_bytes < 0:
+            raise InvalidArgument("config reserve_free_bytes must not be negative", field="reserve_free_bytes")
+        if self.shutdown_grace_s < 0:
+            raise InvalidArgument("config shutdown_grace_s must not be negative", field="shutdown_grace_s")
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise InvalidArgument(f"config listen {self.listen!r} is not host:port", field="listen")

@@ -1,0 +1,248 @@
+"""Pulls into the store: one shared download per source URL, bounded parallelism, progress for every waiter."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import AsyncIterator, Callable
+
+from clowder_common.errors import DataLoss, ResourceExhausted, Unavailable
+
+from clowder_storage.sources import Fetcher, Sources, redact_url
+from clowder_storage.store import BlobInfo, BlobStore, parse_digest
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    bytes_done: int
+    # 0 when the source does not say.
+    bytes_total: int
+    bytes_per_second: float
+    # 0 when unknown.
+    eta_seconds: float
+
+
+class RateMeter:
+    """Transfer rate over the last few seconds, so the ETA follows the current speed, not the average."""
+
+    def __init__(self, window_s: float = 3.0) -> None:
+        self._window = window_s
+        self._samples: collections.deque[tuple[float, int]] = collections.deque([(time.monotonic(), 0)])
+
+    def add(self, done: int) -> None:
+        now = time.monotonic()
+        self._samples.append((now, done))
+        while len(self._samples) > 2 and now - self._samples[1][0] > self._window:
+            self._samples.popleft()
+
+    def rate(self) -> float:
+        # Measured up to now rather than to the last sample: a stalled source shows a falling rate.
+        t0, d0 = self._samples[0]
+        _, d1 = self._samples[-1]
+        elapsed = time.monotonic() - t0
+        return (d1 - d0) / elapsed if elapsed > 0 else 0.0
+
+
+class Download:
+    """One transfer from a source into the store, shared by every PullBlob call for that URL."""
+
+    def __init__(self, url: str, fetcher: Fetcher) -> None:
+        self.url = url
+        self.fetcher = fetcher
+        # One entry per caller waiting on this download: its expected digest, "" for none.
+        self.expectations: list[str] = []
+        self.bytes_done = 0
+        self.bytes_total = 0
+        self.started = time.monotonic()
+        self.meter = RateMeter()
+        # Set once nobody waits any more: a newcomer must start afresh rather than join a dying task.
+        self.abandoned = False
+        self.task: asyncio.Task[_Outcome] | None = None
+
+    def advance(self, n: int) -> None:
+        self.bytes_done += n
+        self.meter.add(self.bytes_done)
+
+    def progress(self) -> Progress:
+        rate = self.meter.rate()
+        left = self.bytes_total - self.bytes_done
+        eta = left / rate if self.bytes_total and rate > 0 and left > 0 else 0.0
+        return Progress(self.bytes_done, self.bytes_total, rate, eta)
+
+    def accepts(self, digest: str) -> bool:
+        """Keep the content if at least one waiter wants it; otherwise nothing is stored."""
+        return any(not e or e == digest for e in self.expectations)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+    # None when no waiter accepted the content (checksum mismatch): it was not stored.
+    blob: BlobInfo | None
+    actual_digest: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Pulled:
+    """The last update of a pull: the stored blob and the transfer's final numbers."""
+
+    blob: BlobInfo
+    progress: Progress
+
+
+PullUpdate = Progress | Pulled
+
+
+class Puller:
+    """Turns PullBlob requests into downloads; callers iterate progress and get the stored blob last."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        sources: Sources,
+        max_parallel: int,
+        progress_interval_s: float = 0.2,
+        reserve_free_bytes: int = 0,
+        on_stored: Callable[[], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._sources = sources
+        self._slots = asyncio.Semaphore(max_parallel)
+        self._interval = progress_interval_s
+        self._reserve = reserve_free_bytes
+        self._on_stored = on_stored
+        self._downloads: dict[str, Download] = {}
+        self._closing = False
+
+    @property
+    def active(self) -> int:
+        return len(self._downloads)
+
+    async def pull(self, url: str, expected_digest: str = "") -> AsyncIterator[PullUpdate]:
+        """Progress updates at most every `progress_interval_s`, then one Pulled."""
+        fetcher = self._sources.resolve(url)
+        if expected_digest:
+            parse_digest(expected_digest, field="expected_digest")
+            found = await self._store.find(expected_digest)
+            if found is not None:
+                yield Pulled(found, Progress(found.size_bytes, found.size_bytes, 0.0, 0.0))
+                return
+        if self._closing:
+            raise Unavailable("storage is shutting down", retry_after=1.0)
+        download = self._downloads.get(url)
+        if download is None or download.abandoned:
+            download = Download(url, fetcher)
+            self._downloads[url] = download
+            download.task = asyncio.create_task(self._run(download), name=f"pull {redact_url(url)}")
+            download.task.add_done_callback(_retrieve)
+        else:
+            log.info("joining the download of %s already under way", redact_url(url))
+        assert download.task is not None
+        download.expectations.append(expected_digest)
+        try:
+            shown = -1
+            while True:
+                done, _ = await asyncio.wait({download.task}, timeout=self._interval)
+                if done:
+                    break
+                if download.bytes_done != shown:
+                    shown = download.bytes_done
+                    yield download.progress()
+            if download.task.cancelled():
+                raise Unavailable("storage is shutting down", retry_after=1.0)
+            outcome = download.task.result()
+            if outcome.blob is None and not expected_digest:
+                # Joined a pull whose other callers all expected different content, which was dropped.
+                raise DataLoss(
+                    f"content of {redact_url(url)} ({outcome.actual_digest}) matched no digest the pull"
+                    " expected and was not stored; pull again",
+                    metadata={"actual_digest": outcome.actual_digest},
+                )
+            if expected_digest and outcome.actual_digest != expected_digest:
+                raise DataLoss(
+                    f"content of {redact_url(url)} does not match the expected digest:"
+                    f" expected {expected_digest}, got {outcome.actual_digest}",
+                    metadata={"expected_digest": expected_digest, "actual_digest": outcome.actual_digest},
+                )
+            blob = outcome.blob
+            assert blob is not None
+            elapsed = max(time.monotonic() - download.started, 1e-9)
+            yield Pulled(blob, Progress(blob.size_bytes, blob.size_bytes, download.bytes_done / elapsed, 0.0))
+        finally:
+            download.expectations.remove(expected_digest)
+            if not download.expectations and not download.task.done():
+                # The last caller left (cancelled): stop the transfer; its temp file is removed.
+                log.info("pull of %s abandoned by every caller; cancelling", redact_url(url))
+                download.abandoned = True
+                download.task.cancel()
+
+    async def _run(self, download: Download) -> _Outcome:
+        shown = redact_url(download.url)
+        try:
+            async with self._slots:
+                download.started = time.monotonic()
+                download.meter = RateMeter()
+                async with download.fetcher.open(download.url) as opened:
+                    if opened.size is not None:
+                        download.bytes_total = opened.size
+                        await self._check_space(download, opened.size)
+                    temp = await self._store.new_temp()
+                    try:
+                        async with contextlib.aclosing(opened.chunks) as chunks:
+                            async for chunk in chunks:
+                                await self._store.write(temp, chunk)
+                                download.advance(len(chunk))
+                        if opened.size is not None and temp.size != opened.size:
+                            raise Unavailable(f"source {shown} ended after {temp.size} of {opened.size} bytes")
+                        await self._store.run(temp.finish)
+                        actual = temp.digest
+                        if not download.accepts(actual):
+                            await self._store.discard(temp)
+                            log.warning("pull of %s: content %s matches no expected digest; not stored",
+                                        shown, actual)
+                            return _Outcome(None, actual)
+                        blob = await self._store.commit(temp)
+                    except BaseException:
+                        # Shielded: a second cancel must not leave the partial file behind.
+                        await asyncio.shield(self._store.discard(temp))
+                        raise
+            log.info("pulled %s as %s (%d bytes)", shown, blob.digest, blob.size_bytes)
+            if self._on_stored is not None:
+                self._on_stored()
+            return _Outcome(blob, actual)
+        finally:
+            if self._downloads.get(download.url) is download:
+                del self._downloads[download.url]
+
+    async def _check_space(self, download: Download, size: int) -> None:
+        free = await self._store.free_bytes()
+        # Other transfers will still write their remaining bytes to the same volume.
+        pending = sum(
+            max(d.bytes_total - d.bytes_done, 0) for d in self._downloads.values() if d is not download
+        )
+        if size + pending + self._reserve > free:
+            raise ResourceExhausted(
+                f"not enough space for {redact_url(download.url)}: it needs {size} bytes,"
+                f" {free} are free ({pending} promised to other pulls, {self._reserve} kept in reserve)",
+                metadata={"needed_bytes": str(size), "free_bytes": str(free)},
+            )
+
+    async def close(self) -> None:
+        """Cancel every transfer and wait for their temp files to be removed."""
+        self._closing = True
+        tasks = [d.task for d in self._downloads.values() if d.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    # Every waiter reads the result; this only keeps asyncio from warning when none is left to.
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,98 @@
+"""This node's record in etcd (nodes/<name>), held on a lease and refreshed when the store changes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import Mapping
+
+from google.protobuf import timestamp_pb2
+
+from clowder.controller.v1 import resources_pb2
+from clowder_common import keys
+from clowder_common.etcd import EtcdState, LeaseKeeper
+
+from clowder_storage.store import BlobStore
+
+log = logging.getLogger(__name__)
+
+
+def total_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class NodeRegistration:
+    """Publishes the Node while the service runs; stop() revokes the lease so the node vanishes at once."""
+
+    def __init__(
+        self,
+        state: EtcdState,
+        store: BlobStore,
+        node_name: str,
+        labels: Mapping[str, str],
+        lease_ttl_s: int,
+        refresh_s: float = 60.0,
+    ) -> None:
+        self._state = state
+        self._store = store
+        self.key = state.key(keys.node(node_name))
+        self._name = node_name
+        # Known once the server has bound its port; see start().
+        self._address = ""
+        self._labels = dict(labels)
+        self._refresh_s = refresh_s
+        self._start_time = timestamp_pb2.Timestamp()
+        self._start_time.FromNanoseconds(time.time_ns())
+        self._keeper = LeaseKeeper(state, lease_ttl_s, self._write)
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def node(self) -> resources_pb2.Node:
+        return resources_pb2.Node(
+            name=self._name,
+            storage_address=self._address,
+            labels=self._labels,
+            memory_bytes=total_memory_bytes(),
+            cpus=os.cpu_count() or 1,
+            store_free_bytes=await self._store.free_bytes(),
+            start_time=self._start_time,
+        )
+
+    async def _write(self, lease_id: int) -> None:
+        await self._state.put(self.key, await self.node(), lease=lease_id)
+        log.info("registered node %s at %s", self._name, self._address)
+
+    async def start(self, storage_address: str) -> None:
+        self._address = storage_address
+        await self._keeper.start()
+        self._task = asyncio.create_task(self._refresh_loop(), name="node-refresh")
+
+    def store_changed(self) -> None:
+        """Free space moved (pull or delete): publish the new number soon, without blocking the caller."""
+        self._changed.set()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self._refresh_s)
+            self._changed.clear()
+            lease_id = self._keeper.lease_id
+            if lease_id is None:
+                continue
+            try:
+                await self._state.put(self.key, await self.node(), lease=lease_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # etcd down: the lease keeper re-registers once it is back
+                log.warning("refreshing node %s failed: %s", self._name, exc)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._keeper.stop()

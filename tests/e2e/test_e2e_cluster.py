@@ -1,0 +1,203 @@
+"""The whole system as a user runs it: `clowder up --demo`, the openai client, failures, `clowder down`."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import pytest
+
+from clowder.controller.v1 import controller_pb2, resources_pb2
+from clowder_cli.control import ControlPlane
+from clowder_common.auth import read_admin_token
+from clowder_common.processes import free_port, pid_alive
+
+pytestmark = pytest.mark.e2e
+
+CLOWDER = [sys.executable, "-m", "clowder_cli.main"]
+
+
+class Cluster:
+    def __init__(self, data_dir: pathlib.Path, http_port: int) -> None:
+        self.data_dir = data_dir
+        self.http_port = http_port
+        self.output: list[str] = []
+        env = dict(os.environ)
+        env.pop("CLOWDER_ADMIN_TOKEN", None)  # exercise the generated, stored token
+        self.env = env
+        self.proc = subprocess.Popen(
+            [*CLOWDER, "--data-dir", str(data_dir), "up", "--demo", "--http-port", str(http_port),
+             "--internal-ports", "auto"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.output):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{text!r} not printed; output so far:\n" + "\n".join(self.output))
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*CLOWDER, "--data-dir", str(self.data_dir), *args], capture_output=True, text=True,
+                              timeout=60, env={**self.env, "COLUMNS": "200"})
+
+    def control(self) -> ControlPlane:
+        import json
+
+        info = json.loads((self.data_dir / "cluster.json").read_text())
+        return ControlPlane(info["controller"], read_admin_token(self.data_dir))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("clowder")
+    cluster = Cluster(data_dir, free_port())
+    try:
+        cluster.wait_for("cluster up", timeout=300)
+        yield cluster
+    finally:
+        if cluster.proc.poll() is None:
+            cluster.proc.terminate()
+            cluster.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{cluster.http_port}/v1", api_key="unused", timeout=120,
+                         max_retries=0)
+
+
+def test_demo_shows_pull_progress_and_ready_line(cluster):
+    text = "\n".join(cluster.output)
+    assert "pull smol" in text
+    assert f"ready: model smol on http://127.0.0.1:{cluster.http_port}/v1" in text
+
+
+def test_models_lists_smol(client):
+    assert [m.id for m in client.models.list().data] == ["smol"]
+
+
+def test_chat_non_streaming_with_usage(client):
+    reply = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Say hello."}],
+                                           max_tokens=12, temperature=0)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 0 and 0 < reply.usage.completion_tokens <= 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_streaming_matches_non_streaming(client):
+    messages = [{"role": "user", "content": "List three fruits."}]
+    whole = client.chat.completions.create(model="smol", messages=messages, max_tokens=24, temperature=0, seed=7)
+    stream = client.chat.completions.create(model="smol", messages=messages, max_tokens=24, temperature=0, seed=7,
+                                            stream=True, stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert len(pieces) > 1  # really streamed, not one blob
+    assert finish == whole.choices[0].finish_reason
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completion_both_ways(client):
+    reply = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert reply.choices[0].text and reply.usage.completion_tokens <= 8
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="smol", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert streamed == reply.choices[0].text
+
+
+def test_unknown_model_is_404_model_not_found(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.code == "model_not_found"
+
+
+def test_cli_shows_the_cluster(cluster):
+    ps = cluster.cli("ps")
+    assert ps.returncode == 0, ps.stderr
+    assert "smol" in ps.stdout and "ready" in ps.stdout and "1/1" in ps.stdout
+    images = cluster.cli("image", "ls")
+    assert "smol" in images.stdout and "sha256:" in images.stdout
+    nodes = cluster.cli("nodes")
+    assert "local" in nodes.stdout
+    missing = cluster.cli("image", "rm", "ghost")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stdout
+
+
+def test_killed_runtime_is_restarted_and_serves_again(cluster, client):
+    control = cluster.control()
+    try:
+        request = controller_pb2.ListReplicasRequest(deployment="smol")
+        before = control.call(control.deployments.ListReplicas, request).replicas[0]
+        assert before.state == resources_pb2.REPLICA_STATE_READY and pid_alive(before.pid)
+        os.kill(before.pid, 9)
+        deadline = time.monotonic() + 120
+        after = before
+        while time.monotonic() < deadline:
+            after = control.call(control.deployments.ListReplicas, request).replicas[0]
+            if after.state == resources_pb2.REPLICA_STATE_READY and after.pid != before.pid:
+                break
+            time.sleep(0.2)
+        assert after.state == resources_pb2.REPLICA_STATE_READY and after.pid != before.pid, after
+        assert after.restarts == before.restarts + 1
+    finally:
+        control.close()
+    reply = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Again?"}],
+                                           max_tokens=8)
+    assert reply.choices[0].message.content
+
+
+def test_down_stops_everything(cluster):
+    control = cluster.control()
+    try:
+        replicas = control.call(control.deployments.ListReplicas,
+                                controller_pb2.ListReplicasRequest(deployment="-")).replicas
+    finally:
+        control.close()
+    runtime_pids = [r.pid for r in replicas]
+    child_pids = _children(cluster.proc.pid)
+    assert runtime_pids and child_pids
+    down = cluster.cli("down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert cluster.proc.wait(60) == 0
+    time.sleep(0.5)
+    left = [pid for pid in runtime_pids + child_pids if pid_alive(pid)]
+    assert left == [], f"processes left behind: {left}"
+    assert not (cluster.data_dir / "cluster.json").exists()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
