@@ -1,0 +1,111 @@
+"""The reconciler with real parts: etcd, storage services as nodes, runtime processes with the real model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from clowder.controller.v1 import resources_pb2
+from clowder.runtime.v1 import runtime_pb2
+from clowder_common import keys
+from clowder_common.processes import pid_alive
+from clowder_controller.app import create_controller
+from clowder_controller.config import ControllerConfig
+from clowder_storage.app import create_storage
+from clowder_storage.config import StorageConfig
+
+TOKEN = "reconcile-test-token"
+READY = resources_pb2.REPLICA_STATE_READY
+
+
+async def start_node(etcd, prefix, tmp_path, name):
+    config = StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / name), node_name=name,
+                           etcd_endpoints=(etcd.endpoint,), etcd_prefix=prefix, lease_ttl_s=2)
+    app = await create_storage(config, TOKEN)
+    await app.start()
+    return app
+
+
+async def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = await predicate()
+        if result:
+            return result
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_replicas_follow_deployments_and_nodes(etcd, etcd_prefix, state, tmp_path, model_path):
+    node1 = await start_node(etcd, etcd_prefix, tmp_path, "n1")
+    config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"),
+                              etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, resync_interval_s=0.5,
+                              runtime_threads=1, runtime_stop_grace_s=5)
+    controller = await create_controller(config, TOKEN)
+    await controller.start()
+    node2 = None
+    try:
+        await state.put(state.key(keys.image("smol")),
+                        resources_pb2.Image(alias="smol", source_url=model_path.as_uri()))
+        await state.put(state.key(keys.deployment("smol")),
+                        resources_pb2.Deployment(name="smol", image="smol", replicas=2))
+
+        async def replicas():
+            items, _ = await state.list(state.key(keys.replicas_of("smol")), resources_pb2.Replica)
+            return [i.value for i in items]
+
+        async def all_ready(count: int):
+            current = await replicas()
+            return current if len(current) == count and all(r.state == READY for r in current) else None
+
+        ready = await wait_until(lambda: all_ready(2), 120, "2 ready replicas")
+        assert {r.node for r in ready} == {"n1"}
+        assert all(pid_alive(r.pid) for r in ready)
+        endpoints, _ = await state.list(state.key(keys.endpoints_of("smol")), runtime_pb2.Endpoint)
+        assert sorted(e.value.address for e in endpoints) == sorted(r.endpoint for r in ready)
+        image = await state.get(state.key(keys.image("smol")), resources_pb2.Image)
+        assert image.value.digest.startswith("sha256:") and all(r.image_digest == image.value.digest for r in ready)
+
+        # Scale down: one replica and its process go away.
+        await state.put(state.key(keys.deployment("smol")),
+                        resources_pb2.Deployment(name="smol", image="smol", replicas=1))
+        remaining = await wait_until(lambda: all_ready(1), 60, "scale down to 1")
+        gone = [r for r in ready if r.id != remaining[0].id]
+        await wait_until(lambda: _async(not any(pid_alive(r.pid) for r in gone)), 20, "stopped runtime to exit")
+
+        # The node disappears (its lease is revoked): the replica is stopped and waits for a node.
+        survivor = remaining[0]
+        await node1.stop()
+
+        async def pending():
+            current = await replicas()
+            return current if current and current[0].state == resources_pb2.REPLICA_STATE_PENDING else None
+
+        waiting = await wait_until(pending, 30, "replica back to pending")
+        assert waiting[0].node == "" and "storage node" in waiting[0].message
+        await wait_until(lambda: _async(not pid_alive(survivor.pid)), 20, "runtime of the lost node to stop")
+
+        # A new node appears: the replica is placed there, pulled and served again.
+        node2 = await start_node(etcd, etcd_prefix, tmp_path, "n2")
+        moved = await wait_until(lambda: all_ready(1), 120, "replica ready on the new node")
+        assert moved[0].node == "n2" and moved[0].id == survivor.id
+
+        # Deleting the deployment removes its replicas and their processes.
+        await state.delete(state.key(keys.deployment("smol")))
+        await wait_until(lambda: _async_not(replicas), 60, "replicas removed")
+        assert not pid_alive(moved[0].pid)
+    finally:
+        await controller.stop()
+        if node2 is not None:
+            await node2.stop()
+        await node1.stop()
+
+
+async def _async(value):
+    return value
+
+
+async def _async_not(fetch):
+    return not await fetch()
