@@ -1,0 +1,122 @@
+"""The gRPC InferenceService face: same routing core and errors as the HTTP API, protobuf chunks out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+import grpc
+
+from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc
+from clowder.runtime.v1 import runtime_pb2
+from clowder_common.errors import HTTP_STATUS, ClowderError, InvalidArgument
+
+from clowder_balancer import request_ids
+from clowder_balancer.discovery import Discovery
+from clowder_balancer.metrics import CLIENT_CLOSED, UNKNOWN_MODEL, Metrics
+from clowder_balancer.openai_api import ROLES
+from clowder_balancer.request_ids import HEADER as REQUEST_ID_HEADER
+from clowder_balancer.router import Router
+from clowder_balancer.sampling import validate_sampling
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    given = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_HEADER), None)
+    return request_ids.request_id(given)
+
+
+def _validate_common(model: str, sampling: runtime_pb2.SamplingParams) -> None:
+    if not model:
+        raise InvalidArgument("model is required", field="model")
+    validate_sampling(sampling, {f: f"sampling.{f}" for f in ("temperature", "top_p", "max_tokens", "stop")})
+
+
+def _validate_messages(messages) -> None:
+    if not messages:
+        raise InvalidArgument("messages must not be empty", field="messages")
+    for i, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise InvalidArgument(
+                f"messages[{i}].role must be one of {sorted(ROLES)}", field=f"messages[{i}].role"
+            )
+
+
+def _normalized(message: runtime_pb2.ChatMessage) -> runtime_pb2.ChatMessage:
+    return runtime_pb2.ChatMessage(role=ROLES[message.role], content=message.content)
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, router: Router, discovery: Discovery, metrics: Metrics) -> None:
+        self._router = router
+        self._discovery = discovery
+        self._metrics = metrics
+
+    def register(self, server: grpc.aio.Server) -> str:
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(self, server)
+        return SERVICE_NAME
+
+    async def ListModels(self, request, context) -> inference_pb2.ListModelsResponse:
+        return inference_pb2.ListModelsResponse(
+            models=[
+                inference_pb2.Model(id=m.name, created=m.created, ready_replicas=m.ready_replicas)
+                for m in self._discovery.models()
+            ]
+        )
+
+    async def CreateChatCompletion(self, request, context) -> AsyncIterator[inference_pb2.CreateChatCompletionResponse]:
+        _validate_common(request.model, request.sampling)
+        _validate_messages(request.messages)
+        generate = runtime_pb2.GenerateRequest(sampling=request.sampling)
+        generate.chat.messages.extend(_normalized(m) for m in request.messages)
+        async for message, cid, created in self._stream(request.model, generate, "chatcmpl-", context):
+            yield inference_pb2.CreateChatCompletionResponse(
+                id=cid, model=request.model, created=created, delta=message.text,
+                finish_reason=message.finish_reason,
+                usage=message.usage if message.HasField("usage") else None,
+            )
+
+    async def CreateCompletion(self, request, context) -> AsyncIterator[inference_pb2.CreateCompletionResponse]:
+        _validate_common(request.model, request.sampling)
+        generate = runtime_pb2.GenerateRequest(prompt=request.prompt, sampling=request.sampling)
+        async for message, cid, created in self._stream(request.model, generate, "cmpl-", context):
+            yield inference_pb2.CreateCompletionResponse(
+                id=cid, model=request.model, created=created, text=message.text,
+                finish_reason=message.finish_reason,
+                usage=message.usage if message.HasField("usage") else None,
+            )
+
+    async def _stream(
+        self, model: str, generate: runtime_pb2.GenerateRequest, id_prefix: str, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tuple[runtime_pb2.GenerateResponse, str, int]]:
+        rid = _request_id(context)
+        generate.request_id = rid
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+        model_label = UNKNOWN_MODEL
+        status = 500
+        cid, created = id_prefix + uuid.uuid4().hex, int(time.time())
+        try:
+            if self._discovery.has_model(model):
+                model_label = model
+            async with contextlib.aclosing(self._router.generate(model, generate)) as stream:
+                async for message in stream:
+                    yield message, cid, created
+            status = 200
+        except ClowderError as err:
+            status = HTTP_STATUS.get(err.code, 500)
+            log.info("request_id=%s model=%s failed: %s", rid, model, err.message)
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            log.info("request_id=%s model=%s cancelled by the client", rid, model)
+            raise
+        finally:
+            self._metrics.requests.labels(model_label, "grpc", str(status)).inc()
+

@@ -1,0 +1,238 @@
+"""The OpenAI-compatible HTTP face (aiohttp): /v1/models, /v1/chat/completions, /v1/completions, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from clowder.runtime.v1 import runtime_pb2
+from clowder_common.errors import HTTP_STATUS, ClowderError
+
+from clowder_balancer import openai_api, request_ids
+from clowder_balancer.discovery import Discovery, model_not_found
+from clowder_balancer.metrics import CLIENT_CLOSED, UNKNOWN_MODEL, Metrics
+from clowder_balancer.openai_api import Kind, OpenAIRequest
+from clowder_balancer.request_ids import HEADER as REQUEST_ID_HEADER
+from clowder_balancer.router import Router
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+
+
+def json_error(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
+    return web.json_response(openai_api.error_body(status, message, param, code), status=status)
+
+
+def _error_response(err: ClowderError) -> web.Response:
+    status, body = openai_api.error_from(err)
+    response = web.json_response(body, status=status)
+    if err.retry_after is not None and status in (429, 503):
+        response.headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    return response
+
+
+class HttpApi:
+    def __init__(self, router: Router, discovery: Discovery, metrics: Metrics, max_body_bytes: int) -> None:
+        self._router = router
+        self._discovery = discovery
+        self._metrics = metrics
+        self._max_body_bytes = max_body_bytes
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._middleware])
+        app.router.add_get("/v1/models", self._list_models)
+        app.router.add_get("/v1/models/{model}", self._get_model)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics_text)
+        return app
+
+    # -- cross-cutting ---------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        """Request ids on every response, and every error in OpenAI's shape."""
+        rid = request_ids.request_id(request.headers.get(REQUEST_ID_HEADER))
+        request[REQUEST_ID] = rid
+        started = time.monotonic()
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = self._http_exception(request, exc)
+        except ClowderError as err:
+            response = _error_response(err)
+        except asyncio.CancelledError:
+            log.info("request_id=%s %s %s cancelled: client went away", rid, request.method, request.path)
+            raise
+        except Exception as exc:
+            incident = uuid.uuid4().hex[:12]
+            log.error("request_id=%s unhandled error (incident %s)", rid, incident, exc_info=exc)
+            response = json_error(500, f"internal error (incident {incident})", code="internal")
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = rid
+        level = logging.DEBUG if request.path in ("/healthz", "/metrics") else logging.INFO
+        log.log(level, "request_id=%s %s %s status=%s duration_s=%.3f", rid, request.method, request.path,
+                response.status, time.monotonic() - started)
+        return response
+
+    @staticmethod
+    def _http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+        if exc.status == 404:
+            return json_error(404, f"Invalid URL ({request.method} {request.path})", code="unknown_url")
+        if exc.status == 405:
+            return json_error(405, f"Method {request.method} is not allowed on {request.path}",
+                              code="method_not_allowed")
+        if exc.status == 413:
+            return json_error(413, exc.text or "Request body too large", code="request_too_large")
+        return json_error(exc.status, exc.text or exc.reason)
+
+    # -- plain endpoints ---------------------------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        if not self._discovery.ready:
+            return json_error(503, "service discovery has not loaded the cluster state yet", code="not_ready")
+        return web.json_response({"status": "ok"})
+
+    async def _metrics_text(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self._metrics.render())
+        response.headers["Content-Type"] = self._metrics.content_type
+        return response
+
+    @staticmethod
+    def _model_object(name: str, created: int) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "clowder"}
+
+    async def _list_models(self, request: web.Request) -> web.Response:
+        data = [self._model_object(m.name, m.created) for m in self._discovery.models()]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _get_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        for model in self._discovery.models():
+            if model.name == name:
+                return web.json_response(self._model_object(model.name, model.created))
+        raise model_not_found(name)
+
+    # -- inference -------------------------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._inference(request, "chat")
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._inference(request, "completion")
+
+    async def _inference(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        rid = request[REQUEST_ID]
+        model_label = UNKNOWN_MODEL
+        status = 500
+        try:
+            parsed = openai_api.parse_request(openai_api.decode_body(await request.read()), kind)
+            if self._discovery.has_model(parsed.model):
+                model_label = parsed.model
+            stream = self._router.generate(parsed.model, parsed.generate_request(rid))
+            async with contextlib.aclosing(stream):
+                if parsed.stream:
+                    response, status = await self._stream(request, parsed, stream)
+                else:
+                    response = await self._collect(parsed, stream)
+                    status = response.status
+                return response
+        except ClowderError as err:
+            status = HTTP_STATUS.get(err.code, 500)
+            raise
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            self._metrics.requests.labels(model_label, "http", str(status)).inc()
+
+    async def _collect(
+        self, parsed: OpenAIRequest, stream: AsyncIterator[runtime_pb2.GenerateResponse]
+    ) -> web.Response:
+        texts: list[str] = []
+        last = runtime_pb2.GenerateResponse()
+        async for message in stream:
+            texts.append(message.text)
+            last = message
+        cid, created = _completion_id(parsed.kind), int(time.time())
+        finish = openai_api.finish_reason_name(last.finish_reason)
+        build = openai_api.chat_completion if parsed.kind == "chat" else openai_api.text_completion
+        return web.json_response(build(cid, parsed.model, created, "".join(texts), finish, last.usage))
+
+    async def _stream(
+        self, request: web.Request, parsed: OpenAIRequest, stream: AsyncIterator[runtime_pb2.GenerateResponse]
+    ) -> tuple[web.StreamResponse, int]:
+        """Relay as SSE. Errors before the first token still get their own status; later ones an error event."""
+        rid = request[REQUEST_ID]
+        # Waiting for the first message before sending headers lets a 404/503/400 be a real HTTP error.
+        message = await anext(stream)
+        response = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                REQUEST_ID_HEADER: rid,
+            },
+        )
+        await response.prepare(request)
+        cid, created, model = _completion_id(parsed.kind), int(time.time()), parsed.model
+        usage_too = parsed.include_usage
+
+        def chunk(text: str | None, finish: str | None) -> bytes:
+            if parsed.kind == "chat":
+                delta = {"content": text} if text is not None else {}
+                return openai_api.sse_event(openai_api.chat_chunk(cid, model, created, delta, finish, usage_too))
+            return openai_api.sse_event(
+                openai_api.completion_chunk(cid, model, created, text or "", finish, usage_too)
+            )
+
+        try:
+            try:
+                if parsed.kind == "chat":
+                    delta = {"role": "assistant", "content": ""}
+                    await response.write(
+                        openai_api.sse_event(openai_api.chat_chunk(cid, model, created, delta, None, usage_too))
+                    )
+                while True:
+                    finish = openai_api.finish_reason_name(message.finish_reason)
+                    if message.text:
+                        await response.write(chunk(message.text, None))
+                    if finish is not None:
+                        await response.write(chunk(None, finish))
+                        if usage_too:
+                            await response.write(openai_api.sse_event(
+                                openai_api.usage_chunk(parsed.kind, cid, model, created, message.usage)
+                            ))
+                        break
+                    message = await anext(stream)
+                status = 200
+            except ClowderError as err:
+                # Headers are gone: the client learns of the failure in-band, as OpenAI does.
+                status, body = openai_api.error_from(err)
+                log.warning("request_id=%s stream broke after the first token: %s", rid, err.message)
+                await response.write(openai_api.sse_event(body))
+            await response.write(openai_api.SSE_DONE)
+            await response.write_eof()
+        except ConnectionError:
+            # The client hung up between chunks; leaving lets aclosing() cancel the runtime call.
+            log.info("request_id=%s client went away mid-stream", rid)
+            status = CLIENT_CLOSED
+        return response, status
+
+
+def _completion_id(kind: Kind) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex

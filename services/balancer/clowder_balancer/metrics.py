@@ -1,0 +1,47 @@
+"""Prometheus metrics of one balancer, in a registry of its own (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Label value for models that do not exist: client-chosen names must not grow the label set without bound.
+UNKNOWN_MODEL = "_unknown"
+# Outcome of requests whose client went away (nginx's "client closed request").
+CLIENT_CLOSED = 499
+
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "clowder_balancer_requests", "Inference requests by model, API face and outcome (HTTP status).",
+            ["model", "api", "status"], registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "clowder_balancer_time_to_first_token_seconds",
+            "From routing a request to the first message from its runtime.",
+            ["model"], buckets=TTFT_BUCKETS, registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            "clowder_balancer_generated_tokens", "Completion tokens runtimes reported.",
+            ["model"], registry=self.registry,
+        )
+        self.routed = Counter(
+            "clowder_balancer_routed", "Runtime calls opened, by replica.",
+            ["model", "replica"], registry=self.registry,
+        )
+        self.retries = Counter(
+            "clowder_balancer_retries", "Calls retried on another replica after failing before the first token.",
+            ["model"], registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "clowder_balancer_requests_in_flight", "Runtime calls open now.", ["model"], registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

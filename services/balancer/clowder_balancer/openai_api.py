@@ -1,0 +1,358 @@
+"""OpenAI wire format: request parsing and validation, response and SSE chunk shapes, error bodies (no I/O)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from clowder.runtime.v1 import runtime_pb2
+from clowder_common.errors import HTTP_STATUS, ClowderError, InvalidArgument
+
+from clowder_balancer.sampling import INT64_MAX, INT64_MIN, UINT32_MAX, validate_sampling
+
+Kind = Literal["chat", "completion"]
+
+# "developer" is OpenAI's newer name for the system role.
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+FINISH_REASONS = {
+    runtime_pb2.FINISH_REASON_STOP: "stop",
+    runtime_pb2.FINISH_REASON_LENGTH: "length",
+}
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    kind: Kind
+    model: str
+    stream: bool
+    include_usage: bool
+    sampling: runtime_pb2.SamplingParams
+    messages: tuple[runtime_pb2.ChatMessage, ...] = ()
+    prompt: str = ""
+
+    def generate_request(self, request_id: str) -> runtime_pb2.GenerateRequest:
+        request = runtime_pb2.GenerateRequest(request_id=request_id, sampling=self.sampling)
+        if self.kind == "chat":
+            request.chat.messages.extend(self.messages)
+        else:
+            request.prompt = self.prompt
+        return request
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+
+
+def _reject_constant(value: str) -> Any:
+    raise ValueError(f"{value} is not valid JSON")
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or InvalidArgument (with no param, as OpenAI does)."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(
+            f"We could not parse the JSON body of your request ({exc}). The body must be a JSON object."
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("The request body must be a JSON object.")
+    return body
+
+
+def _bad(param: str, message: str) -> InvalidArgument:
+    return InvalidArgument(message, field=param)
+
+
+def _get(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str, param: str = "") -> Any:
+    """The value of optional field `name` (None when absent or null), type-checked; `param` names it in errors."""
+    param = param or name
+    value = body.get(name)
+    if value is None:
+        return None
+    # JSON true/false are Python ints too; never let them pass as numbers.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise _bad(param, f"Invalid type for '{param}': expected {what}, but got a boolean.")
+    if not isinstance(value, kind):
+        raise _bad(param, f"Invalid type for '{param}': expected {what}, but got {_json_type(value)}.")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "null"
+
+
+def _int_in(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    value = _get(body, name, int, "an integer")
+    if value is not None and not low <= value <= high:
+        raise _bad(name, f"Invalid '{name}': {value} is out of range [{low}, {high}].")
+    return value
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = _get(body, "model", str, "a string")
+    if not model:
+        raise _bad("model", "You must provide a model parameter.")
+    return model
+
+
+def _content(value: Any, param: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad(f"{param}[{j}]", "Only text content parts ({\"type\": \"text\", \"text\": ...}) are supported.")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise _bad(param, f"Invalid type for '{param}': expected a string or an array of text parts.")
+
+
+def _messages(body: dict[str, Any]) -> tuple[runtime_pb2.ChatMessage, ...]:
+    messages = _get(body, "messages", list, "an array")
+    if not messages:
+        raise _bad("messages", "'messages' must be a non-empty array.")
+    out = []
+    for i, msg in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise _bad(param, f"Invalid type for '{param}': expected an object, but got {_json_type(msg)}.")
+        role = msg.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise _bad(f"{param}.role", f"Invalid '{param}.role': expected one of {sorted(ROLES)}.")
+        content = msg.get("content")
+        if content is None and role != "assistant":
+            raise _bad(f"{param}.content", f"'{param}.content' is required for role '{role}'.")
+        text = "" if content is None else _content(content, f"{param}.content")
+        out.append(runtime_pb2.ChatMessage(role=ROLES[role], content=text))
+    return tuple(out)
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    if "prompt" not in body or body["prompt"] is None:
+        raise _bad("prompt", "You must provide a prompt parameter.")
+    prompt = body["prompt"]
+    # A list of one string is what the OpenAI SDK sends for a single prompt in batch form.
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if isinstance(prompt, list) and len(prompt) != 1:
+        raise _bad("prompt", "Only one prompt per request is supported.")
+    if not isinstance(prompt, str):
+        raise _bad("prompt", f"Invalid type for 'prompt': expected a string, but got {_json_type(prompt)}.")
+    return prompt
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
+    stop = _get(body, "stop", (str, list), "a string or an array of strings")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not all(isinstance(s, str) for s in stop):
+        raise _bad("stop", "Invalid type for 'stop': expected a string or an array of strings.")
+    return list(stop)
+
+
+def _reject_unsupported(body: dict[str, Any], kind: Kind) -> None:
+    n = _int_in(body, "n", 1, UINT32_MAX)
+    if n is not None and n != 1:
+        raise _bad("n", "Only n=1 is supported.")
+    if kind == "chat":
+        for name in ("tools", "functions"):
+            if body.get(name):
+                raise _bad(name, f"'{name}' is not supported.")
+        if _get(body, "logprobs", bool, "a boolean"):
+            raise _bad("logprobs", "'logprobs' is not supported.")
+    else:
+        if _get(body, "echo", bool, "a boolean"):
+            raise _bad("echo", "'echo' is not supported.")
+        if body.get("logprobs") is not None:
+            raise _bad("logprobs", "'logprobs' is not supported.")
+        if body.get("suffix"):
+            raise _bad("suffix", "'suffix' is not supported.")
+        best_of = _int_in(body, "best_of", 1, UINT32_MAX)
+        if best_of is not None and best_of != 1:
+            raise _bad("best_of", "Only best_of=1 is supported.")
+
+
+def parse_request(body: dict[str, Any], kind: Kind) -> OpenAIRequest:
+    """Validate a decoded chat or completion request; InvalidArgument names the offending param."""
+    model = _model(body)
+    messages = _messages(body) if kind == "chat" else ()
+    prompt = _prompt(body) if kind == "completion" else ""
+    _reject_unsupported(body, kind)
+
+    stream = bool(_get(body, "stream", bool, "a boolean"))
+    options = _get(body, "stream_options", dict, "an object")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise _bad("stream_options", "'stream_options' is only allowed when 'stream' is true.")
+        include_usage = bool(_get(options, "include_usage", bool, "a boolean", "stream_options.include_usage"))
+
+    sampling = runtime_pb2.SamplingParams()
+    names = {}
+    max_tokens = _int_in(body, "max_tokens", 1, UINT32_MAX)
+    if kind == "chat":
+        newer = _int_in(body, "max_completion_tokens", 1, UINT32_MAX)
+        if newer is not None:
+            max_tokens, names["max_tokens"] = newer, "max_completion_tokens"
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    temperature = _get(body, "temperature", (int, float), "a number")
+    if temperature is not None:
+        sampling.temperature = temperature
+    top_p = _get(body, "top_p", (int, float), "a number")
+    if top_p is not None:
+        sampling.top_p = top_p
+    sampling.stop.extend(_stop(body))
+    seed = _int_in(body, "seed", INT64_MIN, INT64_MAX)
+    if seed is not None:
+        sampling.seed = seed
+    validate_sampling(sampling, names)
+    return OpenAIRequest(kind, model, stream, include_usage, sampling, messages, prompt)
+
+
+# -- responses -------------------------------------------------------------------------------------
+
+
+def finish_reason_name(reason: int) -> str | None:
+    return FINISH_REASONS.get(reason)
+
+
+def usage_dict(usage: runtime_pb2.Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }
+
+
+def chat_chunk(
+    cid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None, include_usage: bool
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if include_usage:
+        # OpenAI sends usage: null on every chunk but the extra last one when usage was asked for.
+        chunk["usage"] = None
+    return chunk
+
+
+def completion_chunk(
+    cid: str, model: str, created: int, text: str, finish_reason: str | None, include_usage: bool
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(kind: Kind, cid: str, model: str, created: int, usage: runtime_pb2.Usage) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [],
+        "usage": usage_dict(usage),
+    }
+
+
+def chat_completion(
+    cid: str, model: str, created: int, text: str, finish_reason: str | None, usage: runtime_pb2.Usage
+) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage_dict(usage),
+    }
+
+
+def text_completion(
+    cid: str, model: str, created: int, text: str, finish_reason: str | None, usage: runtime_pb2.Usage
+) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage_dict(usage),
+    }
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+
+
+_RUNTIME_FIELDS = {"chat": "messages", "chat.messages": "messages", "input": "messages"}
+
+
+def error_from(err: ClowderError) -> tuple[int, dict[str, Any]]:
+    """HTTP status and OpenAI error body for a domain error (the grpc-gateway status mapping)."""
+    status = HTTP_STATUS.get(err.code, 500)
+    param = err.violations[0].field if err.violations else None
+    if param is not None:
+        # The runtime names fields of its GenerateRequest; the client only knows the flat OpenAI names.
+        param = _RUNTIME_FIELDS.get(param, param.removeprefix("sampling."))
+    return status, error_body(status, err.message, param, err.reason.lower() if err.reason else None)

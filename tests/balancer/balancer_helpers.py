@@ -1,0 +1,138 @@
+"""Shared pieces of the balancer tests: config, etcd records, waiting, and a scripted runtime for fault injection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from clowder.controller.v1 import resources_pb2
+from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
+from clowder_common import keys
+from clowder_common.etcd import EtcdState
+from clowder_common.grpc_server import GrpcServer, create_grpc_server
+
+from clowder_balancer.config import BalancerConfig
+
+Behaviour = Callable[[runtime_pb2.GenerateRequest, grpc.aio.ServicerContext], AsyncIterator[runtime_pb2.GenerateResponse]]
+
+
+def balancer_config(etcd_endpoint: str, prefix: str, **overrides) -> BalancerConfig:
+    settings = dict(
+        etcd_endpoints=(etcd_endpoint,),
+        etcd_prefix=prefix,
+        http_listen="127.0.0.1:0",
+        grpc_listen="127.0.0.1:0",
+        ready_timeout_s=2.0,
+        drain_grace_s=3.0,
+    )
+    settings.update(overrides)
+    return BalancerConfig(**settings)
+
+
+async def put_deployment(state: EtcdState, name: str, replicas: int = 1) -> None:
+    await state.put(state.key(keys.deployment(name)), resources_pb2.Deployment(name=name, image=name, replicas=replicas))
+
+
+async def put_endpoint(state: EtcdState, deployment: str, replica_id: str, address: str) -> None:
+    endpoint = runtime_pb2.Endpoint(deployment=deployment, replica_id=replica_id, address=address, node="local")
+    await state.put(state.key(keys.endpoint(deployment, replica_id)), endpoint)
+
+
+async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await asyncio.sleep(0.05)
+
+
+def final(text: str = "", reason: int = runtime_pb2.FINISH_REASON_STOP, prompt_tokens: int = 3,
+          completion_tokens: int = 1) -> runtime_pb2.GenerateResponse:
+    return runtime_pb2.GenerateResponse(
+        text=text, finish_reason=reason,
+        usage=runtime_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
+    )
+
+
+def speak(pieces: list[str], delay: float = 0.0, first_delay: float = 0.0) -> Behaviour:
+    """Send `pieces` one message each, then a last message with finish_reason and usage."""
+
+    async def behaviour(request, context):
+        await asyncio.sleep(first_delay)
+        for piece in pieces:
+            yield runtime_pb2.GenerateResponse(text=piece)
+            await asyncio.sleep(delay)
+        yield final(completion_tokens=len(pieces))
+
+    return behaviour
+
+
+def fail(error: Exception, after: list[str] | None = None) -> Behaviour:
+    """Raise `error` (a ClowderError, mapped by the real interceptor) after sending `after`."""
+
+    async def behaviour(request, context):
+        for piece in after or ():
+            yield runtime_pb2.GenerateResponse(text=piece)
+            await asyncio.sleep(0.01)
+        raise error
+
+    return behaviour
+
+
+class ScriptedRuntime(runtime_pb2_grpc.RuntimeServiceServicer):
+    """A RuntimeService whose Generate follows a script.
+
+    Only for failures a real llama.cpp runtime cannot be made to show on demand
+    (a full queue, a stall before the first token, a break mid-stream on cue);
+    the happy paths are tested against real runtimes.
+    """
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.requests: list[runtime_pb2.GenerateRequest] = []
+        self.metadata: list[dict[str, str]] = []
+        self.running = 0
+        self.cancelled = 0
+        self.server: GrpcServer | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.port}"
+
+    async def start(self) -> "ScriptedRuntime":
+        self.server = create_grpc_server("127.0.0.1:0", [self._register])
+        await self.server.start()
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(0)
+
+    def _register(self, server: grpc.aio.Server) -> str:
+        runtime_pb2_grpc.add_RuntimeServiceServicer_to_server(self, server)
+        return runtime_pb2.DESCRIPTOR.services_by_name["RuntimeService"].full_name
+
+    async def Generate(self, request, context):
+        self.requests.append(request)
+        self.metadata.append({k: v for k, v in context.invocation_metadata() or ()})
+        self.running += 1
+        try:
+            async for message in self.behaviour(request, context):
+                yield message
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.running -= 1
+
+    async def GetStats(self, request, context):
+        return runtime_pb2.GetStatsResponse(num_requests_running=self.running, requests_total=len(self.requests))
