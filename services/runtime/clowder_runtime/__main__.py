@@ -1,0 +1,95 @@
+"""`python -m clowder_runtime`: serve one GGUF model until SIGTERM, then drain and exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Sequence
+
+from clowder.controller.v1 import resources_pb2
+from google.protobuf import json_format
+
+from clowder_common.config import load_config
+from clowder_common.errors import ClowderError
+from clowder_common.lifecycle import Lifecycle, die_with_parent, serve_until_stopped
+from clowder_common.logs import setup_logging
+from clowder_runtime.app import create_runtime
+from clowder_runtime.config import RuntimeConfig
+
+log = logging.getLogger("clowder_runtime")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m clowder_runtime",
+        description="Serve one GGUF model over gRPC (clowder.runtime.v1.RuntimeService).",
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML config file (flags override it)")
+    parser.add_argument("--listen", help="gRPC address host:port (default 127.0.0.1:0)")
+    parser.add_argument("--advertise-host", help="host written into the registered endpoint")
+    parser.add_argument("--deployment", help="deployment served; also the model name in GetStats")
+    parser.add_argument("--replica-id", help="replica id within the deployment")
+    parser.add_argument("--node", help="node name recorded in the endpoint (default local)")
+    parser.add_argument("--model-path", metavar="PATH", help="GGUF file to load")
+    parser.add_argument("--digest", metavar="sha256:HEX", help="model layer digest, resolved through --storage")
+    parser.add_argument("--storage", dest="storage_address", metavar="HOST:PORT",
+                        help="StorageService that resolves --digest (token from CLOWDER_ADMIN_TOKEN)")
+    parser.add_argument("--image-config", metavar="JSON",
+                        help="clowder.controller.v1.ImageConfiguration as protobuf JSON")
+    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: every CPU)")
+    parser.add_argument("--context-size", type=int, help="context window in tokens (default: image's, else 2048)")
+    parser.add_argument("--max-waiting", type=int, help="queued requests allowed (default 64)")
+    parser.add_argument("--lease-ttl", dest="lease_ttl_s", type=int, metavar="SECONDS",
+                        help="TTL of the endpoint lease (default 5)")
+    parser.add_argument("--drain-grace", dest="drain_grace_s", type=float, metavar="SECONDS",
+                        help="time running generations get after SIGTERM (default 10)")
+    parser.add_argument("--port-file", metavar="FILE", help="write the bound port here once serving")
+    parser.add_argument("--etcd-endpoints", metavar="HOST:PORT,...",
+                        help="register in this etcd (default: none, do not register)")
+    parser.add_argument("--etcd-prefix", help="key prefix in etcd (default /clowder/)")
+    return parser
+
+
+_CONFIG_FLAGS = (
+    "listen", "advertise_host", "deployment", "replica_id", "node", "model_path", "digest", "storage_address",
+    "threads", "context_size", "max_waiting", "lease_ttl_s", "drain_grace_s", "port_file", "etcd_endpoints",
+    "etcd_prefix",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging("runtime")
+    die_with_parent()
+    image_config = resources_pb2.ImageConfiguration()
+    if args.image_config:
+        try:
+            json_format.Parse(args.image_config, image_config)
+        except json_format.ParseError as exc:
+            parser.error(f"--image-config: {exc}")
+    try:
+        config = load_config(
+            RuntimeConfig, args.config, overrides={name: getattr(args, name) for name in _CONFIG_FLAGS}
+        )
+    except (ClowderError, OSError) as exc:
+        parser.error(str(exc))
+
+    async def start(lifecycle: Lifecycle) -> None:
+        app = await create_runtime(config, image_config)
+        lifecycle.on_shutdown("runtime", app.stop)
+        await app.start()
+        log.info("serving on %s", app.address)
+
+    try:
+        asyncio.run(serve_until_stopped(start))
+    except ClowderError as exc:
+        log.error("runtime cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Assemble a runtime replica: resolve and load the model, serve gRPC, register the endpoint, drain on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pathlib
+import socket
+import tempfile
+
+from clowder.controller.v1 import resources_pb2
+from clowder.runtime.v1 import runtime_pb2
+
+from clowder_common.auth import TOKEN_ENV
+from clowder_common.errors import InvalidArgument
+from clowder_common.grpc_server import GrpcServer, create_grpc_server
+from clowder_common.keys import validate_name
+from clowder_runtime.config import RuntimeConfig
+from clowder_runtime.engine import DEFAULT_CONTEXT_SIZE, LlamaEngine, LlamaSettings
+from clowder_runtime.model_source import resolve_model_path
+from clowder_runtime.registration import EndpointRegistration
+from clowder_runtime.service import RuntimeServicer, registrar
+from clowder_runtime.validation import validate_image_config
+
+log = logging.getLogger(__name__)
+
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+class RuntimeApp:
+    """One replica. `start()` returns once it serves (and is registered, with etcd configured)."""
+
+    def __init__(self, config: RuntimeConfig, image_config: resources_pb2.ImageConfiguration,
+                 admin_token: str | None) -> None:
+        self.config = config
+        self.image_config = image_config
+        self._admin_token = admin_token
+        self.engine: LlamaEngine | None = None
+        self.model_path: str | None = None
+        self._server: GrpcServer | None = None
+        self._registration: EndpointRegistration | None = None
+        self._stop_task: asyncio.Future[None] | None = None
+
+    @property
+    def context_size(self) -> int:
+        return self.config.context_size or self.image_config.context_size or DEFAULT_CONTEXT_SIZE
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the runtime is not started")
+        return self._server.port
+
+    @property
+    def address(self) -> str:
+        """host:port others should dial (what the endpoint in etcd says)."""
+        host = self.config.advertise_host or self.config.listen.rpartition(":")[0]
+        if host in _WILDCARD_HOSTS:
+            host = socket.gethostname()
+        return f"{host}:{self.port}"
+
+    @property
+    def model_name(self) -> str:
+        if self.config.deployment:
+            return self.config.deployment
+        return pathlib.Path(self.model_path or self.config.model_path or "model").stem
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        cfg = self.config
+        self.model_path = await resolve_model_path(cfg.model_path, cfg.digest, cfg.storage_address, self._admin_token)
+        self.engine = LlamaEngine(
+            LlamaSettings(
+                model_path=self.model_path,
+                context_size=self.context_size,
+                threads=cfg.threads,
+                max_waiting=cfg.max_waiting,
+            )
+        )
+        # Loads on the engine's own thread; nothing is served or registered before it can generate.
+        await self.engine.start()
+        servicer = RuntimeServicer(self.engine, self.model_name, self.image_config)
+        self._server = create_grpc_server(cfg.listen, [registrar(servicer)])
+        await self._server.start()
+        if cfg.port_file:
+            _write_atomically(cfg.port_file, f"{self.port}\n")
+        if cfg.etcd_endpoints:
+            self._registration = EndpointRegistration(
+                cfg.etcd_endpoints,
+                cfg.etcd_prefix,
+                runtime_pb2.Endpoint(
+                    deployment=cfg.deployment,
+                    replica_id=cfg.replica_id,
+                    address=self.address,
+                    node=cfg.node,
+                    image_digest=cfg.digest,
+                ),
+                cfg.lease_ttl_s,
+            )
+            await self._registration.start()
+        log.info("runtime ready model=%s address=%s registered=%s", self.model_name, self.address,
+                 bool(cfg.etcd_endpoints))
+
+    async def stop(self) -> None:
+        """Idempotent drain: NOT_SERVING, withdraw the endpoint, let generations finish, free the model."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stop_task)
+
+    async def _stop(self) -> None:
+        grace = self.config.drain_grace_s
+        if self._server is not None:
+            await self._server.set_serving(False)
+        # The endpoint goes first so balancers stop sending work here while we drain.
+        if self._registration is not None:
+            try:
+                await self._registration.stop()
+            except Exception:
+                log.exception("withdrawing the endpoint failed; its lease expires by itself")
+        if self._server is not None:
+            # Refuses new calls at once; running generations get `grace` seconds, then are cancelled.
+            await self._server.stop(grace)
+        if self.engine is not None:
+            await self.engine.close(timeout=max(grace, 1.0))
+        if self._server is not None and self.config.port_file:
+            _remove_if_ours(self.config.port_file, f"{self._server.port}\n")
+        log.info("runtime stopped")
+
+
+async def create_runtime(
+    config: RuntimeConfig,
+    image_config: resources_pb2.ImageConfiguration | None = None,
+    *,
+    admin_token: str | None = None,
+) -> RuntimeApp:
+    """Check the configuration and build the app; `start()` does the slow parts.
+
+    `admin_token` is sent to the storage service when the model is given by
+    digest; it defaults to the CLOWDER_ADMIN_TOKEN environment variable.
+    """
+    image_config = image_config if image_config is not None else resources_pb2.ImageConfiguration()
+    validate_image_config(image_config)
+    if config.etcd_endpoints:
+        validate_name(config.deployment, "deployment")
+        validate_name(config.replica_id, "replica_id")
+    for name in ("threads", "context_size", "max_waiting"):
+        if getattr(config, name) < 0:
+            raise InvalidArgument(f"{name} must not be negative", field=name)
+    if config.drain_grace_s < 0:
+        raise InvalidArgument("drain_grace_s must not be negative", field="drain_grace_s")
+    if config.lease_ttl_s < 1:
+        raise InvalidArgument("lease_ttl_s must be at least 1", field="lease_ttl_s")
+    if admin_token is None:
+        admin_token = os.environ.get(TOKEN_ENV) or None
+    return RuntimeApp(config, image_config, admin_token)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Readers polling for the file never see it half written."""
+    target = pathlib.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _remove_if_ours(path: str, text: str) -> None:
+    # A newer runtime may have taken the file over; leave its port alone.
+    with contextlib.suppress(OSError):
+        if pathlib.Path(path).read_text() == text:
+            os.unlink(path)

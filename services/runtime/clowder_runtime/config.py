@@ -1,0 +1,43 @@
+"""Runtime configuration: which model to load, where to listen, and how to register."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clowder_common.config import EtcdConfig
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(EtcdConfig):
+    """One replica of one deployment.
+
+    Unlike the other services, `etcd_endpoints` defaults to empty: a runtime
+    started by hand (standalone, benchmarks) serves without registering.
+    """
+
+    etcd_endpoints: tuple[str, ...] = ()
+    # gRPC address to bind ("host:port"; port 0 picks a free one).
+    listen: str = "127.0.0.1:0"
+    # Host written into the registered endpoint; empty uses the listen host
+    # (or this machine's name when listening on a wildcard address).
+    advertise_host: str = ""
+    # Deployment this replica serves; also the `model` name GetStats reports.
+    deployment: str = ""
+    replica_id: str = ""
+    node: str = "local"
+    # Either a GGUF path, or a digest that the node's StorageService resolves.
+    model_path: str = ""
+    digest: str = ""
+    storage_address: str = ""
+    # llama.cpp threads; 0 uses every CPU.
+    threads: int = 0
+    # Context window in tokens; 0 takes the image configuration's, else 2048.
+    context_size: int = 0
+    # Requests allowed to queue behind the running one; more get RESOURCE_EXHAUSTED.
+    max_waiting: int = 64
+    # TTL of the lease the endpoint hangs on.
+    lease_ttl_s: int = 5
+    # How long running generations may go on after SIGTERM.
+    drain_grace_s: float = 10.0
+    # After binding, the port is written here (atomically) for whoever started us.
+    port_file: str = ""

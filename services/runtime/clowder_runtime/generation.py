@@ -1,0 +1,161 @@
+"""What the servicer and any engine agree on: jobs, outputs, load figures, and the output stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+
+class FinishReason(enum.Enum):
+    # End-of-generation token or a stop string.
+    STOP = "stop"
+    # max_tokens or the context limit.
+    LENGTH = "length"
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Fully resolved sampling values: request, then image defaults, then llama.cpp defaults."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    # 0 disables top-k (llama.cpp semantics).
+    top_k: int = 40
+    # Before capping to the room left in the context.
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    # None: a fresh random seed per request.
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """A validated request; exactly one of `messages` and `prompt` is set."""
+
+    request_id: str
+    sampling: SamplingSettings
+    messages: tuple[ChatTurn, ...] | None = None
+    prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Output:
+    """Text produced since the previous Output; `finish` is set on the last one only."""
+
+    text: str
+    finish: Finish | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    # Fraction (0..1) of the context the running generations occupy.
+    kv_cache_usage: float
+    requests_total: int
+    generation_tokens_total: int
+    prompt_tokens_total: int
+
+
+class Engine(Protocol):
+    """A loaded model that turns jobs into output streams; the servicer knows nothing more."""
+
+    @property
+    def context_size(self) -> int: ...
+
+    async def start(self) -> None:
+        """Load the model; returns when it can generate."""
+
+    async def generate(self, job: GenerationJob) -> GenerationStream:
+        """Admit a job. Raises InvalidArgument (prompt too long, bad template input),
+        ResourceExhausted (queue full) or Unavailable (shutting down)."""
+
+    def stats(self) -> EngineStats: ...
+
+    async def close(self, timeout: float) -> None:
+        """Stop generating (running work is cancelled) and free the model."""
+
+
+class GenerationStream:
+    """The asyncio end of one generation.
+
+    The engine's thread calls the push_* methods; the RPC handler iterates.
+    Pieces that piled up while the handler was busy writing are merged into
+    one Output, so a slow reader gets fewer, larger messages instead of lag.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[], None]) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[str | Finish | BaseException] = asyncio.Queue()
+        self._on_cancel = on_cancel
+        self._pending: str | Finish | BaseException | None = None
+        self._finished = False
+        self._cancelled = False
+
+    # -- producer side (any thread) --------------------------------------------
+
+    def _push(self, item: str | Finish | BaseException) -> None:
+        # The loop may already be closed when a shutdown races the last token.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def push_text(self, text: str) -> None:
+        self._push(text)
+
+    def push_finish(self, finish: Finish) -> None:
+        self._push(finish)
+
+    def push_error(self, error: BaseException) -> None:
+        self._push(error)
+
+    # -- consumer side (event loop) ----------------------------------------------
+
+    def cancel(self) -> None:
+        """Tell the engine nobody listens any more; safe to call at any time, more than once."""
+        if not self._cancelled:
+            self._cancelled = True
+            if not self._finished:
+                self._on_cancel()
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> Output:
+        if self._finished:
+            raise StopAsyncIteration
+        if self._pending is not None:
+            item, self._pending = self._pending, None
+        else:
+            item = await self._queue.get()
+        pieces: list[str] = []
+        while True:
+            if isinstance(item, BaseException):
+                if pieces:
+                    self._pending = item
+                    return Output("".join(pieces))
+                self._finished = True
+                raise item
+            if isinstance(item, Finish):
+                self._finished = True
+                return Output("".join(pieces), item)
+            pieces.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return Output("".join(pieces))

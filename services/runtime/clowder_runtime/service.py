@@ -1,0 +1,66 @@
+"""RuntimeService: Generate as a server stream over whatever engine holds the model, and GetStats."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Callable
+
+import grpc
+from clowder.controller.v1 import resources_pb2
+from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
+
+from clowder_runtime.generation import Engine, FinishReason
+from clowder_runtime.validation import build_job
+
+_FINISH = {
+    FinishReason.STOP: runtime_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: runtime_pb2.FINISH_REASON_LENGTH,
+}
+
+
+class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
+    def __init__(self, engine: Engine, model_name: str, image_config: resources_pb2.ImageConfiguration) -> None:
+        self._engine = engine
+        self._model_name = model_name
+        self._image_config = image_config
+
+    async def Generate(
+        self, request: runtime_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[runtime_pb2.GenerateResponse]:
+        job = build_job(request, self._image_config)
+        stream = await self._engine.generate(job)
+        try:
+            async for output in stream:
+                response = runtime_pb2.GenerateResponse(text=output.text)
+                if output.finish is not None:
+                    response.finish_reason = _FINISH[output.finish.reason]
+                    response.usage.prompt_tokens = output.finish.prompt_tokens
+                    response.usage.completion_tokens = output.finish.completion_tokens
+                yield response
+        finally:
+            # Reached on a normal end, on an error, and when the call is cancelled
+            # (the client went away): the engine then stops at the next token.
+            stream.cancel()
+
+    async def GetStats(
+        self, request: runtime_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> runtime_pb2.GetStatsResponse:
+        stats = self._engine.stats()
+        return runtime_pb2.GetStatsResponse(
+            num_requests_running=stats.running,
+            num_requests_waiting=stats.waiting,
+            kv_cache_usage_perc=stats.kv_cache_usage,
+            requests_total=stats.requests_total,
+            generation_tokens_total=stats.generation_tokens_total,
+            prompt_tokens_total=stats.prompt_tokens_total,
+            model=self._model_name,
+        )
+
+
+def registrar(servicer: RuntimeServicer) -> Callable[[grpc.aio.Server], str]:
+    """For create_grpc_server: adds the servicer and names it for health and reflection."""
+
+    def register(server: grpc.aio.Server) -> str:
+        runtime_pb2_grpc.add_RuntimeServiceServicer_to_server(servicer, server)
+        return runtime_pb2.DESCRIPTOR.services_by_name["RuntimeService"].full_name
+
+    return register

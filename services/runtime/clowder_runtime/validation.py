@@ -1,0 +1,122 @@
+"""Turn a GenerateRequest plus the image's defaults into a GenerationJob, or say precisely what is wrong."""
+
+from __future__ import annotations
+
+import math
+
+from clowder.controller.v1 import resources_pb2
+from clowder.runtime.v1 import runtime_pb2
+
+from clowder_common.errors import FieldViolation, InvalidArgument
+from clowder_runtime.generation import ChatTurn, GenerationJob, SamplingSettings
+
+ROLES = ("system", "user", "assistant")
+# llama.cpp's own defaults, used when neither the request nor the image sets a value.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 40
+DEFAULT_MAX_TOKENS = 256
+MAX_TEMPERATURE = 2.0
+# Each stop string is searched after every token; keep that work small.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+# Field names follow the OpenAI request parameters, so the balancer can relay them as `param`.
+
+
+def _temperature_problem(value: float) -> str | None:
+    if math.isnan(value) or not 0.0 <= value <= MAX_TEMPERATURE:
+        return f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {value:g}"
+    return None
+
+
+def _top_p_problem(value: float) -> str | None:
+    if math.isnan(value) or not 0.0 < value <= 1.0:
+        return f"top_p must be in (0, 1], got {value:g}"
+    return None
+
+
+def validate_image_config(image: resources_pb2.ImageConfiguration) -> None:
+    """An aimage's defaults must be valid on their own, or every request would fail."""
+    violations: list[FieldViolation] = []
+    if image.HasField("temperature") and (problem := _temperature_problem(image.temperature)):
+        violations.append(FieldViolation("image_config.temperature", problem))
+    if image.HasField("top_p") and (problem := _top_p_problem(image.top_p)):
+        violations.append(FieldViolation("image_config.top_p", problem))
+    if image.HasField("max_tokens") and image.max_tokens == 0:
+        violations.append(FieldViolation("image_config.max_tokens", "max_tokens must be at least 1"))
+    _raise_if_any(violations)
+
+
+def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageConfiguration) -> GenerationJob:
+    """Validate everything that does not need the model (token counts are the engine's)."""
+    violations: list[FieldViolation] = []
+    messages: tuple[ChatTurn, ...] | None = None
+    prompt: str | None = None
+    kind = request.WhichOneof("input")
+    if kind == "chat":
+        turns = list(request.chat.messages)
+        if not turns:
+            violations.append(FieldViolation("messages", "chat needs at least one message"))
+        for index, turn in enumerate(turns):
+            if turn.role not in ROLES:
+                violations.append(
+                    FieldViolation(
+                        f"messages[{index}].role",
+                        f"unknown role {turn.role[:40]!r}; use one of {', '.join(ROLES)}",
+                    )
+                )
+        messages = tuple(ChatTurn(t.role, t.content) for t in turns)
+        if image.system_prompt and not any(t.role == "system" for t in messages):
+            messages = (ChatTurn("system", image.system_prompt), *messages)
+    elif kind == "prompt":
+        if not request.prompt:
+            violations.append(FieldViolation("prompt", "prompt must not be empty"))
+        prompt = request.prompt
+    else:
+        violations.append(FieldViolation("input", "set either chat.messages or prompt"))
+
+    sampling = request.sampling
+    temperature = image.temperature if image.HasField("temperature") else DEFAULT_TEMPERATURE
+    if sampling.HasField("temperature"):
+        temperature = sampling.temperature
+        if problem := _temperature_problem(temperature):
+            violations.append(FieldViolation("temperature", problem))
+    top_p = image.top_p if image.HasField("top_p") else DEFAULT_TOP_P
+    if sampling.HasField("top_p"):
+        top_p = sampling.top_p
+        if problem := _top_p_problem(top_p):
+            violations.append(FieldViolation("top_p", problem))
+    top_k = sampling.top_k if sampling.HasField("top_k") else DEFAULT_TOP_K
+    max_tokens = image.max_tokens if image.HasField("max_tokens") and image.max_tokens else DEFAULT_MAX_TOKENS
+    if sampling.HasField("max_tokens"):
+        max_tokens = sampling.max_tokens
+        if max_tokens == 0:
+            violations.append(FieldViolation("max_tokens", "max_tokens must be at least 1 (leave it unset for the default)"))
+    stops = tuple(sampling.stop)
+    if len(stops) > MAX_STOP_STRINGS:
+        violations.append(FieldViolation("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}"))
+    for index, stop in enumerate(stops):
+        if not stop:
+            violations.append(FieldViolation(f"stop[{index}]", "stop strings must not be empty"))
+        elif len(stop) > MAX_STOP_CHARS:
+            violations.append(FieldViolation(f"stop[{index}]", f"stop strings are at most {MAX_STOP_CHARS} characters"))
+    _raise_if_any(violations)
+    return GenerationJob(
+        request_id=request.request_id,
+        sampling=SamplingSettings(
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
+            max_tokens=int(max_tokens),
+            stop=stops,
+            seed=sampling.seed if sampling.HasField("seed") else None,
+        ),
+        messages=messages,
+        prompt=prompt,
+    )
+
+
+def _raise_if_any(violations: list[FieldViolation]) -> None:
+    if violations:
+        raise InvalidArgument("; ".join(v.description for v in violations), violations=violations)
