@@ -16,7 +16,7 @@ class ControllerConfig(EtcdConfig):
     data_dir: str = os.path.expanduser("~/.local/share/clowder/controller")
     # Full reconcile pass at least this often, even without etcd events.
     resync_interval_s: float = 5.0
-    # llama.cpp threads per runtime; 0 gives each runtime every core of its node.
+    # llama.cpp threads per runtime; 0 shares the node's cores among the replicas placed on it.
     runtime_threads: int = 0
     # A runtime that has not registered its endpoint after this long is restarted.
     runtime_start_timeout_s: float = 180.0

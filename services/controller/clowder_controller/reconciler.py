@@ -277,7 +277,7 @@ class Reconciler:
             digest=blob.digest,
             storage_address=node.storage_address,
             configuration=image.configuration,
-            threads=self._config.runtime_threads or os.cpu_count() or 1,
+            threads=self._config.runtime_threads or self._threads_for(node),
         )
         pid = await self._launcher.start(spec)
 
@@ -289,6 +289,12 @@ class Reconciler:
                 r.restarts += 1
 
         await self._write(replica, started)
+
+    def _threads_for(self, node: resources_pb2.Node) -> int:
+        """Share the node's cores among its replicas: oversubscribed llama.cpp threads stall each other."""
+        cores = node.cpus or os.cpu_count() or 1
+        on_node = sum(1 for r in self._replicas.values() if r.node == node.name) or 1
+        return max(1, cores // on_node)
 
     async def _remove(self, replica: resources_pb2.Replica) -> None:
         await self._launcher.stop(replica, self._config.runtime_stop_grace_s)
