@@ -7,6 +7,7 @@ from typing import Callable, Iterable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from clowder_common.errors import Unavailable
 from clowder_common.interceptors import ErrorInterceptor
@@ -50,14 +51,16 @@ def create_grpc_server(
     register: Iterable[Callable[[grpc.aio.Server], str]],
     admin_token: str | None = None,
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    tracer_provider=None,
 ) -> GrpcServer:
     """Bind `address` ("host:port", port 0 for any) and add the servicers.
 
     Each `register` callable adds one servicer and returns its full service name
-    (for health and reflection).
+    (for health and reflection). Spans go to `tracer_provider`, else the global one.
     """
     server = grpc.aio.server(
-        interceptors=[*extra_interceptors, ErrorInterceptor(admin_token)],
+        # Tracing outermost, so a span records the status the error interceptor chose.
+        interceptors=[aio_server_interceptor(tracer_provider=tracer_provider), *extra_interceptors, ErrorInterceptor(admin_token)],
         options=SERVER_OPTIONS,
     )
     names = [reg(server) for reg in register]

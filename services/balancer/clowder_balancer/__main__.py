@@ -10,6 +10,7 @@ from clowder_common.config import load_config
 from clowder_common.errors import ClowderError
 from clowder_common.lifecycle import Lifecycle, die_with_parent, serve_until_stopped
 from clowder_common.logs import setup_logging
+from clowder_common.telemetry import setup_telemetry, shutdown_telemetry
 
 from clowder_balancer.app import create_balancer
 from clowder_balancer.config import BalancerConfig
@@ -53,7 +54,11 @@ def main(argv: list[str] | None = None) -> None:
         lifecycle.on_shutdown("balancer", app.stop)
         await app.start()
 
-    asyncio.run(serve_until_stopped(start))
+    provider = setup_telemetry("balancer")
+    try:
+        asyncio.run(serve_until_stopped(start))
+    finally:
+        shutdown_telemetry(provider)
 
 
 if __name__ == "__main__":

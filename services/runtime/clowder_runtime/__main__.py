@@ -15,6 +15,7 @@ from clowder_common.config import load_config
 from clowder_common.errors import ClowderError
 from clowder_common.lifecycle import Lifecycle, die_with_parent, serve_until_stopped
 from clowder_common.logs import setup_logging
+from clowder_common.telemetry import setup_telemetry, shutdown_telemetry
 from clowder_runtime.app import create_runtime
 from clowder_runtime.config import RuntimeConfig
 
@@ -83,11 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         await app.start()
         log.info("serving on %s", app.address)
 
+    provider = setup_telemetry("runtime")
     try:
         asyncio.run(serve_until_stopped(start))
     except ClowderError as exc:
         log.error("runtime cannot start: %s", exc)
         return 1
+    finally:
+        shutdown_telemetry(provider)
     return 0
 
 
