@@ -53,3 +53,10 @@ def endpoints_of(deployment_name: str) -> str:
 
 def endpoint(deployment_name: str, replica_id: str) -> str:
     return f"{ENDPOINTS}{deployment_name}/{replica_id}"
+
+
+LOAD = "load/"
+
+
+def load(balancer: str) -> str:
+    return LOAD + balancer

@@ -1,11 +1,12 @@
 import datetime
 
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -25,19 +26,31 @@ REPLICA_STATE_STARTING: ReplicaState
 REPLICA_STATE_READY: ReplicaState
 REPLICA_STATE_FAILED: ReplicaState
 
+class MiddlewareSpec(_message.Message):
+    __slots__ = ("name", "options")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    options: _struct_pb2.Struct
+    def __init__(self, name: _Optional[str] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
 class ImageConfiguration(_message.Message):
-    __slots__ = ("system_prompt", "context_size", "temperature", "top_p", "max_tokens")
+    __slots__ = ("system_prompt", "context_size", "temperature", "top_p", "max_tokens", "allowed_groups", "middleware")
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    MIDDLEWARE_FIELD_NUMBER: _ClassVar[int]
     system_prompt: str
     context_size: int
     temperature: float
     top_p: float
     max_tokens: int
-    def __init__(self, system_prompt: _Optional[str] = ..., context_size: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    allowed_groups: _containers.RepeatedScalarFieldContainer[str]
+    middleware: _containers.RepeatedCompositeFieldContainer[MiddlewareSpec]
+    def __init__(self, system_prompt: _Optional[str] = ..., context_size: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., allowed_groups: _Optional[_Iterable[str]] = ..., middleware: _Optional[_Iterable[_Union[MiddlewareSpec, _Mapping]]] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("alias", "source_url", "configuration", "digest", "size_bytes", "create_time")
