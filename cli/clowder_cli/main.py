@@ -62,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--name", default="", help="deployment (and model) name; default: the image alias")
     undeploy = sub.add_parser("undeploy", help="stop and remove a deployment")
     undeploy.add_argument("name")
+    serve_parser = sub.add_parser("serve", help="run a service declared in a YAML spec")
+    serve_sub = serve_parser.add_subparsers(dest="serve_command", required=True)
+    for verb, text in (("up", "create the service (unchanged spec: no change)"),
+                       ("update", "apply a changed spec (new image: rolling update)")):
+        serve_sub.add_parser(verb, help=text).add_argument("-f", "--file", type=pathlib.Path, required=True)
+    for verb, text in (("status", "the service's replicas"), ("down", "stop and remove the service")):
+        serve_sub.add_parser(verb, help=text).add_argument("name")
+    logs = serve_sub.add_parser("logs", help="logs of the service's runtimes on this machine")
+    logs.add_argument("name")
+    logs.add_argument("-f", "--follow", action="store_true")
     sub.add_parser("ps", help="deployments and their replicas")
     sub.add_parser("nodes", help="registered nodes")
     return parser
@@ -136,6 +146,23 @@ def cmd_deploy(args, control: ControlPlane, console: Console) -> int:
     return 0
 
 
+def cmd_serve(args, control: ControlPlane, console: Console, data_dir: pathlib.Path) -> int:
+    from clowder_cli import serve
+
+    if args.serve_command in ("up", "update"):
+        spec = serve.load_spec(args.file)
+        apply = serve.serve_up if args.serve_command == "up" else serve.serve_update
+        return apply(control, spec, console)
+    if args.serve_command == "status":
+        return serve.serve_status(control, args.name, console)
+    if args.serve_command == "down":
+        return serve.serve_down(control, args.name, console)
+    try:
+        return serve.follow_logs(data_dir / "controller" / "logs", args.name, console, args.follow)
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_ps(control: ControlPlane, console: Console) -> int:
     deployments = control.call(control.deployments.ListDeployments, controller_pb2.ListDeploymentsRequest())
     table = Table("DEPLOYMENT", "IMAGE", "READY")
@@ -191,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                              controller_pb2.DeleteDeploymentRequest(name=args.name))
                 console.print(f"deployment {args.name} removed")
                 return 0
+            if args.command == "serve":
+                return cmd_serve(args, control, console, data_dir)
             if args.command == "ps":
                 return cmd_ps(control, console)
             return cmd_nodes(control, console)

@@ -171,6 +171,28 @@ def test_killed_runtime_is_restarted_and_serves_again(cluster, client):
     assert reply.choices[0].message.content
 
 
+def test_serve_spec_round_trip(cluster, client, tmp_path):
+    from clowder_cli.bundled import bundled_model_path
+
+    spec = tmp_path / "service.yaml"
+    spec.write_text(f"name: poet\nimage:\n  source: {bundled_model_path().as_uri()}\n"
+                    "  configuration: {systemPrompt: 'You are a poet.'}\nreplicas: 1\n")
+    up = cluster.cli("serve", "up", "-f", str(spec))
+    assert up.returncode == 0, up.stdout + up.stderr
+    again = cluster.cli("serve", "up", "-f", str(spec))
+    assert "nothing changed" in again.stdout
+    reply = client.chat.completions.create(model="poet", messages=[{"role": "user", "content": "Rain?"}],
+                                           max_tokens=8)
+    assert reply.choices[0].message.content
+    status = cluster.cli("serve", "status", "poet")
+    assert "1/1 ready" in status.stdout, status.stdout
+    logs = cluster.cli("serve", "logs", "poet")
+    assert "serving on" in logs.stdout, logs.stdout
+    down = cluster.cli("serve", "down", "poet")
+    assert down.returncode == 0 and "is down" in down.stdout
+    assert [m.id for m in client.models.list().data] == ["smol"]
+
+
 def test_down_stops_everything(cluster):
     control = cluster.control()
     try:

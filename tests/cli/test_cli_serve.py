@@ -1,0 +1,126 @@
+"""`clowder serve`: specs applied idempotently against a real controller process and etcd."""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from rich.console import Console
+
+from clowder.controller.v1 import controller_pb2
+from clowder_cli import serve
+from clowder_cli.control import ControlPlane
+from clowder_common.auth import TOKEN_ENV
+from clowder_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from clowder_common.processes import free_port, terminate, wait_for_port
+
+TOKEN = "serve-test-token"
+
+
+@pytest.fixture(scope="module")
+def control(etcd, tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("controller") / "controller.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clowder_controller", "--listen", f"127.0.0.1:{port}", "--etcd-endpoints",
+         etcd.endpoint, "--etcd-prefix", "/serve-test/", "--data-dir", str(tmp_path_factory.mktemp("data"))],
+        env={**os.environ, TOKEN_ENV: TOKEN}, stdout=log, stderr=subprocess.STDOUT)
+    wait_for_port("127.0.0.1", port, 30, proc)
+    plane = ControlPlane(f"127.0.0.1:{port}", TOKEN)
+    yield plane
+    plane.close()
+    terminate(proc)
+    log.close()
+
+
+def write_spec(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
+    path = tmp_path / "service.yaml"
+    path.write_text(text)
+    return path
+
+
+SPEC = """
+name: {name}
+image:
+  source: file:///models/smol.gguf
+  configuration:
+    systemPrompt: "{prompt}"
+    contextSize: 1024
+replicas: {replicas}
+"""
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+def test_up_twice_changes_nothing(control, tmp_path):
+    spec = serve.load_spec(write_spec(tmp_path, SPEC.format(name="svc-a", prompt="Be brief.", replicas=2)))
+    assert serve.serve_up(control, spec, quiet()) == 0
+    first = control.call(control.deployments.GetDeployment, controller_pb2.GetDeploymentRequest(name="svc-a"))
+    out = quiet()
+    assert serve.serve_up(control, spec, out) == 0
+    assert "nothing changed" in out.file.getvalue()
+    again = control.call(control.deployments.GetDeployment, controller_pb2.GetDeploymentRequest(name="svc-a"))
+    assert again.deployment.update_time == first.deployment.update_time
+    image = control.call(control.images.GetImage, controller_pb2.GetImageRequest(alias=spec.image_alias)).image
+    assert image.configuration.system_prompt == "Be brief." and image.configuration.context_size == 1024
+
+
+def test_update_scales_and_rolls_to_a_new_image(control, tmp_path):
+    spec = serve.load_spec(write_spec(tmp_path, SPEC.format(name="svc-b", prompt="One.", replicas=1)))
+    serve.serve_up(control, spec, quiet())
+    with pytest.raises(FailedPrecondition):
+        serve.serve_up(control, serve.load_spec(write_spec(tmp_path, SPEC.format(
+            name="svc-b", prompt="One.", replicas=3))), quiet())
+    scaled = serve.load_spec(write_spec(tmp_path, SPEC.format(name="svc-b", prompt="One.", replicas=3)))
+    serve.serve_update(control, scaled, quiet())
+    got = control.call(control.deployments.GetDeployment, controller_pb2.GetDeploymentRequest(name="svc-b"))
+    assert got.deployment.replicas == 3 and got.deployment.image == spec.image_alias
+    changed = serve.load_spec(write_spec(tmp_path, SPEC.format(name="svc-b", prompt="Two.", replicas=3)))
+    assert changed.image_alias != spec.image_alias
+    serve.serve_update(control, changed, quiet())
+    got = control.call(control.deployments.GetDeployment, controller_pb2.GetDeploymentRequest(name="svc-b"))
+    assert got.deployment.image == changed.image_alias
+
+
+def test_down_removes_deployment_and_its_images(control, tmp_path):
+    spec = serve.load_spec(write_spec(tmp_path, SPEC.format(name="svc-c", prompt="x", replicas=0)))
+    serve.serve_up(control, spec, quiet())
+    serve.serve_down(control, "svc-c", quiet())
+    with pytest.raises(NotFound):
+        control.call(control.deployments.GetDeployment, controller_pb2.GetDeploymentRequest(name="svc-c"))
+    with pytest.raises(NotFound):
+        control.call(control.images.GetImage, controller_pb2.GetImageRequest(alias=spec.image_alias))
+    with pytest.raises(NotFound):
+        serve.serve_status(control, "svc-c", quiet())
+
+
+@pytest.mark.parametrize("text, field", [
+    ("name: Bad Name\nimage: {source: file:///m.gguf}\n", "name"),
+    ("name: ok\n", "image.source"),
+    ("name: ok\nimage: {source: file:///m.gguf}\nreplicas: -1\n", "replicas"),
+    ("name: ok\nimage: {source: file:///m.gguf, configuration: {temprature: 1}}\n", "image.configuration"),
+])
+def test_bad_specs_name_the_field(tmp_path, text, field):
+    with pytest.raises(InvalidArgument) as err:
+        serve.load_spec(write_spec(tmp_path, text))
+    assert err.value.violations[0].field == field
+
+
+def test_unknown_top_level_key_is_rejected(tmp_path):
+    with pytest.raises(InvalidArgument, match="unknown keys"):
+        serve.load_spec(write_spec(tmp_path, "name: ok\nimage: {source: file:///m.gguf}\nreplica: 2\n"))
+
+
+def test_logs_print_each_replica_and_follow_new_lines(tmp_path):
+    (tmp_path / "runtime-svc-r1.log").write_text("loaded\n")
+    (tmp_path / "runtime-other-r9.log").write_text("not mine\n")
+    out = quiet()
+    serve.follow_logs(tmp_path, "svc", out, follow=False)
+    text = out.file.getvalue()
+    assert "[r1] loaded" in text and "not mine" not in text
