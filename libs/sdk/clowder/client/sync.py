@@ -1,0 +1,238 @@
+"""The synchronous client: control plane (controller) and inference (balancer) over gRPC."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import grpc
+import tenacity
+
+from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc
+from clowder.controller.v1 import controller_pb2, controller_pb2_grpc, resources_pb2
+from clowder_common.auth import bearer_metadata
+from clowder_common.clients import sync_channel
+from clowder_common.errors import ClowderError, DeadlineExceeded, Unavailable, from_rpc_error
+
+from clowder.client import _settings
+from clowder.client._shared import (Chunk, Collector, Completion, Message, chat_request, chunk_of,
+                                    completion_request, deployment, image, retrying_kwargs)
+
+T = TypeVar("T")
+PULL_TIMEOUT_S = 6 * 3600.0
+
+
+class _Caller:
+    """Deadlines, retries of idempotent calls, and errors decoded into the ClowderError hierarchy."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...], timeout_s: float, max_attempts: int) -> None:
+        self.metadata = metadata
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+
+    def unary(self, method: Callable[..., T], request: Any, *, idempotent: bool, timeout_s: float | None = None) -> T:
+        budget = timeout_s or self.timeout_s
+        deadline = time.monotonic() + budget
+        failures: list[ClowderError] = []
+
+        def attempt() -> T:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # Out of time between retries: the failure that made us retry says more than a bare deadline.
+                raise failures[-1] if failures else DeadlineExceeded(f"no time left of the {budget:g}s deadline")
+            try:
+                return method(request, metadata=self.metadata, timeout=remaining)
+            except grpc.RpcError as err:
+                failures.append(from_rpc_error(err))
+                raise failures[-1] from None
+
+        if not idempotent:
+            return attempt()
+        return tenacity.Retrying(**retrying_kwargs(deadline, self.max_attempts))(attempt)
+
+    def stream(self, method: Callable[..., Any], request: Any, timeout_s: float) -> Iterator[Any]:
+        call = method(request, metadata=self.metadata, timeout=timeout_s)
+        try:
+            for reply in call:
+                yield reply
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            # Leaving early (break, close, an exception) cancels the call, which frees the replica's slot.
+            call.cancel()
+
+
+class Images:
+    def __init__(self, caller: _Caller, stub: controller_pb2_grpc.ImageServiceStub) -> None:
+        self._call, self._stub = caller, stub
+
+    def create(self, alias: str, source_url: str, configuration: Any = None) -> resources_pb2.Image:
+        request = controller_pb2.CreateImageRequest(image=image(alias, source_url, configuration))
+        return self._call.unary(self._stub.CreateImage, request, idempotent=False).image
+
+    def get(self, alias: str) -> resources_pb2.Image:
+        return self._call.unary(self._stub.GetImage, controller_pb2.GetImageRequest(alias=alias),
+                                idempotent=True).image
+
+    def list_page(self, page_size: int = 0, page_token: str = "") -> controller_pb2.ListImagesResponse:
+        return self._call.unary(self._stub.ListImages, controller_pb2.ListImagesRequest(
+            page_size=page_size, page_token=page_token), idempotent=True)
+
+    def list(self, page_size: int = 100) -> Iterator[resources_pb2.Image]:
+        """Every aimage, ordered by alias, fetched a page at a time."""
+        token = ""
+        while True:
+            page = self.list_page(page_size, token)
+            yield from page.images
+            token = page.next_page_token
+            if not token:
+                return
+
+    def delete(self, alias: str) -> None:
+        self._call.unary(self._stub.DeleteImage, controller_pb2.DeleteImageRequest(alias=alias), idempotent=False)
+
+    def pull(self, alias: str, node: str = "", timeout_s: float = PULL_TIMEOUT_S
+             ) -> Iterator[controller_pb2.PullImageResponse]:
+        """Progress messages; the last one carries the stored `blob`."""
+        return self._call.stream(self._stub.PullImage, controller_pb2.PullImageRequest(alias=alias, node=node),
+                                 timeout_s)
+
+
+class Deployments:
+    def __init__(self, caller: _Caller, stub: controller_pb2_grpc.DeploymentServiceStub) -> None:
+        self._call, self._stub = caller, stub
+
+    def create(self, name: str, image: str | None = None, replicas: int = 1) -> resources_pb2.Deployment:
+        """`image` defaults to `name`."""
+        request = controller_pb2.CreateDeploymentRequest(deployment=deployment(name, image, replicas))
+        return self._call.unary(self._stub.CreateDeployment, request, idempotent=False).deployment
+
+    def get(self, name: str) -> resources_pb2.Deployment:
+        return self._call.unary(self._stub.GetDeployment, controller_pb2.GetDeploymentRequest(name=name),
+                                idempotent=True).deployment
+
+    def list_page(self, page_size: int = 0, page_token: str = "") -> controller_pb2.ListDeploymentsResponse:
+        return self._call.unary(self._stub.ListDeployments, controller_pb2.ListDeploymentsRequest(
+            page_size=page_size, page_token=page_token), idempotent=True)
+
+    def list(self, page_size: int = 100) -> Iterator[resources_pb2.Deployment]:
+        token = ""
+        while True:
+            page = self.list_page(page_size, token)
+            yield from page.deployments
+            token = page.next_page_token
+            if not token:
+                return
+
+    def scale(self, name: str, replicas: int, image: str | None = None) -> resources_pb2.Deployment:
+        """New replica count (and image, when given)."""
+        request = controller_pb2.UpdateDeploymentRequest(
+            deployment=resources_pb2.Deployment(name=name, image=image or "", replicas=replicas))
+        return self._call.unary(self._stub.UpdateDeployment, request, idempotent=False).deployment
+
+    def delete(self, name: str) -> None:
+        self._call.unary(self._stub.DeleteDeployment, controller_pb2.DeleteDeploymentRequest(name=name),
+                         idempotent=False)
+
+    def replicas(self, name: str = "-") -> list[resources_pb2.Replica]:
+        """Replicas of one deployment, or of every deployment with "-"."""
+        return list(self._call.unary(self._stub.ListReplicas, controller_pb2.ListReplicasRequest(deployment=name),
+                                     idempotent=True).replicas)
+
+    def wait_ready(self, name: str, timeout_s: float = 300.0, poll_s: float = 0.25) -> resources_pb2.Deployment:
+        """Block until every wanted replica serves; Unavailable when that takes longer than `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            current = self.get(name)
+            if current.ready_replicas >= current.replicas:
+                return current
+            if time.monotonic() > deadline:
+                raise Unavailable(f"deployment {name!r} has {current.ready_replicas}/{current.replicas} ready "
+                                  f"replicas after {timeout_s:g}s", reason="NOT_READY")
+            time.sleep(poll_s)
+
+
+class Nodes:
+    def __init__(self, caller: _Caller, stub: controller_pb2_grpc.NodeServiceStub) -> None:
+        self._call, self._stub = caller, stub
+
+    def list(self) -> list[resources_pb2.Node]:
+        return list(self._call.unary(self._stub.ListNodes, controller_pb2.ListNodesRequest(), idempotent=True).nodes)
+
+    def get(self, name: str) -> resources_pb2.Node:
+        return self._call.unary(self._stub.GetNode, controller_pb2.GetNodeRequest(name=name), idempotent=True).node
+
+
+class Client:
+    """Synchronous Clowder client.
+
+    Addresses and credentials come from the arguments, else CLOWDER_CONTROLLER / CLOWDER_BALANCER /
+    CLOWDER_ADMIN_TOKEN / CLOWDER_API_KEY, else the cluster `clowder up` runs on this machine.
+    """
+
+    def __init__(self, controller: str | None = None, balancer: str | None = None, *,
+                 admin_token: str | None = None, api_key: str | None = None, timeout_s: float = 30.0,
+                 max_attempts: int = 4) -> None:
+        self.settings = _settings.resolve(controller, balancer, admin_token, api_key, timeout_s, max_attempts)
+        s = self.settings
+        self._control_channel = sync_channel(s.controller)
+        self._inference_channel = sync_channel(s.balancer)
+        control = _Caller(bearer_metadata(s.admin_token), s.timeout_s, s.max_attempts)
+        self._inference = _Caller(bearer_metadata(s.api_key), s.timeout_s, s.max_attempts)
+        self._stub = inference_pb2_grpc.InferenceServiceStub(self._inference_channel)
+        self.images = Images(control, controller_pb2_grpc.ImageServiceStub(self._control_channel))
+        self.deployments = Deployments(control, controller_pb2_grpc.DeploymentServiceStub(self._control_channel))
+        self.nodes = Nodes(control, controller_pb2_grpc.NodeServiceStub(self._control_channel))
+
+    # -- inference ------------------------------------------------------------------------------
+
+    def models(self) -> list[inference_pb2.Model]:
+        return list(self._inference.unary(self._stub.ListModels, inference_pb2.ListModelsRequest(),
+                                          idempotent=True).models)
+
+    def chat_stream(self, model: str, messages: Iterable[Message], *, timeout_s: float | None = None,
+                    **sampling: Any) -> Iterator[Chunk]:
+        """Chunks as the model writes them; `sampling` takes SamplingParams names (max_tokens, temperature...).
+
+        Breaking out of the loop (or closing the iterator) cancels the generation.
+        """
+        request = chat_request(model, messages, sampling)
+        return self._chunks(self._stub.CreateChatCompletion, request, timeout_s)
+
+    def chat(self, model: str, messages: Iterable[Message], *, timeout_s: float | None = None,
+             **sampling: Any) -> Completion:
+        return _collect(self.chat_stream(model, messages, timeout_s=timeout_s, **sampling))
+
+    def complete_stream(self, model: str, prompt: str, *, timeout_s: float | None = None,
+                        **sampling: Any) -> Iterator[Chunk]:
+        request = completion_request(model, prompt, sampling)
+        return self._chunks(self._stub.CreateCompletion, request, timeout_s)
+
+    def complete(self, model: str, prompt: str, *, timeout_s: float | None = None, **sampling: Any) -> Completion:
+        return _collect(self.complete_stream(model, prompt, timeout_s=timeout_s, **sampling))
+
+    def _chunks(self, method: Callable[..., Any], request: Any, timeout_s: float | None) -> Iterator[Chunk]:
+        replies = self._inference.stream(method, request, timeout_s or self.settings.timeout_s)
+        with contextlib.closing(replies):
+            for reply in replies:
+                yield chunk_of(reply)
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._control_channel.close()
+        self._inference_channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _collect(chunks: Iterator[Chunk]) -> Completion:
+    collector = Collector()
+    for chunk in chunks:
+        collector.add(chunk)
+    return collector.result()

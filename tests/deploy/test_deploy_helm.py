@@ -1,0 +1,115 @@
+"""The Helm chart renders offline (helm-python-sdk) with default and other values; every object validates strictly."""
+
+from __future__ import annotations
+
+import helm_python
+import pytest
+
+from deploy_helpers import CHART, KUSTOMIZE, assert_clowder_invariants, by_kind, containers, documents, validate_all
+from kustomize_lite import build
+
+NON_DEFAULT = {
+    "image": {"repository": "registry.example.com/ml/clowder", "tag": "1.2.3", "pullPolicy": "Always"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "adminToken": {"existingSecret": "ml-admin", "key": "admin"},
+    "etcdPrefix": "/team-a/",
+    "etcd": {"enabled": False},
+    "externalEtcd": {"endpoints": ["etcd-a.infra:2379", "etcd-b.infra:2379"]},
+    "controller": {"replicas": 3, "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}}},
+    "storage": {"hostPath": "/mnt/nvme/clowder", "nodeSelector": {"clowder.dev/models": "true"},
+                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    "balancer": {"replicas": 4, "service": {"type": "LoadBalancer", "httpPort": 80, "grpcPort": 8443,
+                                            "annotations": {"example.com/lb": "internal"},
+                                            "loadBalancerSourceRanges": ["10.0.0.0/8"]},
+                 "resources": {"limits": {"cpu": 2, "memory": "2Gi"}}},
+    "networkPolicy": {"enabled": False},
+    "podDisruptionBudget": {"enabled": False},
+}
+
+
+def render(values: dict | None = None, name: str = "clowder", namespace: str = "clowder") -> tuple[list[dict], str]:
+    rendered = helm_python.Chart.load(CHART).render(values or {}, name=name, namespace=namespace)
+    notes = rendered.pop(f"{CHART.name}/templates/NOTES.txt")
+    return [doc for text in rendered.values() for doc in documents(text)], notes
+
+
+def test_default_values_render_valid_objects_like_the_kustomize_base():
+    objects, notes = render()
+    validate_all(objects)
+    assert_clowder_invariants(objects)
+    # The same objects as deploy/k8s/base (which adds the Namespace itself).
+    base = {(o["kind"], o["metadata"]["name"]) for o in build(KUSTOMIZE / "base") if o["kind"] != "Namespace"}
+    assert {(o["kind"], o["metadata"]["name"]) for o in objects} == base
+    etcd = by_kind(objects, "StatefulSet")["clowder-etcd"]
+    assert etcd["spec"]["replicas"] == 3
+    config = by_kind(objects, "ConfigMap")["clowder-config"]["data"]
+    assert config["CLOWDER_ETCD_ENDPOINTS"].count(":2379") == 3
+    assert by_kind(objects, "Service")["clowder-balancer"]["spec"]["type"] == "ClusterIP"
+    assert "port-forward service/clowder-balancer 3090:3090" in notes
+    assert "create secret generic clowder-admin-token" in notes
+
+
+def test_other_values_change_what_they_should():
+    objects, notes = render(NON_DEFAULT, name="prod", namespace="ml")
+    validate_all(objects)
+    assert_clowder_invariants(objects)
+    assert not by_kind(objects, "StatefulSet") and not by_kind(objects, "NetworkPolicy")
+    assert not by_kind(objects, "PodDisruptionBudget")
+    config = by_kind(objects, "ConfigMap")["prod-clowder-config"]["data"]
+    assert config == {"CLOWDER_ETCD_ENDPOINTS": "etcd-a.infra:2379,etcd-b.infra:2379", "CLOWDER_ETCD_PREFIX": "/team-a/"}
+    service = by_kind(objects, "Service")["prod-clowder-balancer"]
+    assert service["spec"]["type"] == "LoadBalancer" and service["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8"]
+    assert [p["port"] for p in service["spec"]["ports"]] == [80, 8443]
+    assert service["metadata"]["annotations"] == {"example.com/lb": "internal"}
+    storage = by_kind(objects, "DaemonSet")["prod-clowder-storage"]["spec"]["template"]["spec"]
+    assert storage["volumes"][0]["hostPath"]["path"] == "/mnt/nvme/clowder"
+    assert storage["nodeSelector"] == {"clowder.dev/models": "true"} and storage["tolerations"][0]["key"] == "gpu"
+    deployments = by_kind(objects, "Deployment")
+    assert deployments["prod-clowder-controller"]["spec"]["replicas"] == 3
+    assert deployments["prod-clowder-balancer"]["spec"]["replicas"] == 4
+    controller = deployments["prod-clowder-controller"]["spec"]["template"]["spec"]
+    # Helm merges maps: the given requests replace the defaults, the default limit stays.
+    assert controller["containers"][0]["resources"] == {"requests": {"cpu": "250m", "memory": "512Mi"},
+                                                        "limits": {"memory": "1Gi"}}
+    assert controller["imagePullSecrets"] == [{"name": "regcred"}]
+    token = next(e for e in controller["containers"][0]["env"] if e["name"] == "CLOWDER_ADMIN_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "ml-admin", "key": "admin"}
+    for workload in (*deployments.values(), *by_kind(objects, "DaemonSet").values()):
+        assert {c["image"] for c in containers(workload)} == {"registry.example.com/ml/clowder:1.2.3"}
+    binding = by_kind(objects, "RoleBinding")["prod-clowder-controller"]
+    assert binding["subjects"][0]["namespace"] == "ml"
+    balancer_env = {e["name"]: e.get("value") for e in
+                    deployments["prod-clowder-balancer"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert balancer_env["CLOWDER_CONTROLLER_ADDRESS"] == "prod-clowder-controller:3092"
+    assert "status.loadBalancer.ingress" in notes and "etcd-a.infra:2379" in notes
+
+
+def test_single_member_etcd_and_node_port():
+    objects, notes = render({"etcd": {"enabled": True, "replicas": 1}, "balancer": {"service": {"type": "NodePort"}}})
+    validate_all(objects)
+    etcd = by_kind(objects, "StatefulSet")["clowder-etcd"]
+    initial = next(a for a in etcd["spec"]["template"]["spec"]["containers"][0]["command"]
+                   if a.startswith("--initial-cluster="))
+    assert initial == "--initial-cluster=clowder-etcd-0=http://clowder-etcd-0.clowder-etcd-headless:2380"
+    assert "nodePort" in notes
+
+
+@pytest.mark.parametrize("values, mentions", [
+    ({"etcd": {"enabled": False}}, "endpoints"),
+    ({"etcd": {"enabled": True}, "externalEtcd": {"endpoints": ["etcd:2379"]}}, "endpoints"),
+    ({"etcd": {"enabled": True, "replicas": 2}}, "replicas"),
+    ({"balancer": {"service": {"type": "Ingress"}}}, "type"),
+    ({"adminToken": {"existingSecret": ""}}, "existingSecret"),
+    ({"adminToken": {"value": "s3cret"}}, "value"),
+    ({"storage": {"hostPath": "relative/dir"}}, "hostPath"),
+    ({"replicas": 2}, "replicas"),
+])
+def test_the_schema_refuses_bad_values(values, mentions):
+    with pytest.raises(helm_python.HelmError) as err:
+        render(values)
+    assert mentions in str(err.value)
+
+
+def test_helm_lint_finds_nothing():
+    report = helm_python.lint(CHART, {}, strict=True, kube_version="v1.35.0")
+    assert report["errors"] == [] and not [m for m in report["messages"] if m["severity"] >= 2], report

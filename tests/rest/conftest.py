@@ -1,0 +1,59 @@
+"""REST bridge fixtures: the real controller and a storage node in-process, the bridge on an aiohttp port 0."""
+
+from __future__ import annotations
+
+import pathlib
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+import clowder.controller.v1.controller_pb2  # noqa: F401  (registers the services the bridge reads)
+from clowder_common.rest import CONTROLLER_SERVICES, install_rest_bridge
+from clowder_controller.app import create_controller
+from clowder_controller.config import ControllerConfig
+from clowder_storage.app import create_storage
+from clowder_storage.config import StorageConfig
+
+from rest_helpers import TOKEN
+
+
+@pytest.fixture
+async def controller(etcd, etcd_prefix, state, tmp_path: pathlib.Path):
+    config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"),
+                              etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, resync_interval_s=0.5,
+                              runtime_threads=1, runtime_stop_grace_s=5)
+    app = await create_controller(config, TOKEN)
+    await app.start()
+    yield app
+    await app.stop()
+
+
+@pytest.fixture
+async def storage_node(etcd, etcd_prefix, state, tmp_path: pathlib.Path):
+    config = StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "n1"), node_name="n1",
+                           etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, lease_ttl_s=3,
+                           progress_interval_s=0.05)
+    app = await create_storage(config, TOKEN)
+    await app.start()
+    yield app
+    await app.stop()
+
+
+@pytest.fixture
+async def api(controller):
+    """Base URL of an aiohttp server carrying only the bridge, pointed at the controller."""
+    app = web.Application()
+    install_rest_bridge(app, "/api/v1", targets={name: f"127.0.0.1:{controller.port}" for name in CONTROLLER_SERVICES})
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
