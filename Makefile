@@ -24,11 +24,13 @@ install: system-deps $(DEPS_STAMP) $(BUF) ## install everything that is missing
 	@echo "installed: $(VENV), etcd $$(etcd --version | head -1 | awk '{print $$3}'), buf $$($(BUF) --version)"
 
 .PHONY: system-deps
-system-deps: ## Debian packages: etcd-server (and npm for buf) when missing
+system-deps: ## Debian packages when missing: etcd-server, docker-registry (OCI tests), curl, npm (buf)
 	@missing=""; \
 	command -v etcd >/dev/null || missing="$$missing etcd-server"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v setpriv >/dev/null || missing="$$missing util-linux"; \
+	command -v docker-registry >/dev/null || missing="$$missing docker-registry"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt-get install$$missing"; \
 	  $(SUDO) apt-get update -qq; \
@@ -85,8 +87,20 @@ bench-e2e: install ## time to first token from `clowder up --demo`, and balancer
 	$(PY) bench/bench_e2e_stream.py
 
 .PHONY: bench-runtime
-bench-runtime: install ## tokens/s of the runtime against llama-cpp-python called directly
-	$(PY) bench/bench_runtime_single.py
+bench-runtime: install ## runtime: aggregate tokens/s vs llama_cpp.server, prefix reuse, single stream vs direct
+	$(PY) bench/bench_runtime.py
+
+.PHONY: bench-storage
+bench-storage: install ## storage: verified pull vs curl and curl+sha256sum, dedup disk ratio
+	$(PY) bench/bench_storage.py
+
+.PHONY: bench-controller
+bench-controller: install ## controller: scheduling decision time and convergence at 1,000 nodes
+	$(PY) bench/bench_controller.py
+
+.PHONY: bench-routing
+bench-routing: install ## balancer: TTFT by routing profile, balancer overhead, streamed requests/s
+	$(PY) bench/bench_routing.py
 
 .PHONY: clean
 clean: ## remove build outputs (not the venv)

@@ -425,7 +425,8 @@ async def test_parallel_downloads_are_limited(tmp_path, etcd, etcd_prefix, state
 
 async def test_stalled_source_times_out_as_unavailable(tmp_path, etcd, etcd_prefix, state, source):
     source.blobs["m"] = os.urandom(2_000_000)
-    async with running_storage(tmp_path, etcd, etcd_prefix, http_read_timeout_s=0.3) as (app, stub):
+    async with running_storage(tmp_path, etcd, etcd_prefix, http_read_timeout_s=0.3,
+                               pull_retries=0) as (app, stub):
         started = time.monotonic()
         err = await rpc_error(pull(stub, source.url("held/m")))
         assert err.code() == grpc.StatusCode.UNAVAILABLE

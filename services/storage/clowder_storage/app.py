@@ -12,11 +12,18 @@ from clowder_common.etcd import EtcdState
 from clowder_common.grpc_server import GrpcServer, create_grpc_server
 
 from clowder_storage.config import StorageConfig
+from clowder_storage.hf import HfFetcher
+from clowder_storage.images import ImageStore
+from clowder_storage.oci import OciClient
+from clowder_storage.peer import PeerFetcher
 from clowder_storage.puller import Puller
 from clowder_storage.registration import NodeRegistration
+from clowder_storage.s3 import S3Fetcher
 from clowder_storage.service import StorageServicer, registrar
 from clowder_storage.sources import FileFetcher, HttpFetcher, Sources
+from clowder_storage.space import Space
 from clowder_storage.store import BlobStore
+from clowder_storage.transfer import TransferOptions
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +56,14 @@ class StorageApp:
         state: EtcdState,
         registration: NodeRegistration,
         executor: concurrent.futures.ThreadPoolExecutor,
+        images: ImageStore | None = None,
+        space: Space | None = None,
+        closers: tuple = (),
     ) -> None:
         self.config = config
+        self.images = images
+        self.space = space
+        self._closers = closers
         self.store = store
         self.puller = puller
         self.server = server
@@ -92,6 +105,9 @@ class StorageApp:
         await self.server.stop(self.config.shutdown_grace_s if self._started else 0)
         await self.puller.close()
         await self._http.close()
+        for close in self._closers:
+            with contextlib.suppress(Exception):
+                await close()
         await self.state.close()
         # puller.close() waited for every file operation, so nothing is left to run here.
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -108,20 +124,53 @@ async def create_storage(config: StorageConfig, admin_token: str | None) -> Stor
         store = BlobStore(config.data_dir, executor)
         await store.prepare()
         http = HttpFetcher(config.http_connect_timeout_s, config.http_read_timeout_s, config.http_total_timeout_s)
-        sources = Sources([FileFetcher(store.run), http])
+        peer = PeerFetcher(admin_token, config.http_read_timeout_s)
+        sources = Sources([
+            FileFetcher(store.run), http, HfFetcher(http, config.hf_endpoint), peer,
+            S3Fetcher(store.run, config.s3_endpoint, config.s3_region, config.http_connect_timeout_s,
+                      config.http_read_timeout_s),
+        ])
         state = EtcdState(config.etcd_endpoints, config.etcd_prefix)
         registration = NodeRegistration(
             state, store, config.node_name, config.labels, config.lease_ttl_s, config.node_refresh_s
         )
+        space_ref: list[Space] = []
+
+        def stored() -> None:
+            registration.store_changed()
+            # Over the high watermark after a pull: evict in the background, the pull itself is done.
+            if space_ref and space_ref[0].quota_bytes:
+                task = asyncio.ensure_future(space_ref[0].enforce_watermarks())
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+        async def make_room(needed: int) -> None:
+            await space_ref[0].make_room(needed)
+
         puller = Puller(
             store, sources, config.max_parallel_pulls,
             progress_interval_s=config.progress_interval_s,
             reserve_free_bytes=config.reserve_free_bytes,
-            on_stored=registration.store_changed,
+            on_stored=stored,
+            options=TransferOptions(parallel_min_bytes=config.parallel_min_bytes,
+                                    parallel_parts=config.parallel_parts, retries=config.pull_retries,
+                                    min_part_bytes=config.parallel_part_min_bytes),
+            make_room=make_room,
+            max_blob_bytes=config.max_blob_bytes,
         )
-        servicer = StorageServicer(store, puller, on_change=registration.store_changed)
+        images = ImageStore(store, puller)
+        await images.prepare()
+        space = Space(store, images.referenced, images.metadata, config.max_store_bytes,
+                      config.high_watermark, config.low_watermark, config.gc_grace_s)
+        await space.prepare()
+        images.space = space
+        space_ref.append(space)
+        oci = OciClient(http, store, images, config.insecure_registries)
+        sources.register(oci)
+        servicer = StorageServicer(store, puller, on_change=registration.store_changed, images=images, space=space,
+                                   oci=oci)
         server = create_grpc_server(config.listen, [registrar(servicer)], admin_token=admin_token)
     except BaseException:
         executor.shutdown(wait=False, cancel_futures=True)
         raise
-    return StorageApp(config, store, puller, http, server, state, registration, executor)
+    return StorageApp(config, store, puller, http, server, state, registration, executor, images, space,
+                      closers=(peer.close,))

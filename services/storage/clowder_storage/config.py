@@ -35,8 +35,33 @@ class StorageConfig(EtcdConfig):
     http_connect_timeout_s: float = 10.0
     http_read_timeout_s: float = 30.0
     http_total_timeout_s: float = 3600.0
+    # Pull retries in a row without progress before a broken transfer fails (progress resets the count).
+    pull_retries: int = 5
+    # Sources at least this large that serve byte ranges are fetched as parallel ranged parts.
+    parallel_min_bytes: int = 64 << 20
+    parallel_parts: int = 4
+    parallel_part_min_bytes: int = 16 << 20
     # A pull is refused when it would leave less than this many bytes free on the store's volume.
     reserve_free_bytes: int = 0
+    # Most bytes the store may hold (0: the volume is the limit). A pull that cannot fit, even after
+    # evicting unpinned blobs, fails up front with RESOURCE_EXHAUSTED.
+    max_store_bytes: int = 0
+    # Largest single blob accepted (0: no limit); a source sending more is cut off.
+    max_blob_bytes: int = 0
+    # Eviction: above high_watermark x max_store_bytes, least recently used unpinned blobs go until the
+    # store is under low_watermark x max_store_bytes. Only with max_store_bytes set.
+    # Garbage collection spares unreferenced blobs used (pulled, resolved, path asked) this recently:
+    # a PullBlob caller that has not yet written a manifest or pinned its blob keeps it.
+    gc_grace_s: float = 600.0
+    high_watermark: float = 0.9
+    low_watermark: float = 0.7
+    # Hugging Face hub for hf:// sources (HF_ENDPOINT is honoured too).
+    hf_endpoint: str = ""
+    # S3 endpoint for s3:// sources (empty: AWS); region; credentials come per call or from boto3's chain.
+    s3_endpoint: str = ""
+    s3_region: str = "us-east-1"
+    # OCI registries spoken to over plain HTTP (loopback test registries), "host:port" list.
+    insecure_registries: tuple[str, ...] = ()
     # Shortest gap between two progress messages of one pull.
     progress_interval_s: float = 0.2
     # How often the node record is rewritten with fresh free-space numbers, even without pulls.
@@ -48,15 +73,20 @@ class StorageConfig(EtcdConfig):
         # Expanded here once so every user of the config sees the same absolute path.
         object.__setattr__(self, "data_dir", os.path.abspath(os.path.expanduser(self.data_dir)))
         validate_name(self.node_name, "node_name")
-        for name in ("lease_ttl_s", "max_parallel_pulls", "io_threads"):
+        for name in ("lease_ttl_s", "max_parallel_pulls", "io_threads", "parallel_parts", "parallel_min_bytes",
+                     "parallel_part_min_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"config {name} must be at least 1", field=name)
         for name in ("http_connect_timeout_s", "http_read_timeout_s", "http_total_timeout_s",
                      "progress_interval_s", "node_refresh_s"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"config {name} must be positive", field=name)
-        if self.reserve_free_bytes < 0:
-            raise InvalidArgument("config reserve_free_bytes must not be negative", field="reserve_free_bytes")
+        for name in ("reserve_free_bytes", "max_store_bytes", "max_blob_bytes", "pull_retries", "gc_grace_s"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"config {name} must not be negative", field=name)
+        if not 0 < self.low_watermark <= self.high_watermark <= 1:
+            raise InvalidArgument("config watermarks need 0 < low_watermark <= high_watermark <= 1",
+                                  field="high_watermark")
         if self.shutdown_grace_s < 0:
             raise InvalidArgument("config shutdown_grace_s must not be negative", field="shutdown_grace_s")
         host, sep, port = self.listen.rpartition(":")

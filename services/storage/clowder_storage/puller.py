@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import logging
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from clowder_common.errors import DataLoss, ResourceExhausted, Unavailable
 
-from clowder_storage.sources import Fetcher, Sources, redact_url
+from clowder_storage.sources import NO_CREDENTIAL, Credential, Fetcher, Opened, Sources, redact_url
 from clowder_storage.store import BlobInfo, BlobStore, parse_digest
+from clowder_storage.transfer import Transfer, TransferOptions
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +52,19 @@ class RateMeter:
 class Download:
     """One transfer from a source into the store, shared by every PullBlob call for that URL."""
 
-    def __init__(self, url: str, fetcher: Fetcher) -> None:
+    def __init__(self, url: str, fetcher: Fetcher, credential: Credential) -> None:
         self.url = url
         self.fetcher = fetcher
+        self.credential = credential
         # One entry per caller waiting on this download: its expected digest, "" for none.
         self.expectations: list[str] = []
         self.bytes_done = 0
         self.bytes_total = 0
         self.started = time.monotonic()
         self.meter = RateMeter()
+        self.resumes = 0
+        # Holds a transfer slot (no longer queued).
+        self.running = False
         # Set once nobody waits any more: a newcomer must start afresh rather than join a dying task.
         self.abandoned = False
         self.task: asyncio.Task[_Outcome] | None = None
@@ -109,6 +113,9 @@ class Puller:
         progress_interval_s: float = 0.2,
         reserve_free_bytes: int = 0,
         on_stored: Callable[[], None] | None = None,
+        options: TransferOptions | None = None,
+        make_room: Callable[[int], Awaitable[None]] | None = None,
+        max_blob_bytes: int = 0,
     ) -> None:
         self._store = store
         self._sources = sources
@@ -116,6 +123,10 @@ class Puller:
         self._interval = progress_interval_s
         self._reserve = reserve_free_bytes
         self._on_stored = on_stored
+        self._options = options or TransferOptions()
+        # Raises ResourceExhausted when the store's quota cannot take `n` more bytes (after evicting).
+        self._make_room = make_room
+        self._max_blob = max_blob_bytes
         self._downloads: dict[str, Download] = {}
         self._closing = False
 
@@ -123,7 +134,16 @@ class Puller:
     def active(self) -> int:
         return len(self._downloads)
 
-    async def pull(self, url: str, expected_digest: str = "") -> AsyncIterator[PullUpdate]:
+    def check(self, url: str) -> None:
+        """Fail fast on a URL no fetcher takes (InvalidArgument)."""
+        self._sources.resolve(url)
+
+    def pending_bytes(self, exclude: Download | None = None) -> int:
+        """Bytes running transfers have yet to write: promised space."""
+        return sum(max(d.bytes_total - d.bytes_done, 0) for d in self._downloads.values() if d is not exclude)
+
+    async def pull(self, url: str, expected_digest: str = "",
+                   credential: Credential = NO_CREDENTIAL) -> AsyncIterator[PullUpdate]:
         """Progress updates at most every `progress_interval_s`, then one Pulled."""
         fetcher = self._sources.resolve(url)
         if expected_digest:
@@ -136,7 +156,7 @@ class Puller:
             raise Unavailable("storage is shutting down", retry_after=1.0)
         download = self._downloads.get(url)
         if download is None or download.abandoned:
-            download = Download(url, fetcher)
+            download = Download(url, fetcher, credential)
             self._downloads[url] = download
             download.task = asyncio.create_task(self._run(download), name=f"pull {redact_url(url)}")
             download.task.add_done_callback(_retrieve)
@@ -150,7 +170,8 @@ class Puller:
                 done, _ = await asyncio.wait({download.task}, timeout=self._interval)
                 if done:
                     break
-                if download.bytes_done != shown:
+                # A queued pull says so (0 done); a running one speaks once bytes move, not while it connects.
+                if download.bytes_done != shown and (download.bytes_done > 0 or not download.running):
                     shown = download.bytes_done
                     yield download.progress()
             if download.task.cancelled():
@@ -172,6 +193,7 @@ class Puller:
             blob = outcome.blob
             assert blob is not None
             elapsed = max(time.monotonic() - download.started, 1e-9)
+            # Keep bytes_done an honest count of transferred bytes; a stored blob reports its size.
             yield Pulled(blob, Progress(blob.size_bytes, blob.size_bytes, download.bytes_done / elapsed, 0.0))
         finally:
             download.expectations.remove(expected_digest)
@@ -185,33 +207,58 @@ class Puller:
         shown = redact_url(download.url)
         try:
             async with self._slots:
+                download.running = True
                 download.started = time.monotonic()
                 download.meter = RateMeter()
-                async with download.fetcher.open(download.url) as opened:
-                    if opened.size is not None:
-                        download.bytes_total = opened.size
-                        await self._check_space(download, opened.size)
-                    temp = await self._store.new_temp()
-                    try:
-                        async with contextlib.aclosing(opened.chunks) as chunks:
-                            async for chunk in chunks:
-                                await self._store.write(temp, chunk)
-                                download.advance(len(chunk))
-                        if opened.size is not None and temp.size != opened.size:
-                            raise Unavailable(f"source {shown} ended after {temp.size} of {opened.size} bytes")
-                        await self._store.run(temp.finish)
-                        actual = temp.digest
-                        if not download.accepts(actual):
-                            await self._store.discard(temp)
-                            log.warning("pull of %s: content %s matches no expected digest; not stored",
-                                        shown, actual)
-                            return _Outcome(None, actual)
-                        blob = await self._store.commit(temp)
-                    except BaseException:
-                        # Shielded: a second cancel must not leave the partial file behind.
-                        await asyncio.shield(self._store.discard(temp))
-                        raise
-            log.info("pulled %s as %s (%d bytes)", shown, blob.digest, blob.size_bytes)
+                found: list[BlobInfo] = []
+
+                async def opened(first: Opened) -> bool:
+                    if first.digest:
+                        # The source vouches for a digest we already hold: no byte needs to move.
+                        blob = await self._store.find(first.digest)
+                        if blob is not None and download.accepts(first.digest):
+                            found.append(blob)
+                            return False
+                    if first.total is not None:
+                        download.bytes_total = first.total
+                        await self._check_space(download, first.total)
+                    return True
+
+                vouched = getattr(download.fetcher, "vouched_digest", None)
+                if vouched is not None:
+                    # Asking costs a round trip; a blob we already hold costs none of its bytes.
+                    digest = await vouched(download.url, download.credential)
+                    blob = await self._store.find(digest) if digest else None
+                    if blob is not None and download.accepts(digest):
+                        return _Outcome(blob, digest)
+                temp = await self._store.new_temp(self._max_blob)
+                transfer = Transfer(download.fetcher, download.url, self._options, self._store.run,
+                                    download.advance, opened, download.credential)
+                try:
+                    complete = await transfer.run(temp)
+                    download.resumes = transfer.resumes
+                    if not complete:
+                        await self._store.discard(temp)
+                        return _Outcome(found[0], found[0].digest)
+                    await self._store.run(temp.finish)
+                    actual = temp.digest
+                    if transfer.source_digest and actual != transfer.source_digest:
+                        raise DataLoss(
+                            f"content of {shown} does not match the digest its source published:"
+                            f" expected {transfer.source_digest}, got {actual}",
+                            metadata={"expected_digest": transfer.source_digest, "actual_digest": actual},
+                        )
+                    if not download.accepts(actual):
+                        await self._store.discard(temp)
+                        log.warning("pull of %s: content %s matches no expected digest; not stored", shown, actual)
+                        return _Outcome(None, actual)
+                    blob = await self._store.commit(temp)
+                except BaseException:
+                    # Shielded: a second cancel must not leave the partial file behind.
+                    await asyncio.shield(self._store.discard(temp))
+                    raise
+            log.info("pulled %s as %s (%d bytes, %d resumes)", shown, blob.digest, blob.size_bytes,
+                     download.resumes)
             if self._on_stored is not None:
                 self._on_stored()
             return _Outcome(blob, actual)
@@ -220,11 +267,16 @@ class Puller:
                 del self._downloads[download.url]
 
     async def _check_space(self, download: Download, size: int) -> None:
+        if self._max_blob and size > self._max_blob:
+            raise ResourceExhausted(
+                f"{redact_url(download.url)} is {size} bytes, over the store's blob size limit of {self._max_blob}",
+                metadata={"needed_bytes": str(size), "limit_bytes": str(self._max_blob)},
+            )
+        pending = self.pending_bytes(exclude=download)
+        if self._make_room is not None:
+            await self._make_room(size + pending)
         free = await self._store.free_bytes()
         # Other transfers will still write their remaining bytes to the same volume.
-        pending = sum(
-            max(d.bytes_total - d.bytes_done, 0) for d in self._downloads.values() if d is not download
-        )
         if size + pending + self._reserve > free:
             raise ResourceExhausted(
                 f"not enough space for {redact_url(download.url)}: it needs {size} bytes,"

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import AsyncIterator, Callable
+import os
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
 
+from clowder_common.errors import InvalidArgument
+
+from clowder_storage.images import MEDIA_ADAPTER, MEDIA_MODEL, TITLE, ImageStore, ImageView, LayerSpec
 from clowder_storage.puller import Progress, Pulled, Puller
-from clowder_storage.store import BlobInfo, BlobStore
+from clowder_storage.sources import NO_CREDENTIAL, Credential, resolve_secret_ref
+from clowder_storage.space import Space
+from clowder_storage.store import BlobInfo, BlobStore, parse_digest
+
+if TYPE_CHECKING:
+    from clowder_storage.oci import OciClient
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +39,62 @@ def progress_message(p: Progress) -> storage_pb2.PullProgress:
     )
 
 
+LAYER_MEDIA = {storage_pb2.LAYER_KIND_MODEL: MEDIA_MODEL, storage_pb2.LAYER_KIND_ADAPTER: MEDIA_ADAPTER}
+READ_CHUNK_BYTES = 1 << 20
+
+
+def credential_from(message: storage_pb2.Credentials, field: str = "credentials") -> Credential:
+    """Secrets for one call; a secret_ref is read on this node so the secret itself never travels or persists."""
+    bearer, username, password = message.bearer_token, message.username, message.password
+    if message.secret_ref:
+        secret = resolve_secret_ref(message.secret_ref, field=f"{field}.secret_ref")
+        if username:
+            password = secret
+        else:
+            bearer = secret
+    if bearer and username:
+        raise InvalidArgument("credentials take a bearer token or a username, not both", field=field)
+    if not bearer and not username:
+        return NO_CREDENTIAL
+    return Credential(bearer, username, password)
+
+
+def image_message(view: ImageView) -> storage_pb2.StoredImage:
+    layers = [
+        storage_pb2.StoredLayer(media_type=d.media_type, digest=d.digest, size_bytes=d.size,
+                                path=view.paths.get(d.digest, ""), title=d.annotations.get(TITLE, ""))
+        for d in view.manifest.layers
+    ]
+    config = view.manifest.config
+    return storage_pb2.StoredImage(
+        name=view.name, manifest_digest=view.manifest_digest, manifest_size_bytes=view.manifest_size,
+        config_digest=config.digest, configuration_json=view.configuration_json, layers=layers,
+        size_bytes=config.size + sum(d.size for d in view.manifest.layers), complete=view.complete,
+    )
+
+
 class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     """Errors are raised as ClowderError; the shared interceptor turns them into statuses with details."""
 
-    def __init__(self, store: BlobStore, puller: Puller, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, store: BlobStore, puller: Puller, on_change: Callable[[], None] | None = None,
+                 images: ImageStore | None = None, space: Space | None = None,
+                 oci: "OciClient | None" = None) -> None:
         self._store = store
         self._puller = puller
         self._on_change = on_change
+        self._images = images
+        self._space = space
+        self._oci = oci
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
 
     async def PullBlob(self, request: storage_pb2.PullBlobRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[storage_pb2.PullBlobResponse]:
         # aclosing: a caller that goes away mid-stream releases its share of the download now, not at GC.
-        async with contextlib.aclosing(self._puller.pull(request.source_url, request.expected_digest)) as updates:
+        async with contextlib.aclosing(self._puller.pull(
+                request.source_url, request.expected_digest, credential_from(request.credentials))) as updates:
             async for update in updates:
                 if isinstance(update, Pulled):
                     yield storage_pb2.PullBlobResponse(
@@ -62,13 +115,138 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                          context: grpc.aio.ServicerContext) -> storage_pb2.DeleteBlobResponse:
         await self._store.delete(request.digest)
         log.info("deleted blob %s", request.digest)
-        if self._on_change is not None:
-            self._on_change()
+        self._changed()
         return storage_pb2.DeleteBlobResponse()
 
     async def GetBlobPath(self, request: storage_pb2.GetBlobPathRequest,
                           context: grpc.aio.ServicerContext) -> storage_pb2.GetBlobPathResponse:
-        return storage_pb2.GetBlobPathResponse(path=str(await self._store.path(request.digest)))
+        path = await self._store.path(request.digest)
+        await self._store.run(self._store.touch_sync, request.digest)
+        return storage_pb2.GetBlobPathResponse(path=str(path))
+
+    async def ReadBlob(self, request: storage_pb2.ReadBlobRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[storage_pb2.ReadBlobResponse]:
+        path = await self._store.path(request.digest)
+        fd = await self._store.run(os.open, path, os.O_RDONLY)
+        try:
+            size = (await self._store.run(os.fstat, fd)).st_size
+            offset = min(request.offset, size)
+            stop = size if not request.length else min(size, offset + request.length)
+            while offset < stop:
+                data = await self._store.run(os.pread, fd, min(READ_CHUNK_BYTES, stop - offset), offset)
+                if not data:
+                    break
+                offset += len(data)
+                yield storage_pb2.ReadBlobResponse(data=data, size_bytes=size)
+        finally:
+            await self._store.run(os.close, fd)
+
+    def _need_images(self) -> tuple[ImageStore, Space]:
+        assert self._images is not None and self._space is not None, "images are wired by create_storage"
+        return self._images, self._space
+
+    async def PullImage(self, request: storage_pb2.PullImageRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[storage_pb2.PullImageResponse]:
+        images, _ = self._need_images()
+        if request.source_url:
+            if request.layers:
+                raise InvalidArgument("give layers or an oci:// source_url, not both", field="layers")
+            if self._oci is None:
+                raise InvalidArgument("oci:// sources are not enabled on this node", field="source_url")
+            updates = self._oci.pull(request.name, request.source_url, credential_from(request.credentials))
+        else:
+            layers = []
+            for i, layer in enumerate(request.layers):
+                media = LAYER_MEDIA.get(layer.kind)
+                if media is None:
+                    raise InvalidArgument(f"layers[{i}].kind must be MODEL or ADAPTER", field=f"layers[{i}].kind")
+                layers.append(LayerSpec(media, layer.source_url, layer.expected_digest,
+                                        credential_from(layer.credentials, field=f"layers[{i}].credentials")))
+            updates = images.pull(request.name, layers, request.configuration_json)
+        async with contextlib.aclosing(updates) as stream:
+            async for update in stream:
+                if isinstance(update, ImageView):
+                    self._changed()
+                    yield storage_pb2.PullImageResponse(image=image_message(update))
+                else:
+                    yield storage_pb2.PullImageResponse(layer=storage_pb2.LayerProgress(
+                        index=update.index, digest=update.digest, progress=progress_message(update.progress)))
+
+    async def PushImage(self, request: storage_pb2.PushImageRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[storage_pb2.PushImageResponse]:
+        if self._oci is None:
+            raise InvalidArgument("oci:// targets are not enabled on this node", field="target_url")
+        updates = self._oci.push(request.name, request.target_url, credential_from(request.credentials))
+        async with contextlib.aclosing(updates) as stream:
+            async for update in stream:
+                if isinstance(update, str):
+                    yield storage_pb2.PushImageResponse(manifest_digest=update)
+                else:
+                    yield storage_pb2.PushImageResponse(layer=storage_pb2.LayerProgress(
+                        index=update.index, digest=update.digest, progress=progress_message(update.progress)))
+
+    async def ResolveImage(self, request: storage_pb2.ResolveImageRequest,
+                           context: grpc.aio.ServicerContext) -> storage_pb2.ResolveImageResponse:
+        images, _ = self._need_images()
+        return storage_pb2.ResolveImageResponse(image=image_message(await images.resolve(request.name)))
+
+    async def ListImages(self, request: storage_pb2.ListImagesRequest,
+                         context: grpc.aio.ServicerContext) -> storage_pb2.ListImagesResponse:
+        images, _ = self._need_images()
+        return storage_pb2.ListImagesResponse(images=[image_message(v) for v in await images.list()])
+
+    async def DeleteImage(self, request: storage_pb2.DeleteImageRequest,
+                          context: grpc.aio.ServicerContext) -> storage_pb2.DeleteImageResponse:
+        images, _ = self._need_images()
+        await images.delete(request.name)
+        return storage_pb2.DeleteImageResponse()
+
+    async def PinBlobs(self, request: storage_pb2.PinBlobsRequest,
+                       context: grpc.aio.ServicerContext) -> storage_pb2.PinBlobsResponse:
+        images, space = self._need_images()
+        digests = list(request.digests)
+        for i, digest in enumerate(digests):
+            parse_digest(digest, field=f"digests[{i}]")
+            await self._store.stat(digest)
+        if request.image:
+            view = await images.resolve(request.image)
+            digests += [view.manifest_digest, *view.manifest.digests()]
+        if not digests:
+            raise InvalidArgument("name digests or an image to pin", field="digests")
+        pinned = await space.pin(request.holder, digests, request.ttl_seconds)
+        return storage_pb2.PinBlobsResponse(digests=pinned)
+
+    async def UnpinBlobs(self, request: storage_pb2.UnpinBlobsRequest,
+                         context: grpc.aio.ServicerContext) -> storage_pb2.UnpinBlobsResponse:
+        _, space = self._need_images()
+        await space.unpin(request.holder, request.digests)
+        return storage_pb2.UnpinBlobsResponse()
+
+    async def CollectGarbage(self, request: storage_pb2.CollectGarbageRequest,
+                             context: grpc.aio.ServicerContext) -> storage_pb2.CollectGarbageResponse:
+        _, space = self._need_images()
+        removed, freed = await space.collect(dry_run=request.dry_run)
+        if removed and not request.dry_run:
+            self._changed()
+        return storage_pb2.CollectGarbageResponse(removed_digests=removed, freed_bytes=freed)
+
+    async def VerifyBlobs(self, request: storage_pb2.VerifyBlobsRequest,
+                          context: grpc.aio.ServicerContext) -> storage_pb2.VerifyBlobsResponse:
+        _, space = self._need_images()
+        checked, bad = await space.verify(request.digests)
+        if bad:
+            self._changed()
+        return storage_pb2.VerifyBlobsResponse(checked=checked, quarantined_digests=bad)
+
+    async def GetStoreStats(self, request: storage_pb2.GetStoreStatsRequest,
+                            context: grpc.aio.ServicerContext) -> storage_pb2.GetStoreStatsResponse:
+        images, space = self._need_images()
+        usage = await space.usage()
+        return storage_pb2.GetStoreStatsResponse(
+            used_bytes=usage.used_bytes, blob_count=usage.blob_count, quota_bytes=space.quota_bytes,
+            free_bytes=await self._store.free_bytes(), pinned_bytes=usage.pinned_bytes,
+            image_count=len(await images.list()),
+        )
 
 
 def registrar(servicer: StorageServicer) -> Callable[[grpc.aio.Server], str]:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import hashlib
+import json
 import logging
 import os
 import pathlib
 import re
 import shutil
+import threading
 import time
 import uuid
 from typing import Callable, TypeVar
@@ -26,6 +29,7 @@ ALGORITHM = "sha256"
 # Strict on purpose: the hex part becomes a file name, so nothing else may get through.
 DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
+HASH_READ_BYTES = 4 << 20
 
 
 def parse_digest(digest: str, field: str = "digest") -> str:
@@ -48,31 +52,100 @@ class BlobInfo:
 
 
 class TempBlob:
-    """A blob being written: bytes go to a file under tmp/ while sha256 is computed.
+    """A blob being written under tmp/ while sha256 is computed over its bytes in order.
 
-    Its methods block (file I/O, hashing); the store runs them in its executor.
+    Sequential writes hash as they go. Parallel ranged parts are written in place with `write_at` and
+    hashed by `hash_through` as the contiguous prefix grows, so every byte is hashed once, in order.
+    Its methods block (file I/O, hashing); callers run them off the event loop.
     """
 
-    def __init__(self, path: pathlib.Path) -> None:
+    def __init__(self, path: pathlib.Path, limit_bytes: int = 0) -> None:
         self.path = path
+        # Bytes written (sequential) or the file's length (parts).
         self.size = 0
+        # Largest size allowed (0: none): a source that sends more is cut off before it fills the disk.
+        self.limit_bytes = limit_bytes
+        self.hashed = 0
         self._hash = hashlib.sha256()
+        # Parts hash from memory when they extend the prefix, the hasher reads back otherwise: one at a time.
+        self._hash_lock = threading.Lock()
         # O_EXCL: a name collision must fail rather than mix two downloads.
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def _check_limit(self, end: int) -> None:
+        if self.limit_bytes and end > self.limit_bytes:
+            raise ResourceExhausted(f"the blob exceeds the size limit of {self.limit_bytes} bytes",
+                                    metadata={"limit_bytes": str(self.limit_bytes)})
 
     def write(self, chunk: bytes) -> None:
         assert self._fd is not None, "write after close"
+        self._check_limit(self.size + len(chunk))
         view = memoryview(chunk)
         while view:
-            try:
-                written = os.write(self._fd, view)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise ResourceExhausted("the store's volume is full") from exc
-                raise
+            written = _write(self._fd, view)
             view = view[written:]
         self._hash.update(chunk)
         self.size += len(chunk)
+        self.hashed = self.size
+
+    def reset(self) -> None:
+        """Start over (the source could not resume): drop the bytes and the hash state."""
+        assert self._fd is not None, "reset after close"
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        self._hash = hashlib.sha256()
+        self.size = self.hashed = 0
+
+    def allocate(self, size: int) -> None:
+        """Size the file for parts written in place; ENOSPC shows here rather than mid-way when possible."""
+        assert self._fd is not None
+        self._check_limit(size)
+        try:
+            os.posix_fallocate(self._fd, 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted("the store's volume is full") from exc
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(self._fd, size)
+        self.size = size
+
+    def write_at(self, chunk: bytes, offset: int) -> None:
+        assert self._fd is not None, "write after close"
+        view = memoryview(chunk)
+        while view:
+            written = _write(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def write_at_hashing(self, chunk: bytes, offset: int) -> None:
+        """write_at, and when the chunk continues the hashed prefix, hash it from memory (no read back)."""
+        self.write_at(chunk, offset)
+        if offset == self.hashed:
+            with self._hash_lock:
+                if offset == self.hashed:
+                    self._hash.update(chunk)
+                    self.hashed += len(chunk)
+
+    def hash_through(self, stop: int) -> None:
+        """Hash bytes [hashed, stop) back from the file (the page cache, just written)."""
+        assert self._fd is not None
+        while self.hashed < stop:
+            with self._hash_lock:
+                start = self.hashed
+                if start >= stop:
+                    break
+                data = os.pread(self._fd, min(HASH_READ_BYTES, stop - start), start)
+                if not data:
+                    raise DataLoss("a part of the download is missing from the partial file")
+                self._hash.update(data)
+                self.hashed = start + len(data)
+
+    def flush(self) -> None:
+        """Write dirty pages back now, while the transfer goes on, so the final fsync has little left to do."""
+        fd = self._fd
+        if fd is not None:
+            os.fdatasync(fd)
 
     @property
     def digest(self) -> str:
@@ -80,6 +153,8 @@ class TempBlob:
 
     def finish(self) -> None:
         """Flush to stable storage so a crash after the rename never leaves a torn blob."""
+        if self.hashed != self.size:
+            raise DataLoss(f"only {self.hashed} of {self.size} bytes were hashed; refusing to store")
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:
@@ -94,6 +169,15 @@ class TempBlob:
         self.path.unlink(missing_ok=True)
 
 
+def _write(fd: int, view: memoryview, offset: int | None = None) -> int:
+    try:
+        return os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted("the store's volume is full") from exc
+        raise
+
+
 class BlobStore:
     """Blobs by digest under `root`; readers only ever see complete, verified files."""
 
@@ -101,6 +185,7 @@ class BlobStore:
         self.root = pathlib.Path(root)
         self.blob_dir = self.root / "blobs" / ALGORITHM
         self.tmp_dir = self.root / "tmp"
+        self.quarantine_dir = self.root / "quarantine"
         self._executor = executor
 
     async def run(self, fn: Callable[..., T], *args) -> T:
@@ -112,6 +197,11 @@ class BlobStore:
     def prepare_sync(self) -> None:
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        layout = self.root / "oci-layout"
+        if not layout.exists():
+            # Marks the store as an OCI image layout, so OCI tools can read it directly.
+            _write_atomic(layout, json.dumps({"imageLayoutVersion": "1.0.0"}).encode(), self.tmp_dir)
         # Left-overs of a process that died mid-pull; only this service writes here.
         for stale in self.tmp_dir.iterdir():
             log.info("removing stale partial download %s", stale.name)
@@ -153,8 +243,56 @@ class BlobStore:
     def free_bytes_sync(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def new_temp_sync(self) -> TempBlob:
-        return TempBlob(self.tmp_dir / f"pull-{uuid.uuid4().hex}.partial")
+    def new_temp_sync(self, limit_bytes: int = 0) -> TempBlob:
+        return TempBlob(self.tmp_dir / f"pull-{uuid.uuid4().hex}.partial", limit_bytes)
+
+    def put_bytes_sync(self, data: bytes, expected: str | None = None) -> BlobInfo:
+        """Store a small blob (a manifest, a config) held in memory."""
+        temp = self.new_temp_sync()
+        temp.write(data)
+        return self.commit_sync(temp, expected)
+
+    def read_bytes_sync(self, digest: str, limit: int) -> bytes:
+        """A small stored blob's bytes; larger than `limit` is refused (manifests are small by nature)."""
+        path = self.path_of(digest)
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(limit + 1)
+        except FileNotFoundError:
+            raise NotFound(f"blob {digest} is not in the store", metadata={"digest": digest}) from None
+        if len(data) > limit:
+            raise InvalidArgument(f"blob {digest} is larger than {limit} bytes", field="digest")
+        return data
+
+    def touch_sync(self, digest: str) -> None:
+        """Record a use (access time) so eviction removes the least recently used blobs first."""
+        path = self.path_of(digest)
+        with contextlib.suppress(FileNotFoundError):
+            st = path.stat()
+            os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+
+    def last_used_sync(self, digest: str) -> float:
+        try:
+            return self.path_of(digest).stat().st_atime
+        except FileNotFoundError:
+            return 0.0
+
+    def verify_sync(self, digest: str) -> bool:
+        """Re-hash a stored blob; a mismatch moves it to quarantine/ (kept for inspection, never served)."""
+        path = self.path_of(digest)
+        hasher = hashlib.sha256()
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                while chunk := handle.read(HASH_READ_BYTES):
+                    hasher.update(chunk)
+        except FileNotFoundError:
+            raise NotFound(f"blob {digest} is not in the store", metadata={"digest": digest}) from None
+        if f"{ALGORITHM}:{hasher.hexdigest()}" == digest:
+            return True
+        os.replace(path, self.quarantine_dir / f"{path.name}.{int(time.time())}")
+        _fsync_dir(self.blob_dir)
+        log.warning("blob %s failed verification (content sha256:%s); quarantined", digest, hasher.hexdigest())
+        return False
 
     def commit_sync(self, temp: TempBlob, expected: str | None = None) -> BlobInfo:
         """Verify and move `temp` into place; the temp file is gone afterwards whatever happens.
@@ -210,8 +348,8 @@ class BlobStore:
     async def free_bytes(self) -> int:
         return await self.run(self.free_bytes_sync)
 
-    async def new_temp(self) -> TempBlob:
-        return await self.run(self.new_temp_sync)
+    async def new_temp(self, limit_bytes: int = 0) -> TempBlob:
+        return await self.run(self.new_temp_sync, limit_bytes)
 
     async def write(self, temp: TempBlob, chunk: bytes) -> None:
         await self.run(temp.write, chunk)
@@ -221,6 +359,17 @@ class BlobStore:
 
     async def discard(self, temp: TempBlob) -> None:
         await self.run(temp.discard)
+
+
+def _write_atomic(path: pathlib.Path, data: bytes, tmp_dir: pathlib.Path) -> None:
+    """Replace `path` with `data` so readers see the old or the new file, never a torn one."""
+    temp = tmp_dir / f"{path.name}-{uuid.uuid4().hex}.tmp"
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: pathlib.Path) -> None:

@@ -61,6 +61,61 @@ class StorageServiceStub:
                 request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.GetBlobPathRequest.SerializeToString,
                 response_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.GetBlobPathResponse.FromString,
                 _registered_method=True)
+        self.ReadBlob = channel.unary_stream(
+                '/clowder.storage.v1.StorageService/ReadBlob',
+                request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ReadBlobRequest.SerializeToString,
+                response_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ReadBlobResponse.FromString,
+                _registered_method=True)
+        self.PullImage = channel.unary_stream(
+                '/clowder.storage.v1.StorageService/PullImage',
+                request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PullImageRequest.SerializeToString,
+                response_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PullImageResponse.FromString,
+                _registered_method=True)
+        self.PushImage = channel.unary_stream(
+                '/clowder.storage.v1.StorageService/PushImage',
+                request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PushImageRequest.SerializeToString,
+                response_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PushImageResponse.FromString,
+                _registered_method=True)
+        self.ResolveImage = channel.unary_unary(
+                '/clowder.storage.v1.StorageService/ResolveImage',
+                request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ResolveImageRequest.SerializeToString,
+                response_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ResolveImageResponse.FromString,
+                _registered_method=True)
+        self.ListImages = channel.unary_unary(
+                '/clowder.storage.v1.StorageService/ListImages',
+                request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ListImagesRequest.SerializeToString,
+                response_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ListImagesResponse.FromString,
+                _registered_method=True)
+        self.DeleteImage = channel.unary_unary(
+                '/clowder.storage.v1.StorageService/DeleteImage',
+                request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.DeleteImageRequest.SerializeToString,
+                response_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.DeleteImageResponse.FromString,
+                _registered_method=True)
+        self.PinBlobs = channel.unary_unary(
+                '/clowder.storage.v1.StorageService/PinBlobs',
+                request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PinBlobsRequest.SerializeToString,
+                response_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PinBlobsResponse.FromString,
+                _registered_method=True)
+        self.UnpinBlobs = channel.unary_unary(
+                '/clowder.storage.v1.StorageService/UnpinBlobs',
+                request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.UnpinBlobsRequest.SerializeToString,
+                response_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.UnpinBlobsResponse.FromString,
+                _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/clowder.storage.v1.StorageService/CollectGarbage',
+                request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.CollectGarbageRequest.SerializeToString,
+                response_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.CollectGarbageResponse.FromString,
+                _registered_method=True)
+        self.VerifyBlobs = channel.unary_unary(
+                '/clowder.storage.v1.StorageService/VerifyBlobs',
+                request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.VerifyBlobsRequest.SerializeToString,
+                response_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.VerifyBlobsResponse.FromString,
+                _registered_method=True)
+        self.GetStoreStats = channel.unary_unary(
+                '/clowder.storage.v1.StorageService/GetStoreStats',
+                request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.GetStoreStatsRequest.SerializeToString,
+                response_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.GetStoreStatsResponse.FromString,
+                _registered_method=True)
 
 
 class StorageServiceServicer:
@@ -108,6 +163,90 @@ class StorageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadBlob(self, request, context):
+        """Streams a stored blob's bytes from an offset, so another node's storage
+        can pull it (peer://ADDRESS/sha256:<hex>) and resume after a break.
+        NOT_FOUND if absent; OUT_OF_RANGE is never used: an offset at or past the
+        end yields no data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullImage(self, request, context):
+        """Pulls every layer of an aimage (in parallel, progress per layer), writes
+        its configuration and OCI image manifest, and names it in index.json.
+        The last message carries the stored image. Errors as PullBlob.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushImage(self, request, context):
+        """Pushes a stored aimage to an OCI registry (oci://REGISTRY/REPO:TAG),
+        progress per layer. NOT_FOUND if the image is not stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveImage(self, request, context):
+        """The manifest of a stored aimage by name or manifest digest, with the
+        local path of every layer. NOT_FOUND if absent or incomplete.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListImages(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteImage(self, request, context):
+        """Removes the name from index.json; blobs stay until garbage collection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PinBlobs(self, request, context):
+        """Keeps blobs (or an image's blobs) from GC and eviction while a holder
+        (a runtime's replica id) uses them; with ttl the pin lapses unless renewed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinBlobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectGarbage(self, request, context):
+        """Removes blobs no manifest references and no holder pins.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyBlobs(self, request, context):
+        """Re-hashes stored blobs; a blob whose bytes no longer match its digest is
+        moved to quarantine/ and reported.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStoreStats(self, request, context):
+        """Store usage, quota and watermarks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StorageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -135,6 +274,61 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     servicer.GetBlobPath,
                     request_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.GetBlobPathRequest.FromString,
                     response_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.GetBlobPathResponse.SerializeToString,
+            ),
+            'ReadBlob': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadBlob,
+                    request_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ReadBlobRequest.FromString,
+                    response_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ReadBlobResponse.SerializeToString,
+            ),
+            'PullImage': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullImage,
+                    request_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PullImageRequest.FromString,
+                    response_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PullImageResponse.SerializeToString,
+            ),
+            'PushImage': grpc.unary_stream_rpc_method_handler(
+                    servicer.PushImage,
+                    request_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PushImageRequest.FromString,
+                    response_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PushImageResponse.SerializeToString,
+            ),
+            'ResolveImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveImage,
+                    request_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ResolveImageRequest.FromString,
+                    response_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ResolveImageResponse.SerializeToString,
+            ),
+            'ListImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListImages,
+                    request_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ListImagesRequest.FromString,
+                    response_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ListImagesResponse.SerializeToString,
+            ),
+            'DeleteImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteImage,
+                    request_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.DeleteImageRequest.FromString,
+                    response_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.DeleteImageResponse.SerializeToString,
+            ),
+            'PinBlobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinBlobs,
+                    request_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PinBlobsRequest.FromString,
+                    response_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PinBlobsResponse.SerializeToString,
+            ),
+            'UnpinBlobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinBlobs,
+                    request_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.UnpinBlobsRequest.FromString,
+                    response_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.UnpinBlobsResponse.SerializeToString,
+            ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.CollectGarbageRequest.FromString,
+                    response_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.CollectGarbageResponse.SerializeToString,
+            ),
+            'VerifyBlobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyBlobs,
+                    request_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.VerifyBlobsRequest.FromString,
+                    response_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.VerifyBlobsResponse.SerializeToString,
+            ),
+            'GetStoreStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStoreStats,
+                    request_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.GetStoreStatsRequest.FromString,
+                    response_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.GetStoreStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -274,6 +468,303 @@ class StorageService:
             '/clowder.storage.v1.StorageService/GetBlobPath',
             clowder_dot_storage_dot_v1_dot_storage__pb2.GetBlobPathRequest.SerializeToString,
             clowder_dot_storage_dot_v1_dot_storage__pb2.GetBlobPathResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clowder.storage.v1.StorageService/ReadBlob',
+            clowder_dot_storage_dot_v1_dot_storage__pb2.ReadBlobRequest.SerializeToString,
+            clowder_dot_storage_dot_v1_dot_storage__pb2.ReadBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clowder.storage.v1.StorageService/PullImage',
+            clowder_dot_storage_dot_v1_dot_storage__pb2.PullImageRequest.SerializeToString,
+            clowder_dot_storage_dot_v1_dot_storage__pb2.PullImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clowder.storage.v1.StorageService/PushImage',
+            clowder_dot_storage_dot_v1_dot_storage__pb2.PushImageRequest.SerializeToString,
+            clowder_dot_storage_dot_v1_dot_storage__pb2.PushImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.storage.v1.StorageService/ResolveImage',
+            clowder_dot_storage_dot_v1_dot_storage__pb2.ResolveImageRequest.SerializeToString,
+            clowder_dot_storage_dot_v1_dot_storage__pb2.ResolveImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.storage.v1.StorageService/ListImages',
+            clowder_dot_storage_dot_v1_dot_storage__pb2.ListImagesRequest.SerializeToString,
+            clowder_dot_storage_dot_v1_dot_storage__pb2.ListImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.storage.v1.StorageService/DeleteImage',
+            clowder_dot_storage_dot_v1_dot_storage__pb2.DeleteImageRequest.SerializeToString,
+            clowder_dot_storage_dot_v1_dot_storage__pb2.DeleteImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinBlobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.storage.v1.StorageService/PinBlobs',
+            clowder_dot_storage_dot_v1_dot_storage__pb2.PinBlobsRequest.SerializeToString,
+            clowder_dot_storage_dot_v1_dot_storage__pb2.PinBlobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinBlobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.storage.v1.StorageService/UnpinBlobs',
+            clowder_dot_storage_dot_v1_dot_storage__pb2.UnpinBlobsRequest.SerializeToString,
+            clowder_dot_storage_dot_v1_dot_storage__pb2.UnpinBlobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.storage.v1.StorageService/CollectGarbage',
+            clowder_dot_storage_dot_v1_dot_storage__pb2.CollectGarbageRequest.SerializeToString,
+            clowder_dot_storage_dot_v1_dot_storage__pb2.CollectGarbageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyBlobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.storage.v1.StorageService/VerifyBlobs',
+            clowder_dot_storage_dot_v1_dot_storage__pb2.VerifyBlobsRequest.SerializeToString,
+            clowder_dot_storage_dot_v1_dot_storage__pb2.VerifyBlobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStoreStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.storage.v1.StorageService/GetStoreStats',
+            clowder_dot_storage_dot_v1_dot_storage__pb2.GetStoreStatsRequest.SerializeToString,
+            clowder_dot_storage_dot_v1_dot_storage__pb2.GetStoreStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

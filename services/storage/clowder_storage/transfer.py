@@ -1,0 +1,260 @@
+"""One source into one partial blob: resumes after breaks, splits large ranged sources into parallel parts."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import math
+from typing import Any, Awaitable, Callable
+
+from clowder_common.errors import ClowderError, Unavailable
+
+from clowder_storage.sources import NO_CREDENTIAL, Credential, Fetcher, Opened, redact_url
+from clowder_storage.store import TempBlob
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferOptions:
+    # Sources at least this large that serve ranges are fetched as `parallel_parts` ranged parts.
+    parallel_min_bytes: int = 64 << 20
+    parallel_parts: int = 4
+    # Parts are at least this large: tiny ranges cost more in requests than they gain.
+    min_part_bytes: int = 16 << 20
+    # Consecutive failed attempts without progress before the pull fails; progress resets the count.
+    retries: int = 5
+    retry_backoff_s: float = 0.2
+    # Writes queued ahead of the writer thread: bounds memory while receiving overlaps hashing.
+    queue_depth: int = 4
+    # Written bytes between background writebacks (0: none); spreads the final fsync over the transfer.
+    flush_every_bytes: int = 64 << 20
+
+
+class _Pipe:
+    """Ordered blocking work on one dedicated thread, at most `depth` jobs queued."""
+
+    def __init__(self, depth: int) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="storage-pull")
+        self._depth = depth
+        self._pending: collections.deque[asyncio.Future] = collections.deque()
+
+    async def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._pending.append(asyncio.get_running_loop().run_in_executor(self._pool, fn, *args))
+        while len(self._pending) >= self._depth:
+            await self._pending.popleft()
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        await self.drain()
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def drain(self) -> None:
+        while self._pending:
+            await self._pending.popleft()
+
+    async def settle(self) -> None:
+        """Wait for every queued job whatever its outcome, so nothing touches the file after cleanup."""
+        pending, self._pending = list(self._pending), collections.deque()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+@dataclasses.dataclass
+class _Part:
+    start: int
+    end: int
+    done: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+class Transfer:
+    """Reads `url` into `temp`. The hash always covers the bytes in order; nothing here decides what is stored."""
+
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        url: str,
+        options: TransferOptions,
+        run_io: Callable[..., Awaitable[Any]],
+        on_bytes: Callable[[int], None],
+        on_opened: Callable[[Opened], Awaitable[bool]],
+        credential: Credential = NO_CREDENTIAL,
+    ) -> None:
+        self._fetcher = fetcher
+        self._url = url
+        self._shown = redact_url(url)
+        self._options = options
+        self._run_io = run_io
+        # Signed: a restart from zero reports the bytes it throws away as negative progress.
+        self._on_bytes = on_bytes
+        # Sees the first answer (size, vouched digest) and returns False to stop before any byte is read.
+        self._on_opened = on_opened
+        self._credential = credential
+        self.source_digest = ""
+        self.total: int | None = None
+        self.resumes = 0
+        self._validator = ""
+        self._pipe = _Pipe(options.queue_depth)
+        self._flush: asyncio.Future | None = None
+        # Once split, parts retry themselves; a part that gives up ends the pull.
+        self._split = False
+        self._unflushed = 0
+
+    async def run(self, temp: TempBlob) -> bool:
+        """True when `temp` holds the whole source (hashed); False when on_opened declined it."""
+        try:
+            return await self._sequential(temp)
+        finally:
+            await asyncio.shield(self._pipe.settle())
+            if self._flush is not None:
+                # The file must not be closed under a running fdatasync.
+                await asyncio.shield(asyncio.wait({self._flush}))
+            self._pipe.close()
+
+    def _written(self, temp: TempBlob, n: int) -> None:
+        self._on_bytes(n)
+        every = self._options.flush_every_bytes
+        if not every:
+            return
+        self._unflushed += n
+        if self._unflushed >= every and (self._flush is None or self._flush.done()):
+            self._unflushed = 0
+            self._flush = asyncio.ensure_future(self._run_io(temp.flush))
+            self._flush.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def _sequential(self, temp: TempBlob) -> bool:
+        first = True
+        failures = 0
+        while True:
+            start = temp.size
+            if not first and self.total is not None and start >= self.total:
+                # Every byte arrived before the connection broke: nothing left to ask for.
+                return True
+            try:
+                async with self._fetcher.open(self._url, start=start, credential=self._credential,
+                                              validator=self._validator) as opened:
+                    if first:
+                        first = False
+                        self.total, self.source_digest, self._validator = (
+                            opened.total, opened.digest, opened.validator)
+                        if not await self._on_opened(opened):
+                            return False
+                        if self._splittable(opened):
+                            await self._parallel(opened, temp)
+                            return True
+                    if opened.start != start:
+                        # The source ignored the range or changed: what we have is worthless.
+                        log.warning("source %s cannot resume at byte %d; starting over", self._shown, start)
+                        await self._pipe.call(temp.reset)
+                        self._on_bytes(-start)
+                        self.total = opened.total
+                    async with contextlib.aclosing(opened.chunks) as chunks:
+                        async for chunk in chunks:
+                            await self._pipe.submit(temp.write, chunk)
+                            self._written(temp, len(chunk))
+                    await self._pipe.drain()
+                if self.total is not None and temp.size < self.total:
+                    raise Unavailable(f"source {self._shown} ended after {temp.size} of {self.total} bytes",
+                                      reason="SOURCE_UNAVAILABLE")
+                return True
+            except Unavailable as exc:
+                await self._pipe.settle()
+                failures = 0 if temp.size > start else failures + 1
+                if self._split or failures > self._options.retries:
+                    raise
+                self.resumes += 1
+                delay = min(self._options.retry_backoff_s * 2 ** max(failures - 1, 0), 5.0)
+                log.warning("pull of %s broke off after %d bytes (%s); resuming in %.1fs",
+                            self._shown, temp.size, exc.message, delay)
+                await asyncio.sleep(delay)
+
+    def _splittable(self, opened: Opened) -> bool:
+        return (opened.ranges and opened.start == 0 and opened.total is not None
+                and self._options.parallel_parts > 1 and opened.total >= self._options.parallel_min_bytes)
+
+    async def _parallel(self, first: Opened, temp: TempBlob) -> None:
+        total = first.total
+        assert total is not None
+        self._split = True
+        await self._pipe.call(temp.allocate, total)
+        count = min(self._options.parallel_parts, max(1, math.ceil(total / self._options.min_part_bytes)))
+        step = math.ceil(total / count)
+        parts = [_Part(i * step, min((i + 1) * step, total)) for i in range(count)]
+        progressed = asyncio.Event()
+        log.info("pulling %s as %d ranged parts", self._shown, count)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._part(parts[0], temp, progressed, first))
+                for part in parts[1:]:
+                    group.create_task(self._part(part, temp, progressed, None))
+                group.create_task(self._hash_in_order(parts, temp, progressed, total))
+        except BaseExceptionGroup as group_error:
+            # Report the source's own error (not found, unavailable...) rather than the group.
+            for exc in group_error.exceptions:
+                if isinstance(exc, ClowderError):
+                    raise exc from None
+            raise
+
+    async def _part(self, part: _Part, temp: TempBlob, progressed: asyncio.Event, opened: Opened | None) -> None:
+        failures = 0
+        while part.done < part.length:
+            start = part.start + part.done
+            try:
+                if opened is not None:
+                    await self._copy_part(part, temp, progressed, opened)
+                    opened = None
+                else:
+                    async with self._fetcher.open(self._url, start=start, end=part.end,
+                                                  credential=self._credential, validator=self._validator) as o:
+                        if o.start != start:
+                            raise Unavailable(f"source {self._shown} stopped serving byte ranges",
+                                              reason="SOURCE_BAD_RANGE")
+                        await self._copy_part(part, temp, progressed, o)
+                if part.done < part.length:
+                    raise Unavailable(f"source {self._shown} ended a part early", reason="SOURCE_UNAVAILABLE")
+            except Unavailable as exc:
+                opened = None
+                failures = 0 if part.start + part.done > start else failures + 1
+                if failures > self._options.retries:
+                    raise
+                self.resumes += 1
+                log.warning("part at %d of %s broke off (%s); resuming", part.start, self._shown, exc.message)
+                await asyncio.sleep(min(self._options.retry_backoff_s * 2 ** max(failures - 1, 0), 5.0))
+
+    async def _copy_part(self, part: _Part, temp: TempBlob, progressed: asyncio.Event, opened: Opened) -> None:
+        async with contextlib.aclosing(opened.chunks) as chunks:
+            async for chunk in chunks:
+                left = part.length - part.done
+                if len(chunk) > left:
+                    chunk = chunk[:left]
+                await self._run_io(temp.write_at_hashing, chunk, part.start + part.done)
+                part.done += len(chunk)
+                self._written(temp, len(chunk))
+                progressed.set()
+                if part.done >= part.length:
+                    return
+
+    async def _hash_in_order(self, parts: list[_Part], temp: TempBlob, progressed: asyncio.Event,
+                             total: int) -> None:
+        # Hashing follows the contiguous written prefix, so it overlaps the transfer and never skips a byte.
+        while temp.hashed < total:
+            frontier = 0
+            for part in parts:
+                frontier = part.start + part.done
+                if part.done < part.length:
+                    break
+            if frontier > temp.hashed:
+                await self._pipe.call(temp.hash_through, frontier)
+                continue
+            progressed.clear()
+            await progressed.wait()
