@@ -19,6 +19,8 @@ SYSTEM_PROMPT = "You are a concise assistant."
 # A completion the model continues for well over 128 tokens at temperature 0.
 STORY = "Once upon a time"
 MAX_WAITING = 2
+# Few slots, so filling them all stays cheap.
+SLOTS = 2
 # Smaller than the default 2048 so filling the context stays quick on two cores.
 CONTEXT_SIZE = 512
 # llama.cpp's threads spin at barriers: with more threads than free cores (other
@@ -35,6 +37,7 @@ async def runtime(model_path):
         max_waiting=MAX_WAITING,
         context_size=CONTEXT_SIZE,
         threads=THREADS,
+        slots=SLOTS,
     )
     app = await create_runtime(config, resources_pb2.ImageConfiguration(system_prompt=SYSTEM_PROMPT))
     await app.start()
@@ -56,6 +59,8 @@ def direct(model_path, runtime):
         n_ctx=runtime.context_size,
         n_threads=runtime.engine.threads,
         n_threads_batch=runtime.engine.threads,
+        # The runtime decodes with flash attention (its numbers do not depend on the batch); so must the baseline.
+        flash_attn=True,
         verbose=False,
     )
     yield llm
@@ -104,9 +109,10 @@ async def wait_for_stats(stub, predicate, timeout: float = 5.0) -> runtime_pb2.G
 
 async def test_chat_streams_pieces_and_ends_with_finish_and_usage(stub):
     request = chat(
-        [("user", "What is the capital of France?"), ("assistant", "Paris."), ("user", "Tell me about it.")],
+        [("user", "What is the capital of France?"), ("assistant", "Paris."), ("user", "Tell me its long history.")],
         temperature=0,
-        max_tokens=16,
+        # The concise answer is 7 tokens long; 6 ends it by length.
+        max_tokens=6,
     )
     responses = await collect(stub, request)
     assert len(responses) > 2, "text should arrive as it is generated, not in one piece"
@@ -116,7 +122,7 @@ async def test_chat_streams_pieces_and_ends_with_finish_and_usage(stub):
     assert text_of(responses).strip()
     assert last.finish_reason == runtime_pb2.FINISH_REASON_LENGTH
     assert last.usage.prompt_tokens > 0
-    assert last.usage.completion_tokens == 16
+    assert last.usage.completion_tokens == 6
 
 
 async def test_temperature_zero_completion_equals_llama_cpp_directly(stub, direct):
@@ -231,9 +237,12 @@ async def test_cancelled_call_stops_generation_and_frees_the_model(stub):
     assert time.monotonic() - started < 3
 
 
-async def test_requests_wait_in_order_and_a_full_queue_is_refused(stub):
-    long_call = stub.Generate(completion(STORY, temperature=0, max_tokens=2000), timeout=60)
-    await long_call.read()
+async def test_requests_beyond_the_slots_wait_in_order_and_a_full_queue_is_refused(stub):
+    longs = []
+    for _ in range(SLOTS):
+        call = stub.Generate(completion(STORY, temperature=0, max_tokens=2000), timeout=60)
+        await call.read()
+        longs.append(call)
     arrivals: list[tuple[str, float, float]] = []
 
     async def short(name: str) -> None:
@@ -251,7 +260,8 @@ async def test_requests_wait_in_order_and_a_full_queue_is_refused(stub):
     gives_up = await enqueue("gives-up", 1)
     first = await enqueue("first", 2)
     stats = await stub.GetStats(runtime_pb2.GetStatsRequest(), timeout=5)
-    assert stats.num_requests_running == 1
+    assert stats.num_requests_running == SLOTS
+    assert stats.slots == SLOTS
 
     with pytest.raises(grpc.RpcError) as caught:
         await collect(stub, completion("The sky is", max_tokens=4))
@@ -264,11 +274,16 @@ async def test_requests_wait_in_order_and_a_full_queue_is_refused(stub):
     await wait_for_stats(stub, lambda s: s.num_requests_waiting == 1)
     second = await enqueue("second", 2)
 
-    long_call.cancel()
+    # One slot frees up: the waiting requests take it in arrival order, the other long call goes on.
+    longs[0].cancel()
     await asyncio.wait_for(asyncio.gather(first, second), 20)
     assert [name for name, _, _ in arrivals] == ["first", "second"]
-    # One at a time: the second did not start before the first had finished.
-    assert arrivals[1][1] >= arrivals[0][2]
+    assert arrivals[1][1] >= arrivals[0][2], "with one free slot the second waits for the first"
+    still = await stub.GetStats(runtime_pb2.GetStatsRequest(), timeout=5)
+    assert still.num_requests_running == SLOTS - 1
+    for call in longs[1:]:
+        call.cancel()
+    await wait_for_stats(stub, lambda s: s.num_requests_running == 0)
 
 
 @pytest.mark.parametrize(
@@ -282,6 +297,9 @@ async def test_requests_wait_in_order_and_a_full_queue_is_refused(stub):
         (completion(""), "prompt"),
         (completion("hello " * (CONTEXT_SIZE + 10), max_tokens=4), "prompt"),
         (chat([("user", "hello " * (CONTEXT_SIZE + 10))], max_tokens=4), "messages"),
+        (chat([("user", "hi")], adapter="nope"), "adapter"),
+        (chat([("user", "hi")], repetition_penalty=0), "repetition_penalty"),
+        (chat([("user", "hi")], min_p=1.5), "min_p"),
     ],
 )
 async def test_bad_requests_get_invalid_argument_naming_the_field(stub, request_, field):
@@ -301,6 +319,7 @@ async def test_stats_count_requests_and_tokens(stub):
     assert after.model == "smol-test"
     assert after.requests_total == before.requests_total + 1
     assert after.prompt_tokens_total == before.prompt_tokens_total + usage.prompt_tokens
+    assert after.cached_prompt_tokens_total == before.cached_prompt_tokens_total + usage.cached_prompt_tokens
     assert after.generation_tokens_total == before.generation_tokens_total + usage.completion_tokens
     assert after.num_requests_running == 0
     assert after.num_requests_waiting == 0

@@ -1,10 +1,11 @@
-"""`python -m clowder_runtime` as a real process: port file, a streamed completion, SIGTERM, exit 0."""
+"""`python -m clowder_runtime` as a real process: port file, a streamed completion, SIGTERM drains, exit 0."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -55,7 +56,29 @@ def test_process_serves_a_completion_and_exits_zero_on_sigterm(model_path, tmp_p
         assert stats.model == "d"
         assert stats.requests_total == 1
 
+        # SIGTERM while a generation runs: it is finished (drained), not cut off.
+        drained: list[runtime_pb2.GenerateResponse] = []
+        started = threading.Event()
+
+        def long_generation() -> None:
+            with sync_channel(f"127.0.0.1:{port}") as channel:
+                call = runtime_pb2_grpc.RuntimeServiceStub(channel).Generate(
+                    runtime_pb2.GenerateRequest(
+                        prompt="Once upon a time", sampling=runtime_pb2.SamplingParams(temperature=0, max_tokens=48)
+                    ),
+                    timeout=30,
+                )
+                for response in call:
+                    started.set()
+                    drained.append(response)
+
+        reader = threading.Thread(target=long_generation)
+        reader.start()
+        assert started.wait(30)
         proc.send_signal(signal.SIGTERM)
+        reader.join(30)
+        assert drained[-1].finish_reason == runtime_pb2.FINISH_REASON_LENGTH
+        assert drained[-1].usage.completion_tokens == 48
         assert proc.wait(30) == 0
         log = log_path.read_text()
         assert f"serving on 127.0.0.1:{port}" in log

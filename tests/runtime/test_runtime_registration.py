@@ -80,6 +80,25 @@ async def test_a_file_that_is_not_a_model_fails_start_with_a_clear_error(tmp_pat
     await app.stop()
 
 
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("no-equals-sign", "name=path"), ("Bad_Name=x.gguf", "not a valid name"), ("ok=/no/such/file.gguf", "does not exist")],
+)
+async def test_bad_adapter_specs_are_refused_before_loading(model_path, spec, message):
+    with pytest.raises(InvalidArgument, match=message) as caught:
+        await create_runtime(RuntimeConfig(model_path=str(model_path), adapters=(spec,)))
+    assert caught.value.violations[0].field == "adapters[0]"
+
+
+async def test_an_adapter_that_does_not_fit_the_model_fails_start_with_a_clear_error(model_path, tmp_path):
+    bogus = tmp_path / "not-an-adapter.gguf"
+    bogus.write_bytes(b"GGUF but not really" * 100)
+    app = await create_runtime(RuntimeConfig(model_path=str(model_path), threads=1, adapters=(f"a={bogus}",)))
+    with pytest.raises(FailedPrecondition, match="LoRA adapter 'a'"):
+        await app.start()
+    await app.stop()
+
+
 async def test_registration_requires_valid_names(etcd, model_path):
     config = RuntimeConfig(model_path=str(model_path), etcd_endpoints=(etcd.endpoint,), deployment="", replica_id="r1")
     with pytest.raises(InvalidArgument):

@@ -47,6 +47,22 @@ def test_request_values_override_image_defaults():
     assert job.sampling.stop == ("\n",)
 
 
+def test_new_sampling_fields_reach_the_job():
+    job = build_job(
+        chat(("user", "hi"), min_p=0.1, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=-0.5,
+             response_format=runtime_pb2.RESPONSE_FORMAT_JSON_OBJECT, adapter="pirate"),
+        resources_pb2.ImageConfiguration(),
+    )
+    assert job.sampling.min_p == pytest.approx(0.1)
+    assert job.sampling.repetition_penalty == pytest.approx(1.3)
+    assert job.sampling.frequency_penalty == pytest.approx(0.5)
+    assert job.sampling.presence_penalty == pytest.approx(-0.5)
+    assert job.sampling.json is True
+    assert job.adapter == "pirate"
+    plain = build_job(chat(("user", "hi")), resources_pb2.ImageConfiguration())
+    assert (plain.sampling.json, plain.adapter, plain.sampling.repetition_penalty) == (False, "", 1.0)
+
+
 def test_image_system_prompt_is_prepended_only_when_the_chat_has_none():
     image = resources_pb2.ImageConfiguration(system_prompt="Be brief.")
     job = build_job(chat(("user", "hi")), image)
@@ -64,6 +80,11 @@ def test_image_system_prompt_is_prepended_only_when_the_chat_has_none():
         (chat(("user", "hi"), top_p=0), ["top_p"]),
         (chat(("user", "hi"), top_p=1.01), ["top_p"]),
         (chat(("user", "hi"), max_tokens=0), ["max_tokens"]),
+        (chat(("user", "hi"), min_p=-0.1), ["min_p"]),
+        (chat(("user", "hi"), repetition_penalty=0), ["repetition_penalty"]),
+        (chat(("user", "hi"), frequency_penalty=2.5), ["frequency_penalty"]),
+        (chat(("user", "hi"), presence_penalty=math.nan), ["presence_penalty"]),
+        (chat(("user", "hi"), response_format=7), ["response_format"]),
         (chat(("user", "hi"), stop=["ok", ""]), ["stop[1]"]),
         (chat(("user", "hi"), stop=[str(i) for i in range(17)]), ["stop"]),
         (chat(), ["messages"]),

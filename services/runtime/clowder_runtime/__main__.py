@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="llama.cpp threads (default: every CPU)")
     parser.add_argument("--context-size", type=int, help="context window in tokens (default: image's, else 2048)")
     parser.add_argument("--max-waiting", type=int, help="queued requests allowed (default 64)")
+    parser.add_argument("--slots", type=int, help="sequences batched together (default 4)")
+    parser.add_argument("--prefill-chunk", type=int, help="prompt tokens evaluated per step at most (default 256)")
+    parser.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=PATH",
+                        help="LoRA adapter GGUF to load; repeat for more (requests select one by name)")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here (default: off)")
     parser.add_argument("--lease-ttl", dest="lease_ttl_s", type=int, metavar="SECONDS",
                         help="TTL of the endpoint lease (default 5)")
     parser.add_argument("--drain-grace", dest="drain_grace_s", type=float, metavar="SECONDS",
@@ -55,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _CONFIG_FLAGS = (
     "listen", "advertise_host", "deployment", "replica_id", "node", "model_path", "digest", "storage_address",
-    "threads", "context_size", "max_waiting", "lease_ttl_s", "drain_grace_s", "port_file", "etcd_endpoints",
+    "threads", "context_size", "max_waiting", "slots", "prefill_chunk", "adapters", "metrics_listen",
+    "lease_ttl_s", "drain_grace_s", "port_file", "etcd_endpoints",
     "etcd_prefix",
 )
 
@@ -73,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--image-config: {exc}")
     try:
         config = load_config(
-            RuntimeConfig, args.config, overrides={name: getattr(args, name) for name in _CONFIG_FLAGS}
+            RuntimeConfig, args.config, overrides={
+                name: tuple(v) if isinstance(v := getattr(args, name), list) else v for name in _CONFIG_FLAGS
+            }
         )
     except (ClowderError, OSError) as exc:
         parser.error(str(exc))

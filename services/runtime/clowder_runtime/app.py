@@ -19,6 +19,7 @@ from clowder_common.grpc_server import GrpcServer, create_grpc_server
 from clowder_common.keys import validate_name
 from clowder_runtime.config import RuntimeConfig
 from clowder_runtime.engine import DEFAULT_CONTEXT_SIZE, LlamaEngine, LlamaSettings
+from clowder_runtime.metrics import MetricsServer
 from clowder_runtime.model_source import resolve_model_path
 from clowder_runtime.registration import EndpointRegistration
 from clowder_runtime.service import RuntimeServicer, registrar
@@ -41,6 +42,7 @@ class RuntimeApp:
         self.model_path: str | None = None
         self._server: GrpcServer | None = None
         self._registration: EndpointRegistration | None = None
+        self.metrics: MetricsServer | None = None
         self._stop_task: asyncio.Future[None] | None = None
 
     @property
@@ -83,6 +85,9 @@ class RuntimeApp:
                 context_size=self.context_size,
                 threads=cfg.threads,
                 max_waiting=cfg.max_waiting,
+                slots=cfg.slots,
+                prefill_chunk=cfg.prefill_chunk,
+                adapters=parse_adapters(cfg.adapters),
             )
         )
         # Loads on the engine's own thread; nothing is served or registered before it can generate.
@@ -90,6 +95,9 @@ class RuntimeApp:
         servicer = RuntimeServicer(self.engine, self.model_name, self.image_config)
         self._server = create_grpc_server(cfg.listen, [registrar(servicer)])
         await self._server.start()
+        if cfg.metrics_listen:
+            self.metrics = MetricsServer(cfg.metrics_listen, self.engine.stats, self.model_name)
+            await self.metrics.start()
         if cfg.port_file:
             _write_atomically(cfg.port_file, f"{self.port}\n")
         if cfg.etcd_endpoints:
@@ -128,6 +136,8 @@ class RuntimeApp:
         if self._server is not None:
             # Refuses new calls at once; running generations get `grace` seconds, then are cancelled.
             await self._server.stop(grace)
+        if self.metrics is not None:
+            await self.metrics.stop()
         if self.engine is not None:
             await self.engine.close(timeout=max(grace, 1.0))
         if self._server is not None and self.config.port_file:
@@ -154,6 +164,12 @@ async def create_runtime(
     for name in ("threads", "context_size", "max_waiting"):
         if getattr(config, name) < 0:
             raise InvalidArgument(f"{name} must not be negative", field=name)
+    for name in ("slots", "prefill_chunk"):
+        if getattr(config, name) < 1:
+            raise InvalidArgument(f"{name} must be at least 1", field=name)
+    if config.metrics_listen and not config.metrics_listen.rpartition(":")[2].isdigit():
+        raise InvalidArgument(f"metrics_listen {config.metrics_listen!r} is not host:port", field="metrics_listen")
+    parse_adapters(config.adapters)
     if config.drain_grace_s < 0:
         raise InvalidArgument("drain_grace_s must not be negative", field="drain_grace_s")
     if config.lease_ttl_s < 1:
@@ -161,6 +177,23 @@ async def create_runtime(
     if admin_token is None:
         admin_token = os.environ.get(TOKEN_ENV) or None
     return RuntimeApp(config, image_config, admin_token)
+
+
+def parse_adapters(specs: tuple[str, ...]) -> dict[str, str]:
+    """"name=path" items into {name: path}; names are what requests select."""
+    adapters: dict[str, str] = {}
+    for index, spec in enumerate(specs):
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not path:
+            raise InvalidArgument(f"adapter {spec[:80]!r} is not name=path", field=f"adapters[{index}]")
+        validate_name(name, f"adapters[{index}]")
+        if name in adapters:
+            raise InvalidArgument(f"adapter {name!r} is listed twice", field=f"adapters[{index}]")
+        if not os.path.isfile(path):
+            raise InvalidArgument(f"adapter file {path} does not exist", field=f"adapters[{index}]")
+        adapters[name] = path
+    return adapters
 
 
 def _write_atomically(path: str, text: str) -> None:

@@ -33,8 +33,16 @@ class RuntimeConfig(EtcdConfig):
     threads: int = 0
     # Context window in tokens; 0 takes the image configuration's, else 2048.
     context_size: int = 0
-    # Requests allowed to queue behind the running one; more get RESOURCE_EXHAUSTED.
+    # Requests allowed to queue while every slot is busy; more get RESOURCE_EXHAUSTED.
     max_waiting: int = 64
+    # Sequences batched together (continuous batching); each gets context_size tokens of KV cache.
+    slots: int = 4
+    # Prompt tokens prefilled per decode step at most: bounds the stall a long prompt causes running streams.
+    prefill_chunk: int = 256
+    # LoRA adapters to load, as "name=path/to/adapter.gguf"; requests pick one by name.
+    adapters: tuple[str, ...] = ()
+    # Prometheus /metrics over HTTP ("host:port"); empty: off.
+    metrics_listen: str = ""
     # TTL of the lease the endpoint hangs on.
     lease_ttl_s: int = 5
     # How long running generations may go on after SIGTERM.

@@ -35,6 +35,13 @@ class SamplingSettings:
     stop: tuple[str, ...] = ()
     # None: a fresh random seed per request.
     seed: int | None = None
+    min_p: float = 0.05
+    # 1.0 / 0.0 / 0.0 switch the penalties off.
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # Constrain the output to JSON with a grammar.
+    json: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class GenerationJob:
     sampling: SamplingSettings
     messages: tuple[ChatTurn, ...] | None = None
     prompt: str | None = None
+    # A LoRA adapter the engine loaded; "" for the base model.
+    adapter: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,8 @@ class Finish:
     reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    # Prompt tokens taken from the KV cache rather than evaluated.
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,15 @@ class EngineStats:
     requests_total: int
     generation_tokens_total: int
     prompt_tokens_total: int
+    slots: int = 1
+    cached_prompt_tokens_total: int = 0
+    # Block hashes of the prefixes held in the KV cache (see prefix.py).
+    prefix_block_hashes: tuple[int, ...] = ()
+    prefix_block_tokens: int = 0
+    adapters: tuple[str, ...] = ()
+    # Adapters of the running and of the waiting requests ("" is the base model).
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
 
 
 class Engine(Protocol):

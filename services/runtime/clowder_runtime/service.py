@@ -35,6 +35,7 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
                     response.finish_reason = _FINISH[output.finish.reason]
                     response.usage.prompt_tokens = output.finish.prompt_tokens
                     response.usage.completion_tokens = output.finish.completion_tokens
+                    response.usage.cached_prompt_tokens = output.finish.cached_prompt_tokens
                 yield response
         finally:
             # Reached on a normal end, on an error, and when the call is cancelled
@@ -53,6 +54,11 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
             generation_tokens_total=stats.generation_tokens_total,
             prompt_tokens_total=stats.prompt_tokens_total,
             model=self._model_name,
+            prefix_block_hashes=stats.prefix_block_hashes,
+            prefix_block_tokens=stats.prefix_block_tokens,
+            slots=stats.slots,
+            cached_prompt_tokens_total=stats.cached_prompt_tokens_total,
+            adapters=stats.adapters,
         )
 
 

@@ -17,6 +17,13 @@ DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
 DEFAULT_MAX_TOKENS = 256
 MAX_TEMPERATURE = 2.0
+DEFAULT_MIN_P = 0.05
+# OpenAI's ranges for frequency/presence; a repetition penalty is a divisor, so it must stay positive.
+PENALTY_RANGES = {
+    "repetition_penalty": (0.01, 10.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "presence_penalty": (-2.0, 2.0),
+}
 # Each stop string is searched after every token; keep that work small.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -46,6 +53,12 @@ def validate_image_config(image: resources_pb2.ImageConfiguration) -> None:
     if image.HasField("max_tokens") and image.max_tokens == 0:
         violations.append(FieldViolation("image_config.max_tokens", "max_tokens must be at least 1"))
     _raise_if_any(violations)
+
+
+def _penalty_problem(name: str, value: float, low: float, high: float) -> str | None:
+    if math.isnan(value) or not low <= value <= high:
+        return f"{name} must be between {low:g} and {high:g}, got {value:g}"
+    return None
 
 
 def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageConfiguration) -> GenerationJob:
@@ -101,6 +114,19 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
             violations.append(FieldViolation(f"stop[{index}]", "stop strings must not be empty"))
         elif len(stop) > MAX_STOP_CHARS:
             violations.append(FieldViolation(f"stop[{index}]", f"stop strings are at most {MAX_STOP_CHARS} characters"))
+    min_p = DEFAULT_MIN_P
+    if sampling.HasField("min_p"):
+        min_p = sampling.min_p
+        if math.isnan(min_p) or not 0.0 <= min_p <= 1.0:
+            violations.append(FieldViolation("min_p", f"min_p must be between 0 and 1, got {min_p:g}"))
+    penalties = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
+    for name, (low, high) in PENALTY_RANGES.items():
+        if sampling.HasField(name):
+            penalties[name] = getattr(sampling, name)
+            if problem := _penalty_problem(name, penalties[name], low, high):
+                violations.append(FieldViolation(name, problem))
+    if sampling.response_format not in runtime_pb2.ResponseFormat.values():
+        violations.append(FieldViolation("response_format", f"unknown response_format {sampling.response_format}"))
     _raise_if_any(violations)
     return GenerationJob(
         request_id=request.request_id,
@@ -111,9 +137,16 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
             max_tokens=int(max_tokens),
             stop=stops,
             seed=sampling.seed if sampling.HasField("seed") else None,
+            min_p=float(min_p),
+            repetition_penalty=float(penalties["repetition_penalty"]),
+            frequency_penalty=float(penalties["frequency_penalty"]),
+            presence_penalty=float(penalties["presence_penalty"]),
+            json=sampling.response_format == runtime_pb2.RESPONSE_FORMAT_JSON_OBJECT,
         ),
         messages=messages,
         prompt=prompt,
+        # Whether it names a loaded adapter is the engine's to say.
+        adapter=sampling.adapter,
     )
 
 
