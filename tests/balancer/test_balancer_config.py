@@ -42,9 +42,27 @@ def test_file_then_env_then_overrides(tmp_path) -> None:
         ({"first_token_timeout_s": 0}, "first_token_timeout_s"),
         ({"max_attempts": 0}, "max_attempts"),
         ({"max_body_bytes": 10}, "max_body_bytes"),
+        ({"stream_idle_timeout_s": 0}, "stream_idle_timeout_s"),
+        ({"stats_interval_s": -1}, "stats_interval_s"),
+        ({"outlier_consecutive_failures": 0}, "outlier_consecutive_failures"),
+        ({"outlier_base_ejection_s": -1}, "outlier_base_ejection_s"),
+        ({"prefix_block_chars": 8}, "prefix_block_chars"),
+        ({"session_header": "X-Session"}, "session_header"),
+        ({"load_report_interval_s": 0}, "load_report_interval_s"),
+        ({"load_lease_ttl_s": 1}, "load_lease_ttl_s"),
     ],
 )
 def test_bad_values_name_their_field(values: dict, field: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         BalancerConfig(**values)
     assert [v.field for v in info.value.violations] == [field]
+
+
+def test_unknown_routing_profile_fails_at_build_time(etcd) -> None:
+    import asyncio
+
+    from clowder_balancer.app import create_balancer
+
+    with pytest.raises(InvalidArgument) as info:
+        asyncio.run(create_balancer(BalancerConfig(etcd_endpoints=(etcd.endpoint,), routing_profile="fastest")))
+    assert info.value.violations[0].field == "routing_profile"

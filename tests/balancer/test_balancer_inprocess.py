@@ -354,7 +354,8 @@ async def test_channel_of_a_vanished_endpoint_is_closed(state, make_balancer, ru
 async def test_metrics_count_requests_ttft_and_tokens(state, make_balancer, runtimes, http):
     app, _ = await serve(state, make_balancer, runtimes, speak(["a", "b", "c"]))
     async with http.post(url(app, "/v1/chat/completions"), json=CHAT) as resp:
-        assert (await resp.json())["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+        assert (await resp.json())["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
+                                                 "prompt_tokens_details": {"cached_tokens": 0}}
     async with http.post(url(app, "/v1/chat/completions"), json={**CHAT, "model": "ghost"}) as resp:
         assert resp.status == 404
     async with http.get(url(app, "/metrics")) as resp:

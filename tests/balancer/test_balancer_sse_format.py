@@ -34,7 +34,8 @@ def test_chunks_carry_null_usage_when_usage_is_requested() -> None:
     assert chunk["usage"] is None and chunk["choices"][0]["finish_reason"] == "length"
     usage = openai_api.usage_chunk("chat", "c", "m", 1, runtime_pb2.Usage(prompt_tokens=3, completion_tokens=4))
     assert usage["choices"] == []
-    assert usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
     assert usage["object"] == "chat.completion.chunk"
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 
+from clowder_common.auth import TOKEN_ENV
 from clowder_common.config import load_config
 from clowder_common.errors import ClowderError
 from clowder_common.lifecycle import Lifecycle, die_with_parent, serve_until_stopped
 from clowder_common.logs import setup_logging
 from clowder_common.telemetry import setup_telemetry, shutdown_telemetry
 
+from clowder_balancer import logcontext
 from clowder_balancer.app import create_balancer
 from clowder_balancer.config import BalancerConfig
 
@@ -33,7 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long to wait for a runtime's first token (default 60)")
     parser.add_argument("--drain-grace-s", type=float, metavar="S",
                         help="how long shutdown lets in-flight streams finish (default 10)")
-    parser.add_argument("--name", help="name of this balancer in logs (default balancer)")
+    parser.add_argument("--name", help="name of this balancer in logs and its load report (default balancer)")
+    parser.add_argument("--routing-profile", metavar="NAME",
+                        help="default, least-load, round-robin, random, least-in-flight, or one from the file")
+    parser.add_argument("--routing-profiles-file", metavar="FILE", help="YAML file of extra routing profiles")
+    parser.add_argument("--require-api-keys", action="store_true", default=None,
+                        help="refuse /v1/* and InferenceService calls without a valid user API key")
+    parser.add_argument("--stats-interval-s", type=float, metavar="S",
+                        help="how often runtimes' GetStats is polled (default 0.5; 0 turns it off)")
     return parser
 
 
@@ -48,9 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     except (ClowderError, OSError) as exc:
         parser.error(str(exc))
     setup_logging(config.name)
+    logcontext.install()
 
     async def start(lifecycle: Lifecycle) -> None:
-        app = await create_balancer(config)
+        # The admin token guards ApiKeyService only; user keys are for inference.
+        app = await create_balancer(config, admin_token=os.environ.get(TOKEN_ENV, "").strip() or None)
         lifecycle.on_shutdown("balancer", app.stop)
         await app.start()
 

@@ -10,13 +10,16 @@ from aiohttp import web
 from clowder_common.etcd import EtcdState
 from clowder_common.grpc_server import GrpcServer, create_grpc_server
 
+from clowder_balancer.apikeys import ApiKeyServicer, ApiKeyStore
 from clowder_balancer.channels import ChannelPool
 from clowder_balancer.config import BalancerConfig, split_host_port
 from clowder_balancer.discovery import Discovery
 from clowder_balancer.grpc_api import InferenceServicer
 from clowder_balancer.http_api import HttpApi
+from clowder_balancer.load import LoadReporter
 from clowder_balancer.metrics import Metrics
 from clowder_balancer.picker import Picker
+from clowder_balancer.pipeline import Pipeline
 from clowder_balancer.router import Router
 
 log = logging.getLogger(__name__)
@@ -25,16 +28,27 @@ log = logging.getLogger(__name__)
 class BalancerApp:
     """The running balancer; `http_port` and `grpc_port` are the bound ports once started."""
 
-    def __init__(self, config: BalancerConfig, picker: Picker | None = None) -> None:
+    def __init__(self, config: BalancerConfig, picker: Picker | None = None, admin_token: str | None = None,
+                 tracer_provider=None) -> None:
         self.config = config
         self.state = EtcdState(config.etcd_endpoints, config.etcd_prefix)
         self.metrics = Metrics()
         self.channels = ChannelPool()
         self.discovery = Discovery(self.state, on_endpoints_change=self._endpoints_changed)
-        self.router = Router(config, self.discovery, self.channels, self.metrics, picker)
+        self.router = Router(config, self.discovery, self.channels, self.metrics, picker,
+                             tracer_provider=tracer_provider)
+        self._tracer_provider = tracer_provider
+        self.load_reporter = LoadReporter(self.state, self.router.tracker, config.name,
+                                          config.load_report_interval_s, config.load_lease_ttl_s)
+        self.router.on_waiting = self.load_reporter.poke
         self._http_host, self._http_port_wanted = split_host_port(config.http_listen, "http_listen")
-        self._http = HttpApi(self.router, self.discovery, self.metrics, config.max_body_bytes)
-        self._servicer = InferenceServicer(self.router, self.discovery, self.metrics)
+        self.api_keys = ApiKeyStore(self.state)
+        self.pipeline = Pipeline(self.router, self.discovery)
+        self._http = HttpApi(self.router, self.discovery, self.metrics, config.max_body_bytes, config.session_header,
+                             self.pipeline, self.api_keys, config.require_api_keys)
+        self._servicer = InferenceServicer(self.router, self.discovery, self.metrics, config.session_header,
+                                           self.pipeline, self.api_keys, config.require_api_keys)
+        self._api_key_servicer = ApiKeyServicer(self.api_keys, admin_token)
         self._runner: web.AppRunner | None = None
         self._grpc: GrpcServer | None = None
         self.http_port = 0
@@ -42,7 +56,9 @@ class BalancerApp:
         self._stop_task: asyncio.Task | None = None
 
     def _endpoints_changed(self) -> None:
-        self.channels.sync(self.discovery.addresses())
+        live = self.discovery.addresses()
+        self.channels.sync(live)
+        self.router.endpoints_changed(live)
 
     async def start(self) -> None:
         try:
@@ -56,7 +72,13 @@ class BalancerApp:
         # Serve even if the caches are not loaded yet: /healthz says 503 and requests get UNAVAILABLE
         # until they are, which beats refusing connections while etcd is slow.
         await self.discovery.start()
-        self._grpc = create_grpc_server(self.config.grpc_listen, [self._servicer.register])
+        await self.api_keys.start()
+        await self.router.stats.start()
+        await self.load_reporter.start()
+        # No server-wide admin token: inference takes user keys; ApiKeyService checks the admin token itself.
+        self._grpc = create_grpc_server(self.config.grpc_listen,
+                                        [self._servicer.register, self._api_key_servicer.register],
+                                        tracer_provider=self._tracer_provider)
         await self._grpc.start()
         self.grpc_port = self._grpc.port
         # handler_cancellation: a client that hangs up cancels its handler, and so its runtime call.
@@ -92,12 +114,18 @@ class BalancerApp:
         for result in results:
             if isinstance(result, Exception):
                 log.warning("error while draining: %s", result)
+        await self.pipeline.drain()
+        await self.load_reporter.stop()
+        await self.router.stats.stop()
         await self.channels.close()
         await self.discovery.stop()
+        await self.api_keys.stop()
         await self.state.close()
         log.info("stopped")
 
 
-async def create_balancer(config: BalancerConfig, picker: Picker | None = None) -> BalancerApp:
-    """Build the balancer (nothing listens until `start()`)."""
-    return BalancerApp(config, picker)
+async def create_balancer(config: BalancerConfig, picker: Picker | None = None,
+                          admin_token: str | None = None, tracer_provider=None) -> BalancerApp:
+    """Build the balancer (nothing listens until `start()`). Without `admin_token`, API keys cannot be managed.
+    Spans go to `tracer_provider`, else the global one."""
+    return BalancerApp(config, picker, admin_token, tracer_provider)

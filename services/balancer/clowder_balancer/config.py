@@ -29,20 +29,54 @@ class BalancerConfig(EtcdConfig):
     drain_grace_s: float = 10.0
     # Larger request bodies get a 413.
     max_body_bytes: int = 4 * 1024 * 1024
-    # Identifies this balancer in logs.
+    # Identifies this balancer in logs and names its load report (load/<name>).
     name: str = "balancer"
+    # Routing profile: a built-in one (default, least-load, round-robin, random, least-in-flight) or one
+    # defined in routing_profiles_file (YAML: `profiles: {NAME: {filters: [...], scorers: [{name, weight}],
+    # picker: NAME}}`).
+    routing_profile: str = "default"
+    routing_profiles_file: str = ""
+    # Characters per prompt block in the prefix-affinity index.
+    prefix_block_chars: int = 256
+    # Header (HTTP) / metadata key (gRPC) whose value pins a conversation to a replica.
+    session_header: str = "x-session-id"
+    # How often every runtime's GetStats is polled (0 turns polling off).
+    stats_interval_s: float = 0.5
+    # A stream that sends nothing for this long after its first token is cut with an error event.
+    stream_idle_timeout_s: float = 60.0
+    # Outlier detection: failures in a row that eject a replica, and for how long (doubling per ejection).
+    outlier_consecutive_failures: int = 3
+    outlier_base_ejection_s: float = 10.0
+    outlier_max_ejection_s: float = 120.0
+    # Require a user API key (`Authorization: Bearer ck-...`) on /v1/* and InferenceService. Off by default so
+    # a fresh cluster works keyless; a key that is sent is checked either way (and grants its groups).
+    require_api_keys: bool = False
+    # Load reports to etcd (load/<name>): interval and lease TTL.
+    load_report_interval_s: float = 1.0
+    load_lease_ttl_s: int = 5
 
     def __post_init__(self) -> None:
         for field in ("http_listen", "grpc_listen"):
             split_host_port(getattr(self, field), field)
-        for field in ("ready_timeout_s", "drain_grace_s", "failure_cooldown_s"):
+        for field in ("ready_timeout_s", "drain_grace_s", "failure_cooldown_s", "stats_interval_s",
+                      "outlier_base_ejection_s", "outlier_max_ejection_s"):
             if getattr(self, field) < 0:
                 raise InvalidArgument(f"{field} must not be negative", field=field)
-        for field in ("request_timeout_s", "first_token_timeout_s"):
+        for field in ("request_timeout_s", "first_token_timeout_s", "stream_idle_timeout_s",
+                      "load_report_interval_s"):
             if getattr(self, field) <= 0:
                 raise InvalidArgument(f"{field} must be positive", field=field)
         if self.max_attempts < 1:
             raise InvalidArgument("max_attempts must be at least 1", field="max_attempts")
+        if self.outlier_consecutive_failures < 1:
+            raise InvalidArgument("outlier_consecutive_failures must be at least 1",
+                                  field="outlier_consecutive_failures")
+        if self.prefix_block_chars < 16:
+            raise InvalidArgument("prefix_block_chars must be at least 16", field="prefix_block_chars")
+        if self.load_lease_ttl_s < 2:
+            raise InvalidArgument("load_lease_ttl_s must be at least 2", field="load_lease_ttl_s")
+        if not self.session_header or self.session_header != self.session_header.lower():
+            raise InvalidArgument("session_header must be a non-empty lowercase header name", field="session_header")
         if self.max_body_bytes < 1024:
             raise InvalidArgument("max_body_bytes must be at least 1024", field="max_body_bytes")
 

@@ -38,18 +38,29 @@ class Discovery:
     def __init__(self, state: EtcdState, on_endpoints_change: Callable[[], None] | None = None) -> None:
         self._deployments_prefix = state.key(keys.DEPLOYMENTS)
         self._endpoints_prefix = state.key(keys.ENDPOINTS)
+        self._images_prefix = state.key(keys.IMAGES)
         self._deployments = PrefixCache(state, self._deployments_prefix, resources_pb2.Deployment)
+        # Images carry the configuration (allowed groups, middleware) the balancer applies per model.
+        self._images = PrefixCache(state, self._images_prefix, resources_pb2.Image)
         self._endpoints = PrefixCache(state, self._endpoints_prefix, runtime_pb2.Endpoint, on_endpoints_change)
 
     async def start(self) -> None:
-        await asyncio.gather(self._deployments.start(), self._endpoints.start())
+        await asyncio.gather(self._deployments.start(), self._endpoints.start(), self._images.start())
 
     async def stop(self) -> None:
-        await asyncio.gather(self._deployments.stop(), self._endpoints.stop())
+        await asyncio.gather(self._deployments.stop(), self._endpoints.stop(), self._images.stop())
 
     @property
     def ready(self) -> bool:
-        return self._deployments.ready and self._endpoints.ready
+        return self._deployments.ready and self._endpoints.ready and self._images.ready
+
+    def image_configuration(self, name: str) -> resources_pb2.ImageConfiguration:
+        """The configuration of the aimage deployment `name` serves (empty when unknown)."""
+        deployment = self._deployments.items.get(self._deployments_prefix + name)
+        if deployment is None:
+            return resources_pb2.ImageConfiguration()
+        image = self._images.items.get(self._images_prefix + (deployment.image or name))
+        return image.configuration if image is not None else resources_pb2.ImageConfiguration()
 
     def _check_ready(self) -> None:
         if not self.ready:

@@ -15,11 +15,14 @@ from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import HTTP_STATUS, ClowderError, InvalidArgument
 
-from clowder_balancer import request_ids
+from clowder_balancer import logcontext, request_ids
+from clowder_balancer.apikeys import ApiKeyStore, Principal, bearer
 from clowder_balancer.discovery import Discovery
 from clowder_balancer.metrics import CLIENT_CLOSED, UNKNOWN_MODEL, Metrics
 from clowder_balancer.openai_api import ROLES
 from clowder_balancer.request_ids import HEADER as REQUEST_ID_HEADER
+from clowder_balancer.middleware.base import RequestContext
+from clowder_balancer.pipeline import Pipeline
 from clowder_balancer.router import Router
 from clowder_balancer.sampling import validate_sampling
 
@@ -28,15 +31,19 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
+    value = next((v for k, v in context.invocation_metadata() or () if k == key), "")
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
 def _request_id(context: grpc.aio.ServicerContext) -> str:
-    given = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_HEADER), None)
-    return request_ids.request_id(given)
+    return request_ids.request_id(_metadata(context, REQUEST_ID_HEADER) or None)
 
 
 def _validate_common(model: str, sampling: runtime_pb2.SamplingParams) -> None:
     if not model:
         raise InvalidArgument("model is required", field="model")
-    validate_sampling(sampling, {f: f"sampling.{f}" for f in ("temperature", "top_p", "max_tokens", "stop")})
+    validate_sampling(sampling, {f.name: f"sampling.{f.name}" for f in runtime_pb2.SamplingParams.DESCRIPTOR.fields})
 
 
 def _validate_messages(messages) -> None:
@@ -54,16 +61,28 @@ def _normalized(message: runtime_pb2.ChatMessage) -> runtime_pb2.ChatMessage:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, router: Router, discovery: Discovery, metrics: Metrics) -> None:
+    def __init__(self, router: Router, discovery: Discovery, metrics: Metrics,
+                 session_header: str = "x-session-id", pipeline: Pipeline | None = None,
+                 keys: ApiKeyStore | None = None, require_api_keys: bool = False) -> None:
         self._router = router
+        self._session_header = session_header
+        self._pipeline = pipeline or Pipeline(router, discovery)
+        self._keys = keys
+        self._require_keys = require_api_keys
         self._discovery = discovery
         self._metrics = metrics
+
+    def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        if self._keys is None:
+            return Principal()
+        return self._keys.authenticate(bearer(_metadata(context, "authorization")), self._require_keys)
 
     def register(self, server: grpc.aio.Server) -> str:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(self, server)
         return SERVICE_NAME
 
     async def ListModels(self, request, context) -> inference_pb2.ListModelsResponse:
+        self._principal(context)
         return inference_pb2.ListModelsResponse(
             models=[
                 inference_pb2.Model(id=m.name, created=m.created, ready_replicas=m.ready_replicas)
@@ -98,6 +117,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[tuple[runtime_pb2.GenerateResponse, str, int]]:
         rid = _request_id(context)
         generate.request_id = rid
+        logcontext.REQUEST_ID.set(rid)
         await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
         model_label = UNKNOWN_MODEL
         status = 500
@@ -105,7 +125,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         try:
             if self._discovery.has_model(model):
                 model_label = model
-            async with contextlib.aclosing(self._router.generate(model, generate)) as stream:
+            principal = self._principal(context)
+            session = _metadata(context, self._session_header)[:256]
+            ctx = RequestContext(rid, model, "grpc", principal)
+            async with contextlib.aclosing(self._pipeline.generate(ctx, generate, session=session)) as stream:
                 async for message in stream:
                     yield message, cid, created
             status = 200

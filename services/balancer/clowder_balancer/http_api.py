@@ -14,11 +14,14 @@ from aiohttp import web
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import HTTP_STATUS, ClowderError
 
-from clowder_balancer import openai_api, request_ids
+from clowder_balancer import logcontext, openai_api, request_ids
+from clowder_balancer.apikeys import ApiKeyStore, Principal, bearer
 from clowder_balancer.discovery import Discovery, model_not_found
 from clowder_balancer.metrics import CLIENT_CLOSED, UNKNOWN_MODEL, Metrics
 from clowder_balancer.openai_api import Kind, OpenAIRequest
 from clowder_balancer.request_ids import HEADER as REQUEST_ID_HEADER
+from clowder_balancer.middleware.base import RequestContext
+from clowder_balancer.pipeline import Pipeline
 from clowder_balancer.router import Router
 
 log = logging.getLogger(__name__)
@@ -39,8 +42,14 @@ def _error_response(err: ClowderError) -> web.Response:
 
 
 class HttpApi:
-    def __init__(self, router: Router, discovery: Discovery, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, router: Router, discovery: Discovery, metrics: Metrics, max_body_bytes: int,
+                 session_header: str = "x-session-id", pipeline: Pipeline | None = None,
+                 keys: ApiKeyStore | None = None, require_api_keys: bool = False) -> None:
         self._router = router
+        self._session_header = session_header
+        self._pipeline = pipeline or Pipeline(router, discovery)
+        self._keys = keys
+        self._require_keys = require_api_keys
         self._discovery = discovery
         self._metrics = metrics
         self._max_body_bytes = max_body_bytes
@@ -62,6 +71,8 @@ class HttpApi:
         """Request ids on every response, and every error in OpenAI's shape."""
         rid = request_ids.request_id(request.headers.get(REQUEST_ID_HEADER))
         request[REQUEST_ID] = rid
+        # Each aiohttp request runs in its own task: setting the variable here scopes it to this request.
+        logcontext.REQUEST_ID.set(rid)
         started = time.monotonic()
         try:
             response = await handler(request)
@@ -81,8 +92,8 @@ class HttpApi:
         if not response.prepared:
             response.headers[REQUEST_ID_HEADER] = rid
         level = logging.DEBUG if request.path in ("/healthz", "/metrics") else logging.INFO
-        log.log(level, "request_id=%s %s %s status=%s duration_s=%.3f", rid, request.method, request.path,
-                response.status, time.monotonic() - started)
+        log.log(level, "request_id=%s %s %s status=%s duration_s=%.3f replica=%s", rid, request.method, request.path,
+                response.status, time.monotonic() - started, logcontext.REPLICA.get() or "-")
         return response
 
     @staticmethod
@@ -95,6 +106,12 @@ class HttpApi:
         if exc.status == 413:
             return json_error(413, exc.text or "Request body too large", code="request_too_large")
         return json_error(exc.status, exc.text or exc.reason)
+
+    def _principal(self, request: web.Request) -> Principal:
+        """Who is calling /v1/*: Unauthenticated (401) for a bad key, or for none when keys are required."""
+        if self._keys is None:
+            return Principal()
+        return self._keys.authenticate(bearer(request.headers.get("Authorization")), self._require_keys)
 
     # -- plain endpoints ---------------------------------------------------------------------------
 
@@ -113,10 +130,12 @@ class HttpApi:
         return {"id": name, "object": "model", "created": created, "owned_by": "clowder"}
 
     async def _list_models(self, request: web.Request) -> web.Response:
+        self._principal(request)
         data = [self._model_object(m.name, m.created) for m in self._discovery.models()]
         return web.json_response({"object": "list", "data": data})
 
     async def _get_model(self, request: web.Request) -> web.Response:
+        self._principal(request)
         name = request.match_info["model"]
         for model in self._discovery.models():
             if model.name == name:
@@ -136,10 +155,13 @@ class HttpApi:
         model_label = UNKNOWN_MODEL
         status = 500
         try:
+            principal = self._principal(request)
             parsed = openai_api.parse_request(openai_api.decode_body(await request.read()), kind)
             if self._discovery.has_model(parsed.model):
                 model_label = parsed.model
-            stream = self._router.generate(parsed.model, parsed.generate_request(rid))
+            session = request.headers.get(self._session_header, "")[:256]
+            ctx = RequestContext(rid, parsed.model, "http", principal)
+            stream = self._pipeline.generate(ctx, parsed.generate_request(rid), session=session)
             async with contextlib.aclosing(stream):
                 if parsed.stream:
                     response, status = await self._stream(request, parsed, stream)
@@ -201,31 +223,38 @@ class HttpApi:
             )
 
         try:
+            # One write per runtime message: every write is a send(2), and on small chunks the
+            # syscalls are most of what the balancer adds to a stream.
+            pending: list[bytes] = []
             try:
                 if parsed.kind == "chat":
                     delta = {"role": "assistant", "content": ""}
-                    await response.write(
+                    pending.append(
                         openai_api.sse_event(openai_api.chat_chunk(cid, model, created, delta, None, usage_too))
                     )
                 while True:
                     finish = openai_api.finish_reason_name(message.finish_reason)
                     if message.text:
-                        await response.write(chunk(message.text, None))
+                        pending.append(chunk(message.text, None))
                     if finish is not None:
-                        await response.write(chunk(None, finish))
+                        pending.append(chunk(None, finish))
                         if usage_too:
-                            await response.write(openai_api.sse_event(
+                            pending.append(openai_api.sse_event(
                                 openai_api.usage_chunk(parsed.kind, cid, model, created, message.usage)
                             ))
                         break
+                    if pending:
+                        await response.write(b"".join(pending))
+                        pending.clear()
                     message = await anext(stream)
                 status = 200
             except ClowderError as err:
                 # Headers are gone: the client learns of the failure in-band, as OpenAI does.
                 status, body = openai_api.error_from(err)
                 log.warning("request_id=%s stream broke after the first token: %s", rid, err.message)
-                await response.write(openai_api.sse_event(body))
-            await response.write(openai_api.SSE_DONE)
+                pending.append(openai_api.sse_event(body))
+            pending.append(openai_api.SSE_DONE)
+            await response.write(b"".join(pending))
             await response.write_eof()
         except ConnectionError:
             # The client hung up between chunks; leaving lets aclosing() cancel the runtime call.

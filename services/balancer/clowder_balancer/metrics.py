@@ -10,6 +10,8 @@ UNKNOWN_MODEL = "_unknown"
 # Outcome of requests whose client went away (nginx's "client closed request").
 CLIENT_CLOSED = 499
 
+ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+TPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -41,6 +43,24 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "clowder_balancer_requests_in_flight", "Runtime calls open now.", ["model"], registry=self.registry,
+        )
+
+        self.replica_ttft = Histogram(
+            "clowder_balancer_replica_time_to_first_token_seconds",
+            "From routing a request to the first message, by the replica that served it.",
+            ["model", "replica"], buckets=TTFT_BUCKETS, registry=self.registry,
+        )
+        self.inter_token_latency = Histogram(
+            "clowder_balancer_inter_token_latency_seconds", "Time between consecutive messages of one stream.",
+            ["model"], buckets=ITL_BUCKETS, registry=self.registry,
+        )
+        self.tokens_per_second = Histogram(
+            "clowder_balancer_tokens_per_second", "Decode speed of finished requests after their first token.",
+            ["model", "replica"], buckets=TPS_BUCKETS, registry=self.registry,
+        )
+        self.ejections = Counter(
+            "clowder_balancer_ejections", "Replicas ejected by outlier detection.",
+            ["model", "replica"], registry=self.registry,
         )
 
     def render(self) -> bytes:

@@ -167,6 +167,20 @@ def _stop(body: dict[str, Any]) -> list[str]:
     return list(stop)
 
 
+def _response_format(body: dict[str, Any]) -> int:
+    spec = _get(body, "response_format", dict, "an object")
+    if spec is None:
+        return runtime_pb2.RESPONSE_FORMAT_UNSPECIFIED
+    kind = spec.get("type")
+    if kind == "text":
+        return runtime_pb2.RESPONSE_FORMAT_TEXT
+    if kind == "json_object":
+        return runtime_pb2.RESPONSE_FORMAT_JSON_OBJECT
+    if kind == "json_schema":
+        raise _bad("response_format.type", "'json_schema' is not supported; use 'json_object'.")
+    raise _bad("response_format.type", "Invalid 'response_format.type': expected 'text' or 'json_object'.")
+
+
 def _reject_unsupported(body: dict[str, Any], kind: Kind) -> None:
     n = _int_in(body, "n", 1, UINT32_MAX)
     if n is not None and n != 1:
@@ -223,6 +237,18 @@ def parse_request(body: dict[str, Any], kind: Kind) -> OpenAIRequest:
     seed = _int_in(body, "seed", INT64_MIN, INT64_MAX)
     if seed is not None:
         sampling.seed = seed
+    for name in ("frequency_penalty", "presence_penalty", "min_p", "repetition_penalty"):
+        value = _get(body, name, (int, float), "a number")
+        if value is not None:
+            setattr(sampling, name, value)
+    top_k = _int_in(body, "top_k", 0, UINT32_MAX)
+    if top_k is not None:
+        sampling.top_k = top_k
+    sampling.response_format = _response_format(body)
+    # Not an OpenAI field: which LoRA adapter of the aimage to apply (the runtime lists what it has loaded).
+    adapter = _get(body, "adapter", str, "a string")
+    if adapter:
+        sampling.adapter = adapter
     validate_sampling(sampling, names)
     return OpenAIRequest(kind, model, stream, include_usage, sampling, messages, prompt)
 
@@ -234,11 +260,13 @@ def finish_reason_name(reason: int) -> str | None:
     return FINISH_REASONS.get(reason)
 
 
-def usage_dict(usage: runtime_pb2.Usage) -> dict[str, int]:
+def usage_dict(usage: runtime_pb2.Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        # Prompt tokens the runtime found in its KV cache (what prefix-affinity routing is for).
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
     }
 
 

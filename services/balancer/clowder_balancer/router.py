@@ -10,15 +10,23 @@ import time
 from typing import AsyncIterator, Sequence
 
 import grpc
+from opentelemetry import propagate, trace
 
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import ClowderError, DeadlineExceeded, Internal, Unavailable, from_rpc_error
 
+from clowder_balancer import logcontext
 from clowder_balancer.channels import ChannelPool
 from clowder_balancer.config import BalancerConfig
 from clowder_balancer.discovery import Discovery, ReadyEndpoint
 from clowder_balancer.metrics import Metrics
-from clowder_balancer.picker import Candidate, LeastInFlightPicker, Picker
+from clowder_balancer.load import LoadTracker
+from clowder_balancer.outliers import OutlierDetector
+from clowder_balancer.routing.base import Candidate, Picker, RouteRequest
+from clowder_balancer.routing.prefix_index import block_hashes, render_chat
+from clowder_balancer.routing.profiles import scheduler_for
+from clowder_balancer.routing.scheduler import Scheduler
+from clowder_balancer.stats import StatsPoller
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +44,7 @@ class _Retry(Exception):
 
 
 class Router:
-    """Streams GenerateResponse messages of one request from the least-loaded ready replica."""
+    """Streams GenerateResponse messages of one request from the replica its routing profile picks."""
 
     def __init__(
         self,
@@ -45,15 +53,31 @@ class Router:
         channels: ChannelPool,
         metrics: Metrics,
         picker: Picker | None = None,
+        scheduler: Scheduler | None = None,
+        tracker: LoadTracker | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self._config = config
         self._discovery = discovery
         self._channels = channels
         self._metrics = metrics
-        self._picker = picker or LeastInFlightPicker()
-        # Keyed by address: what a replica carries for us is what the picker balances.
+        # A plain picker (tests pass one) replaces the profile's scorers; the profile's filters still apply.
+        self._picker = picker
+        self.scheduler = scheduler or scheduler_for(
+            config.routing_profile, config.routing_profiles_file, block_chars=config.prefix_block_chars
+        )
+        self.tracker = tracker or LoadTracker()
+        self.outliers = OutlierDetector(
+            config.outlier_consecutive_failures, config.outlier_base_ejection_s, config.outlier_max_ejection_s
+        )
+        self.stats = StatsPoller(channels, discovery.addresses, interval_s=config.stats_interval_s,
+                                 on_stats=self.scheduler.runtime_report)
+        # Keyed by address: what a replica carries for us is what load balancing sees first.
         self._in_flight: collections.Counter[str] = collections.Counter()
-        self._cooldown_until: dict[str, float] = {}
+        self._known: set[str] = set()
+        self._tracer = trace.get_tracer("clowder.balancer", tracer_provider=tracer_provider)
+        # Called when a request starts waiting for a replica (the load reporter reports at once).
+        self.on_waiting = lambda: None
 
     def in_flight(self, address: str) -> int:
         return self._in_flight[address]
@@ -62,27 +86,48 @@ class Router:
     def total_in_flight(self) -> int:
         return sum(self._in_flight.values())
 
-    def _cooling(self, address: str, now: float) -> bool:
-        until = self._cooldown_until.get(address)
-        if until is None:
-            return False
-        if until <= now:
-            del self._cooldown_until[address]
-            return False
-        return True
+    def endpoints_changed(self, live: set[str]) -> None:
+        """Forget what routing learned about replicas that deregistered (a restart comes back cold)."""
+        for gone in self._known - live:
+            self.scheduler.forget(gone)
+            self.outliers.forget(gone)
+        self._known = set(live)
 
-    def _choose(self, endpoints: Sequence[ReadyEndpoint], tried: set[str]) -> Candidate:
-        now = time.monotonic()
-        candidates = [
-            Candidate(e.replica_id, e.address, self._in_flight[e.address]) for e in endpoints if e.address not in tried
-        ]
-        # A replica that just refused a connection is probably dead with its lease still alive;
-        # prefer the others, but keep it as a last resort.
-        healthy = [c for c in candidates if not self._cooling(c.address, now)]
-        return self._picker.pick(healthy or candidates)
+    def route_request(self, model: str, request: runtime_pb2.GenerateRequest, session: str = "") -> RouteRequest:
+        return RouteRequest(model, block_hashes(_prompt_text(request), self._config.prefix_block_chars),
+                            session, request.sampling.adapter)
+
+    def _candidates(self, endpoints: Sequence[ReadyEndpoint], tried: set[str]) -> list[Candidate]:
+        out = []
+        for e in endpoints:
+            if e.address in tried:
+                continue
+            stats = self.stats.get(e.address)
+            out.append(Candidate(
+                e.replica_id, e.address, self._in_flight[e.address], running=stats.running, waiting=stats.waiting,
+                ejected=self.outliers.ejected(e.address), reachable=stats.reachable, adapters=stats.adapters,
+            ))
+        return out
+
+    def _choose(self, route: RouteRequest, endpoints: Sequence[ReadyEndpoint], tried: set[str]) -> Candidate:
+        candidates = self._candidates(endpoints, tried)
+        if self._picker is None:
+            return self.scheduler.schedule(route, candidates)
+        # Ejected replicas stay a last resort: better a doubtful replica than a certain 503.
+        healthy = [c for c in candidates if not c.ejected] or candidates
+        return self._picker.pick(healthy)
+
+    async def _endpoints(self, model: str, deadline: float, tried: set[str]) -> list[ReadyEndpoint]:
+        now = [e for e in self._discovery.endpoints(model) if e.address not in tried]
+        if now or not self._discovery.has_model(model):
+            return await self._discovery.wait_for_endpoints(model, deadline - time.monotonic(), exclude=tried)
+        # No ready replica: count the request as waiting, which is what wakes a deployment scaled to zero.
+        with self.tracker.waiting(model):
+            self.on_waiting()
+            return await self._discovery.wait_for_endpoints(model, deadline - time.monotonic(), exclude=tried)
 
     async def generate(
-        self, model: str, request: runtime_pb2.GenerateRequest
+        self, model: str, request: runtime_pb2.GenerateRequest, session: str = "", route: RouteRequest | None = None
     ) -> AsyncIterator[runtime_pb2.GenerateResponse]:
         """Yield the runtime's messages for `request`; the last one carries finish_reason and usage.
 
@@ -94,24 +139,25 @@ class Router:
         rid = request.request_id
         started = time.monotonic()
         ready_deadline = started + self._config.ready_timeout_s
+        route = route or self.route_request(model, request, session=session)
         tried: set[str] = set()
         last_error: ClowderError | None = None
+        if self._discovery.ready and self._discovery.has_model(model):
+            self.tracker.request(model)
         for attempt in range(1, max(1, self._config.max_attempts) + 1):
             try:
-                endpoints = await self._discovery.wait_for_endpoints(
-                    model, ready_deadline - time.monotonic(), exclude=tried
-                )
+                endpoints = await self._endpoints(model, ready_deadline, tried)
             except Unavailable:
                 if last_error is not None:
                     raise last_error from None
                 raise
-            choice = self._choose(endpoints, tried)
+            choice = self._choose(route, endpoints, tried)
             tried.add(choice.address)
             if attempt > 1:
                 self._metrics.retries.labels(model).inc()
             try:
                 # aclosing: when our consumer stops early, the runtime call is cancelled now, not at GC.
-                async with contextlib.aclosing(self._attempt(model, choice, request, started)) as stream:
+                async with contextlib.aclosing(self._attempt(model, choice, request, route, started)) as stream:
                     async for message in stream:
                         yield message
                 return
@@ -122,68 +168,145 @@ class Router:
         raise last_error
 
     async def _attempt(
-        self, model: str, choice: Candidate, request: runtime_pb2.GenerateRequest, started: float
+        self, model: str, choice: Candidate, request: runtime_pb2.GenerateRequest, route: RouteRequest,
+        started: float,
     ) -> AsyncIterator[runtime_pb2.GenerateResponse]:
         rid = request.request_id
         address = choice.address
         self._in_flight[address] += 1
         self._metrics.in_flight.labels(model).inc()
         self._metrics.routed.labels(model, choice.replica_id).inc()
-        log.info("request_id=%s model=%s routed to replica=%s address=%s", rid, model, choice.replica_id, address)
+        self.scheduler.routed(route, choice)
+        logcontext.REPLICA.set(choice.replica_id)
+        # DEBUG: at INFO a second line per request costs more than the rest of the routing put together;
+        # the access-log line names the replica instead.
+        log.debug("request_id=%s model=%s routed to replica=%s address=%s", rid, model, choice.replica_id, address)
         call = None
-        try:
-            async with self._channels.stub(address) as stub:
-                call = stub.Generate(
-                    request, timeout=self._config.request_timeout_s, metadata=(("x-request-id", rid),)
-                )
-                first = await self._first_message(model, choice, call, rid)
-                self._cooldown_until.pop(address, None)
-                self._metrics.time_to_first_token.labels(model).observe(time.monotonic() - started)
-                message = first
-                while True:
-                    if message.finish_reason != runtime_pb2.FINISH_REASON_UNSPECIFIED:
-                        self._metrics.generated_tokens.labels(model).inc(message.usage.completion_tokens)
+        watchdog: _Watchdog | None = None
+        texts: list[str] = []
+        # Not "as current": the span must not leak into the consumer's context between yields.
+        span = self._tracer.start_span(
+            "balancer.generate", attributes={"clowder.model": model, "clowder.replica": choice.replica_id,
+                                             "clowder.request_id": rid},
+        )
+        with self.tracker.in_flight(model), contextlib.closing(_SpanEnder(span)):
+            metadata: dict[str, str] = {"x-request-id": rid}
+            # The runtime's server span becomes a child of this one.
+            propagate.inject(metadata, context=trace.set_span_in_context(span))
+            try:
+                async with self._channels.stub(address) as stub:
+                    call = stub.Generate(request, timeout=self._config.request_timeout_s,
+                                         metadata=tuple(metadata.items()))
+                    watchdog = _Watchdog(call)
+                    first = await self._first_message(model, choice, call, rid, watchdog)
+                    first_at = time.monotonic()
+                    self._metrics.time_to_first_token.labels(model).observe(first_at - started)
+                    self._metrics.replica_ttft.labels(model, choice.replica_id).observe(first_at - started)
+                    message, previous = first, first_at
+                    while True:
+                        texts.append(message.text)
+                        if message.finish_reason != runtime_pb2.FINISH_REASON_UNSPECIFIED:
+                            self._finished(model, choice, route, request, texts, message, first_at)
+                            yield message
+                            return
                         yield message
-                        return
-                    yield message
-                    try:
-                        message = await call.read()
-                    except grpc.aio.AioRpcError as err:
-                        log.warning("request_id=%s replica=%s failed mid-stream: %s %s",
-                                    rid, choice.replica_id, err.code().name, err.details())
-                        raise self._relay(model, err, streaming=True) from None
-                    if message is grpc.aio.EOF:
-                        raise Unavailable(f"a replica of model '{model}' ended the stream before finishing")
-        finally:
-            if call is not None and not call.done():
-                # The client went away or we gave up: free the runtime's slot now, not at the deadline.
-                call.cancel()
-            self._in_flight[address] -= 1
-            if self._in_flight[address] <= 0:
-                del self._in_flight[address]
-            self._metrics.in_flight.labels(model).dec()
+                        message = await self._next_message(model, choice, call, rid, watchdog)
+                        now = time.monotonic()
+                        self._metrics.inter_token_latency.labels(model).observe(now - previous)
+                        previous = now
+            finally:
+                if watchdog is not None:
+                    watchdog.disarm()
+                if call is not None and not call.done():
+                    # The client went away or we gave up: free the runtime's slot now, not at the deadline.
+                    call.cancel()
+                self._in_flight[address] -= 1
+                if self._in_flight[address] <= 0:
+                    del self._in_flight[address]
+                self._metrics.in_flight.labels(model).dec()
+
+    def _finished(self, model: str, choice: Candidate, route: RouteRequest, request: runtime_pb2.GenerateRequest,
+                  texts: list[str], last: runtime_pb2.GenerateResponse, first_at: float) -> None:
+        self.outliers.success(choice.address)
+        tokens = last.usage.completion_tokens
+        self._metrics.generated_tokens.labels(model).inc(tokens)
+        elapsed = time.monotonic() - first_at
+        if tokens > 1 and elapsed > 0:
+            self._metrics.tokens_per_second.labels(model, choice.replica_id).observe((tokens - 1) / elapsed)
+        answer = "".join(texts)
+        if request.HasField("chat"):
+            full = _prompt_text(request) + render_chat([runtime_pb2.ChatMessage(role="assistant", content=answer)])
+        else:
+            full = request.prompt + answer
+        self.scheduler.finished(route, choice, block_hashes(full, self._config.prefix_block_chars))
+
+    async def _next_message(
+        self, model: str, choice: Candidate, call: grpc.aio.UnaryStreamCall, rid: str, watchdog: _Watchdog
+    ) -> runtime_pb2.GenerateResponse:
+        timeout = self._config.stream_idle_timeout_s
+        watchdog.arm(timeout)
+        try:
+            message = await call.read()
+        except (asyncio.CancelledError, grpc.aio.AioRpcError) as err:
+            if not watchdog.fired:
+                if isinstance(err, asyncio.CancelledError):
+                    raise
+                raise self._stream_error(model, choice, err, rid) from None
+            self._fail(model, choice)
+            log.warning("request_id=%s replica=%s stalled mid-stream for %gs", rid, choice.replica_id, timeout)
+            raise DeadlineExceeded(
+                f"the replica of model '{model}' sent nothing for {timeout:g}s", reason="STREAM_IDLE_TIMEOUT"
+            ) from None
+        if message is grpc.aio.EOF:
+            self._fail(model, choice)
+            raise Unavailable(f"a replica of model '{model}' ended the stream before finishing")
+        return message
+
+    def _stream_error(self, model: str, choice: Candidate, err: grpc.aio.AioRpcError, rid: str) -> ClowderError:
+        self._fail(model, choice)
+        log.warning("request_id=%s replica=%s failed mid-stream: %s %s",
+                    rid, choice.replica_id, err.code().name, err.details())
+        return self._relay(model, err, streaming=True)
 
     async def _first_message(
-        self, model: str, choice: Candidate, call: grpc.aio.UnaryStreamCall, rid: str
+        self, model: str, choice: Candidate, call: grpc.aio.UnaryStreamCall, rid: str, watchdog: _Watchdog
     ) -> runtime_pb2.GenerateResponse:
         timeout = self._config.first_token_timeout_s
+        watchdog.arm(timeout)
         try:
-            first = await asyncio.wait_for(call.read(), timeout)
-        except asyncio.TimeoutError:
+            first = await call.read()
+        except (asyncio.CancelledError, grpc.aio.AioRpcError) as err:
+            if not watchdog.fired:
+                if isinstance(err, asyncio.CancelledError):
+                    raise
+                raise self._first_error(model, choice, err, rid) from None
+            self._fail(model, choice)
             raise DeadlineExceeded(
                 f"the replica of model '{model}' sent no token within {timeout:g}s", reason="FIRST_TOKEN_TIMEOUT"
             ) from None
-        except grpc.aio.AioRpcError as err:
-            if err.code() in RETRYABLE:
-                if err.code() == grpc.StatusCode.UNAVAILABLE:
-                    self._cooldown_until[choice.address] = time.monotonic() + self._config.failure_cooldown_s
-                log.warning("request_id=%s replica=%s address=%s failed before the first token: %s %s",
-                            rid, choice.replica_id, choice.address, err.code().name, err.details())
-                raise _Retry(self._relay(model, err, streaming=False)) from None
-            raise self._relay(model, err, streaming=False) from None
         if first is grpc.aio.EOF:
+            self._fail(model, choice)
             raise Internal(f"a replica of model '{model}' ended the stream without a result")
         return first
+
+    def _first_error(self, model: str, choice: Candidate, err: grpc.aio.AioRpcError, rid: str) -> Exception:
+        """What to raise for a call that failed before its first message: _Retry when another replica may try."""
+        if err.code() in RETRYABLE:
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                # A refused connection is probably a dead process whose lease has not expired yet.
+                self._fail(model, choice, eject_for=self._config.failure_cooldown_s)
+            log.warning("request_id=%s replica=%s address=%s failed before the first token: %s %s",
+                        rid, choice.replica_id, choice.address, err.code().name, err.details())
+            return _Retry(self._relay(model, err, streaming=False))
+        if err.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS):
+            self._fail(model, choice)
+        return self._relay(model, err, streaming=False)
+
+    def _fail(self, model: str, choice: Candidate, eject_for: float | None = None) -> None:
+        was = self.outliers.ejected(choice.address)
+        if self.outliers.failure(choice.address, eject_for) and not was:
+            self._metrics.ejections.labels(model, choice.replica_id).inc()
+            log.warning("replica=%s of model=%s ejected after failures", choice.replica_id, model)
 
     def _relay(self, model: str, err: grpc.aio.AioRpcError, streaming: bool) -> ClowderError:
         """The runtime's error as ours; transport failures are reworded so no internal address leaks."""
@@ -195,3 +318,45 @@ class Router:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceeded(f"the request exceeded its {self._config.request_timeout_s:g}s deadline")
         return from_rpc_error(err)
+
+
+class _Watchdog:
+    """Cancels a call that stays silent too long: one timer per call, moved on at each message.
+
+    asyncio.wait_for around every read would cost a task per token, the largest share of the
+    balancer's own per-request time.
+    """
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+        self._call = call
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = None
+        self.fired = False
+
+    def arm(self, seconds: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = self._loop.call_later(seconds, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        self._call.cancel()
+
+    def disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+class _SpanEnder:
+    def __init__(self, span: trace.Span) -> None:
+        self._span = span
+
+    def close(self) -> None:
+        self._span.end()
+
+
+def _prompt_text(request: runtime_pb2.GenerateRequest) -> str:
+    if request.HasField("chat"):
+        return render_chat(request.chat.messages)
+    return request.prompt

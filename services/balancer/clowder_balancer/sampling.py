@@ -30,6 +30,14 @@ def validate_sampling(params: runtime_pb2.SamplingParams, names: Mapping[str, st
         # 0 would leave no token to sample from; the runtime refuses it too.
         if not math.isfinite(params.top_p) or not 0.0 < params.top_p <= TOP_P_MAX:
             raise InvalidArgument(f"{name('top_p')} must be in (0, {TOP_P_MAX:g}]", field=name("top_p"))
+    for field, low, high in (("frequency_penalty", -2.0, 2.0), ("presence_penalty", -2.0, 2.0),
+                             ("min_p", 0.0, 1.0), ("repetition_penalty", 0.01, 10.0)):
+        if params.HasField(field):
+            value = getattr(params, field)
+            if not math.isfinite(value) or not low <= value <= high:
+                raise InvalidArgument(f"{name(field)} must be between {low:g} and {high:g}", field=name(field))
+    if params.response_format not in runtime_pb2.ResponseFormat.values():
+        raise InvalidArgument(f"{name('response_format')} is not a known format", field=name("response_format"))
     if params.HasField("max_tokens") and params.max_tokens < 1:
         raise InvalidArgument(f"{name('max_tokens')} must be at least 1", field=name("max_tokens"))
     if len(params.stop) > MAX_STOP_SEQUENCES:

@@ -1,0 +1,120 @@
+"""Load reports: per deployment in-flight, waiting and request counts, written to load/<balancer> under a lease."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from clowder.balancer.v1 import load_pb2
+from clowder_common import keys
+from clowder_common.etcd import EtcdState, LeaseKeeper
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _DeploymentLoad:
+    in_flight: int = 0
+    waiting: int = 0
+    requests_total: int = 0
+    last_request_time: float = 0.0
+
+
+class LoadTracker:
+    """Counters the router keeps per deployment (model) name."""
+
+    def __init__(self) -> None:
+        self._loads: dict[str, _DeploymentLoad] = {}
+
+    def _get(self, model: str) -> _DeploymentLoad:
+        return self._loads.setdefault(model, _DeploymentLoad())
+
+    def request(self, model: str) -> None:
+        load = self._get(model)
+        load.requests_total += 1
+        load.last_request_time = time.time()
+
+    @contextlib.contextmanager
+    def waiting(self, model: str):
+        self._get(model).waiting += 1
+        try:
+            yield
+        finally:
+            self._get(model).waiting -= 1
+
+    @contextlib.contextmanager
+    def in_flight(self, model: str):
+        self._get(model).in_flight += 1
+        try:
+            yield
+        finally:
+            self._get(model).in_flight -= 1
+
+    def snapshot(self, balancer: str) -> load_pb2.BalancerLoad:
+        report = load_pb2.BalancerLoad(balancer=balancer)
+        report.report_time.GetCurrentTime()
+        for model, load in self._loads.items():
+            entry = report.deployments[model]
+            entry.in_flight = max(0, load.in_flight)
+            entry.waiting = max(0, load.waiting)
+            entry.requests_total = load.requests_total
+            if load.last_request_time:
+                stamp = Timestamp()
+                stamp.FromNanoseconds(int(load.last_request_time * 1e9))
+                entry.last_request_time.CopyFrom(stamp)
+        return report
+
+
+class LoadReporter:
+    """Writes the tracker's snapshot every `interval_s` on a lease, so a dead balancer's report disappears."""
+
+    def __init__(self, state: EtcdState, tracker: LoadTracker, balancer: str,
+                 interval_s: float = 1.0, lease_ttl_s: int = 5) -> None:
+        self._state = state
+        self._tracker = tracker
+        self._balancer = balancer
+        self._key = state.key(keys.load(balancer))
+        self._interval = interval_s
+        self._lease = LeaseKeeper(state, lease_ttl_s, self._write)
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+
+    async def _write(self, lease_id: int) -> None:
+        await self._state.put(self._key, self._tracker.snapshot(self._balancer), lease=lease_id)
+
+    def poke(self) -> None:
+        """Report now rather than at the next tick (a request started waiting: activation should not lag)."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        await self._lease.start()
+        self._task = asyncio.create_task(self._run(), name="load-reporter")
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            self._wake.clear()
+            lease = self._lease.lease_id
+            if lease is None:
+                continue
+            try:
+                await asyncio.wait_for(self._write(lease), timeout=max(1.0, self._interval * 2))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # etcd down: the next tick tries again; the lease TTL bounds staleness
+                log.warning("load report failed: %s", exc)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._lease.stop(), timeout=3.0)

@@ -1,0 +1,1 @@
+"""Per-aimage request/response stages (ImageConfiguration.middleware), each a small module."""
