@@ -99,7 +99,8 @@ class LocalCluster:
             "--data-dir", str(self.data_dir / "controller"), *etcd_args])
         self._service("balancer", self.ports.http, [
             "-m", "clowder_balancer", "--http-listen", f"127.0.0.1:{self.ports.http}",
-            "--grpc-listen", f"127.0.0.1:{self.ports.grpc}", *etcd_args])
+            "--grpc-listen", f"127.0.0.1:{self.ports.grpc}",
+            "--controller-address", f"127.0.0.1:{self.ports.controller}", *etcd_args])
         paths.write_cluster(self.data_dir, {
             "pid": os.getpid(),
             "controller": f"127.0.0.1:{self.ports.controller}",

@@ -171,6 +171,22 @@ def test_killed_runtime_is_restarted_and_serves_again(cluster, client):
     assert reply.choices[0].message.content
 
 
+def test_rest_bridge_on_the_balancer(cluster):
+    import httpx
+
+    base = f"http://127.0.0.1:{cluster.http_port}/api/v1"
+    token = read_admin_token(cluster.data_dir)
+    denied = httpx.get(f"{base}/images", timeout=30)
+    assert denied.status_code == 401 and denied.json()["code"] == 16  # google.rpc.Status, UNAUTHENTICATED
+    listed = httpx.get(f"{base}/images", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert listed.status_code == 200, listed.text
+    assert [i["alias"] for i in listed.json()["images"]] == ["smol"]
+    missing = httpx.get(f"{base}/deployments/ghost", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert missing.status_code == 404
+    spec = httpx.get(f"{base}/openapi.json", timeout=30).json()
+    assert spec["openapi"].startswith("3.") and "/api/v1/images" in spec["paths"]
+
+
 def test_serve_spec_round_trip(cluster, client, tmp_path):
     from clowder_cli.bundled import bundled_model_path
 

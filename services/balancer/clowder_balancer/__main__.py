@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long to wait for a runtime's first token (default 60)")
     parser.add_argument("--drain-grace-s", type=float, metavar="S",
                         help="how long shutdown lets in-flight streams finish (default 10)")
+    parser.add_argument("--controller-address", metavar="HOST:PORT",
+                        help="controller gRPC address the REST bridge under /api/v1 forwards to (default 127.0.0.1:3092)")
     parser.add_argument("--name", help="name of this balancer in logs and its load report (default balancer)")
     parser.add_argument("--routing-profile", metavar="NAME",
                         help="default, least-load, round-robin, random, least-in-flight, or one from the file")

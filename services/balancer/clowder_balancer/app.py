@@ -9,7 +9,9 @@ from aiohttp import web
 
 from clowder_common.etcd import EtcdState
 from clowder_common.grpc_server import GrpcServer, create_grpc_server
+from clowder_common.rest import CONTROLLER_SERVICES, install_rest_bridge
 
+from clowder_balancer.apikeys import SERVICE_NAME as API_KEY_SERVICE
 from clowder_balancer.apikeys import ApiKeyServicer, ApiKeyStore
 from clowder_balancer.channels import ChannelPool
 from clowder_balancer.config import BalancerConfig, split_host_port
@@ -82,8 +84,16 @@ class BalancerApp:
         await self._grpc.start()
         self.grpc_port = self._grpc.port
         # handler_cancellation: a client that hangs up cancels its handler, and so its runtime call.
+        http_app = self._http.application()
+        # The REST bridge (grpc-gateway style) turns /api/v1/* into calls on the control-plane gRPC services.
+        grpc_host = split_host_port(self.config.grpc_listen, "grpc_listen")[0]
+        own = "127.0.0.1" if grpc_host in ("0.0.0.0", "::", "") else grpc_host
+        targets = {API_KEY_SERVICE: f"{own}:{self.grpc_port}"}
+        if self.config.controller_address:
+            targets.update(dict.fromkeys(CONTROLLER_SERVICES, self.config.controller_address))
+        install_rest_bridge(http_app, "/api/v1", targets=targets)
         self._runner = web.AppRunner(
-            self._http.application(),
+            http_app,
             handler_cancellation=True,
             shutdown_timeout=self.config.drain_grace_s,
             access_log=None,

@@ -31,6 +31,9 @@ class BalancerConfig(EtcdConfig):
     max_body_bytes: int = 4 * 1024 * 1024
     # Identifies this balancer in logs and names its load report (load/<name>).
     name: str = "balancer"
+    # gRPC address of the controller: the REST bridge under /api/v1 forwards control-plane calls there
+    # ("" serves only the balancer's own ApiKeyService through the bridge).
+    controller_address: str = "127.0.0.1:3092"
     # Routing profile: a built-in one (default, least-load, round-robin, random, least-in-flight) or one
     # defined in routing_profiles_file (YAML: `profiles: {NAME: {filters: [...], scorers: [{name, weight}],
     # picker: NAME}}`).
