@@ -11,7 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from clowder.controller.v1 import controller_pb2, resources_pb2
+from clowder_cli import apikey_commands
+from clowder_cli import describe as describe_command
 from clowder_cli import paths
+from clowder_cli import storage_commands
 from clowder_cli.control import ControlPlane, describe
 from clowder_cli.progress import show_pull
 from clowder_cli.up import run_down, run_up
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true")
     sub.add_parser("ps", help="deployments and their replicas")
     sub.add_parser("nodes", help="registered nodes")
+    describe_command.add_parser(sub)
+    storage_commands.add_parsers(sub, image)
+    apikey_commands.add_parser(sub)
     return parser
 
 
@@ -165,9 +171,9 @@ def cmd_serve(args, control: ControlPlane, console: Console, data_dir: pathlib.P
 
 def cmd_ps(control: ControlPlane, console: Console) -> int:
     deployments = control.call(control.deployments.ListDeployments, controller_pb2.ListDeploymentsRequest())
-    table = Table("DEPLOYMENT", "IMAGE", "READY")
+    table = Table("DEPLOYMENT", "IMAGE", "READY", "LAST EVENT")
     for d in deployments.deployments:
-        table.add_row(d.name, d.image, f"{d.ready_replicas}/{d.replicas}")
+        table.add_row(d.name, d.image, f"{d.ready_replicas}/{d.replicas}", describe_command.last_event(d))
     console.print(table)
     replicas = control.call(control.deployments.ListReplicas, controller_pb2.ListReplicasRequest(deployment="-"))
     table = Table("DEPLOYMENT", "REPLICA", "NODE", "STATE", "RESTARTS", "ENDPOINT", "MESSAGE")
@@ -207,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "down":
         return run_down(data_dir, console)
     try:
+        if storage_commands.handles(args):
+            return storage_commands.run(args, data_dir, console, lambda: connect(args, data_dir))
+        if apikey_commands.handles(args):
+            return apikey_commands.run(args, data_dir, console)
         control = connect(args, data_dir)
         try:
             if args.command == "image":
@@ -222,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_serve(args, control, console, data_dir)
             if args.command == "ps":
                 return cmd_ps(control, console)
+            if args.command == "describe":
+                return describe_command.run(args, control, console)
             return cmd_nodes(control, console)
         finally:
             control.close()

@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--etcd-endpoints", help="comma-separated host:port list")
     parser.add_argument("--etcd-prefix", help="key prefix for all cluster state")
     parser.add_argument("--runtime-threads", type=int, help="llama.cpp threads per runtime (0: all cores)")
+    parser.add_argument("--launcher", choices=("local", "kubernetes"), help="how runtimes start (default local)")
+    parser.add_argument("--placement", choices=("spread", "binpack"), help="scheduling profile (default spread)")
+    parser.add_argument("--leader-ttl-s", type=int, help="leader lease TTL in seconds (default 10)")
     return parser.parse_args(argv)
 
 
@@ -41,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         "etcd_endpoints": args.etcd_endpoints,
         "etcd_prefix": args.etcd_prefix,
         "runtime_threads": args.runtime_threads,
+        "launcher": args.launcher,
+        "placement": args.placement,
+        "leader_ttl_s": args.leader_ttl_s,
     })
     provider = setup_telemetry("controller")
 

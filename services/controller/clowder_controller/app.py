@@ -1,4 +1,4 @@
-"""Assemble the controller: control-plane gRPC API, reconciler and launcher."""
+"""Assemble the controller: control-plane gRPC API on every replica; reconciler and autoscaler on the leader."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import pathlib
 from clowder.controller.v1 import controller_pb2, controller_pb2_grpc
 from clowder_common.etcd import EtcdState
 from clowder_common.grpc_server import create_grpc_server
+from clowder_controller.autoscaler import Autoscaler, Windows
 from clowder_controller.config import ControllerConfig
 from clowder_controller.deployments import DeploymentServicer
 from clowder_controller.images import ImageServicer
+from clowder_controller.kubernetes_launcher import KubernetesLauncher, KubernetesSettings
+from clowder_controller.events import EventRecorder
 from clowder_controller.launcher import Launcher, LocalProcessLauncher
+from clowder_controller.leader import LeaderElector, new_identity
 from clowder_controller.nodes import NodeServicer
 from clowder_controller.reconciler import Reconciler
 from clowder_controller.storage_client import StorageClients
@@ -23,16 +27,39 @@ def _service_name(name: str) -> str:
     return controller_pb2.DESCRIPTOR.services_by_name[name].full_name
 
 
+def default_launcher(config: ControllerConfig, admin_token: str) -> Launcher:
+    if config.launcher == "kubernetes":
+        from kubernetes import client
+        from kubernetes import config as kube_config
+
+        try:
+            kube_config.load_incluster_config()
+        except kube_config.ConfigException:
+            kube_config.load_kube_config()
+        settings = KubernetesSettings(
+            namespace=config.kubernetes_namespace, runtime_image=config.kubernetes_runtime_image,
+            store_path=config.kubernetes_store_path, token_secret=config.kubernetes_token_secret,
+            owner_configmap=config.kubernetes_owner_configmap,
+        )
+        return KubernetesLauncher(client.ApiClient(), settings, config.etcd_endpoints, config.etcd_prefix)
+    if config.launcher != "local":
+        raise ValueError(f"launcher must be 'local' or 'kubernetes', not {config.launcher!r}")
+    return LocalProcessLauncher(config.etcd_endpoints, config.etcd_prefix, config.runtime_listen,
+                                pathlib.Path(config.data_dir) / "logs", admin_token)
+
+
 class ControllerApp:
     def __init__(self, config: ControllerConfig, admin_token: str, launcher: Launcher | None = None) -> None:
         self.config = config
         self.state = EtcdState(config.etcd_endpoints, config.etcd_prefix)
         self.storage = StorageClients(admin_token)
-        self.launcher = launcher or LocalProcessLauncher(
-            config.etcd_endpoints, config.etcd_prefix, config.runtime_listen,
-            pathlib.Path(config.data_dir) / "logs", admin_token,
-        )
-        self.reconciler = Reconciler(self.state, self.storage, self.launcher, config)
+        self.launcher = launcher or default_launcher(config, admin_token)
+        self.events = EventRecorder(self.state)
+        self.reconciler = Reconciler(self.state, self.storage, self.launcher, config, self.events)
+        self.autoscaler = Autoscaler(self.state, self.events, config.autoscale_interval_s,
+                                     Windows(config.scale_up_window_s, config.scale_down_window_s))
+        self.identity = new_identity()
+        self.elector: LeaderElector | None = None
 
         def images(server):
             controller_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.state, self.storage), server)
@@ -53,17 +80,35 @@ class ControllerApp:
 
     async def start(self) -> None:
         await self.state.connect()
+        if isinstance(self.launcher, KubernetesLauncher):
+            await self.launcher.start_watching()
         await self.grpc.start()
-        await self.reconciler.start()
+        address = self.config.listen.rsplit(":", 1)[0] + f":{self.port}"
+        self.elector = LeaderElector(self.state, self.identity, address, self.config.leader_ttl_s,
+                                     self._lead, self._follow)
+        self.elector.start()
         log.info("serving on %s", self.config.listen.rsplit(":", 1)[0] + f":{self.port}")
 
+    @property
+    def is_leader(self) -> bool:
+        return self.elector is not None and self.elector.is_leader
+
+    async def _lead(self) -> None:
+        await self.reconciler.start()
+        await self.autoscaler.start()
+
+    async def _follow(self) -> None:
+        await self.autoscaler.stop()
+        await self.reconciler.stop()
+
     async def stop(self) -> None:
-        """Drain the API, stop reconciling, stop the runtimes this controller launched."""
+        """Drain the API, hand leadership on, stop the runtimes this controller launched."""
         if self._stopped:
             return
         self._stopped = True
         await self.grpc.stop(grace=5)
-        await self.reconciler.stop()
+        if self.elector is not None:
+            await self.elector.stop()
         await self.launcher.stop_all(self.config.runtime_stop_grace_s)
         await self.storage.close()
         await self.state.close()

@@ -26,3 +26,25 @@ class ControllerConfig(EtcdConfig):
     runtime_listen: str = "127.0.0.1:0"
     # Most replicas one deployment may ask for.
     max_replicas: int = 64
+    # Placement profile: "spread" (emptiest nodes first) or "binpack" (fullest node that fits first).
+    placement: str = "spread"
+    # Weight of preferring nodes that already hold the model (the fullness scorer weighs 1).
+    locality_weight: float = 0.3
+    # Leader lease TTL: a killed leader is replaced within about this long.
+    leader_ttl_s: int = 10
+    # Autoscaler pass interval (load changes also wake it at once).
+    autoscale_interval_s: float = 1.0
+    # Scale up to the lowest recommendation of this window (0: at once) ...
+    scale_up_window_s: float = 0.0
+    # ... and down to the highest of this one, against flapping.
+    scale_down_window_s: float = 30.0
+    # How runtimes start: "local" (child processes here) or "kubernetes" (a pod per replica; in-cluster
+    # credentials, else ~/.kube/config).
+    launcher: str = "local"
+    kubernetes_namespace: str = "clowder"
+    kubernetes_runtime_image: str = "ghcr.io/clowder/clowder:latest"
+    # The storage DaemonSet's hostPath, mounted read-only into runtime pods.
+    kubernetes_store_path: str = "/var/lib/clowder/storage"
+    # Secret with the admin token (key "token") and the ConfigMap that owns runtime pods.
+    kubernetes_token_secret: str = "clowder-admin-token"
+    kubernetes_owner_configmap: str = "clowder-controller"

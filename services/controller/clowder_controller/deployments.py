@@ -6,17 +6,22 @@ import logging
 
 from clowder.controller.v1 import controller_pb2, controller_pb2_grpc, resources_pb2
 from clowder_common import keys
-from clowder_common.errors import Aborted, NotFound
+from clowder_common.errors import Aborted, InvalidArgument, NotFound
 from clowder_common.etcd import EtcdState
 from clowder_common.keys import validate_name
+from clowder_controller.autoscaler import is_autoscaled
+from clowder_controller.events import events_key, read_all_events, read_events
 from clowder_controller.images import get_image
 from clowder_controller.pagination import paginate
-from clowder_controller.validation import validate_replicas
+from clowder_controller.validation import validate_deployment, validate_replicas
 
 log = logging.getLogger(__name__)
 
 # Read-modify-write attempts before telling the client about a concurrent change.
 CAS_ATTEMPTS = 5
+# Fields an update_mask may name.
+UPDATABLE = ("replicas", "image", "node_selector", "memory_bytes", "gpus", "min_replicas", "max_replicas",
+             "target_in_flight", "scale_to_zero_after_s", "priority")
 
 
 async def list_replicas(state: EtcdState, deployment: str) -> list[resources_pb2.Replica]:
@@ -25,9 +30,11 @@ async def list_replicas(state: EtcdState, deployment: str) -> list[resources_pb2
     return [i.value for i in items]
 
 
-def with_status(deployment: resources_pb2.Deployment, replicas: list[resources_pb2.Replica]):
+def with_status(deployment: resources_pb2.Deployment, replicas: list[resources_pb2.Replica],
+                events: list[resources_pb2.DeploymentEvent] = ()):
     out = resources_pb2.Deployment()
     out.CopyFrom(deployment)
+    out.events.extend(events)
     out.ready_replicas = sum(
         1 for r in replicas if r.deployment == deployment.name and r.state == resources_pb2.REPLICA_STATE_READY
     )
@@ -53,9 +60,12 @@ class DeploymentServicer(controller_pb2_grpc.DeploymentServiceServicer):
             deployment.name = deployment.image
         validate_name(deployment.name, "deployment.name")
         validate_name(deployment.image, "deployment.image")
-        validate_replicas(deployment.replicas, self._max_replicas)
+        validate_deployment(deployment, self._max_replicas)
         await get_image(self._state, deployment.image)
+        if is_autoscaled(deployment):
+            deployment.replicas = min(max(deployment.replicas, deployment.min_replicas), deployment.max_replicas)
         deployment.ready_replicas = 0
+        deployment.ClearField("events")
         deployment.create_time.GetCurrentTime()
         deployment.update_time.CopyFrom(deployment.create_time)
         await self._state.create(self._state.key(keys.deployment(deployment.name)), deployment)
@@ -66,32 +76,49 @@ class DeploymentServicer(controller_pb2_grpc.DeploymentServiceServicer):
     async def GetDeployment(self, request, context):
         found = await self._get(request.name)
         replicas = await list_replicas(self._state, request.name)
-        return controller_pb2.GetDeploymentResponse(deployment=with_status(found.value, replicas))
+        events = await read_events(self._state, request.name)
+        return controller_pb2.GetDeploymentResponse(deployment=with_status(found.value, replicas, events))
 
     async def ListDeployments(self, request, context):
         items, _ = await self._state.list(self._state.key(keys.DEPLOYMENTS), resources_pb2.Deployment)
         replicas = await list_replicas(self._state, "-")
-        page, token = paginate([(i.value.name, with_status(i.value, replicas)) for i in items],
+        events = await read_all_events(self._state)
+        # Only the latest event per deployment: `clowder ps` shows it, `describe` asks for the rest.
+        page, token = paginate([(i.value.name, with_status(i.value, replicas, events.get(i.value.name, [])[-1:]))
+                                for i in items],
                                request.page_size, request.page_token)
         return controller_pb2.ListDeploymentsResponse(deployments=page, next_page_token=token)
 
     async def UpdateDeployment(self, request, context):
         wanted = request.deployment
-        validate_replicas(wanted.replicas, self._max_replicas)
-        if wanted.image:
+        paths = list(request.update_mask.paths) if request.HasField("update_mask") else None
+        if paths is not None:
+            unknown = [p for p in paths if p not in UPDATABLE]
+            if unknown:
+                raise InvalidArgument(f"update_mask names fields that cannot be updated: {', '.join(unknown)}",
+                                      field="update_mask")
+        else:
+            paths = ["replicas"] + (["image"] if wanted.image else [])
+        if "replicas" in paths:
+            validate_replicas(wanted.replicas, self._max_replicas)
+        if "image" in paths:
             validate_name(wanted.image, "deployment.image")
             await get_image(self._state, wanted.image)
         for _ in range(CAS_ATTEMPTS):
             current = await self._get(wanted.name)
             updated = resources_pb2.Deployment()
             updated.CopyFrom(current.value)
-            updated.replicas = wanted.replicas
-            if wanted.image:
-                updated.image = wanted.image
+            for path in paths:
+                if path == "node_selector":
+                    updated.node_selector.clear()
+                    updated.node_selector.update(wanted.node_selector)
+                else:
+                    setattr(updated, path, getattr(wanted, path))
+            validate_deployment(updated, self._max_replicas)
             updated.update_time.GetCurrentTime()
             if await self._state.update(current.key, updated, current.mod_revision):
-                log.info("deployment %s updated: image %s, %d replicas", updated.name, updated.image,
-                         updated.replicas)
+                log.info("deployment %s updated (%s): image %s, %d replicas", updated.name, ",".join(paths),
+                         updated.image, updated.replicas)
                 replicas = await list_replicas(self._state, updated.name)
                 return controller_pb2.UpdateDeploymentResponse(deployment=with_status(updated, replicas))
         raise Aborted(f"deployment {wanted.name!r} kept changing; try again", retry_after=0.5)
@@ -100,6 +127,7 @@ class DeploymentServicer(controller_pb2_grpc.DeploymentServiceServicer):
         found = await self._get(request.name)
         # The reconciler sees the deployment gone and stops its replicas.
         await self._state.delete(found.key)
+        await self._state.delete(self._state.key(events_key(request.name)))
         log.info("deployment %s deleted", request.name)
         return controller_pb2.DeleteDeploymentResponse()
 

@@ -2,17 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import pathlib
+import urllib.parse
+import urllib.request
 
 from clowder.controller.v1 import controller_pb2, controller_pb2_grpc, resources_pb2
 from clowder_common import keys
 from clowder_common.errors import FailedPrecondition, NotFound, Unavailable
 from clowder_common.etcd import EtcdState
 from clowder_controller.pagination import paginate
+from clowder_controller.scheduling.memory import read_model_shape
 from clowder_controller.storage_client import StorageClients
 from clowder_controller.validation import validate_image
 
 log = logging.getLogger(__name__)
+
+# Reading a GGUF's metadata parses its tensor table: seconds for big models, never forever.
+SHAPE_TIMEOUT_S = 30
+
+
+async def model_shape_of(source_url: str) -> resources_pb2.ModelShape | None:
+    """The model's shape when the source is a file this controller can read; None otherwise.
+
+    Best effort: a controller on another machine than the file simply estimates
+    memory from the weights' size once pulled.
+    """
+    parsed = urllib.parse.urlsplit(source_url)
+    if parsed.scheme != "file":
+        return None
+    path = pathlib.Path(urllib.request.url2pathname(parsed.path))
+    if not path.is_file():
+        return None
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.run_in_executor(None, read_model_shape, path), SHAPE_TIMEOUT_S)
+    except Exception as exc:  # not a GGUF, truncated, too slow: the pull will tell the user
+        log.warning("cannot read GGUF metadata from %s: %s", path, exc)
+        return None
 
 
 async def get_image(state: EtcdState, alias: str):
@@ -59,6 +87,10 @@ class ImageServicer(controller_pb2_grpc.ImageServiceServicer):
         # Output-only fields are ours to set, whatever the client sent.
         image.ClearField("digest")
         image.ClearField("size_bytes")
+        image.ClearField("model_shape")
+        shape = await model_shape_of(image.source_url)
+        if shape is not None:
+            image.model_shape.CopyFrom(shape)
         image.create_time.GetCurrentTime()
         await self._state.create(self._state.key(keys.image(image.alias)), image)
         log.info("image %s created from %s", image.alias, image.source_url)

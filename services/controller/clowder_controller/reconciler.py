@@ -10,20 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
-import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Awaitable, Callable
+
+import aetcd.exceptions
 
 from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
+from clowder_common.errors import AlreadyExists, Unavailable
 from clowder_common.etcd import EtcdState, PrefixCache
+from clowder_controller.caches import stop_caches
 from clowder_controller.config import ControllerConfig
+from clowder_controller.events import EventRecorder
 from clowder_controller.images import record_digest
 from clowder_controller.launcher import Launcher, RuntimeSpec, RuntimeState
+from clowder_controller.scheduling.framework import Decision, NodeInfo, PlacementRequest
+from clowder_controller.scheduling.memory import estimate_memory
+from clowder_controller.scheduling.preemption import Placed, pick_victims
+from clowder_controller.scheduling.profiles import build_scheduler
 from clowder_controller.storage_client import StorageClients
 
 log = logging.getLogger(__name__)
@@ -36,7 +45,14 @@ READY = resources_pb2.REPLICA_STATE_READY
 FAILED = resources_pb2.REPLICA_STATE_FAILED
 
 MAX_BACKOFF_S = 30.0
+# etcd round trips in flight at once: a burst (hundreds of replicas moving off lost nodes) queues here
+# instead of timing out inside etcd and backing off for seconds.
+ETCD_CONCURRENCY = 64
 NO_NODE_MESSAGE = "waiting for a storage node to register"
+# Replicas one rolling update may add above the wanted count (new ones get ready before old ones stop).
+SURGE = 1
+# How long a placement decided by this controller counts against its node before etcd shows it.
+ASSUME_S = 5.0
 
 
 def backoff_delay(failures: int) -> float:
@@ -44,14 +60,55 @@ def backoff_delay(failures: int) -> float:
     return 0.0 if failures <= 0 else min(2.0 ** (failures - 1), MAX_BACKOFF_S)
 
 
+def template_hash(deployment: resources_pb2.Deployment) -> str:
+    """What a replica runs, in 8 hex digits: a change of image means new replicas (rolling update)."""
+    return hashlib.sha256(f"{deployment.name}\0{deployment.image}".encode()).hexdigest()[:8]
+
+
+def replica_id(template: str, slot: int) -> str:
+    """Deterministic, so two reconcilers adding the same slot collide in etcd instead of duplicating it."""
+    return f"{template}-{slot}"
+
+
+def plan_rollout(wanted: int, template: str, replicas: list[resources_pb2.Replica]
+                 ) -> tuple[list[int], list[resources_pb2.Replica]]:
+    """Slots to create and replicas to remove for one deployment (scale and rolling update, surge 1).
+
+    Old replicas (another template) stop only while enough ready replicas remain;
+    unready old ones serve nobody and go first.
+    """
+    current = {r.slot: r for r in replicas if r.template_hash == template and r.id == replica_id(template, r.slot)}
+    old = [r for r in replicas if current.get(r.slot) is not r]
+    remove = [r for s, r in current.items() if s >= wanted]
+    kept = [r for s, r in current.items() if s < wanted]
+    missing = [s for s in range(wanted) if s not in current]
+    if not old:
+        return missing, remove
+    budget = max(0, wanted + SURGE - len(kept) - len(old))
+    create = missing[:budget]
+    if wanted == 0:
+        return create, remove + old
+    ready = sum(1 for r in kept if r.state == READY) + sum(1 for r in old if r.state == READY)
+    for r in sorted(old, key=lambda r: (r.state == READY, r.update_time.seconds)):
+        if r.state != READY:
+            remove.append(r)
+        elif ready - 1 >= wanted:
+            remove.append(r)
+            ready -= 1
+    return create, remove
+
+
 class Reconciler:
     def __init__(self, state: EtcdState, storage: StorageClients, launcher: Launcher,
-                 config: ControllerConfig) -> None:
+                 config: ControllerConfig, events: EventRecorder | None = None) -> None:
         self._state = state
         self._storage = storage
         self._launcher = launcher
         self._config = config
+        self.events = events or EventRecorder(state)
+        self.scheduler = build_scheduler(config.placement, config.locality_weight)
         self._wake = asyncio.Event()
+        self._etcd_slots = asyncio.Semaphore(ETCD_CONCURRENCY)
 
         def cache(prefix: str, cls):
             return PrefixCache(state, state.key(prefix), cls, on_change=self._wake.set)
@@ -62,15 +119,28 @@ class Reconciler:
         self._endpoints = cache(keys.ENDPOINTS, runtime_pb2.Endpoint)
         self._images = cache(keys.IMAGES, resources_pb2.Image)
         self._caches = [self._deployments, self._replicas, self._nodes, self._endpoints, self._images]
-        # One action at a time per replica; the pass skips replicas that are busy.
-        self._busy: dict[str, asyncio.Task] = {}
-        self._failures: dict[str, int] = defaultdict(int)
-        self._not_before: dict[str, float] = {}
+        # One action at a time per replica (keyed by deployment and id); the pass skips busy replicas.
+        self._busy: dict[tuple[str, str], asyncio.Task] = {}
+        self._failures: dict[tuple[str, str], int] = defaultdict(int)
+        self._not_before: dict[tuple[str, str], float] = {}
+        # update_time of our last write per replica: a cached copy older than that is stale, and acting on
+        # it would redo what was just done (start a runtime twice).
+        self._written: dict[tuple[str, str], tuple[int, int]] = {}
+        # The bytes we last wrote per replica, for one-round-trip compare-and-swap.
+        self._last_bytes: dict[tuple[str, str], bytes] = {}
+        # Replicas per node in the current pass, for preemption.
+        self._placed: dict[str, list[Placed]] = defaultdict(list)
+        # Placements decided but not yet visible in the cache: (deployment, id) -> (node, since).
+        self._assumed: dict[tuple[str, str], tuple[str, float]] = {}
+        # Scheduling decision times in seconds (the benchmark reads them).
+        self.decision_seconds: deque[float] = deque(maxlen=100_000)
+        self.last_pass_s = 0.0
         self._loop_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         for cache in self._caches:
             await cache.start()
+        self.events.start()
         self._loop_task = asyncio.create_task(self._run(), name="reconciler")
 
     async def stop(self) -> None:
@@ -83,22 +153,29 @@ class Reconciler:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for cache in self._caches:
-            await cache.stop()
+        await stop_caches(self._caches)
+        # Another leader may write meanwhile: what we remember about our own writes is no longer evidence.
+        self._assumed.clear()
+        self._written.clear()
+        self._last_bytes.clear()
+        await self.events.stop()
 
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._config.resync_interval_s)
             self._wake.clear()
-            # Let a burst of etcd events settle into one pass.
-            await asyncio.sleep(0.05)
+            # Let a burst of etcd events settle into one pass; on a big cluster a pass costs real CPU, so
+            # passes take at most about a third of the loop and the actions' etcd traffic keeps flowing.
+            await asyncio.sleep(max(0.05, min(2.0, 2 * self.last_pass_s)))
+            started = time.perf_counter()
             try:
                 await self.reconcile_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("reconcile pass failed; the next pass retries")
+            self.last_pass_s = time.perf_counter() - started
 
     # -- one pass ----------------------------------------------------------------
 
@@ -107,57 +184,125 @@ class Reconciler:
             return
         deployments = {d.name: d for d in self._deployments.values()}
         images = {i.alias: i for i in self._images.values()}
-        nodes = {n.name: n for n in self._nodes.values()}
         endpoints = {(e.deployment, e.replica_id): e for e in self._endpoints.values()}
         by_deployment: dict[str, list[resources_pb2.Replica]] = defaultdict(list)
         for replica in self._replicas.values():
             by_deployment[replica.deployment].append(replica)
+        requests = {d.name: self._request(d, images.get(d.image)) for d in deployments.values()}
+        nodes = self._node_infos(requests, deployments)
 
         for name, replicas in by_deployment.items():
             if name not in deployments:
                 for replica in replicas:
                     self._act(replica, self._remove(replica))
 
-        for deployment in deployments.values():
-            replicas = sorted(by_deployment.get(deployment.name, []), key=lambda r: r.id)
-            excess = len(replicas) - deployment.replicas
-            if excess > 0:
-                # Stop the least useful first: not ready before ready, newest before oldest.
-                victims = sorted(replicas, key=lambda r: (r.state == READY, -r.update_time.seconds))[:excess]
-                for replica in victims:
-                    self._act(replica, self._remove(replica))
-                replicas = [r for r in replicas if r not in victims]
-            elif excess < 0:
-                for _ in range(-excess):
-                    await self._create_replica(deployment)
+        # Higher priority first: its replicas take free room (or preempt) before lower ones can.
+        for deployment in sorted(deployments.values(), key=lambda d: (-d.priority, d.name)):
+            replicas = by_deployment.get(deployment.name, [])
+            template = template_hash(deployment)
+            create, remove = plan_rollout(deployment.replicas, template, replicas)
+            for slot in create:
+                self._act(self._new_replica(deployment, template, slot), self._create(deployment, template, slot))
+            gone = {r.id for r in remove}
+            for replica in remove:
+                self._act(replica, self._remove(replica, record=True))
             for replica in replicas:
-                self._drive(deployment, replica, images, nodes, endpoints)
+                if replica.id not in gone:
+                    self._drive(deployment, replica, images, nodes, endpoints, requests[deployment.name])
 
-    async def _create_replica(self, deployment: resources_pb2.Deployment) -> None:
-        replica = resources_pb2.Replica(
-            id=uuid.uuid4().hex[:8], deployment=deployment.name, state=PENDING, message="waiting for placement"
+    def _request(self, deployment: resources_pb2.Deployment,
+                 image: resources_pb2.Image | None) -> PlacementRequest:
+        return PlacementRequest(
+            deployment=deployment.name,
+            memory_bytes=estimate_memory(image, deployment) if image is not None else deployment.memory_bytes,
+            gpus=deployment.gpus,
+            node_selector=dict(deployment.node_selector),
+            digest=image.digest if image is not None else "",
         )
+
+    def _node_infos(self, requests: dict[str, PlacementRequest],
+                    deployments: dict[str, resources_pb2.Deployment]) -> dict[str, NodeInfo]:
+        """Live nodes with what is placed on them: etcd's view plus placements still in flight."""
+        self._placed = defaultdict(list)
+        nodes = {n.name: NodeInfo(n, digests=set(n.blob_digests))
+                 for n in sorted(self._nodes.values(), key=lambda n: n.name)}
+        now = time.monotonic()
+        empty = PlacementRequest(deployment="")
+        for replica in self._replicas.values():
+            key = (replica.deployment, replica.id)
+            node_name = replica.node
+            assumed = self._assumed.get(key)
+            if assumed is not None:
+                if assumed[0] == node_name or (key not in self._busy and now - assumed[1] > ASSUME_S):
+                    del self._assumed[key]
+                else:
+                    node_name = assumed[0]
+            info = nodes.get(node_name) if node_name else None
+            if info is not None:
+                request = requests.get(replica.deployment, empty)
+                info.assign(request)
+                owner = deployments.get(replica.deployment)
+                self._placed[info.name].append(Placed(replica, request, owner.priority if owner else 0))
+                if replica.image_digest:
+                    info.digests.add(replica.image_digest)
+        return nodes
+
+    def _new_replica(self, deployment, template: str, slot: int) -> resources_pb2.Replica:
+        return resources_pb2.Replica(id=replica_id(template, slot), deployment=deployment.name, state=PENDING,
+                                     message="waiting for placement", slot=slot, template_hash=template)
+
+    async def _create(self, deployment, template: str, slot: int) -> None:
+        replica = self._new_replica(deployment, template, slot)
         replica.update_time.GetCurrentTime()
-        await self._state.create(self._state.key(keys.replica(deployment.name, replica.id)), replica)
+        try:
+            async with self._etcd_slots:
+                await self._state.create(self._state.key(keys.replica(deployment.name, replica.id)), replica)
+        except AlreadyExists:
+            return  # another reconciler (or an earlier pass) added this slot: nothing to do
         log.info("replica %s/%s created", deployment.name, replica.id)
 
-    def _drive(self, deployment, replica, images, nodes, endpoints) -> None:
+    def _drive(self, deployment, replica, images, nodes: dict[str, NodeInfo], endpoints,
+               request: PlacementRequest) -> None:
         """Decide the next action for one replica; at most one runs at a time."""
-        if replica.id in self._busy:
+        key = (replica.deployment, replica.id)
+        if key in self._busy:
             return
+        if (replica.update_time.seconds, replica.update_time.nanos) < self._written.get(key, (0, 0)):
+            return  # the watch has not delivered our last write yet
         image = images.get(deployment.image)
         if image is None:
-            self._act(replica, self._set(replica, FAILED, f"image {deployment.image!r} does not exist"))
+            message = f"image {deployment.image!r} does not exist"
+            if replica.state != FAILED or replica.message != message:
+                self._act(replica, self._set(replica, FAILED, message))
             return
-        node = nodes.get(replica.node) if replica.node else None
-        if node is None:
-            placed = self._place(nodes)
-            if placed is None:
-                if replica.state != PENDING or replica.node or replica.message != NO_NODE_MESSAGE:
-                    self._act(replica, self._requeue(replica, NO_NODE_MESSAGE))
+        info = nodes.get(replica.node) if replica.node else None
+        if info is None:
+            lost = replica.node
+            started = time.perf_counter()
+            decision = self.scheduler.schedule(request, list(nodes.values()))
+            self.decision_seconds.append(time.perf_counter() - started)
+            if decision.node is None and deployment.priority > 0 and self._gate_open(key):
+                decision = self._preempt(deployment, replica, request, nodes) or decision
+            if decision.node is None:
+                reason = NO_NODE_MESSAGE if not nodes else decision.reason
+                if replica.state != PENDING or replica.node or replica.message != reason:
+                    self.events.record(deployment.name, "unschedulable", reason, replica.id)
+                    self._act(replica, self._requeue(replica, reason))
                 return
-            self._act(replica, self._start(deployment, replica, placed, image), gated=True)
+            if not self._gate_open(key):
+                return
+            chosen = decision.node
+            chosen.assign(request)
+            self._assumed[key] = (chosen.name, time.monotonic())
+            if lost:
+                self.events.record(deployment.name, "rescheduled", f"node {lost} lost; placed on {chosen.name}",
+                                   replica.id)
+            else:
+                self.events.record(deployment.name, "scheduled", f"placed on {chosen.name}", replica.id)
+            restart = f"node {lost} was lost" if lost else None
+            self._act(replica, self._start(deployment, replica, chosen.node, image, restart_reason=restart))
             return
+        node = info.node
         if replica.state in (PENDING, PULLING, FAILED):
             # Nothing is working on it (not busy): begin, or retry after backoff.
             self._act(replica, self._start(deployment, replica, node, image), gated=True)
@@ -170,7 +315,9 @@ class Reconciler:
         endpoint = endpoints.get((deployment.name, replica.id))
         if endpoint is not None:
             if replica.state != READY or replica.endpoint != endpoint.address:
-                self._failures.pop(replica.id, None)
+                self._failures.pop(key, None)
+                if replica.state != READY:
+                    self.events.record(deployment.name, "ready", f"serving at {endpoint.address}", replica.id)
                 self._act(replica, self._set(replica, READY, "serving", endpoint=endpoint.address))
             return
         if replica.state == READY:
@@ -179,57 +326,88 @@ class Reconciler:
             self._act(replica, self._start(deployment, replica, node, image,
                                            restart_reason="runtime did not become ready in time"), gated=True)
 
-    def _place(self, nodes: dict[str, resources_pb2.Node]) -> resources_pb2.Node | None:
-        """Spread: the node with the fewest replicas, ties by name."""
-        if not nodes:
+    def _preempt(self, deployment, replica, request: PlacementRequest, nodes: dict[str, NodeInfo]):
+        """Evict lower-priority replicas (not busy ones: their action would race the eviction) to make room."""
+        placed = {name: [p for p in items if (p.replica.deployment, p.replica.id) not in self._busy]
+                  for name, items in self._placed.items()}
+        found = pick_victims(request, deployment.priority, list(nodes.values()), placed)
+        if found is None:
             return None
-        load: dict[str, int] = defaultdict(int)
-        for replica in self._replicas.values():
-            if replica.node:
-                load[replica.node] += 1
-        return min(nodes.values(), key=lambda n: (load[n.name], n.name))
+        node, victims = found
+        for victim in victims:
+            v = victim.replica
+            why = f"preempted by {deployment.name} (priority {deployment.priority} > {victim.priority})"
+            self.events.record(v.deployment, "preempted", f"evicted from {node.name}: {why}", v.id)
+            node.release(victim.request)
+            self._placed[node.name].remove(victim)
+            self._act(v, self._requeue(v, why))
+        return Decision(node, "", 0.0)
+
+    def _gate_open(self, key: tuple[str, str]) -> bool:
+        return time.monotonic() >= self._not_before.get(key, 0.0)
 
     def _act(self, replica: resources_pb2.Replica, action: Awaitable[None], gated: bool = False) -> None:
-        if gated and time.monotonic() < self._not_before.get(replica.id, 0.0):
+        key = (replica.deployment, replica.id)
+        if key in self._busy or (gated and not self._gate_open(key)):
             action.close()  # type: ignore[attr-defined]
             return
-        task = asyncio.create_task(self._guard(replica, action), name=f"replica {replica.id}")
-        self._busy[replica.id] = task
+        task = asyncio.create_task(self._guard(replica, action), name=f"replica {replica.deployment}/{replica.id}")
+        self._busy[key] = task
 
     async def _guard(self, replica: resources_pb2.Replica, action: Awaitable[None]) -> None:
+        key = (replica.deployment, replica.id)
         try:
             await action
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            failures = self._failures[replica.id] = self._failures[replica.id] + 1
+            failures = self._failures[key] = self._failures[key] + 1
             delay = backoff_delay(failures)
-            self._not_before[replica.id] = time.monotonic() + delay
+            self._not_before[key] = time.monotonic() + delay
             message = str(exc) or type(exc).__name__
             log.warning("replica %s/%s failed (%s); retrying in %.0fs", replica.deployment, replica.id, message,
                         delay)
+            self.events.record(replica.deployment, "failed", message, replica.id)
             with contextlib.suppress(Exception):
                 await self._write(replica, lambda r: _set_state(r, FAILED, message))
         finally:
-            self._busy.pop(replica.id, None)
+            self._busy.pop(key, None)
             self._wake.set()
 
     # -- actions -------------------------------------------------------------------
 
     async def _write(self, replica: resources_pb2.Replica,
                      mutate: Callable[[resources_pb2.Replica], None]) -> resources_pb2.Replica | None:
-        """Read-modify-write on the replica's key; None if the replica is gone."""
-        key = self._state.key(keys.replica(replica.deployment, replica.id))
+        """Read-modify-write on the replica's key; None if the replica is gone.
+
+        One round trip when our copy is current: the transaction compares the stored bytes with what we
+        last wrote (or the cached copy) and, when they differ, returns the stored value to retry on.
+        """
+        key = (replica.deployment, replica.id)
+        etcd_key = self._state.key(keys.replica(replica.deployment, replica.id)).encode()
+        base = self._last_bytes.get(key) or replica.SerializeToString()
+        tx = self._state.client.transactions
         for _ in range(5):
-            current = await self._state.get(key, resources_pb2.Replica)
-            if current is None:
-                return None
-            updated = resources_pb2.Replica()
-            updated.CopyFrom(current.value)
+            updated = resources_pb2.Replica.FromString(base)
             mutate(updated)
             updated.update_time.GetCurrentTime()
-            if await self._state.update(key, updated, current.mod_revision):
+            data = updated.SerializeToString()
+            async with self._etcd_slots:
+                try:
+                    ok, responses = await self._state.client.transaction(
+                        compare=[tx.value(etcd_key) == base], success=[tx.put(etcd_key, data)],
+                        failure=[tx.get(etcd_key)])
+                except aetcd.exceptions.ClientError as exc:
+                    raise Unavailable(f"etcd transaction failed: {exc}", retry_after=1.0) from exc
+            if ok:
+                self._last_bytes[key] = data
+                self._written[key] = (updated.update_time.seconds, updated.update_time.nanos)
                 return updated
+            stored = responses[0] if responses else []
+            if not stored:
+                self._last_bytes.pop(key, None)
+                return None
+            base = stored[0][0]
         raise RuntimeError(f"replica {replica.id} kept changing under the reconciler")
 
     async def _set(self, replica, state: int, message: str, endpoint: str | None = None) -> None:
@@ -251,11 +429,12 @@ class Reconciler:
 
     async def _start(self, deployment, replica, node, image, restart_reason: str | None = None) -> None:
         """Pull the image onto the node (a no-op when present), then (re)start the runtime."""
+        key = (replica.deployment, replica.id)
         if restart_reason:
             log.warning("replica %s/%s: %s; starting it again", deployment.name, replica.id, restart_reason)
             await self._launcher.stop(replica, self._config.runtime_stop_grace_s)
-            self._failures[replica.id] += 1
-            self._not_before[replica.id] = time.monotonic() + backoff_delay(self._failures[replica.id])
+            self._failures[key] += 1
+            self._not_before[key] = time.monotonic() + backoff_delay(self._failures[key])
 
         def pulling(r: resources_pb2.Replica) -> None:
             _set_state(r, PULLING, f"pulling {image.alias} onto {node.name}")
@@ -263,13 +442,15 @@ class Reconciler:
 
         if await self._write(replica, pulling) is None:
             return
+        self.events.record(deployment.name, "pulling", f"pulling {image.alias} onto {node.name}", replica.id)
         blob = None
         async for message in self._storage.pull(node.storage_address, image.source_url, image.digest):
             if message.HasField("blob"):
                 blob = message.blob
         if blob is None:
             raise RuntimeError("storage ended the pull without a blob")
-        await record_digest(self._state, image.alias, blob.digest, blob.size_bytes)
+        if image.digest != blob.digest or image.size_bytes != blob.size_bytes:
+            await record_digest(self._state, image.alias, blob.digest, blob.size_bytes)
         spec = RuntimeSpec(
             deployment=deployment.name,
             replica_id=replica.id,
@@ -289,6 +470,7 @@ class Reconciler:
                 r.restarts += 1
 
         await self._write(replica, started)
+        self.events.record(deployment.name, "started", f"runtime started on {node.name}", replica.id)
 
     def _threads_for(self, node: resources_pb2.Node) -> int:
         """Share the node's cores among its replicas: oversubscribed llama.cpp threads stall each other."""
@@ -296,11 +478,18 @@ class Reconciler:
         on_node = sum(1 for r in self._replicas.values() if r.node == node.name) or 1
         return max(1, cores // on_node)
 
-    async def _remove(self, replica: resources_pb2.Replica) -> None:
+    async def _remove(self, replica: resources_pb2.Replica, record: bool = False) -> None:
+        key = (replica.deployment, replica.id)
         await self._launcher.stop(replica, self._config.runtime_stop_grace_s)
-        await self._state.delete(self._state.key(keys.replica(replica.deployment, replica.id)))
-        self._failures.pop(replica.id, None)
-        self._not_before.pop(replica.id, None)
+        async with self._etcd_slots:
+            await self._state.delete(self._state.key(keys.replica(replica.deployment, replica.id)))
+        self._failures.pop(key, None)
+        self._not_before.pop(key, None)
+        self._assumed.pop(key, None)
+        self._written.pop(key, None)
+        self._last_bytes.pop(key, None)
+        if record:
+            self.events.record(replica.deployment, "stopped", "replica removed", replica.id)
         log.info("replica %s/%s removed", replica.deployment, replica.id)
 
 

@@ -49,3 +49,26 @@ def validate_image(image: resources_pb2.Image) -> None:
 def validate_replicas(replicas: int, maximum: int, field: str = "deployment.replicas") -> None:
     if replicas > maximum:
         raise InvalidArgument(f"replicas must be at most {maximum}", field=field)
+
+
+def validate_deployment(deployment: resources_pb2.Deployment, maximum: int) -> None:
+    """Replica counts, autoscaling bounds and placement constraints, every bad field named."""
+    violations = []
+    if deployment.replicas > maximum:
+        violations.append(FieldViolation("deployment.replicas", f"must be at most {maximum}"))
+    if deployment.max_replicas > maximum:
+        violations.append(FieldViolation("deployment.max_replicas", f"must be at most {maximum}"))
+    if deployment.max_replicas and deployment.min_replicas > deployment.max_replicas:
+        violations.append(FieldViolation("deployment.min_replicas", "must not exceed max_replicas"))
+    if not deployment.max_replicas and deployment.min_replicas:
+        violations.append(FieldViolation("deployment.max_replicas", "must be set when min_replicas is"))
+    if deployment.target_in_flight < 0 or deployment.target_in_flight != deployment.target_in_flight:
+        violations.append(FieldViolation("deployment.target_in_flight", "must be a positive number"))
+    if deployment.scale_to_zero_after_s and deployment.min_replicas:
+        violations.append(FieldViolation("deployment.scale_to_zero_after_s", "needs min_replicas 0"))
+    for key, value in deployment.node_selector.items():
+        if not key or len(key) > 253 or len(value) > 63:
+            violations.append(FieldViolation(f"deployment.node_selector[{key!r}]",
+                                             "keys are 1-253 characters, values at most 63"))
+    if violations:
+        raise InvalidArgument("invalid deployment", violations=violations)

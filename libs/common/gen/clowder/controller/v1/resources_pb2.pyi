@@ -53,39 +53,100 @@ class ImageConfiguration(_message.Message):
     def __init__(self, system_prompt: _Optional[str] = ..., context_size: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., allowed_groups: _Optional[_Iterable[str]] = ..., middleware: _Optional[_Iterable[_Union[MiddlewareSpec, _Mapping]]] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("alias", "source_url", "configuration", "digest", "size_bytes", "create_time")
+    __slots__ = ("alias", "source_url", "configuration", "digest", "size_bytes", "create_time", "model_shape")
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_URL_FIELD_NUMBER: _ClassVar[int]
     CONFIGURATION_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHAPE_FIELD_NUMBER: _ClassVar[int]
     alias: str
     source_url: str
     configuration: ImageConfiguration
     digest: str
     size_bytes: int
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, alias: _Optional[str] = ..., source_url: _Optional[str] = ..., configuration: _Optional[_Union[ImageConfiguration, _Mapping]] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    model_shape: ModelShape
+    def __init__(self, alias: _Optional[str] = ..., source_url: _Optional[str] = ..., configuration: _Optional[_Union[ImageConfiguration, _Mapping]] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_shape: _Optional[_Union[ModelShape, _Mapping]] = ...) -> None: ...
+
+class ModelShape(_message.Message):
+    __slots__ = ("layers", "embedding_length", "heads", "kv_heads", "train_context", "file_bytes")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    layers: int
+    embedding_length: int
+    heads: int
+    kv_heads: int
+    train_context: int
+    file_bytes: int
+    def __init__(self, layers: _Optional[int] = ..., embedding_length: _Optional[int] = ..., heads: _Optional[int] = ..., kv_heads: _Optional[int] = ..., train_context: _Optional[int] = ..., file_bytes: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("name", "image", "replicas", "ready_replicas", "create_time", "update_time")
+    __slots__ = ("name", "image", "replicas", "ready_replicas", "create_time", "update_time", "node_selector", "memory_bytes", "gpus", "min_replicas", "max_replicas", "target_in_flight", "scale_to_zero_after_s", "events", "priority")
+    class NodeSelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     READY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    NODE_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    SCALE_TO_ZERO_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     replicas: int
     ready_replicas: int
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    node_selector: _containers.ScalarMap[str, str]
+    memory_bytes: int
+    gpus: int
+    min_replicas: int
+    max_replicas: int
+    target_in_flight: float
+    scale_to_zero_after_s: int
+    events: _containers.RepeatedCompositeFieldContainer[DeploymentEvent]
+    priority: int
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., memory_bytes: _Optional[int] = ..., gpus: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., target_in_flight: _Optional[float] = ..., scale_to_zero_after_s: _Optional[int] = ..., events: _Optional[_Iterable[_Union[DeploymentEvent, _Mapping]]] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class DeploymentEvent(_message.Message):
+    __slots__ = ("time", "reason", "message", "replica")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    reason: str
+    message: str
+    replica: str
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., replica: _Optional[str] = ...) -> None: ...
+
+class DeploymentEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[DeploymentEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[DeploymentEvent, _Mapping]]] = ...) -> None: ...
 
 class Replica(_message.Message):
-    __slots__ = ("id", "deployment", "node", "state", "message", "image_digest", "pid", "endpoint", "restarts", "update_time")
+    __slots__ = ("id", "deployment", "node", "state", "message", "image_digest", "pid", "endpoint", "restarts", "update_time", "slot", "template_hash")
     ID_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +157,8 @@ class Replica(_message.Message):
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_HASH_FIELD_NUMBER: _ClassVar[int]
     id: str
     deployment: str
     node: str
@@ -106,10 +169,12 @@ class Replica(_message.Message):
     endpoint: str
     restarts: int
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., deployment: _Optional[str] = ..., node: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., message: _Optional[str] = ..., image_digest: _Optional[str] = ..., pid: _Optional[int] = ..., endpoint: _Optional[str] = ..., restarts: _Optional[int] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    slot: int
+    template_hash: str
+    def __init__(self, id: _Optional[str] = ..., deployment: _Optional[str] = ..., node: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., message: _Optional[str] = ..., image_digest: _Optional[str] = ..., pid: _Optional[int] = ..., endpoint: _Optional[str] = ..., restarts: _Optional[int] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slot: _Optional[int] = ..., template_hash: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "storage_address", "labels", "memory_bytes", "cpus", "store_free_bytes", "start_time")
+    __slots__ = ("name", "storage_address", "labels", "memory_bytes", "cpus", "store_free_bytes", "start_time", "gpus", "blob_digests")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +189,8 @@ class Node(_message.Message):
     CPUS_FIELD_NUMBER: _ClassVar[int]
     STORE_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    BLOB_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     storage_address: str
     labels: _containers.ScalarMap[str, str]
@@ -131,4 +198,16 @@ class Node(_message.Message):
     cpus: int
     store_free_bytes: int
     start_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., storage_address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., memory_bytes: _Optional[int] = ..., cpus: _Optional[int] = ..., store_free_bytes: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    gpus: int
+    blob_digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., storage_address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., memory_bytes: _Optional[int] = ..., cpus: _Optional[int] = ..., store_free_bytes: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpus: _Optional[int] = ..., blob_digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ControllerLeader(_message.Message):
+    __slots__ = ("identity", "address", "acquire_time")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ACQUIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    identity: str
+    address: str
+    acquire_time: _timestamp_pb2.Timestamp
+    def __init__(self, identity: _Optional[str] = ..., address: _Optional[str] = ..., acquire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
