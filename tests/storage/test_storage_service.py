@@ -485,6 +485,15 @@ async def test_calls_need_the_admin_token(app, stub):
 # -- node registration ---------------------------------------------------------------
 
 
+def test_gpus_counted_from_device_nodes(tmp_path):
+    from clowder_storage.registration import count_gpus
+
+    for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm", "null"):
+        (tmp_path / name).touch()
+    assert count_gpus(tmp_path) == 2
+    assert count_gpus(tmp_path / "missing") == 0
+
+
 async def test_node_registered_with_its_address_until_stopped(tmp_path, etcd, etcd_prefix, state):
     key = state.key(keys.node("node-a"))
     async with running_storage(tmp_path, etcd, etcd_prefix) as (app, stub):
@@ -506,5 +515,9 @@ async def test_node_registered_with_its_address_until_stopped(tmp_path, etcd, et
         while (await state.get(key, resources_pb2.Node)).mod_revision == got.mod_revision:
             assert time.monotonic() < deadline, "node record not refreshed after a pull"
             await asyncio.sleep(0.05)
+        # ...and lists what the store holds, for the scheduler's locality score.
+        refreshed = (await state.get(key, resources_pb2.Node)).value
+        assert list(refreshed.blob_digests) == ["sha256:" + hashlib.sha256((tmp_path / "layer.bin").read_bytes())
+                                                .hexdigest()]
     # stop() revoked the lease: the node is gone at once, not after the TTL.
     assert await state.get(key, resources_pb2.Node) is None

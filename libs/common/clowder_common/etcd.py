@@ -284,12 +284,15 @@ class PrefixCache(Generic[M]):
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._ready.wait(), wait)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 3.0) -> None:
+        """Cancel the watch; bounded, because aetcd can wait forever for a watch cancelled mid-creation."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            task, self._task = self._task, None
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:
+                log.warning("watch on %s did not stop within %.0fs; the client's close releases it",
+                            self._prefix, timeout)
 
     @property
     def ready(self) -> bool:

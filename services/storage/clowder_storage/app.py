@@ -17,7 +17,7 @@ from clowder_storage.images import ImageStore
 from clowder_storage.oci import OciClient
 from clowder_storage.peer import PeerFetcher
 from clowder_storage.puller import Puller
-from clowder_storage.registration import NodeRegistration
+from clowder_storage.registration import NodeRegistration, count_gpus
 from clowder_storage.s3 import S3Fetcher
 from clowder_storage.service import StorageServicer, registrar
 from clowder_storage.sources import FileFetcher, HttpFetcher, Sources
@@ -132,7 +132,8 @@ async def create_storage(config: StorageConfig, admin_token: str | None) -> Stor
         ])
         state = EtcdState(config.etcd_endpoints, config.etcd_prefix)
         registration = NodeRegistration(
-            state, store, config.node_name, config.labels, config.lease_ttl_s, config.node_refresh_s
+            state, store, config.node_name, config.labels, config.lease_ttl_s, config.node_refresh_s,
+            gpus=config.gpus if config.gpus >= 0 else count_gpus(),
         )
         space_ref: list[Space] = []
 

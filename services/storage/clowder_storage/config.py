@@ -25,6 +25,8 @@ class StorageConfig(EtcdConfig):
     node_name: str = "local"
     # Placement labels published on the Node ("k=v,k2=v2" from the environment).
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    # GPUs published on the Node for GPU placement; -1 counts /dev/nvidia<N> devices.
+    gpus: int = -1
     # TTL of the lease that holds nodes/<node_name>; the node vanishes this long after a crash.
     lease_ttl_s: int = 10
     # Downloads running at once; further pulls wait their turn.

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import pathlib
+import re
 import time
 from typing import Mapping
 
@@ -20,8 +22,22 @@ from clowder_storage.store import BlobStore
 log = logging.getLogger(__name__)
 
 
+# The node record lives in one etcd value (1.5 MiB at most): list at most this many digests, largest first,
+# since the scheduler's locality score cares about model layers, not small configs.
+MAX_PUBLISHED_DIGESTS = 1000
+NVIDIA_DEVICE = re.compile(r"^nvidia\d+$")
+
+
 def total_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def count_gpus(dev: pathlib.Path = pathlib.Path("/dev")) -> int:
+    """NVIDIA GPUs visible to this node (one /dev/nvidia<N> per device)."""
+    try:
+        return sum(1 for entry in dev.iterdir() if NVIDIA_DEVICE.match(entry.name))
+    except OSError:
+        return 0
 
 
 class NodeRegistration:
@@ -35,7 +51,9 @@ class NodeRegistration:
         labels: Mapping[str, str],
         lease_ttl_s: int,
         refresh_s: float = 60.0,
+        gpus: int = 0,
     ) -> None:
+        self._gpus = gpus
         self._state = state
         self._store = store
         self.key = state.key(keys.node(node_name))
@@ -51,6 +69,7 @@ class NodeRegistration:
         self._task: asyncio.Task | None = None
 
     async def node(self) -> resources_pb2.Node:
+        blobs = sorted(await self._store.list(), key=lambda b: b.size_bytes, reverse=True)
         return resources_pb2.Node(
             name=self._name,
             storage_address=self._address,
@@ -59,6 +78,8 @@ class NodeRegistration:
             cpus=os.cpu_count() or 1,
             store_free_bytes=await self._store.free_bytes(),
             start_time=self._start_time,
+            gpus=self._gpus,
+            blob_digests=[b.digest for b in blobs[:MAX_PUBLISHED_DIGESTS]],
         )
 
     async def _write(self, lease_id: int) -> None:
