@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
 import pytest
 
 from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2
+from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
+from clowder_common.auth import bearer_metadata
 from clowder_common import keys
 from clowder_common.processes import pid_alive
 from clowder_controller.app import create_controller
@@ -26,6 +29,12 @@ async def start_node(etcd, prefix, tmp_path, name):
     app = await create_storage(config, TOKEN)
     await app.start()
     return app
+
+
+async def storage_call(node, method: str, request):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{node.port}") as channel:
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
+        return await getattr(stub, method)(request, metadata=bearer_metadata(TOKEN), timeout=10)
 
 
 async def wait_until(predicate, timeout: float, what: str):
@@ -67,6 +76,12 @@ async def test_replicas_follow_deployments_and_nodes(etcd, etcd_prefix, state, t
         assert sorted(e.value.address for e in endpoints) == sorted(r.endpoint for r in ready)
         image = await state.get(state.key(keys.image("smol")), resources_pb2.Image)
         assert image.value.digest.startswith("sha256:") and all(r.image_digest == image.value.digest for r in ready)
+        # The node stores the aimage as an OCI manifest over the model layer, pinned while runtimes use it.
+        stored = await storage_call(node1, "ListImages", storage_pb2.ListImagesRequest())
+        assert [(i.name, [layer.digest for layer in i.layers]) for i in stored.images] == [
+            ("smol", [image.value.digest])]
+        stats = await storage_call(node1, "GetStoreStats", storage_pb2.GetStoreStatsRequest())
+        assert stats.pinned_bytes >= image.value.size_bytes > 0
 
         # Scale down: one replica and its process go away.
         await state.put(state.key(keys.deployment("smol")),
@@ -96,6 +111,8 @@ async def test_replicas_follow_deployments_and_nodes(etcd, etcd_prefix, state, t
         await state.delete(state.key(keys.deployment("smol")))
         await wait_until(lambda: _async_not(replicas), 60, "replicas removed")
         assert not pid_alive(moved[0].pid)
+        stats = await storage_call(node2, "GetStoreStats", storage_pb2.GetStoreStatsRequest())
+        assert stats.pinned_bytes == 0  # the removed replica's pin is released
     finally:
         await controller.stop()
         if node2 is not None:

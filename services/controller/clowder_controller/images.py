@@ -125,7 +125,7 @@ class ImageServicer(controller_pb2_grpc.ImageServiceServicer):
     async def PullImage(self, request, context):
         image = (await get_image(self._state, request.alias)).value
         node = await pick_node(self._state, request.node)
-        async for message in self._storage.pull(node.storage_address, image.source_url, image.digest):
+        async for message in self._storage.pull_image(node.storage_address, image):
             if message.HasField("blob"):
                 await record_digest(self._state, image.alias, message.blob.digest, message.blob.size_bytes)
             yield controller_pb2.PullImageResponse(node=node.name, progress=message.progress, blob=message.blob

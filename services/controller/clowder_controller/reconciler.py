@@ -418,8 +418,19 @@ class Reconciler:
 
         await self._write(replica, mutate)
 
+    async def _release_pin(self, replica: resources_pb2.Replica) -> None:
+        """The runtime is gone: its blobs may be collected again once nothing else pins them."""
+        node = next((n for n in self._nodes.values() if n.name == replica.node), None) if replica.node else None
+        if node is None:
+            return  # a lost node's store is not reachable; its pins go with it
+        try:
+            await self._storage.unpin(node.storage_address, pin_holder(replica))
+        except Exception as exc:  # never block removing a replica on its node's storage
+            log.warning("unpinning %s on %s failed: %s", pin_holder(replica), node.name, exc)
+
     async def _requeue(self, replica, message: str) -> None:
         await self._launcher.stop(replica, self._config.runtime_stop_grace_s)
+        await self._release_pin(replica)
 
         def mutate(r: resources_pb2.Replica) -> None:
             _set_state(r, PENDING, message)
@@ -444,11 +455,12 @@ class Reconciler:
             return
         self.events.record(deployment.name, "pulling", f"pulling {image.alias} onto {node.name}", replica.id)
         blob = None
-        async for message in self._storage.pull(node.storage_address, image.source_url, image.digest):
+        async for message in self._storage.pull_image(node.storage_address, image):
             if message.HasField("blob"):
                 blob = message.blob
         if blob is None:
             raise RuntimeError("storage ended the pull without a blob")
+        await self._storage.pin(node.storage_address, pin_holder(replica), image.alias)
         if image.digest != blob.digest or image.size_bytes != blob.size_bytes:
             await record_digest(self._state, image.alias, blob.digest, blob.size_bytes)
         spec = RuntimeSpec(
@@ -481,6 +493,7 @@ class Reconciler:
     async def _remove(self, replica: resources_pb2.Replica, record: bool = False) -> None:
         key = (replica.deployment, replica.id)
         await self._launcher.stop(replica, self._config.runtime_stop_grace_s)
+        await self._release_pin(replica)
         async with self._etcd_slots:
             await self._state.delete(self._state.key(keys.replica(replica.deployment, replica.id)))
         self._failures.pop(key, None)
@@ -491,6 +504,10 @@ class Reconciler:
         if record:
             self.events.record(replica.deployment, "stopped", "replica removed", replica.id)
         log.info("replica %s/%s removed", replica.deployment, replica.id)
+
+
+def pin_holder(replica: resources_pb2.Replica) -> str:
+    return f"{replica.deployment}/{replica.id}"
 
 
 def _set_state(replica: resources_pb2.Replica, state: int, message: str) -> None:

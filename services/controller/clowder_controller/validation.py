@@ -8,7 +8,8 @@ from clowder.controller.v1 import resources_pb2
 from clowder_common.errors import FieldViolation, InvalidArgument
 from clowder_common.keys import validate_name
 
-SUPPORTED_SCHEMES = ("file", "http", "https")
+# What the storage service can pull an aimage from (peer:// is node to node, not for users).
+SUPPORTED_SCHEMES = ("file", "http", "https", "hf", "s3", "oci")
 MAX_CONTEXT = 1 << 20
 
 
