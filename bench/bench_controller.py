@@ -59,6 +59,15 @@ class InstantStorage:
     async def pull(self, address: str, source_url: str, expected_digest: str = ""):
         yield storage_pb2.PullBlobResponse(blob=storage_pb2.Blob(digest=DIGEST, size_bytes=GIB))
 
+    async def pull_image(self, address: str, image: resources_pb2.Image):
+        yield storage_pb2.PullBlobResponse(blob=storage_pb2.Blob(digest=DIGEST, size_bytes=GIB))
+
+    async def pin(self, address: str, holder: str, image: str) -> None:
+        pass
+
+    async def unpin(self, address: str, holder: str) -> None:
+        pass
+
     async def close(self) -> None:
         return None
 

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--system-prompt", default="")
     add.add_argument("--context-size", type=int, default=0)
     add.add_argument("--no-pull", action="store_true", help="only record it; deployments pull on demand")
+    add.add_argument("--credentials-ref", default="",
+                     help="where the storage node reads the source's secret: env:NAME or file:/path")
+    add.add_argument("--credentials-username", default="", help="Basic auth user or S3 access key id")
     image.add_parser("ls", help="list aimages")
     rm = image.add_parser("rm", help="remove an aimage no deployment uses")
     rm.add_argument("alias")
@@ -105,7 +108,9 @@ def source_url(value: str) -> str:
 def cmd_image(args, control: ControlPlane, console: Console) -> int:
     if args.image_command == "add":
         config = resources_pb2.ImageConfiguration(system_prompt=args.system_prompt, context_size=args.context_size)
-        image = resources_pb2.Image(alias=args.alias, source_url=source_url(args.url), configuration=config)
+        image = resources_pb2.Image(alias=args.alias, source_url=source_url(args.url), configuration=config,
+                                    credentials_ref=args.credentials_ref,
+                                    credentials_username=args.credentials_username)
         control.call(control.images.CreateImage, controller_pb2.CreateImageRequest(image=image))
         console.print(f"image {args.alias} added")
         if not args.no_pull:

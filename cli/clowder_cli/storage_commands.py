@@ -171,7 +171,8 @@ def _push(args: argparse.Namespace, client: StorageClient, console: Console,
     # Record the aimage as an OCI manifest in the store (instant: its layer is already there), then push it.
     layer = storage_pb2.LayerSource(kind=storage_pb2.LAYER_KIND_MODEL, source_url=image.source_url,
                                     expected_digest=image.digest)
-    config = json_format.MessageToJson(image.configuration, preserving_proto_field_name=True, indent=None)
+    # The same JSON the controller stores, so the config blob (and the manifest digest) stay the same.
+    config = json_format.MessageToJson(image.configuration, indent=None)
     request = storage_pb2.PullImageRequest(name=args.alias, layers=[layer], configuration_json=config)
     for _ in client.stream(client.stub.PullImage, request):
         pass

@@ -73,3 +73,19 @@ def test_backoff_grows_and_is_capped():
     assert delays[0] == 0 and delays[1] == 1 and delays[2] == 2
     assert all(a <= b for a, b in zip(delays, delays[1:]))
     assert max(delays) == 30
+
+
+@pytest.mark.parametrize("ref, ok", [
+    ("", True), ("env:HF_TOKEN", True), ("file:/run/secrets/hf", True),
+    ("hf_abcdef123456", False), ("env:", False), ("env:1X", False), ("file:relative", False),
+    ("file:/a/../etc/shadow", False),
+])
+def test_credentials_are_references_only(ref, ok):
+    from clowder_controller.validation import validate_credentials_ref
+
+    if ok:
+        validate_credentials_ref(ref)
+    else:
+        with pytest.raises(InvalidArgument) as err:
+            validate_credentials_ref(ref)
+        assert err.value.violations[0].field == "image.credentials_ref"

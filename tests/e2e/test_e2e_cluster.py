@@ -209,6 +209,45 @@ def test_serve_spec_round_trip(cluster, client, tmp_path):
     assert [m.id for m in client.models.list().data] == ["smol"]
 
 
+def test_push_to_a_registry_and_deploy_from_it(cluster, client, tmp_path):
+    """An aimage built here goes to an OCI registry and comes back as a new aimage another cluster could use."""
+    import json
+    import shutil
+
+    from clowder_common.processes import terminate, wait_for_port
+
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(json.dumps({"version": 0.1, "storage": {"filesystem": {"rootdirectory": str(tmp_path / "r")}},
+                                  "http": {"addr": f"127.0.0.1:{port}"}, "log": {"level": "error"}}))
+    registry = subprocess.Popen([shutil.which("docker-registry"), "serve", str(config)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, 30, registry)
+        target = f"oci://127.0.0.1:{port}/models/smol:v1"
+        push = cluster.cli("image", "push", "smol", target)
+        assert push.returncode == 0 and "pushed smol" in push.stdout, push.stdout + push.stderr
+        add = cluster.cli("image", "add", "smol-oci", target)
+        assert add.returncode == 0, add.stdout + add.stderr
+        control = cluster.control()
+        try:
+            images = {i.alias: i for i in control.call(control.images.ListImages,
+                                                       controller_pb2.ListImagesRequest()).images}
+        finally:
+            control.close()
+        assert images["smol-oci"].digest == images["smol"].digest  # byte-identical model layer, stored once
+        listing = cluster.cli("storage", "ls")
+        assert "smol-oci" in listing.stdout, listing.stdout
+        deploy = cluster.cli("deploy", "smol-oci", "--replicas", "1")
+        assert deploy.returncode == 0, deploy.stdout
+        reply = client.chat.completions.create(model="smol-oci", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=4)
+        assert reply.choices[0].message.content
+        assert cluster.cli("undeploy", "smol-oci").returncode == 0
+    finally:
+        terminate(registry, 5)
+
+
 def test_down_stops_everything(cluster):
     control = cluster.control()
     try:

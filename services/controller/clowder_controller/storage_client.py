@@ -59,11 +59,15 @@ class StorageClients:
         """
         request = storage_pb2.PullImageRequest(
             name=image.alias, configuration_json=json_format.MessageToJson(image.configuration, indent=None))
+        credentials = storage_pb2.Credentials(secret_ref=image.credentials_ref,
+                                              username=image.credentials_username)
         if image.source_url.startswith("oci://"):
             request.source_url = image.source_url
+            request.credentials.CopyFrom(credentials)
         else:
             request.layers.append(storage_pb2.LayerSource(
-                kind=storage_pb2.LAYER_KIND_MODEL, source_url=image.source_url, expected_digest=image.digest))
+                kind=storage_pb2.LAYER_KIND_MODEL, source_url=image.source_url, expected_digest=image.digest,
+                credentials=credentials))
         call = self._stub(address).PullImage(request, metadata=self._metadata, timeout=PULL_DEADLINE_S)
         try:
             async for message in call:

@@ -41,9 +41,23 @@ def validate_configuration(config: resources_pb2.ImageConfiguration, prefix: str
         raise InvalidArgument("invalid image configuration", violations=violations)
 
 
+def validate_credentials_ref(ref: str, field: str = "image.credentials_ref") -> None:
+    """Only a pointer to a secret is accepted; a secret itself would end up in etcd."""
+    if not ref:
+        return
+    kind, _, rest = ref.partition(":")
+    if kind == "env" and rest.replace("_", "").isalnum() and not rest[0].isdigit():
+        return
+    if kind == "file" and rest.startswith("/") and ".." not in rest.split("/"):
+        return
+    raise InvalidArgument("credentials_ref must be env:NAME or file:/absolute/path (a reference, never the secret)",
+                          field=field)
+
+
 def validate_image(image: resources_pb2.Image) -> None:
     validate_name(image.alias, "image.alias")
     validate_source_url(image.source_url)
+    validate_credentials_ref(image.credentials_ref)
     validate_configuration(image.configuration, "image.configuration")
 
 

@@ -53,7 +53,7 @@ class ImageConfiguration(_message.Message):
     def __init__(self, system_prompt: _Optional[str] = ..., context_size: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., allowed_groups: _Optional[_Iterable[str]] = ..., middleware: _Optional[_Iterable[_Union[MiddlewareSpec, _Mapping]]] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("alias", "source_url", "configuration", "digest", "size_bytes", "create_time", "model_shape")
+    __slots__ = ("alias", "source_url", "configuration", "digest", "size_bytes", "create_time", "model_shape", "credentials_ref", "credentials_username")
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_URL_FIELD_NUMBER: _ClassVar[int]
     CONFIGURATION_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,8 @@ class Image(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIALS_REF_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIALS_USERNAME_FIELD_NUMBER: _ClassVar[int]
     alias: str
     source_url: str
     configuration: ImageConfiguration
@@ -68,7 +70,9 @@ class Image(_message.Message):
     size_bytes: int
     create_time: _timestamp_pb2.Timestamp
     model_shape: ModelShape
-    def __init__(self, alias: _Optional[str] = ..., source_url: _Optional[str] = ..., configuration: _Optional[_Union[ImageConfiguration, _Mapping]] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_shape: _Optional[_Union[ModelShape, _Mapping]] = ...) -> None: ...
+    credentials_ref: str
+    credentials_username: str
+    def __init__(self, alias: _Optional[str] = ..., source_url: _Optional[str] = ..., configuration: _Optional[_Union[ImageConfiguration, _Mapping]] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_shape: _Optional[_Union[ModelShape, _Mapping]] = ..., credentials_ref: _Optional[str] = ..., credentials_username: _Optional[str] = ...) -> None: ...
 
 class ModelShape(_message.Message):
     __slots__ = ("layers", "embedding_length", "heads", "kv_heads", "train_context", "file_bytes")
