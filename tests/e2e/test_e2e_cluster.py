@@ -202,6 +202,57 @@ def test_serve_spec_round_trip(cluster, client, tmp_path):
     assert reply.choices[0].message.content
     status = cluster.cli("serve", "status", "poet")
     assert "1/1 ready" in status.stdout, status.stdout
+
+    # A changed spec rolls: the new replica is ready before the old one stops, so no request in flight fails.
+    failures: list[Exception] = []
+    served = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                client.chat.completions.create(model="poet", messages=[{"role": "user", "content": "Rain?"}],
+                                               max_tokens=4)
+                served.append(time.monotonic())
+            except Exception as exc:  # noqa: BLE001 - every failure counts against the rollout
+                failures.append(exc)
+
+    control = cluster.control()
+    try:
+        before = {r.id for r in control.call(control.deployments.ListReplicas,
+                                             controller_pb2.ListReplicasRequest(deployment="poet")).replicas}
+    finally:
+        control.close()
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    try:
+        spec.write_text(spec.read_text().replace("You are a poet.", "You are a terse poet."))
+        update = cluster.cli("serve", "update", "-f", str(spec))
+        assert update.returncode == 0 and "image poet-" in update.stdout, update.stdout + update.stderr
+        control = cluster.control()
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                got = control.call(control.deployments.GetDeployment,
+                                   controller_pb2.GetDeploymentRequest(name="poet")).deployment
+                replicas = control.call(control.deployments.ListReplicas,
+                                        controller_pb2.ListReplicasRequest(deployment="poet")).replicas
+                if (len(replicas) == 1 and replicas[0].id not in before and got.ready_replicas == 1
+                        and replicas[0].state == resources_pb2.REPLICA_STATE_READY):
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError(f"rollout did not finish: {list(replicas)}")
+        finally:
+            control.close()
+        switched = time.monotonic()
+        while time.monotonic() - switched < 2 and not failures:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        sender.join(60)
+    assert failures == [], failures
+    assert served and served[-1] > switched
     logs = cluster.cli("serve", "logs", "poet")
     assert "serving on" in logs.stdout, logs.stdout
     down = cluster.cli("serve", "down", "poet")
