@@ -26,7 +26,6 @@ ROUNDS = 3
 
 
 def direct_tokens_per_second(llm) -> float:
-    start = time.perf_counter()
     first = None
     tokens = 0
     for chunk in llm.create_chat_completion(messages=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=True):

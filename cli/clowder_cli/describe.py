@@ -10,14 +10,8 @@ from rich.table import Table
 
 from clowder.controller.v1 import controller_pb2, resources_pb2
 from clowder_cli.control import ControlPlane
+from clowder_cli.formatting import STATE_NAMES
 
-STATE_NAMES = {
-    resources_pb2.REPLICA_STATE_PENDING: "pending",
-    resources_pb2.REPLICA_STATE_PULLING: "pulling",
-    resources_pb2.REPLICA_STATE_STARTING: "starting",
-    resources_pb2.REPLICA_STATE_READY: "ready",
-    resources_pb2.REPLICA_STATE_FAILED: "failed",
-}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

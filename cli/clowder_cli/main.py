@@ -14,6 +14,7 @@ from clowder.controller.v1 import controller_pb2, resources_pb2
 from clowder_cli import apikey_commands
 from clowder_cli import describe as describe_command
 from clowder_cli import paths
+from clowder_cli.formatting import STATE_NAMES, human_bytes
 from clowder_cli import storage_commands
 from clowder_cli.control import ControlPlane, describe
 from clowder_cli.progress import show_pull
@@ -21,13 +22,6 @@ from clowder_cli.up import run_down, run_up
 from clowder_common.auth import read_admin_token
 from clowder_common.errors import ClowderError, NotFound
 
-STATE_NAMES = {
-    resources_pb2.REPLICA_STATE_PENDING: "pending",
-    resources_pb2.REPLICA_STATE_PULLING: "pulling",
-    resources_pb2.REPLICA_STATE_STARTING: "starting",
-    resources_pb2.REPLICA_STATE_READY: "ready",
-    resources_pb2.REPLICA_STATE_FAILED: "failed",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,15 +192,6 @@ def cmd_nodes(control: ControlPlane, console: Console) -> int:
                       human_bytes(n.store_free_bytes), labels or "-")
     console.print(table)
     return 0
-
-
-def human_bytes(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
 
 
 def main(argv: list[str] | None = None) -> int:

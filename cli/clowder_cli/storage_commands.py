@@ -17,6 +17,7 @@ from rich.table import Table
 from clowder.controller.v1 import controller_pb2
 from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
 from clowder_cli import paths
+from clowder_cli.formatting import human_bytes
 from clowder_cli.control import ControlPlane
 from clowder_common.auth import bearer_metadata, read_admin_token
 from clowder_common.clients import sync_channel
@@ -201,12 +202,3 @@ def _ls(client: StorageClient, console: Console) -> int:
     console.print(f"used {human_bytes(stats.used_bytes)} in {stats.blob_count} blob(s), pinned"
                   f" {human_bytes(stats.pinned_bytes)}, quota {quota}, volume free {human_bytes(stats.free_bytes)}")
     return 0
-
-
-def human_bytes(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"

@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import grpc
-import pytest
 
 from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2

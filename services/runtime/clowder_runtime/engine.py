@@ -337,7 +337,7 @@ class LlamaEngine:
                     self._admit()
                 try:
                     self._step()
-                except Exception as exc:
+                except Exception:
                     # A failed decode leaves the batch in an unknown state: fail its requests, keep serving.
                     log.exception("decode step failed")
                     for slot in self._slots:
