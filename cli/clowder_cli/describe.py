@@ -8,8 +8,8 @@ import datetime
 from rich.console import Console
 from rich.table import Table
 
-from clowder.controller.v1 import controller_pb2, resources_pb2
-from clowder_cli.control import ControlPlane
+from clowder.controller.v1 import resources_pb2
+from clowder.client import Client
 from clowder_cli.formatting import STATE_NAMES
 
 
@@ -32,9 +32,8 @@ def last_event(deployment: resources_pb2.Deployment) -> str:
     return f"{when(event)} {event.reason}: {event.message}"
 
 
-def run(args: argparse.Namespace, control: ControlPlane, console: Console) -> int:
-    d = control.call(control.deployments.GetDeployment,
-                     controller_pb2.GetDeploymentRequest(name=args.name)).deployment
+def run(args: argparse.Namespace, control: Client, console: Console) -> int:
+    d = control.deployments.get(args.name)
     console.print(f"[bold]{d.name}[/bold]  image {d.image}  ready {d.ready_replicas}/{d.replicas}", highlight=False)
     if d.max_replicas:
         zero = f", to zero after {d.scale_to_zero_after_s}s idle" if d.scale_to_zero_after_s else ""
@@ -47,8 +46,7 @@ def run(args: argparse.Namespace, control: ControlPlane, console: Console) -> in
         constraints.append(f"{d.gpus} GPU(s)")
     if constraints:
         console.print("placement: " + ", ".join(constraints), highlight=False)
-    replicas = control.call(control.deployments.ListReplicas,
-                            controller_pb2.ListReplicasRequest(deployment=args.name)).replicas
+    replicas = control.deployments.replicas(args.name)
     table = Table("REPLICA", "NODE", "STATE", "RESTARTS", "ENDPOINT", "MESSAGE", title="replicas")
     for r in replicas:
         table.add_row(r.id, r.node or "-", STATE_NAMES.get(r.state, "unknown"), str(r.restarts), r.endpoint or "-",

@@ -10,13 +10,14 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from clowder.controller.v1 import controller_pb2, resources_pb2
+from clowder.controller.v1 import resources_pb2
 from clowder_cli import apikey_commands
 from clowder_cli import describe as describe_command
 from clowder_cli import paths
 from clowder_cli.formatting import STATE_NAMES, human_bytes
 from clowder_cli import storage_commands
-from clowder_cli.control import ControlPlane, describe
+from clowder.client import Client
+from clowder_cli.control import describe, open_control_plane
 from clowder_cli.progress import show_pull
 from clowder_cli.up import run_down, run_up
 from clowder_common.auth import read_admin_token
@@ -80,14 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def connect(args: argparse.Namespace, data_dir: pathlib.Path) -> ControlPlane:
+def connect(args: argparse.Namespace, data_dir: pathlib.Path) -> Client:
     address = args.controller
     if not address:
         cluster = paths.read_cluster(data_dir)
         if cluster is None:
             raise NotFound(f"no local cluster is running from {data_dir}: run `clowder up` (or pass --controller)")
         address = cluster["controller"]
-    return ControlPlane(address, read_admin_token(data_dir))
+    return open_control_plane(address, read_admin_token(data_dir))
 
 
 def source_url(value: str) -> str:
@@ -99,59 +100,48 @@ def source_url(value: str) -> str:
     return path.as_uri()
 
 
-def cmd_image(args, control: ControlPlane, console: Console) -> int:
+def cmd_image(args, control: Client, console: Console) -> int:
     if args.image_command == "add":
         config = resources_pb2.ImageConfiguration(system_prompt=args.system_prompt, context_size=args.context_size)
-        image = resources_pb2.Image(alias=args.alias, source_url=source_url(args.url), configuration=config,
-                                    credentials_ref=args.credentials_ref,
-                                    credentials_username=args.credentials_username)
-        control.call(control.images.CreateImage, controller_pb2.CreateImageRequest(image=image))
+        control.images.create(args.alias, source_url(args.url), config, credentials_ref=args.credentials_ref,
+                              credentials_username=args.credentials_username)
         console.print(f"image {args.alias} added")
         if not args.no_pull:
             pull(control, args.alias, "", console)
     elif args.image_command == "pull":
         pull(control, args.alias, args.node, console)
     elif args.image_command == "rm":
-        control.call(control.images.DeleteImage, controller_pb2.DeleteImageRequest(alias=args.alias))
+        control.images.delete(args.alias)
         console.print(f"image {args.alias} removed")
     else:
         table = Table("ALIAS", "SOURCE", "DIGEST", "SIZE")
-        token = ""
-        while True:
-            page = control.call(control.images.ListImages, controller_pb2.ListImagesRequest(page_token=token))
-            for image in page.images:
-                table.add_row(image.alias, image.source_url, image.digest[:19] or "-",
-                              human_bytes(image.size_bytes) if image.size_bytes else "-")
-            token = page.next_page_token
-            if not token:
-                break
+        for image in control.images.list():  # every page
+            table.add_row(image.alias, image.source_url, image.digest[:19] or "-",
+                          human_bytes(image.size_bytes) if image.size_bytes else "-")
         console.print(table)
     return 0
 
 
-def pull(control: ControlPlane, alias: str, node: str, console: Console) -> None:
-    stream = control.stream(control.images.PullImage, controller_pb2.PullImageRequest(alias=alias, node=node),
-                            timeout=6 * 3600)
-    blob = show_pull(alias, stream, console)
+def pull(control: Client, alias: str, node: str, console: Console) -> None:
+    blob = show_pull(alias, control.images.pull(alias, node), console)
     if blob is not None:
         console.print(f"{alias}: {blob.digest} ({human_bytes(blob.size_bytes)})")
 
 
-def cmd_deploy(args, control: ControlPlane, console: Console) -> int:
+def cmd_deploy(args, control: Client, console: Console) -> int:
     name = args.name or args.image
-    wanted = resources_pb2.Deployment(name=name, image=args.image, replicas=args.replicas)
     try:
-        control.call(control.deployments.GetDeployment, controller_pb2.GetDeploymentRequest(name=name))
+        control.deployments.get(name)
     except NotFound:
-        control.call(control.deployments.CreateDeployment, controller_pb2.CreateDeploymentRequest(deployment=wanted))
+        control.deployments.create(name, args.image, args.replicas)
         console.print(f"deployment {name} created with {args.replicas} replica(s)")
         return 0
-    control.call(control.deployments.UpdateDeployment, controller_pb2.UpdateDeploymentRequest(deployment=wanted))
+    control.deployments.scale(name, args.replicas, args.image)
     console.print(f"deployment {name} set to {args.replicas} replica(s)")
     return 0
 
 
-def cmd_serve(args, control: ControlPlane, console: Console, data_dir: pathlib.Path) -> int:
+def cmd_serve(args, control: Client, console: Console, data_dir: pathlib.Path) -> int:
     from clowder_cli import serve
 
     if args.serve_command in ("up", "update"):
@@ -168,25 +158,25 @@ def cmd_serve(args, control: ControlPlane, console: Console, data_dir: pathlib.P
         return 0
 
 
-def cmd_ps(control: ControlPlane, console: Console) -> int:
-    deployments = control.call(control.deployments.ListDeployments, controller_pb2.ListDeploymentsRequest())
+def cmd_ps(control: Client, console: Console) -> int:
+    deployments = list(control.deployments.list())
     table = Table("DEPLOYMENT", "IMAGE", "READY", "LAST EVENT")
-    for d in deployments.deployments:
+    for d in deployments:
         table.add_row(d.name, d.image, f"{d.ready_replicas}/{d.replicas}", describe_command.last_event(d))
     console.print(table)
-    replicas = control.call(control.deployments.ListReplicas, controller_pb2.ListReplicasRequest(deployment="-"))
+    replicas = control.deployments.replicas("-")
     table = Table("DEPLOYMENT", "REPLICA", "NODE", "STATE", "RESTARTS", "ENDPOINT", "MESSAGE")
-    for r in replicas.replicas:
+    for r in replicas:
         table.add_row(r.deployment, r.id, r.node or "-", STATE_NAMES.get(r.state, "unknown"), str(r.restarts),
                       r.endpoint or "-", r.message)
     console.print(table)
     return 0
 
 
-def cmd_nodes(control: ControlPlane, console: Console) -> int:
-    nodes = control.call(control.nodes.ListNodes, controller_pb2.ListNodesRequest())
+def cmd_nodes(control: Client, console: Console) -> int:
+    nodes = control.nodes.list()
     table = Table("NODE", "STORAGE", "CPUS", "MEMORY", "STORE FREE", "LABELS")
-    for n in nodes.nodes:
+    for n in nodes:
         labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))
         table.add_row(n.name, n.storage_address, str(n.cpus), human_bytes(n.memory_bytes),
                       human_bytes(n.store_free_bytes), labels or "-")
@@ -214,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "deploy":
                 return cmd_deploy(args, control, console)
             if args.command == "undeploy":
-                control.call(control.deployments.DeleteDeployment,
-                             controller_pb2.DeleteDeploymentRequest(name=args.name))
+                control.deployments.delete(args.name)
                 console.print(f"deployment {args.name} removed")
                 return 0
             if args.command == "serve":

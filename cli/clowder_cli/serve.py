@@ -21,8 +21,8 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
-from clowder.controller.v1 import controller_pb2, resources_pb2
-from clowder_cli.control import ControlPlane
+from clowder.controller.v1 import resources_pb2
+from clowder.client import Client
 from clowder_common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from clowder_common.keys import validate_name
 
@@ -77,26 +77,24 @@ def load_spec(path: pathlib.Path) -> ServiceSpec:
     return ServiceSpec(name, str(image["source"]), configuration, replicas)
 
 
-def _ensure_image(control: ControlPlane, spec: ServiceSpec, console: Console) -> bool:
+def _ensure_image(control: Client, spec: ServiceSpec, console: Console) -> bool:
     """Create the spec's aimage unless it exists; True when created."""
-    image = resources_pb2.Image(alias=spec.image_alias, source_url=spec.source, configuration=spec.configuration)
     try:
-        control.call(control.images.CreateImage, controller_pb2.CreateImageRequest(image=image))
+        control.images.create(spec.image_alias, spec.source, spec.configuration)
     except AlreadyExists:
         return False
     console.print(f"image {spec.image_alias} created from {spec.source}")
     return True
 
 
-def _deployment(control: ControlPlane, name: str) -> resources_pb2.Deployment | None:
+def _deployment(control: Client, name: str) -> resources_pb2.Deployment | None:
     try:
-        return control.call(control.deployments.GetDeployment,
-                            controller_pb2.GetDeploymentRequest(name=name)).deployment
+        return control.deployments.get(name)
     except NotFound:
         return None
 
 
-def serve_up(control: ControlPlane, spec: ServiceSpec, console: Console) -> int:
+def serve_up(control: Client, spec: ServiceSpec, console: Console) -> int:
     current = _deployment(control, spec.name)
     if current is not None:
         if current.image == spec.image_alias and current.replicas == spec.replicas:
@@ -105,13 +103,12 @@ def serve_up(control: ControlPlane, spec: ServiceSpec, console: Console) -> int:
         raise FailedPrecondition(f"service {spec.name} already runs a different spec; "
                                  "use `clowder serve update -f FILE` to roll it")
     _ensure_image(control, spec, console)
-    deployment = resources_pb2.Deployment(name=spec.name, image=spec.image_alias, replicas=spec.replicas)
-    control.call(control.deployments.CreateDeployment, controller_pb2.CreateDeploymentRequest(deployment=deployment))
+    control.deployments.create(spec.name, spec.image_alias, spec.replicas)
     console.print(f"service {spec.name} created: {spec.replicas} replica(s) of {spec.image_alias}")
     return 0
 
 
-def serve_update(control: ControlPlane, spec: ServiceSpec, console: Console) -> int:
+def serve_update(control: Client, spec: ServiceSpec, console: Console) -> int:
     current = _deployment(control, spec.name)
     if current is None:
         raise NotFound(f"service {spec.name} does not exist; `clowder serve up -f FILE` creates it")
@@ -119,8 +116,7 @@ def serve_update(control: ControlPlane, spec: ServiceSpec, console: Console) -> 
         console.print(f"service {spec.name} is up to date; nothing changed")
         return 0
     _ensure_image(control, spec, console)
-    wanted = resources_pb2.Deployment(name=spec.name, image=spec.image_alias, replicas=spec.replicas)
-    control.call(control.deployments.UpdateDeployment, controller_pb2.UpdateDeploymentRequest(deployment=wanted))
+    control.deployments.scale(spec.name, spec.replicas, spec.image_alias)
     what = []
     if current.image != spec.image_alias:
         what.append(f"image {current.image} -> {spec.image_alias}")
@@ -130,13 +126,12 @@ def serve_update(control: ControlPlane, spec: ServiceSpec, console: Console) -> 
     return 0
 
 
-def serve_status(control: ControlPlane, name: str, console: Console) -> int:
+def serve_status(control: Client, name: str, console: Console) -> int:
     current = _deployment(control, name)
     if current is None:
         raise NotFound(f"service {name} does not exist")
     console.print(f"service {name}: image {current.image}, {current.ready_replicas}/{current.replicas} ready")
-    replicas = control.call(control.deployments.ListReplicas,
-                            controller_pb2.ListReplicasRequest(deployment=name)).replicas
+    replicas = control.deployments.replicas(name)
     table = Table("REPLICA", "NODE", "STATE", "RESTARTS", "MESSAGE")
     for r in replicas:
         state = resources_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_").lower()
@@ -145,22 +140,20 @@ def serve_status(control: ControlPlane, name: str, console: Console) -> int:
     return 0
 
 
-def serve_down(control: ControlPlane, name: str, console: Console, timeout: float = 120) -> int:
+def serve_down(control: Client, name: str, console: Console, timeout: float = 120) -> int:
     """Delete the deployment, wait for its replicas to go, then remove the service's unused aimages."""
     if _deployment(control, name) is None:
         raise NotFound(f"service {name} does not exist")
-    control.call(control.deployments.DeleteDeployment, controller_pb2.DeleteDeploymentRequest(name=name))
+    control.deployments.delete(name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        left = control.call(control.deployments.ListReplicas, controller_pb2.ListReplicasRequest(deployment="-"))
-        if not any(r.deployment == name for r in left.replicas):
+        if not any(r.deployment == name for r in control.deployments.replicas("-")):
             break
         time.sleep(0.2)
-    images = control.call(control.images.ListImages, controller_pb2.ListImagesRequest(page_size=1000)).images
-    for image in images:
+    for image in list(control.images.list()):
         if _is_service_image(image.alias, name):
             try:
-                control.call(control.images.DeleteImage, controller_pb2.DeleteImageRequest(alias=image.alias))
+                control.images.delete(image.alias)
             except FailedPrecondition:
                 continue  # another deployment uses it
     console.print(f"service {name} is down")

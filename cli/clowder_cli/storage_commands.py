@@ -14,11 +14,10 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TransferSpeedColumn)
 from rich.table import Table
 
-from clowder.controller.v1 import controller_pb2
 from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
 from clowder_cli import paths
 from clowder_cli.formatting import human_bytes
-from clowder_cli.control import ControlPlane
+from clowder.client import Client
 from clowder_common.auth import bearer_metadata, read_admin_token
 from clowder_common.clients import sync_channel
 from clowder_common.errors import FailedPrecondition, InvalidArgument, NotFound, from_rpc_error
@@ -128,7 +127,7 @@ def show_layers(title: str, stream: Iterable, console: Console, final: Callable[
 
 
 def run(args: argparse.Namespace, data_dir: pathlib.Path, console: Console,
-        connect: Callable[[], ControlPlane]) -> int:
+        connect: Callable[[], Client]) -> int:
     client = StorageClient(_storage_address(args, data_dir), read_admin_token(data_dir))
     try:
         if args.command == "image":
@@ -161,10 +160,10 @@ def run(args: argparse.Namespace, data_dir: pathlib.Path, console: Console,
 
 
 def _push(args: argparse.Namespace, client: StorageClient, console: Console,
-          connect: Callable[[], ControlPlane]) -> int:
+          connect: Callable[[], Client]) -> int:
     control = connect()
     try:
-        image = control.call(control.images.GetImage, controller_pb2.GetImageRequest(alias=args.alias)).image
+        image = control.images.get(args.alias)
     finally:
         control.close()
     if not image.digest:

@@ -12,10 +12,10 @@ import time
 
 from rich.console import Console
 
-from clowder.controller.v1 import controller_pb2, resources_pb2
 from clowder_cli import paths
 from clowder_cli.bundled import DEMO_ALIAS, bundled_model_path
-from clowder_cli.control import ControlPlane
+from clowder.client import Client
+from clowder_cli.control import open_control_plane
 from clowder_cli.progress import show_pull
 from clowder_common.auth import TOKEN_ENV, ensure_admin_token
 from clowder_common.errors import ClowderError, FailedPrecondition, NotFound, Unavailable
@@ -120,8 +120,8 @@ class LocalCluster:
             raise FailedPrecondition(f"{name} did not start: {exc}; see {self.logs / (name + '.log')}") from None
         self.console.print(f"{name:<11} 127.0.0.1:{port}")
 
-    def control(self) -> ControlPlane:
-        return ControlPlane(f"127.0.0.1:{self.ports.controller}", self.token)
+    def control(self) -> Client:
+        return open_control_plane(f"127.0.0.1:{self.ports.controller}", self.token)
 
     # -- run --------------------------------------------------------------------
 
@@ -150,26 +150,22 @@ class LocalCluster:
         paths.remove_cluster(self.data_dir)
 
 
-def deploy_demo(control: ControlPlane, console: Console, http_port: int) -> None:
+def deploy_demo(control: Client, console: Console, http_port: int) -> None:
     """Add the bundled model as `smol`, pull it with a progress bar, run one replica, wait until it serves."""
     model = bundled_model_path()
     try:
-        control.call(control.images.GetImage, controller_pb2.GetImageRequest(alias=DEMO_ALIAS))
+        control.images.get(DEMO_ALIAS)
     except NotFound:
-        image = resources_pb2.Image(alias=DEMO_ALIAS, source_url=model.as_uri())
-        control.call(control.images.CreateImage, controller_pb2.CreateImageRequest(image=image))
+        control.images.create(DEMO_ALIAS, model.as_uri())
     pull_with_retry(control, DEMO_ALIAS, console)
     try:
-        control.call(control.deployments.GetDeployment, controller_pb2.GetDeploymentRequest(name=DEMO_ALIAS))
+        control.deployments.get(DEMO_ALIAS)
     except NotFound:
-        deployment = resources_pb2.Deployment(name=DEMO_ALIAS, image=DEMO_ALIAS, replicas=1)
-        control.call(control.deployments.CreateDeployment, controller_pb2.CreateDeploymentRequest(
-            deployment=deployment))
+        control.deployments.create(DEMO_ALIAS, DEMO_ALIAS, 1)
     deadline = time.monotonic() + DEMO_READY_TIMEOUT_S
     with console.status(f"starting {DEMO_ALIAS}"):
         while time.monotonic() < deadline:
-            got = control.call(control.deployments.GetDeployment,
-                               controller_pb2.GetDeploymentRequest(name=DEMO_ALIAS)).deployment
+            got = control.deployments.get(DEMO_ALIAS)
             if got.ready_replicas >= 1 or got.replicas == 0:
                 break
             time.sleep(0.2)
@@ -181,14 +177,12 @@ def deploy_demo(control: ControlPlane, console: Console, http_port: int) -> None
                   soft_wrap=True, highlight=False)
 
 
-def pull_with_retry(control: ControlPlane, alias: str, console: Console, wait_for_node_s: float = 30) -> None:
+def pull_with_retry(control: Client, alias: str, console: Console, wait_for_node_s: float = 30) -> None:
     """The storage node registers a moment after its port opens; wait for it instead of failing."""
     deadline = time.monotonic() + wait_for_node_s
     while True:
         try:
-            stream = control.stream(control.images.PullImage, controller_pb2.PullImageRequest(alias=alias),
-                                    timeout=6 * 3600)
-            show_pull(alias, stream, console)
+            show_pull(alias, control.images.pull(alias), console)
             return
         except Unavailable as err:
             if err.reason != "NO_NODES" or time.monotonic() > deadline:

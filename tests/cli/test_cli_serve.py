@@ -11,9 +11,8 @@ import sys
 import pytest
 from rich.console import Console
 
-from clowder.controller.v1 import controller_pb2
 from clowder_cli import serve
-from clowder_cli.control import ControlPlane
+from clowder_cli.control import open_control_plane
 from clowder_common.auth import TOKEN_ENV
 from clowder_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from clowder_common.processes import free_port, terminate, wait_for_port
@@ -30,7 +29,7 @@ def control(etcd, tmp_path_factory):
          etcd.endpoint, "--etcd-prefix", "/serve-test/", "--data-dir", str(tmp_path_factory.mktemp("data"))],
         env={**os.environ, TOKEN_ENV: TOKEN}, stdout=log, stderr=subprocess.STDOUT)
     wait_for_port("127.0.0.1", port, 30, proc)
-    plane = ControlPlane(f"127.0.0.1:{port}", TOKEN)
+    plane = open_control_plane(f"127.0.0.1:{port}", TOKEN)
     yield plane
     plane.close()
     terminate(proc)
@@ -61,13 +60,13 @@ def quiet() -> Console:
 def test_up_twice_changes_nothing(control, tmp_path):
     spec = serve.load_spec(write_spec(tmp_path, SPEC.format(name="svc-a", prompt="Be brief.", replicas=2)))
     assert serve.serve_up(control, spec, quiet()) == 0
-    first = control.call(control.deployments.GetDeployment, controller_pb2.GetDeploymentRequest(name="svc-a"))
+    first = control.deployments.get("svc-a")
     out = quiet()
     assert serve.serve_up(control, spec, out) == 0
     assert "nothing changed" in out.file.getvalue()
-    again = control.call(control.deployments.GetDeployment, controller_pb2.GetDeploymentRequest(name="svc-a"))
-    assert again.deployment.update_time == first.deployment.update_time
-    image = control.call(control.images.GetImage, controller_pb2.GetImageRequest(alias=spec.image_alias)).image
+    again = control.deployments.get("svc-a")
+    assert again.update_time == first.update_time
+    image = control.images.get(spec.image_alias)
     assert image.configuration.system_prompt == "Be brief." and image.configuration.context_size == 1024
 
 
@@ -79,13 +78,13 @@ def test_update_scales_and_rolls_to_a_new_image(control, tmp_path):
             name="svc-b", prompt="One.", replicas=3))), quiet())
     scaled = serve.load_spec(write_spec(tmp_path, SPEC.format(name="svc-b", prompt="One.", replicas=3)))
     serve.serve_update(control, scaled, quiet())
-    got = control.call(control.deployments.GetDeployment, controller_pb2.GetDeploymentRequest(name="svc-b"))
-    assert got.deployment.replicas == 3 and got.deployment.image == spec.image_alias
+    got = control.deployments.get("svc-b")
+    assert got.replicas == 3 and got.image == spec.image_alias
     changed = serve.load_spec(write_spec(tmp_path, SPEC.format(name="svc-b", prompt="Two.", replicas=3)))
     assert changed.image_alias != spec.image_alias
     serve.serve_update(control, changed, quiet())
-    got = control.call(control.deployments.GetDeployment, controller_pb2.GetDeploymentRequest(name="svc-b"))
-    assert got.deployment.image == changed.image_alias
+    got = control.deployments.get("svc-b")
+    assert got.image == changed.image_alias
 
 
 def test_down_removes_deployment_and_its_images(control, tmp_path):
@@ -93,9 +92,9 @@ def test_down_removes_deployment_and_its_images(control, tmp_path):
     serve.serve_up(control, spec, quiet())
     serve.serve_down(control, "svc-c", quiet())
     with pytest.raises(NotFound):
-        control.call(control.deployments.GetDeployment, controller_pb2.GetDeploymentRequest(name="svc-c"))
+        control.deployments.get("svc-c")
     with pytest.raises(NotFound):
-        control.call(control.images.GetImage, controller_pb2.GetImageRequest(alias=spec.image_alias))
+        control.images.get(spec.image_alias)
     with pytest.raises(NotFound):
         serve.serve_status(control, "svc-c", quiet())
 

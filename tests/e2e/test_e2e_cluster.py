@@ -12,8 +12,9 @@ import time
 import openai
 import pytest
 
-from clowder.controller.v1 import controller_pb2, resources_pb2
-from clowder_cli.control import ControlPlane
+from clowder.controller.v1 import resources_pb2
+from clowder.client import Client
+from clowder_cli.control import open_control_plane
 from clowder_common.auth import read_admin_token
 from clowder_common.processes import free_port, pid_alive
 
@@ -57,11 +58,11 @@ class Cluster:
         return subprocess.run([*CLOWDER, "--data-dir", str(self.data_dir), *args], capture_output=True, text=True,
                               timeout=60, env={**self.env, "COLUMNS": "200"})
 
-    def control(self) -> ControlPlane:
+    def control(self) -> Client:
         import json
 
         info = json.loads((self.data_dir / "cluster.json").read_text())
-        return ControlPlane(info["controller"], read_admin_token(self.data_dir))
+        return open_control_plane(info["controller"], read_admin_token(self.data_dir))
 
 
 @pytest.fixture(scope="module")
@@ -151,14 +152,13 @@ def test_cli_shows_the_cluster(cluster):
 def test_killed_runtime_is_restarted_and_serves_again(cluster, client):
     control = cluster.control()
     try:
-        request = controller_pb2.ListReplicasRequest(deployment="smol")
-        before = control.call(control.deployments.ListReplicas, request).replicas[0]
+        before = control.deployments.replicas("smol")[0]
         assert before.state == resources_pb2.REPLICA_STATE_READY and pid_alive(before.pid)
         os.kill(before.pid, 9)
         deadline = time.monotonic() + 120
         after = before
         while time.monotonic() < deadline:
-            after = control.call(control.deployments.ListReplicas, request).replicas[0]
+            after = control.deployments.replicas("smol")[0]
             if after.state == resources_pb2.REPLICA_STATE_READY and after.pid != before.pid:
                 break
             time.sleep(0.2)
@@ -219,8 +219,7 @@ def test_serve_spec_round_trip(cluster, client, tmp_path):
 
     control = cluster.control()
     try:
-        before = {r.id for r in control.call(control.deployments.ListReplicas,
-                                             controller_pb2.ListReplicasRequest(deployment="poet")).replicas}
+        before = {r.id for r in control.deployments.replicas("poet")}
     finally:
         control.close()
     sender = threading.Thread(target=traffic, daemon=True)
@@ -233,10 +232,8 @@ def test_serve_spec_round_trip(cluster, client, tmp_path):
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                got = control.call(control.deployments.GetDeployment,
-                                   controller_pb2.GetDeploymentRequest(name="poet")).deployment
-                replicas = control.call(control.deployments.ListReplicas,
-                                        controller_pb2.ListReplicasRequest(deployment="poet")).replicas
+                got = control.deployments.get("poet")
+                replicas = control.deployments.replicas("poet")
                 if (len(replicas) == 1 and replicas[0].id not in before and got.ready_replicas == 1
                         and replicas[0].state == resources_pb2.REPLICA_STATE_READY):
                     break
@@ -282,8 +279,7 @@ def test_push_to_a_registry_and_deploy_from_it(cluster, client, tmp_path):
         assert add.returncode == 0, add.stdout + add.stderr
         control = cluster.control()
         try:
-            images = {i.alias: i for i in control.call(control.images.ListImages,
-                                                       controller_pb2.ListImagesRequest()).images}
+            images = {i.alias: i for i in control.images.list()}
         finally:
             control.close()
         assert images["smol-oci"].digest == images["smol"].digest  # byte-identical model layer, stored once
@@ -302,8 +298,7 @@ def test_push_to_a_registry_and_deploy_from_it(cluster, client, tmp_path):
 def test_down_stops_everything(cluster):
     control = cluster.control()
     try:
-        replicas = control.call(control.deployments.ListReplicas,
-                                controller_pb2.ListReplicasRequest(deployment="-")).replicas
+        replicas = control.deployments.replicas("-")
     finally:
         control.close()
     runtime_pids = [r.pid for r in replicas]

@@ -133,9 +133,10 @@ def deployment(name: str, image: str | None, replicas: int) -> resources_pb2.Dep
     return resources_pb2.Deployment(name=name, image=image or name, replicas=replicas)
 
 
-def image(alias: str, source_url: str, configuration: resources_pb2.ImageConfiguration | Mapping[str, Any] | None
-          ) -> resources_pb2.Image:
-    result = resources_pb2.Image(alias=alias, source_url=source_url)
+def image(alias: str, source_url: str, configuration: resources_pb2.ImageConfiguration | Mapping[str, Any] | None,
+          credentials_ref: str = "", credentials_username: str = "") -> resources_pb2.Image:
+    result = resources_pb2.Image(alias=alias, source_url=source_url, credentials_ref=credentials_ref,
+                                 credentials_username=credentials_username)
     if isinstance(configuration, resources_pb2.ImageConfiguration):
         result.configuration.CopyFrom(configuration)
     elif configuration:

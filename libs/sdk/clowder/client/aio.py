@@ -65,8 +65,11 @@ class Images:
     def __init__(self, caller: _Caller, stub: controller_pb2_grpc.ImageServiceStub) -> None:
         self._call, self._stub = caller, stub
 
-    async def create(self, alias: str, source_url: str, configuration: Any = None) -> resources_pb2.Image:
-        request = controller_pb2.CreateImageRequest(image=image(alias, source_url, configuration))
+    async def create(self, alias: str, source_url: str, configuration: Any = None, *, credentials_ref: str = "",
+               credentials_username: str = "") -> resources_pb2.Image:
+        """`credentials_ref` is where the storage node reads the source's secret (env:NAME or file:/path)."""
+        request = controller_pb2.CreateImageRequest(
+            image=image(alias, source_url, configuration, credentials_ref, credentials_username))
         return (await self._call.unary(self._stub.CreateImage, request, idempotent=False)).image
 
     async def get(self, alias: str) -> resources_pb2.Image:
