@@ -18,6 +18,7 @@ import aetcd.exceptions
 from google.protobuf.message import DecodeError, Message
 
 from clowder_common.errors import AlreadyExists, Unavailable
+from clowder_common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +247,8 @@ class LeaseKeeper:
 
     async def stop(self) -> None:
         """Stop refreshing and revoke, so what hangs on the lease disappears at once."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self.lease_id is not None:
             await self._state.revoke_lease(self.lease_id)
             self.lease_id = None

@@ -13,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from clowder.balancer.v1 import load_pb2
 from clowder_common import keys
 from clowder_common.etcd import EtcdState, LeaseKeeper
+from clowder_common.tasks import cancel_and_wait, run_periodically
 
 log = logging.getLogger(__name__)
 
@@ -93,28 +94,17 @@ class LoadReporter:
 
     async def start(self) -> None:
         await self._lease.start()
-        self._task = asyncio.create_task(self._run(), name="load-reporter")
+        # A failed report (etcd down) is retried at the next tick; the lease TTL bounds how stale it gets.
+        self._task = asyncio.create_task(
+            run_periodically(self._report, self._interval, self._wake, "load report"), name="load-reporter")
 
-    async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-            self._wake.clear()
-            lease = self._lease.lease_id
-            if lease is None:
-                continue
-            try:
-                await asyncio.wait_for(self._write(lease), timeout=max(1.0, self._interval * 2))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # etcd down: the next tick tries again; the lease TTL bounds staleness
-                log.warning("load report failed: %s", exc)
+    async def _report(self) -> None:
+        lease = self._lease.lease_id
+        if lease is not None:
+            await asyncio.wait_for(self._write(lease), timeout=max(1.0, self._interval * 2))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._lease.stop(), timeout=3.0)

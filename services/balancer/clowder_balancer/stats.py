@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -11,6 +10,8 @@ from typing import Callable
 import grpc
 
 from clowder.runtime.v1 import runtime_pb2
+
+from clowder_common.tasks import cancel_and_wait
 
 from clowder_balancer.channels import ChannelPool
 
@@ -55,11 +56,8 @@ class StatsPoller:
             self._task = asyncio.create_task(self._run(), name="stats-poller")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -10,7 +10,6 @@ zero immediately.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -21,6 +20,7 @@ from clowder.balancer.v1 import load_pb2
 from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
 from clowder_common.etcd import EtcdState, PrefixCache
+from clowder_common.tasks import cancel_and_wait, run_periodically
 from clowder_controller.caches import stop_caches
 from clowder_controller.events import EventRecorder
 
@@ -116,28 +116,14 @@ class Autoscaler:
     async def start(self) -> None:
         await self._deployments.start()
         await self._loads.start()
-        self._task = asyncio.create_task(self._run(), name="autoscaler")
+        self._task = asyncio.create_task(
+            run_periodically(self.scale_once, self._interval, self._wake, "autoscaling pass"), name="autoscaler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await stop_caches([self._loads, self._deployments])
         self._history.clear()
-
-    async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-            self._wake.clear()
-            try:
-                await self.scale_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("autoscaling pass failed; the next pass retries")
 
     async def scale_once(self) -> None:
         if not (self._loads.ready and self._deployments.ready):

@@ -11,6 +11,7 @@ from collections import defaultdict
 from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
 from clowder_common.etcd import EtcdState
+from clowder_common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,8 @@ class EventRecorder:
 
     async def stop(self) -> None:
         """Flush what is queued (bounded by etcd's call timeout), then stop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), FINAL_FLUSH_S)
 

@@ -24,6 +24,7 @@ from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
 from clowder_common.errors import AlreadyExists, Unavailable
 from clowder_common.etcd import EtcdState, PrefixCache
+from clowder_common.tasks import cancel_and_wait
 from clowder_controller.caches import stop_caches
 from clowder_controller.config import ControllerConfig
 from clowder_controller.events import EventRecorder
@@ -144,11 +145,8 @@ class Reconciler:
         self._loop_task = asyncio.create_task(self._run(), name="reconciler")
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
+        await cancel_and_wait(self._loop_task)
+        self._loop_task = None
         tasks = list(self._busy.values())
         for task in tasks:
             task.cancel()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import pathlib
@@ -16,6 +15,7 @@ from google.protobuf import timestamp_pb2
 from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
 from clowder_common.etcd import EtcdState, LeaseKeeper
+from clowder_common.tasks import cancel_and_wait, run_periodically
 
 from clowder_storage.store import BlobStore
 
@@ -89,31 +89,21 @@ class NodeRegistration:
     async def start(self, storage_address: str) -> None:
         self._address = storage_address
         await self._keeper.start()
-        self._task = asyncio.create_task(self._refresh_loop(), name="node-refresh")
+        # etcd down: the pass fails and the lease keeper re-registers once it is back.
+        self._task = asyncio.create_task(
+            run_periodically(self._refresh, self._refresh_s, self._changed, f"refreshing node {self._name}"),
+            name="node-refresh")
 
     def store_changed(self) -> None:
         """Free space moved (pull or delete): publish the new number soon, without blocking the caller."""
         self._changed.set()
 
-    async def _refresh_loop(self) -> None:
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self._refresh_s)
-            self._changed.clear()
-            lease_id = self._keeper.lease_id
-            if lease_id is None:
-                continue
-            try:
-                await self._state.put(self.key, await self.node(), lease=lease_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # etcd down: the lease keeper re-registers once it is back
-                log.warning("refreshing node %s failed: %s", self._name, exc)
+    async def _refresh(self) -> None:
+        lease_id = self._keeper.lease_id
+        if lease_id is not None:
+            await self._state.put(self.key, await self.node(), lease=lease_id)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self._keeper.stop()
