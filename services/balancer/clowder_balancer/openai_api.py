@@ -270,16 +270,15 @@ def usage_dict(usage: runtime_pb2.Usage) -> dict[str, Any]:
     }
 
 
-def chat_chunk(
-    cid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None, include_usage: bool
-) -> dict[str, Any]:
+def _chunk(kind: Kind, cid: str, model: str, created: int, choice: dict[str, Any], include_usage: bool
+           ) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": cid,
-        "object": "chat.completion.chunk",
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, **choice}],
     }
     if include_usage:
         # OpenAI sends usage: null on every chunk but the extra last one when usage was asked for.
@@ -287,20 +286,18 @@ def chat_chunk(
     return chunk
 
 
+def chat_chunk(
+    cid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None, include_usage: bool
+) -> dict[str, Any]:
+    return _chunk("chat", cid, model, created,
+                  {"delta": delta, "logprobs": None, "finish_reason": finish_reason}, include_usage)
+
+
 def completion_chunk(
     cid: str, model: str, created: int, text: str, finish_reason: str | None, include_usage: bool
 ) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": cid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+    return _chunk("completion", cid, model, created,
+                  {"text": text, "logprobs": None, "finish_reason": finish_reason}, include_usage)
 
 
 def usage_chunk(kind: Kind, cid: str, model: str, created: int, usage: runtime_pb2.Usage) -> dict[str, Any]:
