@@ -52,6 +52,11 @@ class InferenceServiceStub:
                 request_serializer=clowder_dot_balancer_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=clowder_dot_balancer_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.CreateEmbedding = channel.unary_unary(
+                '/clowder.balancer.v1.InferenceService/CreateEmbedding',
+                request_serializer=clowder_dot_balancer_dot_v1_dot_inference__pb2.CreateEmbeddingRequest.SerializeToString,
+                response_deserializer=clowder_dot_balancer_dot_v1_dot_inference__pb2.CreateEmbeddingResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -81,6 +86,13 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateEmbedding(self, request, context):
+        """Embeddings from a deployment whose runtime supports them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +110,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=clowder_dot_balancer_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=clowder_dot_balancer_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'CreateEmbedding': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEmbedding,
+                    request_deserializer=clowder_dot_balancer_dot_v1_dot_inference__pb2.CreateEmbeddingRequest.FromString,
+                    response_serializer=clowder_dot_balancer_dot_v1_dot_inference__pb2.CreateEmbeddingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +201,33 @@ class InferenceService:
             '/clowder.balancer.v1.InferenceService/ListModels',
             clowder_dot_balancer_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             clowder_dot_balancer_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEmbedding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.balancer.v1.InferenceService/CreateEmbedding',
+            clowder_dot_balancer_dot_v1_dot_inference__pb2.CreateEmbeddingRequest.SerializeToString,
+            clowder_dot_balancer_dot_v1_dot_inference__pb2.CreateEmbeddingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,11 @@ class RuntimeServiceStub:
                 request_serializer=clowder_dot_runtime_dot_v1_dot_runtime__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=clowder_dot_runtime_dot_v1_dot_runtime__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/clowder.runtime.v1.RuntimeService/Embed',
+                request_serializer=clowder_dot_runtime_dot_v1_dot_runtime__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=clowder_dot_runtime_dot_v1_dot_runtime__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class RuntimeServiceServicer:
@@ -70,6 +75,14 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """One vector per input text: the mean of the model's last hidden states over the text's tokens,
+        L2-normalized. INVALID_ARGUMENT for an empty input or a text longer than the context.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +95,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=clowder_dot_runtime_dot_v1_dot_runtime__pb2.GetStatsRequest.FromString,
                     response_serializer=clowder_dot_runtime_dot_v1_dot_runtime__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=clowder_dot_runtime_dot_v1_dot_runtime__pb2.EmbedRequest.FromString,
+                    response_serializer=clowder_dot_runtime_dot_v1_dot_runtime__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +158,33 @@ class RuntimeService:
             '/clowder.runtime.v1.RuntimeService/GetStats',
             clowder_dot_runtime_dot_v1_dot_runtime__pb2.GetStatsRequest.SerializeToString,
             clowder_dot_runtime_dot_v1_dot_runtime__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.runtime.v1.RuntimeService/Embed',
+            clowder_dot_runtime_dot_v1_dot_runtime__pb2.EmbedRequest.SerializeToString,
+            clowder_dot_runtime_dot_v1_dot_runtime__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
