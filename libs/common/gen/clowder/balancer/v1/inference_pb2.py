@@ -26,7 +26,7 @@ from clowder.runtime.v1 import runtime_pb2 as clowder_dot_runtime_dot_v1_dot_run
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#clowder/balancer/v1/inference.proto\x12\x13\x63lowder.balancer.v1\x1a clowder/runtime/v1/runtime.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xc8\x01\n\x1b\x43reateChatCompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.clowder.runtime.v1.ChatMessage\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".clowder.runtime.v1.SamplingParams\x12\t\n\x01n\x18\x04 \x01(\r\x12&\n\x05tools\x18\x05 \x03(\x0b\x32\x17.google.protobuf.Struct\"\xb1\x02\n\x1c\x43reateChatCompletionResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\t\x12\x37\n\rfinish_reason\x18\x05 \x01(\x0e\x32 .clowder.runtime.v1.FinishReason\x12(\n\x05usage\x18\x06 \x01(\x0b\x32\x19.clowder.runtime.v1.Usage\x12\r\n\x05index\x18\x07 \x01(\r\x12\x32\n\x08logprobs\x18\x08 \x03(\x0b\x32 .clowder.runtime.v1.TokenLogprob\x12\x30\n\ntool_calls\x18\t \x03(\x0b\x32\x1c.clowder.runtime.v1.ToolCall\"y\n\x17\x43reateCompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".clowder.runtime.v1.SamplingParams\x12\t\n\x01n\x18\x04 \x01(\r\"\xfa\x01\n\x18\x43reateCompletionResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x37\n\rfinish_reason\x18\x05 \x01(\x0e\x32 .clowder.runtime.v1.FinishReason\x12(\n\x05usage\x18\x06 \x01(\x0b\x32\x19.clowder.runtime.v1.Usage\x12\r\n\x05index\x18\x07 \x01(\r\x12\x32\n\x08logprobs\x18\x08 \x03(\x0b\x32 .clowder.runtime.v1.TokenLogprob\"\x13\n\x11ListModelsRequest\"<\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x16\n\x0eready_replicas\x18\x03 \x01(\r\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.clowder.balancer.v1.Model\"7\n\x16\x43reateEmbeddingRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"r\n\x17\x43reateEmbeddingResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\nembeddings\x18\x02 \x03(\x0b\x32\x1d.clowder.runtime.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r2\xd1\x03\n\x10InferenceService\x12}\n\x14\x43reateChatCompletion\x12\x30.clowder.balancer.v1.CreateChatCompletionRequest\x1a\x31.clowder.balancer.v1.CreateChatCompletionResponse0\x01\x12q\n\x10\x43reateCompletion\x12,.clowder.balancer.v1.CreateCompletionRequest\x1a-.clowder.balancer.v1.CreateCompletionResponse0\x01\x12]\n\nListModels\x12&.clowder.balancer.v1.ListModelsRequest\x1a\'.clowder.balancer.v1.ListModelsResponse\x12l\n\x0f\x43reateEmbedding\x12+.clowder.balancer.v1.CreateEmbeddingRequest\x1a,.clowder.balancer.v1.CreateEmbeddingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#clowder/balancer/v1/inference.proto\x12\x13\x63lowder.balancer.v1\x1a clowder/runtime/v1/runtime.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xfd\x01\n\x1b\x43reateChatCompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.clowder.runtime.v1.ChatMessage\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".clowder.runtime.v1.SamplingParams\x12\t\n\x01n\x18\x04 \x01(\r\x12&\n\x05tools\x18\x05 \x03(\x0b\x32\x17.google.protobuf.Struct\x12\x33\n\x0btool_choice\x18\x06 \x01(\x0b\x32\x1e.clowder.runtime.v1.ToolChoice\"\xb1\x02\n\x1c\x43reateChatCompletionResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\t\x12\x37\n\rfinish_reason\x18\x05 \x01(\x0e\x32 .clowder.runtime.v1.FinishReason\x12(\n\x05usage\x18\x06 \x01(\x0b\x32\x19.clowder.runtime.v1.Usage\x12\r\n\x05index\x18\x07 \x01(\r\x12\x32\n\x08logprobs\x18\x08 \x03(\x0b\x32 .clowder.runtime.v1.TokenLogprob\x12\x30\n\ntool_calls\x18\t \x03(\x0b\x32\x1c.clowder.runtime.v1.ToolCall\"y\n\x17\x43reateCompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".clowder.runtime.v1.SamplingParams\x12\t\n\x01n\x18\x04 \x01(\r\"\xfa\x01\n\x18\x43reateCompletionResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x37\n\rfinish_reason\x18\x05 \x01(\x0e\x32 .clowder.runtime.v1.FinishReason\x12(\n\x05usage\x18\x06 \x01(\x0b\x32\x19.clowder.runtime.v1.Usage\x12\r\n\x05index\x18\x07 \x01(\r\x12\x32\n\x08logprobs\x18\x08 \x03(\x0b\x32 .clowder.runtime.v1.TokenLogprob\"\x13\n\x11ListModelsRequest\"<\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x16\n\x0eready_replicas\x18\x03 \x01(\r\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.clowder.balancer.v1.Model\"7\n\x16\x43reateEmbeddingRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"r\n\x17\x43reateEmbeddingResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\nembeddings\x18\x02 \x03(\x0b\x32\x1d.clowder.runtime.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r2\xd1\x03\n\x10InferenceService\x12}\n\x14\x43reateChatCompletion\x12\x30.clowder.balancer.v1.CreateChatCompletionRequest\x1a\x31.clowder.balancer.v1.CreateChatCompletionResponse0\x01\x12q\n\x10\x43reateCompletion\x12,.clowder.balancer.v1.CreateCompletionRequest\x1a-.clowder.balancer.v1.CreateCompletionResponse0\x01\x12]\n\nListModels\x12&.clowder.balancer.v1.ListModelsRequest\x1a\'.clowder.balancer.v1.ListModelsResponse\x12l\n\x0f\x43reateEmbedding\x12+.clowder.balancer.v1.CreateEmbeddingRequest\x1a,.clowder.balancer.v1.CreateEmbeddingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clowder.balancer.v1.inferen
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATECHATCOMPLETIONREQUEST']._serialized_start=125
-  _globals['_CREATECHATCOMPLETIONREQUEST']._serialized_end=325
-  _globals['_CREATECHATCOMPLETIONRESPONSE']._serialized_start=328
-  _globals['_CREATECHATCOMPLETIONRESPONSE']._serialized_end=633
-  _globals['_CREATECOMPLETIONREQUEST']._serialized_start=635
-  _globals['_CREATECOMPLETIONREQUEST']._serialized_end=756
-  _globals['_CREATECOMPLETIONRESPONSE']._serialized_start=759
-  _globals['_CREATECOMPLETIONRESPONSE']._serialized_end=1009
-  _globals['_LISTMODELSREQUEST']._serialized_start=1011
-  _globals['_LISTMODELSREQUEST']._serialized_end=1030
-  _globals['_MODEL']._serialized_start=1032
-  _globals['_MODEL']._serialized_end=1092
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1094
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1158
-  _globals['_CREATEEMBEDDINGREQUEST']._serialized_start=1160
-  _globals['_CREATEEMBEDDINGREQUEST']._serialized_end=1215
-  _globals['_CREATEEMBEDDINGRESPONSE']._serialized_start=1217
-  _globals['_CREATEEMBEDDINGRESPONSE']._serialized_end=1331
-  _globals['_INFERENCESERVICE']._serialized_start=1334
-  _globals['_INFERENCESERVICE']._serialized_end=1799
+  _globals['_CREATECHATCOMPLETIONREQUEST']._serialized_end=378
+  _globals['_CREATECHATCOMPLETIONRESPONSE']._serialized_start=381
+  _globals['_CREATECHATCOMPLETIONRESPONSE']._serialized_end=686
+  _globals['_CREATECOMPLETIONREQUEST']._serialized_start=688
+  _globals['_CREATECOMPLETIONREQUEST']._serialized_end=809
+  _globals['_CREATECOMPLETIONRESPONSE']._serialized_start=812
+  _globals['_CREATECOMPLETIONRESPONSE']._serialized_end=1062
+  _globals['_LISTMODELSREQUEST']._serialized_start=1064
+  _globals['_LISTMODELSREQUEST']._serialized_end=1083
+  _globals['_MODEL']._serialized_start=1085
+  _globals['_MODEL']._serialized_end=1145
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1147
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1211
+  _globals['_CREATEEMBEDDINGREQUEST']._serialized_start=1213
+  _globals['_CREATEEMBEDDINGREQUEST']._serialized_end=1268
+  _globals['_CREATEEMBEDDINGRESPONSE']._serialized_start=1270
+  _globals['_CREATEEMBEDDINGRESPONSE']._serialized_end=1384
+  _globals['_INFERENCESERVICE']._serialized_start=1387
+  _globals['_INFERENCESERVICE']._serialized_end=1852
 # @@protoc_insertion_point(module_scope)

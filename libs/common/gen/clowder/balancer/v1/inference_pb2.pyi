@@ -9,18 +9,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateChatCompletionRequest(_message.Message):
-    __slots__ = ("model", "messages", "sampling", "n", "tools")
+    __slots__ = ("model", "messages", "sampling", "n", "tools", "tool_choice")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[_runtime_pb2.ChatMessage]
     sampling: _runtime_pb2.SamplingParams
     n: int
     tools: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_runtime_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_runtime_pb2.SamplingParams, _Mapping]] = ..., n: _Optional[int] = ..., tools: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ...) -> None: ...
+    tool_choice: _runtime_pb2.ToolChoice
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_runtime_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_runtime_pb2.SamplingParams, _Mapping]] = ..., n: _Optional[int] = ..., tools: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., tool_choice: _Optional[_Union[_runtime_pb2.ToolChoice, _Mapping]] = ...) -> None: ...
 
 class CreateChatCompletionResponse(_message.Message):
     __slots__ = ("id", "model", "created", "delta", "finish_reason", "usage", "index", "logprobs", "tool_calls")
