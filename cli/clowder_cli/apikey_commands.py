@@ -6,15 +6,13 @@ import argparse
 import os
 import pathlib
 
-import grpc
 from rich.console import Console
 from rich.table import Table
 
-from clowder.balancer.v1 import apikeys_pb2, apikeys_pb2_grpc
+from clowder.client import Client
 from clowder_cli import paths
-from clowder_common.auth import bearer_metadata, read_admin_token
-from clowder_common.clients import sync_channel
-from clowder_common.errors import NotFound, from_rpc_error
+from clowder_common.auth import read_admin_token
+from clowder_common.errors import NotFound
 
 CALL_DEADLINE_S = 30
 
@@ -47,39 +45,21 @@ def _address(args: argparse.Namespace, data_dir: pathlib.Path) -> str:
 
 
 def run(args: argparse.Namespace, data_dir: pathlib.Path, console: Console) -> int:
-    channel = sync_channel(_address(args, data_dir))
-    stub = apikeys_pb2_grpc.ApiKeyServiceStub(channel)
-    metadata = bearer_metadata(read_admin_token(data_dir))
-
-    def call(method, request):
-        try:
-            return method(request, metadata=metadata, timeout=CALL_DEADLINE_S)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
-
-    try:
+    with Client(balancer=_address(args, data_dir), admin_token=read_admin_token(data_dir),
+                timeout_s=CALL_DEADLINE_S) as client:
         if args.apikey_command == "create":
-            reply = call(stub.CreateApiKey,
-                         apikeys_pb2.CreateApiKeyRequest(description=args.description, groups=args.groups))
-            console.print(f"API key {reply.api_key.id} created; it is shown only now:", highlight=False)
+            record, secret = client.api_keys.create(args.description, args.groups)
+            console.print(f"API key {record.id} created; it is shown only now:", highlight=False)
             # Plain print: rich could wrap the key across lines.
-            print(reply.key)
+            print(secret)
             return 0
         if args.apikey_command == "ls":
             table = Table("ID", "GROUPS", "DESCRIPTION", "CREATED")
-            token = ""
-            while True:
-                page = call(stub.ListApiKeys, apikeys_pb2.ListApiKeysRequest(page_token=token))
-                for key in page.api_keys:
-                    created = key.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M") if key.create_time.seconds else ""
-                    table.add_row(key.id, ",".join(key.groups), key.description, created)
-                token = page.next_page_token
-                if not token:
-                    break
+            for key in client.api_keys.list():
+                created = key.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M") if key.create_time.seconds else ""
+                table.add_row(key.id, ",".join(key.groups), key.description, created)
             console.print(table)
             return 0
-        call(stub.DeleteApiKey, apikeys_pb2.DeleteApiKeyRequest(id=args.id))
+        client.api_keys.revoke(args.id)
         console.print(f"API key {args.id} revoked")
         return 0
-    finally:
-        channel.close()

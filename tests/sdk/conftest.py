@@ -43,7 +43,7 @@ async def cluster(etcd, model_path, tmp_path_factory):
         resync_interval_s=0.5, runtime_threads=1, runtime_stop_grace_s=5), TOKEN)
     balancer = await create_balancer(BalancerConfig(
         etcd_endpoints=(etcd.endpoint,), etcd_prefix=prefix, http_listen="127.0.0.1:0", grpc_listen="127.0.0.1:0",
-        ready_timeout_s=5.0, drain_grace_s=2.0))
+        ready_timeout_s=5.0, drain_grace_s=2.0), admin_token=TOKEN)
     started = []
     try:
         for app in (storage, controller, balancer):

@@ -15,7 +15,7 @@ from clowder.client import (AlreadyExists, AsyncClient, Client, Completion, Fail
                             NotFound, Unauthenticated)
 from clowder.controller.v1 import resources_pb2
 
-from sdk_helpers import CHAT, MODEL, TOKEN
+from sdk_helpers import CHAT, MODEL, TOKEN, wait_for
 
 UNKNOWN_KEY = "ck-" + "0" * 12 + "-" + "A" * 43
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "libs" / "sdk" / "examples" / "quickstart.py"
@@ -122,6 +122,32 @@ async def test_async_inference_whole_and_streamed(aclient):
         await aclient.chat("no-such-model", CHAT, max_tokens=4)
     with pytest.raises(TypeError):
         aclient.chat_stream(MODEL, CHAT, max_tokenz=4)
+
+
+async def test_api_keys_create_authenticate_list_and_revoke(aclient, cluster):
+    record, secret = await aclient.api_keys.create("sdk test", groups=["team-a"])
+    assert record.id and secret.startswith("ck-") and record.id in secret
+    assert (await aclient.api_keys.get(record.id)).groups == ["team-a"]
+    assert record.id in [k.id async for k in aclient.api_keys.list(page_size=1)]
+
+    async with AsyncClient(cluster.controller, cluster.balancer, api_key=secret, timeout_s=60) as user:
+        assert (await user.chat(MODEL, CHAT, max_tokens=2)).usage.completion_tokens > 0
+        await aclient.api_keys.revoke(record.id)
+
+        async def refused():
+            try:
+                await user.chat(MODEL, CHAT, max_tokens=2)
+            except Unauthenticated:
+                return True
+            return False
+
+        await wait_for(refused, 10, "the revoked key to be refused")
+    with pytest.raises(NotFound):
+        await aclient.api_keys.get(record.id)
+    # Managing keys takes the admin token, not a user's key.
+    async with AsyncClient(cluster.controller, cluster.balancer, admin_token="not-the-token") as stranger:
+        with pytest.raises(Unauthenticated):
+            await stranger.api_keys.create("nope")
 
 
 async def test_sync_client_control_plane_and_streaming_inference(cluster, tmp_path):

@@ -4,10 +4,11 @@ from clowder_common.errors import (AlreadyExists, ClowderError, DeadlineExceeded
                                    NotFound, PermissionDenied, Unauthenticated, Unavailable)
 
 from clowder.client._settings import Settings
-from clowder.client._shared import Chunk, Completion, Usage
+from clowder.client._shared import Choice, Chunk, Completion, Embeddings, TokenLogprob, ToolCall, TopLogprob, Usage
 from clowder.client.aio import AsyncClient
 from clowder.client.sync import Client
 
-__all__ = ["Client", "AsyncClient", "Settings", "Chunk", "Completion", "Usage", "ClowderError", "AlreadyExists",
+__all__ = ["Client", "AsyncClient", "Settings", "Chunk", "Choice", "Completion", "Embeddings", "TokenLogprob",
+           "ToolCall", "TopLogprob", "Usage", "ClowderError", "AlreadyExists",
            "DeadlineExceeded", "FailedPrecondition", "InvalidArgument", "NotFound", "PermissionDenied",
            "Unauthenticated", "Unavailable"]

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import tenacity
+from google.protobuf import struct_pb2
 
-from clowder.balancer.v1 import inference_pb2
+from clowder.balancer.v1 import apikeys_pb2, inference_pb2
 from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import Unavailable
 
-Message = Mapping[str, str] | tuple[str, str] | runtime_pb2.ChatMessage
+Message = Mapping[str, Any] | tuple[str, str] | runtime_pb2.ChatMessage
+# An OpenAI tool definition: {"type": "function", "function": {"name", "description", "parameters"}}.
+Tool = Mapping[str, Any]
+# "auto", "none", "required", a function's name, or OpenAI's {"type": "function", "function": {"name": ...}}.
+ToolChoiceSpec = str | Mapping[str, Any]
 _SAMPLING_FIELDS = frozenset(f.name for f in runtime_pb2.SamplingParams.DESCRIPTOR.fields)
-_FINISH = {runtime_pb2.FINISH_REASON_STOP: "stop", runtime_pb2.FINISH_REASON_LENGTH: "length"}
+_FINISH = {runtime_pb2.FINISH_REASON_STOP: "stop", runtime_pb2.FINISH_REASON_LENGTH: "length",
+           runtime_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls"}
+_TOOL_MODES = {"auto": runtime_pb2.ToolChoice.MODE_AUTO, "none": runtime_pb2.ToolChoice.MODE_NONE,
+               "required": runtime_pb2.ToolChoice.MODE_REQUIRED}
 
 
 @dataclass(frozen=True)
@@ -26,23 +35,74 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token, its log probability, and the likeliest alternatives (with `top_logprobs=`)."""
+
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    # The arguments as the model wrote them: a JSON object, serialized.
+    arguments: str
+
+    def parsed_arguments(self) -> Any:
+        return json.loads(self.arguments)
+
+
+@dataclass(frozen=True)
 class Chunk:
-    """One streamed piece; the last one of a stream has `finish_reason` and `usage`."""
+    """One streamed piece of choice `index`; each choice's last chunk has `finish_reason` and `usage`."""
 
     id: str
     model: str
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
 class Completion:
+    """A finished generation; `text`, `finish_reason`, `logprobs` and `tool_calls` are choice 0's."""
+
     id: str
     model: str
     text: str
     finish_reason: str | None
     usage: Usage = field(default_factory=Usage)
+    choices: tuple[Choice, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    model: str
+    # One vector per input, in input order.
+    vectors: list[list[float]]
+    prompt_tokens: int
 
 
 def retrying_kwargs(deadline: float, max_attempts: int) -> dict[str, Any]:
@@ -71,6 +131,7 @@ def retrying_kwargs(deadline: float, max_attempts: int) -> dict[str, Any]:
 
 
 def chat_messages(messages: Iterable[Message]) -> list[runtime_pb2.ChatMessage]:
+    """(role, content) pairs, ChatMessages, or OpenAI-shaped dicts (with tool_calls / tool_call_id / name)."""
     out = []
     for message in messages:
         if isinstance(message, runtime_pb2.ChatMessage):
@@ -78,8 +139,44 @@ def chat_messages(messages: Iterable[Message]) -> list[runtime_pb2.ChatMessage]:
         elif isinstance(message, tuple):
             out.append(runtime_pb2.ChatMessage(role=message[0], content=message[1]))
         else:
-            out.append(runtime_pb2.ChatMessage(role=message["role"], content=message["content"]))
+            calls = [_tool_call_message(call) for call in message.get("tool_calls") or ()]
+            out.append(runtime_pb2.ChatMessage(
+                role=message["role"], content=message.get("content") or "", tool_calls=calls,
+                tool_call_id=message.get("tool_call_id") or "", name=message.get("name") or ""))
     return out
+
+
+def _tool_call_message(call: ToolCall | Mapping[str, Any]) -> runtime_pb2.ToolCall:
+    if isinstance(call, ToolCall):
+        return runtime_pb2.ToolCall(id=call.id, name=call.name, arguments=call.arguments)
+    function = call.get("function") or {}
+    arguments = function.get("arguments", "{}")
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments)
+    return runtime_pb2.ToolCall(id=call.get("id", ""), name=function.get("name", ""), arguments=arguments)
+
+
+def tool_structs(tools: Iterable[Tool] | None) -> list[struct_pb2.Struct]:
+    out = []
+    for tool in tools or ():
+        struct = struct_pb2.Struct()
+        struct.update(dict(tool))
+        out.append(struct)
+    return out
+
+
+def tool_choice(spec: ToolChoiceSpec | None) -> runtime_pb2.ToolChoice | None:
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec in _TOOL_MODES:
+            return runtime_pb2.ToolChoice(mode=_TOOL_MODES[spec])
+        return runtime_pb2.ToolChoice(mode=runtime_pb2.ToolChoice.MODE_FUNCTION, function_name=spec)
+    name = (spec.get("function") or {}).get("name")
+    if not isinstance(name, str) or not name:
+        raise TypeError("tool_choice must be 'auto', 'none', 'required', a function name, "
+                        "or {'type': 'function', 'function': {'name': ...}}")
+    return runtime_pb2.ToolChoice(mode=runtime_pb2.ToolChoice.MODE_FUNCTION, function_name=name)
 
 
 def sampling(params: Mapping[str, Any]) -> runtime_pb2.SamplingParams:
@@ -93,40 +190,77 @@ def sampling(params: Mapping[str, Any]) -> runtime_pb2.SamplingParams:
     return runtime_pb2.SamplingParams(**values)
 
 
-def chat_request(model: str, messages: Iterable[Message], params: Mapping[str, Any]
+def chat_request(model: str, messages: Iterable[Message], params: Mapping[str, Any], n: int | None = None,
+                 tools: Iterable[Tool] | None = None, choice: ToolChoiceSpec | None = None
                  ) -> inference_pb2.CreateChatCompletionRequest:
-    return inference_pb2.CreateChatCompletionRequest(model=model, messages=chat_messages(messages),
-                                                     sampling=sampling(params))
+    request = inference_pb2.CreateChatCompletionRequest(model=model, messages=chat_messages(messages),
+                                                        sampling=sampling(params), n=n or 0,
+                                                        tools=tool_structs(tools))
+    resolved = tool_choice(choice)
+    if resolved is not None:
+        request.tool_choice.CopyFrom(resolved)
+    return request
 
 
-def completion_request(model: str, prompt: str, params: Mapping[str, Any]) -> inference_pb2.CreateCompletionRequest:
-    return inference_pb2.CreateCompletionRequest(model=model, prompt=prompt, sampling=sampling(params))
+def completion_request(model: str, prompt: str, params: Mapping[str, Any], n: int | None = None
+                       ) -> inference_pb2.CreateCompletionRequest:
+    return inference_pb2.CreateCompletionRequest(model=model, prompt=prompt, sampling=sampling(params), n=n or 0)
+
+
+def _logprobs(entries) -> tuple[TokenLogprob, ...]:
+    return tuple(TokenLogprob(e.token, e.logprob, tuple(TopLogprob(t.token, t.logprob) for t in e.top_logprobs))
+                 for e in entries)
 
 
 def chunk_of(reply) -> Chunk:
-    text = reply.delta if isinstance(reply, inference_pb2.CreateChatCompletionResponse) else reply.text
+    chat = isinstance(reply, inference_pb2.CreateChatCompletionResponse)
+    text = reply.delta if chat else reply.text
     finish = _FINISH.get(reply.finish_reason)
     usage = None
     if reply.HasField("usage"):
         usage = Usage(reply.usage.prompt_tokens, reply.usage.completion_tokens,
                       getattr(reply.usage, "cached_prompt_tokens", 0))
-    return Chunk(reply.id, reply.model, text, finish, usage)
+    calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in reply.tool_calls) if chat else ()
+    return Chunk(reply.id, reply.model, text, finish, usage, reply.index, _logprobs(reply.logprobs), calls)
 
 
 class Collector:
-    """Joins chunks into one Completion."""
+    """Joins chunks into one Completion, choice by choice; usage is summed over the choices."""
 
     def __init__(self) -> None:
-        self.parts: list[str] = []
+        self.parts: dict[int, list[Chunk]] = {}
         self.last: Chunk | None = None
 
     def add(self, chunk: Chunk) -> None:
-        self.parts.append(chunk.text)
+        self.parts.setdefault(chunk.index, []).append(chunk)
         self.last = chunk
 
     def result(self) -> Completion:
         last = self.last or Chunk("", "", "")
-        return Completion(last.id, last.model, "".join(self.parts), last.finish_reason, last.usage or Usage())
+        choices = []
+        prompt = completion = cached = 0
+        for index in sorted(self.parts):
+            chunks = self.parts[index]
+            ending = next((c for c in reversed(chunks) if c.finish_reason), None)
+            choices.append(Choice(index, "".join(c.text for c in chunks), ending.finish_reason if ending else None,
+                                  tuple(lp for c in chunks for lp in c.logprobs),
+                                  tuple(call for c in chunks for call in c.tool_calls)))
+            usage = next((c.usage for c in reversed(chunks) if c.usage), None)
+            if usage is not None:
+                # Every choice saw the same prompt: count it once.
+                prompt, cached = usage.prompt_tokens, usage.cached_prompt_tokens
+                completion += usage.completion_tokens
+        first = choices[0] if choices else Choice(0, "", None)
+        return Completion(last.id, last.model, first.text, first.finish_reason, Usage(prompt, completion, cached),
+                          tuple(choices), first.logprobs, first.tool_calls)
+
+
+def embeddings_of(reply: inference_pb2.CreateEmbeddingResponse) -> Embeddings:
+    return Embeddings(reply.model, [list(e.values) for e in reply.embeddings], reply.prompt_tokens)
+
+
+def api_key_request(description: str, groups: Iterable[str]) -> apikeys_pb2.CreateApiKeyRequest:
+    return apikeys_pb2.CreateApiKeyRequest(description=description, groups=list(groups))
 
 
 def deployment(name: str, image: str | None, replicas: int) -> resources_pb2.Deployment:
@@ -144,4 +278,4 @@ def image(alias: str, source_url: str, configuration: resources_pb2.ImageConfigu
     return result
 
 
-__all__ = ["Usage", "Chunk", "Completion"]
+__all__ = ["Usage", "Chunk", "Choice", "Completion", "Embeddings", "TokenLogprob", "TopLogprob", "ToolCall"]

@@ -9,15 +9,16 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import grpc
 import tenacity
 
-from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc
+from clowder.balancer.v1 import apikeys_pb2, apikeys_pb2_grpc, inference_pb2, inference_pb2_grpc
 from clowder.controller.v1 import controller_pb2, controller_pb2_grpc, resources_pb2
 from clowder_common.auth import bearer_metadata
 from clowder_common.clients import sync_channel
 from clowder_common.errors import ClowderError, DeadlineExceeded, Unavailable, from_rpc_error
 
 from clowder.client import _settings
-from clowder.client._shared import (Chunk, Collector, Completion, Message, chat_request, chunk_of,
-                                    completion_request, deployment, image, retrying_kwargs)
+from clowder.client._shared import (Chunk, Collector, Completion, Embeddings, Message, Tool, ToolChoiceSpec,
+                                    api_key_request, chat_request, chunk_of, completion_request, deployment,
+                                    embeddings_of, image, retrying_kwargs)
 
 T = TypeVar("T")
 PULL_TIMEOUT_S = 6 * 3600.0
@@ -167,6 +168,35 @@ class Nodes:
         return self._call.unary(self._stub.GetNode, controller_pb2.GetNodeRequest(name=name), idempotent=True).node
 
 
+class ApiKeys:
+    """User API keys for the OpenAI API (kept by the balancers; needs the admin token)."""
+
+    def __init__(self, caller: _Caller, stub: apikeys_pb2_grpc.ApiKeyServiceStub) -> None:
+        self._call, self._stub = caller, stub
+
+    def create(self, description: str = "", groups: Iterable[str] = ()) -> tuple[apikeys_pb2.ApiKey, str]:
+        """The new key's record and its secret, which is shown only this once."""
+        reply = self._call.unary(self._stub.CreateApiKey, api_key_request(description, groups), idempotent=False)
+        return reply.api_key, reply.key
+
+    def get(self, key_id: str) -> apikeys_pb2.ApiKey:
+        return self._call.unary(self._stub.GetApiKey, apikeys_pb2.GetApiKeyRequest(id=key_id),
+                                idempotent=True).api_key
+
+    def list(self, page_size: int = 100) -> Iterator[apikeys_pb2.ApiKey]:
+        token = ""
+        while True:
+            page = self._call.unary(self._stub.ListApiKeys, apikeys_pb2.ListApiKeysRequest(
+                page_size=page_size, page_token=token), idempotent=True)
+            yield from page.api_keys
+            token = page.next_page_token
+            if not token:
+                return
+
+    def revoke(self, key_id: str) -> None:
+        self._call.unary(self._stub.DeleteApiKey, apikeys_pb2.DeleteApiKeyRequest(id=key_id), idempotent=False)
+
+
 class Client:
     """Synchronous Clowder client.
 
@@ -187,6 +217,8 @@ class Client:
         self.images = Images(control, controller_pb2_grpc.ImageServiceStub(self._control_channel))
         self.deployments = Deployments(control, controller_pb2_grpc.DeploymentServiceStub(self._control_channel))
         self.nodes = Nodes(control, controller_pb2_grpc.NodeServiceStub(self._control_channel))
+        # API keys live with the balancers, behind the admin token.
+        self.api_keys = ApiKeys(control, apikeys_pb2_grpc.ApiKeyServiceStub(self._inference_channel))
 
     # -- inference ------------------------------------------------------------------------------
 
@@ -194,26 +226,39 @@ class Client:
         return list(self._inference.unary(self._stub.ListModels, inference_pb2.ListModelsRequest(),
                                           idempotent=True).models)
 
-    def chat_stream(self, model: str, messages: Iterable[Message], *, timeout_s: float | None = None,
-                    **sampling: Any) -> Iterator[Chunk]:
+    def chat_stream(self, model: str, messages: Iterable[Message], *, n: int | None = None,
+                    tools: Iterable[Tool] | None = None, tool_choice: ToolChoiceSpec | None = None,
+                    timeout_s: float | None = None, **sampling: Any) -> Iterator[Chunk]:
         """Chunks as the model writes them; `sampling` takes SamplingParams names (max_tokens, temperature...).
 
         Breaking out of the loop (or closing the iterator) cancels the generation.
         """
-        request = chat_request(model, messages, sampling)
+        request = chat_request(model, messages, sampling, n, tools, tool_choice)
         return self._chunks(self._stub.CreateChatCompletion, request, timeout_s)
 
-    def chat(self, model: str, messages: Iterable[Message], *, timeout_s: float | None = None,
-             **sampling: Any) -> Completion:
-        return _collect(self.chat_stream(model, messages, timeout_s=timeout_s, **sampling))
+    def chat(self, model: str, messages: Iterable[Message], *, n: int | None = None,
+             tools: Iterable[Tool] | None = None, tool_choice: ToolChoiceSpec | None = None,
+             timeout_s: float | None = None, **sampling: Any) -> Completion:
+        """`n` choices (Completion.choices); `tools` as OpenAI defines them; `logprobs=True, top_logprobs=k`
+        fill Completion.logprobs."""
+        return _collect(self.chat_stream(model, messages, n=n, tools=tools, tool_choice=tool_choice,
+                                  timeout_s=timeout_s, **sampling))
 
-    def complete_stream(self, model: str, prompt: str, *, timeout_s: float | None = None,
+    def complete_stream(self, model: str, prompt: str, *, n: int | None = None, timeout_s: float | None = None,
                         **sampling: Any) -> Iterator[Chunk]:
-        request = completion_request(model, prompt, sampling)
+        request = completion_request(model, prompt, sampling, n)
         return self._chunks(self._stub.CreateCompletion, request, timeout_s)
 
-    def complete(self, model: str, prompt: str, *, timeout_s: float | None = None, **sampling: Any) -> Completion:
-        return _collect(self.complete_stream(model, prompt, timeout_s=timeout_s, **sampling))
+    def complete(self, model: str, prompt: str, *, n: int | None = None, timeout_s: float | None = None,
+                 **sampling: Any) -> Completion:
+        return _collect(self.complete_stream(model, prompt, n=n, timeout_s=timeout_s, **sampling))
+
+    def embed(self, model: str, inputs: str | Iterable[str], *, timeout_s: float | None = None) -> Embeddings:
+        """One L2-normalized vector per input text."""
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        reply = self._inference.unary(self._stub.CreateEmbedding, inference_pb2.CreateEmbeddingRequest(
+            model=model, inputs=texts), idempotent=True, timeout_s=timeout_s)
+        return embeddings_of(reply)
 
     def _chunks(self, method: Callable[..., Any], request: Any, timeout_s: float | None) -> Iterator[Chunk]:
         replies = self._inference.stream(method, request, timeout_s or self.settings.timeout_s)
