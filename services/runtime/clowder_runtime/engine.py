@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 import llama_cpp
 
 from clowder_common.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted, Unavailable
-from clowder_runtime.generation import EngineStats, Finish, FinishReason, GenerationJob, GenerationStream
+from clowder_runtime.generation import (
+    EngineStats, Finish, FinishReason, GenerationJob, GenerationStream, Piece, TokenLogprob,
+)
+from clowder_runtime.logprobs import token_logprob
 from clowder_runtime.model import Model, Sampler
 from clowder_runtime.prefix import BLOCK_TOKENS, HashedPrefix
 from clowder_runtime.stops import StopMatcher
@@ -479,10 +482,16 @@ class LlamaEngine:
         for slot in group:
             slot.prefix.update(slot.cache)
         for slot, index in outputs:
-            if slot.work is None:
+            work = slot.work
+            if work is None:
                 continue
             assert slot.sampler is not None
-            self._emit(slot, slot.sampler.sample(self._ctx, index))
+            token = slot.sampler.sample(self._ctx, index)
+            sampling = work.job.sampling
+            if sampling.logprobs:
+                self._emit(slot, token, token_logprob(self._model, self._ctx, index, token, sampling.top_logprobs))
+            else:
+                self._emit(slot, token)
 
     def _rollback(self, group: list[_Slot]) -> None:
         for slot in group:
@@ -502,7 +511,7 @@ class LlamaEngine:
             raise RuntimeError(f"llama_set_adapters_lora returned {code}")
         self._current_adapter = adapter
 
-    def _emit(self, slot: _Slot, token: int) -> None:
+    def _emit(self, slot: _Slot, token: int, logprob: TokenLogprob | None = None) -> None:
         work = slot.work
         assert work is not None and work.stream is not None and self._model is not None
         if self._model.is_eog(token):
@@ -512,7 +521,10 @@ class LlamaEngine:
         with self._cond:
             self._generation_tokens_total += 1
         text, hit = slot.stops.feed(slot.decoder.decode(self._model.piece(token)))
-        if text:
+        if logprob is not None:
+            # Sent even with no text (held for a stop string), so every counted token has its entry.
+            work.stream.push_piece(Piece(text, (logprob,)))
+        elif text:
             work.stream.push_text(text)
         if hit:
             self._finish(slot, FinishReason.STOP)

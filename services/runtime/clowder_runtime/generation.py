@@ -14,12 +14,43 @@ class FinishReason(enum.Enum):
     STOP = "stop"
     # max_tokens or the context limit.
     LENGTH = "length"
+    # The output held tool calls (Finish.tool_calls).
+    TOOL_CALLS = "tool_calls"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    # A JSON object, serialized.
+    arguments: str
 
 
 @dataclass(frozen=True)
 class ChatTurn:
     role: str
     content: str
+    # An assistant turn's calls; a "tool" turn's answer names its call and function.
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+    name: str = ""
+
+
+class ToolMode(enum.Enum):
+    # The model chooses between text and calls; calls are parsed out of the text.
+    AUTO = "auto"
+    # Tools are shown to the template; the output is text, never parsed.
+    NONE = "none"
+    # A grammar forces one or more calls to any tool.
+    REQUIRED = "required"
+    # A grammar forces one call to `ToolChoice.function`.
+    FUNCTION = "function"
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    mode: ToolMode = ToolMode.AUTO
+    function: str = ""
 
 
 @dataclass(frozen=True)
@@ -42,6 +73,9 @@ class SamplingSettings:
     presence_penalty: float = 0.0
     # Constrain the output to JSON with a grammar.
     json: bool = False
+    # Log probabilities of each generated token and of the `top_logprobs` likeliest ones.
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,6 +88,13 @@ class GenerationJob:
     prompt: str | None = None
     # A LoRA adapter the engine loaded; "" for the base model.
     adapter: str = ""
+    # OpenAI tool definitions (plain JSON values) for the chat template; chat only.
+    tools: tuple[dict, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
+
+    @property
+    def tool_names(self) -> tuple[str, ...]:
+        return tuple(t["function"]["name"] for t in self.tools)
 
 
 @dataclass(frozen=True)
@@ -63,6 +104,30 @@ class Finish:
     completion_tokens: int
     # Prompt tokens taken from the KV cache rather than evaluated.
     cached_prompt_tokens: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    data: bytes
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    data: bytes
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text with the logprobs of the tokens generated since the last push (only when logprobs are asked)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...]
 
 
 @dataclass(frozen=True)
@@ -71,6 +136,8 @@ class Output:
 
     text: str
     finish: Finish | None = None
+    # Only when the job asked for logprobs: one per token generated since the previous Output.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +175,10 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    async def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
+        """L2-normalized mean-pooled vectors, in order, and the number of tokens they took.
+        Raises InvalidArgument for an input that does not fit the context."""
+
     async def close(self, timeout: float) -> None:
         """Stop generating (running work is cancelled) and free the model."""
 
@@ -122,21 +193,24 @@ class GenerationStream:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[], None]) -> None:
         self._loop = loop
-        self._queue: asyncio.Queue[str | Finish | BaseException] = asyncio.Queue()
+        self._queue: asyncio.Queue[str | Piece | Finish | BaseException] = asyncio.Queue()
         self._on_cancel = on_cancel
-        self._pending: str | Finish | BaseException | None = None
+        self._pending: str | Piece | Finish | BaseException | None = None
         self._finished = False
         self._cancelled = False
 
     # -- producer side (any thread) --------------------------------------------
 
-    def _push(self, item: str | Finish | BaseException) -> None:
+    def _push(self, item: str | Piece | Finish | BaseException) -> None:
         # The loop may already be closed when a shutdown races the last token.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     def push_text(self, text: str) -> None:
         self._push(text)
+
+    def push_piece(self, piece: Piece) -> None:
+        self._push(piece)
 
     def push_finish(self, finish: Finish) -> None:
         self._push(finish)
@@ -164,18 +238,23 @@ class GenerationStream:
         else:
             item = await self._queue.get()
         pieces: list[str] = []
+        logprobs: list[TokenLogprob] = []
         while True:
             if isinstance(item, BaseException):
-                if pieces:
+                if pieces or logprobs:
                     self._pending = item
-                    return Output("".join(pieces))
+                    return Output("".join(pieces), logprobs=tuple(logprobs))
                 self._finished = True
                 raise item
             if isinstance(item, Finish):
                 self._finished = True
-                return Output("".join(pieces), item)
-            pieces.append(item)
+                return Output("".join(pieces), item, tuple(logprobs))
+            if isinstance(item, Piece):
+                pieces.append(item.text)
+                logprobs.extend(item.logprobs)
+            else:
+                pieces.append(item)
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                return Output("".join(pieces))
+                return Output("".join(pieces), logprobs=tuple(logprobs))

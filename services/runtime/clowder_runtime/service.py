@@ -8,12 +8,13 @@ import grpc
 from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 
-from clowder_runtime.generation import Engine, FinishReason
+from clowder_runtime.generation import Engine, FinishReason, TokenLogprob
 from clowder_runtime.validation import build_job
 
 _FINISH = {
     FinishReason.STOP: runtime_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: runtime_pb2.FINISH_REASON_LENGTH,
+    FinishReason.TOOL_CALLS: runtime_pb2.FINISH_REASON_TOOL_CALLS,
 }
 
 
@@ -31,6 +32,8 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
         try:
             async for output in stream:
                 response = runtime_pb2.GenerateResponse(text=output.text)
+                if output.logprobs:
+                    response.logprobs.extend(_logprob_message(lp) for lp in output.logprobs)
                 if output.finish is not None:
                     response.finish_reason = _FINISH[output.finish.reason]
                     response.usage.prompt_tokens = output.finish.prompt_tokens
@@ -60,6 +63,13 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
             cached_prompt_tokens_total=stats.cached_prompt_tokens_total,
             adapters=stats.adapters,
         )
+
+
+def _logprob_message(logprob: TokenLogprob) -> runtime_pb2.TokenLogprob:
+    return runtime_pb2.TokenLogprob(
+        token=logprob.token, logprob=logprob.logprob, bytes=logprob.data,
+        top_logprobs=[runtime_pb2.TopLogprob(token=t.token, logprob=t.logprob, bytes=t.data) for t in logprob.top],
+    )
 
 
 def registrar(servicer: RuntimeServicer) -> Callable[[grpc.aio.Server], str]:

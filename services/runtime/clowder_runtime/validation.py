@@ -11,6 +11,8 @@ from clowder_common.errors import FieldViolation, InvalidArgument
 from clowder_runtime.generation import ChatTurn, GenerationJob, SamplingSettings
 
 ROLES = ("system", "user", "assistant")
+# OpenAI's bound on top_logprobs.
+MAX_TOP_LOGPROBS = 20
 # llama.cpp's own defaults, used when neither the request nor the image sets a value.
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
@@ -125,6 +127,11 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
             penalties[name] = getattr(sampling, name)
             if problem := _penalty_problem(name, penalties[name], low, high):
                 violations.append(FieldViolation(name, problem))
+    if sampling.top_logprobs > MAX_TOP_LOGPROBS:
+        violations.append(FieldViolation(
+            "top_logprobs", f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {sampling.top_logprobs}"))
+    elif sampling.top_logprobs and not sampling.logprobs:
+        violations.append(FieldViolation("top_logprobs", "top_logprobs needs logprobs set to true"))
     if sampling.response_format not in runtime_pb2.ResponseFormat.values():
         violations.append(FieldViolation("response_format", f"unknown response_format {sampling.response_format}"))
     _raise_if_any(violations)
@@ -142,6 +149,8 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
             frequency_penalty=float(penalties["frequency_penalty"]),
             presence_penalty=float(penalties["presence_penalty"]),
             json=sampling.response_format == runtime_pb2.RESPONSE_FORMAT_JSON_OBJECT,
+            logprobs=sampling.logprobs,
+            top_logprobs=int(sampling.top_logprobs),
         ),
         messages=messages,
         prompt=prompt,
