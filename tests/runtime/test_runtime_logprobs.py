@@ -31,6 +31,10 @@ async def generate(stub, **sampling) -> list[runtime_pb2.GenerateResponse]:
     return [r async for r in stub.Generate(request)]
 
 
+def entries(responses: list[runtime_pb2.GenerateResponse]) -> list[runtime_pb2.TokenLogprob]:
+    return [lp for r in responses for lp in r.logprobs]
+
+
 async def test_each_generated_token_has_its_logprob_and_greedy_picks_the_top_alternative(stub):
     responses = await generate(stub, temperature=0.0, max_tokens=12, logprobs=True, top_logprobs=20)
     entries = [lp for r in responses for lp in r.logprobs]
@@ -50,12 +54,12 @@ async def test_each_generated_token_has_its_logprob_and_greedy_picks_the_top_alt
 
 
 async def test_logprobs_are_of_the_raw_distribution_not_of_the_sampling_settings(stub):
-    greedy = await generate(stub, temperature=0.0, max_tokens=1, logprobs=True)
-    hot = await generate(stub, temperature=1.9, top_k=1, max_tokens=1, logprobs=True)
+    [greedy] = entries(await generate(stub, temperature=0.0, max_tokens=1, logprobs=True))
+    [hot] = entries(await generate(stub, temperature=1.9, top_k=1, max_tokens=1, logprobs=True))
     # top_k=1 makes the sampled token certain, yet the reported probability is the model's.
-    assert hot[-1].logprobs[0].bytes == greedy[-1].logprobs[0].bytes
-    assert hot[-1].logprobs[0].logprob == pytest.approx(greedy[-1].logprobs[0].logprob, abs=1e-4)
-    assert greedy[-1].logprobs[0].logprob < -1e-3
+    assert hot.bytes == greedy.bytes
+    assert hot.logprob == pytest.approx(greedy.logprob, abs=1e-4)
+    assert greedy.logprob < -1e-3
 
 
 async def test_logprobs_without_top_logprobs_carry_no_alternatives(stub):

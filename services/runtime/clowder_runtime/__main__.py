@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-chunk", type=int, help="prompt tokens evaluated per step at most (default 256)")
     parser.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=PATH",
                         help="LoRA adapter GGUF to load; repeat for more (requests select one by name)")
+    parser.add_argument("--chat-template-file", metavar="FILE",
+                        help="Jinja chat template to use instead of the model's own (e.g. one that supports tools)")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here (default: off)")
     parser.add_argument("--lease-ttl", dest="lease_ttl_s", type=int, metavar="SECONDS",
                         help="TTL of the endpoint lease (default 5)")
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _CONFIG_FLAGS = (
     "listen", "advertise_host", "deployment", "replica_id", "node", "model_path", "digest", "storage_address",
-    "threads", "context_size", "max_waiting", "slots", "prefill_chunk", "adapters", "metrics_listen",
+    "threads", "context_size", "max_waiting", "slots", "prefill_chunk", "adapters", "chat_template_file",
+    "metrics_listen",
     "lease_ttl_s", "drain_grace_s", "port_file", "etcd_endpoints",
     "etcd_prefix",
 )

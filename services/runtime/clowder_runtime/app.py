@@ -17,6 +17,7 @@ from clowder_common.auth import TOKEN_ENV
 from clowder_common.errors import InvalidArgument
 from clowder_common.grpc_server import GrpcServer, create_grpc_server
 from clowder_common.keys import validate_name
+from clowder_runtime.chat_template import check_template
 from clowder_runtime.config import RuntimeConfig
 from clowder_runtime.engine import DEFAULT_CONTEXT_SIZE, LlamaEngine, LlamaSettings
 from clowder_runtime.metrics import MetricsServer
@@ -88,6 +89,7 @@ class RuntimeApp:
                 slots=cfg.slots,
                 prefill_chunk=cfg.prefill_chunk,
                 adapters=parse_adapters(cfg.adapters),
+                chat_template=chat_template(cfg),
             )
         )
         # Loads on the engine's own thread; nothing is served or registered before it can generate.
@@ -170,6 +172,7 @@ async def create_runtime(
     if config.metrics_listen and not config.metrics_listen.rpartition(":")[2].isdigit():
         raise InvalidArgument(f"metrics_listen {config.metrics_listen!r} is not host:port", field="metrics_listen")
     parse_adapters(config.adapters)
+    chat_template(config)
     if config.drain_grace_s < 0:
         raise InvalidArgument("drain_grace_s must not be negative", field="drain_grace_s")
     if config.lease_ttl_s < 1:
@@ -194,6 +197,22 @@ def parse_adapters(specs: tuple[str, ...]) -> dict[str, str]:
             raise InvalidArgument(f"adapter file {path} does not exist", field=f"adapters[{index}]")
         adapters[name] = path
     return adapters
+
+
+def chat_template(config: RuntimeConfig) -> str:
+    """The configured override of the model's chat template, checked; "" keeps the model's own."""
+    if config.chat_template and config.chat_template_file:
+        raise InvalidArgument("set chat_template or chat_template_file, not both", field="chat_template_file")
+    if config.chat_template_file:
+        try:
+            source = pathlib.Path(config.chat_template_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"cannot read the chat template file: {exc}", field="chat_template_file") from None
+        check_template(source, "chat_template_file")
+        return source
+    if config.chat_template:
+        check_template(config.chat_template, "chat_template")
+    return config.chat_template
 
 
 def _write_atomically(path: str, text: str) -> None:

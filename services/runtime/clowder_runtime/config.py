@@ -41,6 +41,10 @@ class RuntimeConfig(EtcdConfig):
     prefill_chunk: int = 256
     # LoRA adapters to load, as "name=path/to/adapter.gguf"; requests pick one by name.
     adapters: tuple[str, ...] = ()
+    # Jinja chat template used instead of the model's own (tokenizer.chat_template), for models whose
+    # template is weak (no tool support, wrong turns): inline text, or a file holding it. At most one.
+    chat_template: str = ""
+    chat_template_file: str = ""
     # Prometheus /metrics over HTTP ("host:port"); empty: off.
     metrics_listen: str = ""
     # TTL of the lease the endpoint hangs on.

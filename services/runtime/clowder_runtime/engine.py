@@ -18,12 +18,13 @@ import llama_cpp
 
 from clowder_common.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from clowder_runtime.generation import (
-    EngineStats, Finish, FinishReason, GenerationJob, GenerationStream, Piece, TokenLogprob,
+    EngineStats, Finish, FinishReason, GenerationJob, GenerationStream, Piece, TokenLogprob, ToolMode,
 )
 from clowder_runtime.logprobs import token_logprob
 from clowder_runtime.model import Model, Sampler
 from clowder_runtime.prefix import BLOCK_TOKENS, HashedPrefix
 from clowder_runtime.stops import StopMatcher
+from clowder_runtime.tools import ToolCallParser, call_grammar, template_messages
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,19 @@ class LlamaSettings:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     # LoRA adapters: name -> GGUF path.
     adapters: dict[str, str] = field(default_factory=dict)
+    # Jinja chat template used instead of the GGUF's; empty: the GGUF's.
+    chat_template: str = ""
 
 
 class _Work:
     """One admitted job as the worker thread sees it."""
 
-    def __init__(self, job: GenerationJob, tokens: list[int], max_new: int) -> None:
+    def __init__(self, job: GenerationJob, tokens: list[int], max_new: int, grammar: str | None) -> None:
         self.job = job
         self.tokens = tokens
         self.max_new = max_new
+        # Forces tool calls (tool_choice required or a named function).
+        self.grammar = grammar
         self.cancelled = threading.Event()
         self.stream: GenerationStream | None = None
 
@@ -82,6 +87,8 @@ class _Slot:
         self.produced = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = StopMatcher(())
+        # Only when the job's tool calls are parsed out of the text.
+        self.calls: ToolCallParser | None = None
         self.started = 0.0
 
     @property
@@ -185,8 +192,8 @@ class LlamaEngine:
         with self._cond:
             self._check_admission()
         loop = asyncio.get_running_loop()
-        tokens, max_new = await loop.run_in_executor(self._prep_pool, self._prepare, job)
-        work = _Work(job, tokens, max_new)
+        tokens, max_new, grammar = await loop.run_in_executor(self._prep_pool, self._prepare, job)
+        work = _Work(job, tokens, max_new, grammar)
         stream = GenerationStream(loop, on_cancel=lambda: self._cancel(work))
         work.stream = stream
         with self._cond:
@@ -222,10 +229,10 @@ class LlamaEngine:
         """Tokens a raw completion prompt becomes (BOS added as the model asks)."""
         return self._loaded().tokenize(prompt, add_bos=True)
 
-    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def tokenize_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Tokens a chat becomes: the model's template, its special tokens written as text."""
         model = self._loaded()
-        return model.tokenize(model.render_chat(messages), add_bos=False)
+        return model.tokenize(model.render_chat(messages, tools), add_bos=False)
 
     def _loaded(self) -> Model:
         model = self._model
@@ -244,12 +251,31 @@ class LlamaEngine:
                 retry_after=1.0,
             )
 
-    def _prepare(self, job: GenerationJob) -> tuple[list[int], int]:
-        """Tokens of the request and how many may be generated; runs on the tokenizer thread."""
+    def _prepare(self, job: GenerationJob) -> tuple[list[int], int, str | None]:
+        """Tokens of the request, how many may be generated, and the grammar forcing tool calls
+        if any; runs on the tokenizer thread."""
         model = self._loaded()
+        grammar = None
         if job.messages is not None:
             field_name = "messages"
-            tokens = self.tokenize_chat([{"role": t.role, "content": t.content} for t in job.messages])
+            tools = None
+            if job.tools:
+                mode = job.tool_choice.mode
+                if mode is not ToolMode.NONE and (model.template is None or not model.template.uses_tools):
+                    raise InvalidArgument(
+                        "this model's chat template does not support tools (it never reads `tools`);"
+                        " start the runtime with a chat template that does (chat_template_file)",
+                        field="tools", reason="TOOLS_UNSUPPORTED",
+                    )
+                tools = list(job.tools)
+                if mode is ToolMode.FUNCTION:
+                    chosen = tuple(t for t in job.tools if t["function"]["name"] == job.tool_choice.function)
+                    grammar = call_grammar(chosen, several=False)
+                elif mode is ToolMode.REQUIRED:
+                    grammar = call_grammar(job.tools, several=True)
+                if grammar is not None:
+                    model.check_grammar(grammar)
+            tokens = self.tokenize_chat(template_messages(job.messages), tools)
         else:
             field_name = "prompt"
             tokens = model.tokenize(job.prompt or "", add_bos=True)
@@ -262,7 +288,7 @@ class LlamaEngine:
                 " including at least one generated token",
                 field=field_name,
             )
-        return tokens, min(job.sampling.max_tokens, room)
+        return tokens, min(job.sampling.max_tokens, room), grammar
 
     def _cancel(self, work: _Work) -> None:
         work.cancelled.set()
@@ -277,7 +303,7 @@ class LlamaEngine:
 
     def _load(self) -> None:
         started = time.monotonic()
-        model = Model(self._settings.model_path, self._settings.adapters)
+        model = Model(self._settings.model_path, self._settings.adapters, self._settings.chat_template)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.context_size * self.slots
         params.n_seq_max = self.slots
@@ -415,7 +441,9 @@ class LlamaEngine:
         target.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         target.stops = StopMatcher(work.job.sampling.stop)
         target.started = time.monotonic()
-        target.sampler = self._loaded().sampler(work.job.sampling)
+        target.sampler = self._loaded().sampler(work.job.sampling, work.grammar)
+        parse_calls = bool(work.job.tools) and work.job.tool_choice.mode is not ToolMode.NONE
+        target.calls = ToolCallParser() if parse_calls else None
         target.sampler.accept_prompt(prompt)
         self._prompt_tokens_total += len(prompt)
         self._cached_prompt_tokens_total += kept
@@ -521,6 +549,8 @@ class LlamaEngine:
         with self._cond:
             self._generation_tokens_total += 1
         text, hit = slot.stops.feed(slot.decoder.decode(self._model.piece(token)))
+        if slot.calls is not None and text:
+            text = slot.calls.feed(text)
         if logprob is not None:
             # Sent even with no text (held for a stop string), so every counted token has its entry.
             work.stream.push_piece(Piece(text, (logprob,)))
@@ -536,14 +566,21 @@ class LlamaEngine:
     def _finish(self, slot: _Slot, reason: FinishReason) -> None:
         work = slot.work
         assert work is not None and work.stream is not None
+        text = ""
         if not slot.stops.stopped:
             text, hit = slot.stops.feed(slot.decoder.decode(b"", final=True))
             if hit:
                 reason = FinishReason.STOP
             text += slot.stops.flush()
-            if text:
-                work.stream.push_text(text)
-        finish = Finish(reason, slot.n_prompt, slot.produced, slot.cached)
+        calls: tuple = ()
+        if slot.calls is not None:
+            text = slot.calls.feed(text) + slot.calls.finish()
+            calls = tuple(slot.calls.calls)
+            if calls:
+                reason = FinishReason.TOOL_CALLS
+        if text:
+            work.stream.push_text(text)
+        finish = Finish(reason, slot.n_prompt, slot.produced, slot.cached, calls)
         # The slot is free before the caller hears of the end, so stats read right after agree.
         self._release(slot)
         work.stream.push_finish(finish)
@@ -572,6 +609,7 @@ class LlamaEngine:
             slot.sampler.close()
             slot.sampler = None
         slot.pending = None
+        slot.calls = None
         slot.last_used = time.monotonic()
         with self._cond:
             slot.work = None

@@ -6,12 +6,11 @@ import ctypes
 import logging
 import random
 
-import jinja2
 import llama_cpp
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF
 
 from clowder_common.errors import FailedPrecondition, InvalidArgument
+from clowder_runtime.chat_template import ChatTemplate
 from clowder_runtime.generation import SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ def llama_seed(seed: int | None) -> int:
 class Model:
     """Weights and vocabulary; read-only after loading, so tokenizing may run beside decoding."""
 
-    def __init__(self, path: str, adapters: dict[str, str]) -> None:
+    def __init__(self, path: str, adapters: dict[str, str], chat_template: str = "") -> None:
         params = llama_cpp.llama_model_default_params()
         model = llama_cpp.llama_model_load_from_file(path.encode("utf-8"), params)
         if not model:
@@ -56,14 +55,15 @@ class Model:
         except BaseException:
             self.close()
             raise
-        self._formatter: Jinja2ChatFormatter | None = None
-        template = self.meta("tokenizer.chat_template")
+        self.n_embd = llama_cpp.llama_model_n_embd(model)
+        self.template: ChatTemplate | None = None
+        # An override (the runtime's chat_template option) replaces a weak or missing GGUF template.
+        template = chat_template or self.meta("tokenizer.chat_template")
         if template:
-            self._formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=self.token_text(llama_cpp.llama_vocab_eos(self.vocab)),
+            self.template = ChatTemplate(
+                template,
                 bos_token=self.token_text(llama_cpp.llama_vocab_bos(self.vocab)),
-                add_generation_prompt=True,
+                eos_token=self.token_text(llama_cpp.llama_vocab_eos(self.vocab)),
             )
         else:
             log.warning("model has no chat template; chat requests will be refused")
@@ -113,21 +113,24 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The model's own chat template applied to `messages`, ending with the assistant's turn."""
-        if self._formatter is None:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The model's chat template applied to `messages` (and `tools`), ending with the assistant's turn."""
+        if self.template is None:
             raise FailedPrecondition(
                 "this model has no chat template (tokenizer.chat_template); send a raw prompt instead",
                 reason="NO_CHAT_TEMPLATE",
             )
-        try:
-            return self._formatter(messages=messages).prompt
-        except (jinja2.TemplateError, ValueError, TypeError) as exc:
-            # Templates reject some conversations on purpose (raise_exception), e.g. bad role order.
-            raise InvalidArgument(f"the model's chat template rejected the messages: {exc}", field="messages") from None
+        return self.template.render(messages, tools)
 
-    def sampler(self, sampling: SamplingSettings) -> "Sampler":
-        return Sampler(self, sampling)
+    def sampler(self, sampling: SamplingSettings, grammar: str | None = None) -> "Sampler":
+        return Sampler(self, sampling, grammar)
+
+    def check_grammar(self, grammar: str) -> None:
+        """Build and drop a grammar sampler: a grammar llama.cpp refuses is the request's fault, found early."""
+        sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            raise InvalidArgument("the tool call grammar cannot be built for these tools", field="tools")
+        llama_cpp.llama_sampler_free(sampler)
 
 
 class Sampler:
@@ -138,7 +141,7 @@ class Sampler:
     samples exactly what `Llama.create_completion` would.
     """
 
-    def __init__(self, model: Model, sampling: SamplingSettings) -> None:
+    def __init__(self, model: Model, sampling: SamplingSettings, grammar: str | None = None) -> None:
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
         self.chain = llama_cpp.llama_sampler_chain_init(params)
@@ -148,12 +151,14 @@ class Sampler:
             sampling.frequency_penalty, sampling.presence_penalty,
         )
         add(self._penalties)
-        if sampling.json:
-            grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, JSON_GBNF.encode("utf-8"), b"root")
-            if not grammar:
+        if grammar is None and sampling.json:
+            grammar = JSON_GBNF
+        if grammar is not None:
+            constraint = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+            if not constraint:
                 llama_cpp.llama_sampler_free(self.chain)
-                raise InvalidArgument("the JSON grammar cannot be built for this model", field="response_format")
-            add(grammar)
+                raise InvalidArgument("the output grammar cannot be built for this model", field="response_format")
+            add(constraint)
         if sampling.temperature == 0.0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:

@@ -39,6 +39,10 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
                     response.usage.prompt_tokens = output.finish.prompt_tokens
                     response.usage.completion_tokens = output.finish.completion_tokens
                     response.usage.cached_prompt_tokens = output.finish.cached_prompt_tokens
+                    response.tool_calls.extend(
+                        runtime_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
+                        for c in output.finish.tool_calls
+                    )
                 yield response
         finally:
             # Reached on a normal end, on an error, and when the call is cancelled

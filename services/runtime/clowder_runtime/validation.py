@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import math
+import re
 
 from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2
+from google.protobuf import json_format
 
 from clowder_common.errors import FieldViolation, InvalidArgument
-from clowder_runtime.generation import ChatTurn, GenerationJob, SamplingSettings
+from clowder_runtime.generation import ChatTurn, GenerationJob, SamplingSettings, ToolCall, ToolChoice, ToolMode
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# OpenAI's rule for function names; it also keeps them safe inside a GBNF literal.
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_TOOLS = 128
+_TOOL_MODES = {
+    runtime_pb2.ToolChoice.MODE_UNSPECIFIED: ToolMode.AUTO,
+    runtime_pb2.ToolChoice.MODE_AUTO: ToolMode.AUTO,
+    runtime_pb2.ToolChoice.MODE_NONE: ToolMode.NONE,
+    runtime_pb2.ToolChoice.MODE_REQUIRED: ToolMode.REQUIRED,
+    runtime_pb2.ToolChoice.MODE_FUNCTION: ToolMode.FUNCTION,
+}
 # OpenAI's bound on top_logprobs.
 MAX_TOP_LOGPROBS = 20
 # llama.cpp's own defaults, used when neither the request nor the image sets a value.
@@ -81,7 +93,19 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
                         f"unknown role {turn.role[:40]!r}; use one of {', '.join(ROLES)}",
                     )
                 )
-        messages = tuple(ChatTurn(t.role, t.content) for t in turns)
+            if turn.tool_calls and turn.role != "assistant":
+                violations.append(
+                    FieldViolation(f"messages[{index}].tool_calls", "only assistant messages make tool calls")
+                )
+        messages = tuple(
+            ChatTurn(
+                t.role, t.content,
+                tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in t.tool_calls),
+                tool_call_id=t.tool_call_id, name=t.name,
+            )
+            for t in turns
+        )
+        tools, tool_choice = _tools(request.chat, violations)
         if image.system_prompt and not any(t.role == "system" for t in messages):
             messages = (ChatTurn("system", image.system_prompt), *messages)
     elif kind == "prompt":
@@ -90,6 +114,8 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
         prompt = request.prompt
     else:
         violations.append(FieldViolation("input", "set either chat.messages or prompt"))
+    if kind != "chat":
+        tools, tool_choice = (), ToolChoice()
 
     sampling = request.sampling
     temperature = image.temperature if image.HasField("temperature") else DEFAULT_TEMPERATURE
@@ -132,6 +158,12 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
             "top_logprobs", f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {sampling.top_logprobs}"))
     elif sampling.top_logprobs and not sampling.logprobs:
         violations.append(FieldViolation("top_logprobs", "top_logprobs needs logprobs set to true"))
+    if kind == "chat" and tool_choice.mode in (ToolMode.REQUIRED, ToolMode.FUNCTION) and (
+        sampling.response_format == runtime_pb2.RESPONSE_FORMAT_JSON_OBJECT
+    ):
+        violations.append(
+            FieldViolation("response_format", "response_format cannot be combined with a forced tool call")
+        )
     if sampling.response_format not in runtime_pb2.ResponseFormat.values():
         violations.append(FieldViolation("response_format", f"unknown response_format {sampling.response_format}"))
     _raise_if_any(violations)
@@ -156,7 +188,41 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
         prompt=prompt,
         # Whether it names a loaded adapter is the engine's to say.
         adapter=sampling.adapter,
+        tools=tools,
+        tool_choice=tool_choice,
     )
+
+
+def _tools(chat: runtime_pb2.ChatInput, violations: list[FieldViolation]) -> tuple[tuple[dict, ...], ToolChoice]:
+    """Tool definitions as plain JSON values, and the tool choice; whether the template takes them is the engine's."""
+    if len(chat.tools) > MAX_TOOLS:
+        violations.append(FieldViolation("tools", f"at most {MAX_TOOLS} tools, got {len(chat.tools)}"))
+    tools: list[dict] = []
+    for index, struct in enumerate(chat.tools):
+        tool = json_format.MessageToDict(struct)
+        function = tool.get("function")
+        if tool.get("type", "function") != "function":
+            violations.append(FieldViolation(f"tools[{index}].type", "only tools of type \"function\" exist"))
+        elif not isinstance(function, dict):
+            violations.append(FieldViolation(f"tools[{index}].function", "a tool needs a function object"))
+        elif not isinstance(function.get("name"), str) or not FUNCTION_NAME.fullmatch(function["name"]):
+            violations.append(FieldViolation(
+                f"tools[{index}].function.name", "function names are 1 to 64 letters, digits, '_' or '-'"))
+        else:
+            tool.setdefault("type", "function")
+            tools.append(tool)
+    choice = chat.tool_choice
+    mode = _TOOL_MODES.get(choice.mode)
+    names = [t["function"]["name"] for t in tools]
+    if mode is None:
+        violations.append(FieldViolation("tool_choice", f"unknown tool_choice mode {choice.mode}"))
+        mode = ToolMode.AUTO
+    elif mode in (ToolMode.REQUIRED, ToolMode.FUNCTION) and not chat.tools:
+        violations.append(FieldViolation("tool_choice", f"tool_choice {mode.value} needs tools"))
+    elif mode is ToolMode.FUNCTION and chat.tools and choice.function_name not in names:
+        violations.append(FieldViolation(
+            "tool_choice", f"tool_choice names function {choice.function_name[:64]!r}, which is not among the tools"))
+    return tuple(tools), ToolChoice(mode, choice.function_name if mode is ToolMode.FUNCTION else "")
 
 
 def _raise_if_any(violations: list[FieldViolation]) -> None:

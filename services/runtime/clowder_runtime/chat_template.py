@@ -1,0 +1,45 @@
+"""A model's chat template (from its GGUF, or an override): rendering, and whether it knows about tools."""
+
+from __future__ import annotations
+
+import jinja2
+import jinja2.ext
+import jinja2.meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from clowder_common.errors import InvalidArgument
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    # The extensions the renderer uses, so a template that parses here also renders there.
+    return ImmutableSandboxedEnvironment(
+        extensions=[Jinja2ChatFormatter.IgnoreGenerationTags, jinja2.ext.loopcontrols],
+    )
+
+
+def check_template(source: str, field: str) -> None:
+    """Refuse a template that does not even parse (an override's mistakes show at start, not per request)."""
+    try:
+        _environment().parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise InvalidArgument(f"the chat template does not parse: {exc} (line {exc.lineno})", field=field) from None
+
+
+class ChatTemplate:
+    def __init__(self, source: str, bos_token: str, eos_token: str) -> None:
+        self.source = source
+        self._formatter = Jinja2ChatFormatter(
+            template=source, eos_token=eos_token, bos_token=bos_token, add_generation_prompt=True,
+        )
+        # A template that never reads `tools` would silently drop them: the model would not know them.
+        self.uses_tools = "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(source))
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        try:
+            return self._formatter(messages=messages, tools=tools).prompt
+        except (jinja2.TemplateError, ValueError, TypeError, AttributeError, KeyError) as exc:
+            # Templates reject some conversations on purpose (raise_exception), e.g. bad role order.
+            raise InvalidArgument(
+                f"the model's chat template rejected the messages: {exc}", field="messages"
+            ) from None
