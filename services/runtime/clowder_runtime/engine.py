@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import llama_cpp
 
 from clowder_common.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted, Unavailable
+from clowder_runtime.embeddings import Embedder
 from clowder_runtime.generation import (
     EngineStats, Finish, FinishReason, GenerationJob, GenerationStream, Piece, TokenLogprob, ToolMode,
 )
@@ -133,6 +134,9 @@ class LlamaEngine:
         self._adapter_turn = itertools.count()
         self._current_adapter: str | None = None
         self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime-tokenize")
+        # Embeddings run on their own context and thread: they never wait for, nor hold up, decode steps.
+        self._embedder = Embedder(settings.context_size, self._threads)
+        self._embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime-embed")
         self._requests_total = 0
         self._generation_tokens_total = 0
         self._prompt_tokens_total = 0
@@ -182,6 +186,7 @@ class LlamaEngine:
             if self._thread.is_alive():
                 log.warning("llama worker still busy %.0fs after shutdown; leaving it", timeout)
         self._prep_pool.shutdown(wait=False, cancel_futures=True)
+        self._embed_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- requests ------------------------------------------------------------------
 
@@ -203,6 +208,19 @@ class LlamaEngine:
             self._requests_total += 1
             self._cond.notify()
         return stream
+
+    async def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
+        model = self._loaded()
+        if self._closing:
+            raise Unavailable("the runtime is shutting down", retry_after=1.0)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._embed_pool, self._embedder.embed, model, inputs)
+        except RuntimeError as exc:
+            if self._closing:  # the pool refuses work once shutdown began
+                raise Unavailable("the runtime is shutting down", retry_after=1.0) from None
+            log.error("embedding failed: %s", exc)
+            raise Internal("embedding failed") from None
 
     def stats(self) -> EngineStats:
         with self._cond:
@@ -379,6 +397,9 @@ class LlamaEngine:
             model, self._model = self._model, None
             # Tokenizing reads the model too: let it finish before the model is freed.
             self._prep_pool.shutdown(wait=True, cancel_futures=True)
+            # So does embedding, on its own context, which must go before the model.
+            self._embed_pool.shutdown(wait=True, cancel_futures=True)
+            self._embedder.close()
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
             if model is not None:

@@ -9,7 +9,7 @@ from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 
 from clowder_runtime.generation import Engine, FinishReason, TokenLogprob
-from clowder_runtime.validation import build_job
+from clowder_runtime.validation import build_job, embed_inputs
 
 _FINISH = {
     FinishReason.STOP: runtime_pb2.FINISH_REASON_STOP,
@@ -48,6 +48,14 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
             # Reached on a normal end, on an error, and when the call is cancelled
             # (the client went away): the engine then stops at the next token.
             stream.cancel()
+
+    async def Embed(
+        self, request: runtime_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> runtime_pb2.EmbedResponse:
+        vectors, tokens = await self._engine.embed(embed_inputs(request))
+        return runtime_pb2.EmbedResponse(
+            embeddings=[runtime_pb2.Embedding(values=v) for v in vectors], prompt_tokens=tokens,
+        )
 
     async def GetStats(
         self, request: runtime_pb2.GetStatsRequest, context: grpc.aio.ServicerContext

@@ -16,6 +16,7 @@ ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's rule for function names; it also keeps them safe inside a GBNF literal.
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TOOLS = 128
+MAX_EMBED_INPUTS = 256
 _TOOL_MODES = {
     runtime_pb2.ToolChoice.MODE_UNSPECIFIED: ToolMode.AUTO,
     runtime_pb2.ToolChoice.MODE_AUTO: ToolMode.AUTO,
@@ -223,6 +224,22 @@ def _tools(chat: runtime_pb2.ChatInput, violations: list[FieldViolation]) -> tup
         violations.append(FieldViolation(
             "tool_choice", f"tool_choice names function {choice.function_name[:64]!r}, which is not among the tools"))
     return tuple(tools), ToolChoice(mode, choice.function_name if mode is ToolMode.FUNCTION else "")
+
+
+def embed_inputs(request: runtime_pb2.EmbedRequest) -> list[str]:
+    """The texts to embed; whether each fits the context is the engine's to say."""
+    violations: list[FieldViolation] = []
+    if not request.inputs:
+        violations.append(FieldViolation("inputs", "give at least one input"))
+    elif len(request.inputs) > MAX_EMBED_INPUTS:
+        violations.append(
+            FieldViolation("inputs", f"at most {MAX_EMBED_INPUTS} inputs per call, got {len(request.inputs)}")
+        )
+    for index, text in enumerate(request.inputs):
+        if not text:
+            violations.append(FieldViolation(f"inputs[{index}]", "inputs must not be empty"))
+    _raise_if_any(violations)
+    return list(request.inputs)
 
 
 def _raise_if_any(violations: list[FieldViolation]) -> None:
