@@ -86,9 +86,12 @@ async def test_large_source_in_parallel_ranged_parts_with_a_drop(tmp_path, etcd,
         assert messages[-1].blob.digest == digest_of(data)
         assert (app.store.blob_dir / digest_of(data)[7:]).read_bytes() == data
         ranges = [r for name, r in source.requests if name == "big"]
-        bounded = [r for r in ranges if r and not r.endswith("-")]
-        # Parts 2..4 as bounded ranges, plus the resumed remainder of whichever part broke off.
-        assert len(bounded) >= 3 and len(ranges) == 5
+        # The first answer carries piece 1; pieces 2..5 (1 MiB each, in file order) as bounded ranges, plus the
+        # resumed remainder of the piece that broke off (the first, at 300 kB; what was read before counts).
+        assert ranges[0] == ""
+        assert ranges[1:5] == [f"bytes={i << 20}-{min((i + 1) << 20, len(data)) - 1}" for i in range(1, 5)]
+        assert len(ranges) == 6 and ranges[5].endswith(f"-{(1 << 20) - 1}")
+        assert int(ranges[5].removeprefix("bytes=").split("-")[0]) <= 300_000
         assert tmp_files(app) == []
 
 

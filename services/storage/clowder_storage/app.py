@@ -104,6 +104,9 @@ class StorageApp:
                 await self.registration.stop()
         await self.server.stop(self.config.shutdown_grace_s if self._started else 0)
         await self.puller.close()
+        # Blobs stored in the last seconds reach the disk now; a crash instead is what the journal covers.
+        with contextlib.suppress(Exception):
+            await self.store.close(self.config.shutdown_grace_s + 30)
         await self._http.close()
         for close in self._closers:
             with contextlib.suppress(Exception):
@@ -121,7 +124,7 @@ async def create_storage(config: StorageConfig, admin_token: str | None) -> Stor
     """
     executor = concurrent.futures.ThreadPoolExecutor(config.io_threads, thread_name_prefix="storage-io")
     try:
-        store = BlobStore(config.data_dir, executor)
+        store = BlobStore(config.data_dir, executor, config.background_flush_min_bytes)
         await store.prepare()
         http = HttpFetcher(config.http_connect_timeout_s, config.http_read_timeout_s, config.http_total_timeout_s)
         peer = PeerFetcher(admin_token, config.http_read_timeout_s)

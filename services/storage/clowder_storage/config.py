@@ -50,6 +50,9 @@ class StorageConfig(EtcdConfig):
     max_store_bytes: int = 0
     # Largest single blob accepted (0: no limit); a source sending more is cut off.
     max_blob_bytes: int = 0
+    # Blobs at least this large are renamed into place once verified and flushed to disk in the background,
+    # under a journal re-checked at startup (durability.py); smaller ones are flushed first. 0: always first.
+    background_flush_min_bytes: int = 4 << 20
     # Eviction: above high_watermark x max_store_bytes, least recently used unpinned blobs go until the
     # store is under low_watermark x max_store_bytes. Only with max_store_bytes set.
     # Garbage collection spares unreferenced blobs used (pulled, resolved, path asked) this recently:
@@ -83,7 +86,8 @@ class StorageConfig(EtcdConfig):
                      "progress_interval_s", "node_refresh_s"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"config {name} must be positive", field=name)
-        for name in ("reserve_free_bytes", "max_store_bytes", "max_blob_bytes", "pull_retries", "gc_grace_s"):
+        for name in ("reserve_free_bytes", "max_store_bytes", "max_blob_bytes", "pull_retries", "gc_grace_s",
+                     "background_flush_min_bytes"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"config {name} must not be negative", field=name)
         if not 0 < self.low_watermark <= self.high_watermark <= 1:

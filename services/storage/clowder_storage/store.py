@@ -21,6 +21,8 @@ from typing import Callable, TypeVar
 
 from clowder_common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
 
+from clowder_storage.durability import Flusher, Journal, Recovered, fsync_dir, recover
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -30,6 +32,9 @@ ALGORITHM = "sha256"
 DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 HASH_READ_BYTES = 4 << 20
+# Blobs smaller than this are flushed before they appear (cheap, and manifests are durable before an index
+# names them); larger ones are flushed in the background under the journal (see durability.py).
+BACKGROUND_FLUSH_MIN_BYTES = 4 << 20
 
 
 def parse_digest(digest: str, field: str = "digest") -> str:
@@ -141,20 +146,24 @@ class TempBlob:
                 self._hash.update(data)
                 self.hashed = start + len(data)
 
-    def flush(self) -> None:
-        """Write dirty pages back now, while the transfer goes on, so the final fsync has little left to do."""
-        fd = self._fd
-        if fd is not None:
-            os.fdatasync(fd)
-
     @property
     def digest(self) -> str:
         return f"{ALGORITHM}:{self._hash.hexdigest()}"
 
-    def finish(self) -> None:
-        """Flush to stable storage so a crash after the rename never leaves a torn blob."""
+    def check_complete(self) -> None:
+        """Every byte of the file went through the hash, in order; otherwise nothing may be stored."""
         if self.hashed != self.size:
             raise DataLoss(f"only {self.hashed} of {self.size} bytes were hashed; refusing to store")
+
+    def detach(self) -> int:
+        """Hand the open descriptor over (to the background flusher); the TempBlob no longer owns it."""
+        assert self._fd is not None, "detach after close"
+        fd, self._fd = self._fd, None
+        return fd
+
+    def finish(self) -> None:
+        """Flush to stable storage so a crash after the rename never leaves a torn blob."""
+        self.check_complete()
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:
@@ -181,12 +190,18 @@ def _write(fd: int, view: memoryview, offset: int | None = None) -> int:
 class BlobStore:
     """Blobs by digest under `root`; readers only ever see complete, verified files."""
 
-    def __init__(self, root: str | os.PathLike[str], executor: concurrent.futures.Executor) -> None:
+    def __init__(self, root: str | os.PathLike[str], executor: concurrent.futures.Executor,
+                 background_flush_min_bytes: int = BACKGROUND_FLUSH_MIN_BYTES) -> None:
         self.root = pathlib.Path(root)
         self.blob_dir = self.root / "blobs" / ALGORITHM
         self.tmp_dir = self.root / "tmp"
         self.quarantine_dir = self.root / "quarantine"
         self._executor = executor
+        # 0: every blob is flushed before it appears (no journal in the way).
+        self._background_min = background_flush_min_bytes
+        self.journal = Journal(self.root, self.tmp_dir)
+        self.flusher = Flusher(self.journal, self.blob_dir, self.quarantine_dir)
+        self.recovered = Recovered(0, [])
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         """Run blocking work in the store's bounded executor."""
@@ -202,6 +217,8 @@ class BlobStore:
         if not layout.exists():
             # Marks the store as an OCI image layout, so OCI tools can read it directly.
             _write_atomic(layout, json.dumps({"imageLayoutVersion": "1.0.0"}).encode(), self.tmp_dir)
+        # Before anything is served: blobs a crash may have caught before their bytes reached the disk.
+        self.recovered = recover(self.journal, self.blob_dir, self.quarantine_dir)
         # Left-overs of a process that died mid-pull; only this service writes here.
         for stale in self.tmp_dir.iterdir():
             log.info("removing stale partial download %s", stale.name)
@@ -290,7 +307,7 @@ class BlobStore:
         if f"{ALGORITHM}:{hasher.hexdigest()}" == digest:
             return True
         os.replace(path, self.quarantine_dir / f"{path.name}.{int(time.time())}")
-        _fsync_dir(self.blob_dir)
+        fsync_dir(self.blob_dir)
         log.warning("blob %s failed verification (content sha256:%s); quarantined", digest, hasher.hexdigest())
         return False
 
@@ -300,29 +317,53 @@ class BlobStore:
         A digest already stored is kept as it is: each content is stored once.
         """
         try:
-            temp.finish()
+            temp.check_complete()
             actual = temp.digest
             if expected and actual != expected:
                 raise DataLoss(
                     f"content does not match the expected digest: expected {expected}, got {actual}",
                     metadata={"expected_digest": expected, "actual_digest": actual},
                 )
-            final = self.blob_dir / actual.split(":", 1)[1]
+            hex_digest = actual.split(":", 1)[1]
+            final = self.blob_dir / hex_digest
             if final.exists():
                 return self.stat_sync(actual)
             # Timestamp the blob at commit, not at the last write, so create_time means "stored at".
             now = time.time()
             os.utime(temp.path, (now, now))
-            os.replace(temp.path, final)
-            _fsync_dir(self.blob_dir)
+            if not self._background_min or temp.size < self._background_min:
+                temp.finish()
+                os.replace(temp.path, final)
+                fsync_dir(self.blob_dir)
+                return BlobInfo(actual, temp.size, now)
+            # The journal entry is on disk before the name appears, so recovery knows to re-hash it.
+            self.journal.add(hex_digest)
+            try:
+                os.replace(temp.path, final)
+            except BaseException:
+                self.journal.done(hex_digest)
+                raise
+            self.flusher.submit(temp.detach(), hex_digest)
             return BlobInfo(actual, temp.size, now)
         finally:
             temp.discard()
+
+    def close_sync(self, timeout: float | None = None) -> None:
+        """Make every stored blob durable before the process goes (the journal covers what does not finish)."""
+        self.flusher.close(timeout)
 
     # -- async API ---------------------------------------------------------------
 
     async def prepare(self) -> None:
         await self.run(self.prepare_sync)
+
+    async def close(self, timeout: float | None = None) -> None:
+        # Its own thread, not the executor: the executor may already be shutting down.
+        await asyncio.to_thread(self.close_sync, timeout)
+
+    async def flushed(self, timeout: float | None = None) -> bool:
+        """Wait until every stored blob is on disk (tests, benchmarks, shutdown)."""
+        return await asyncio.to_thread(self.flusher.wait_idle, timeout)
 
     async def stat(self, digest: str) -> BlobInfo:
         parse_digest(digest)
@@ -369,13 +410,4 @@ def _write_atomic(path: pathlib.Path, data: bytes, tmp_dir: pathlib.Path) -> Non
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    # The rename is only durable once the directory entry itself is on disk.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)

@@ -1,4 +1,4 @@
-"""One source into one partial blob: resumes after breaks, splits large ranged sources into parallel parts."""
+"""One source into one partial blob: resumes after breaks, fetches large ranged sources as parallel pieces."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 from clowder_common.errors import ClowderError, Unavailable
 
@@ -21,18 +21,18 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class TransferOptions:
-    # Sources at least this large that serve ranges are fetched as `parallel_parts` ranged parts.
+    # Sources at least this large that serve ranges are fetched by `parallel_parts` connections at once.
     parallel_min_bytes: int = 64 << 20
     parallel_parts: int = 4
-    # Parts are at least this large: tiny ranges cost more in requests than they gain.
+    # Each connection fetches the next piece in file order. Pieces are at least this large (tiny ranges cost
+    # more in requests than they gain) and at most 1/max_pieces of the file (requests stay few for huge files).
     min_part_bytes: int = 16 << 20
+    max_pieces: int = 256
     # Consecutive failed attempts without progress before the pull fails; progress resets the count.
     retries: int = 5
     retry_backoff_s: float = 0.2
     # Writes queued ahead of the writer thread: bounds memory while receiving overlaps hashing.
     queue_depth: int = 4
-    # Written bytes between background writebacks (0: none); spreads the final fsync over the transfer.
-    flush_every_bytes: int = 64 << 20
 
 
 class _Pipe:
@@ -105,10 +105,8 @@ class Transfer:
         self.resumes = 0
         self._validator = ""
         self._pipe = _Pipe(options.queue_depth)
-        self._flush: asyncio.Future | None = None
         # Once split, parts retry themselves; a part that gives up ends the pull.
         self._split = False
-        self._unflushed = 0
 
     async def run(self, temp: TempBlob) -> bool:
         """True when `temp` holds the whole source (hashed); False when on_opened declined it."""
@@ -116,21 +114,7 @@ class Transfer:
             return await self._sequential(temp)
         finally:
             await asyncio.shield(self._pipe.settle())
-            if self._flush is not None:
-                # The file must not be closed under a running fdatasync.
-                await asyncio.shield(asyncio.wait({self._flush}))
             self._pipe.close()
-
-    def _written(self, temp: TempBlob, n: int) -> None:
-        self._on_bytes(n)
-        every = self._options.flush_every_bytes
-        if not every:
-            return
-        self._unflushed += n
-        if self._unflushed >= every and (self._flush is None or self._flush.done()):
-            self._unflushed = 0
-            self._flush = asyncio.ensure_future(self._run_io(temp.flush))
-            self._flush.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _sequential(self, temp: TempBlob) -> bool:
         first = True
@@ -161,7 +145,7 @@ class Transfer:
                     async with contextlib.aclosing(opened.chunks) as chunks:
                         async for chunk in chunks:
                             await self._pipe.submit(temp.write, chunk)
-                            self._written(temp, len(chunk))
+                            self._on_bytes(len(chunk))
                     await self._pipe.drain()
                 if self.total is not None and temp.size < self.total:
                     raise Unavailable(f"source {self._shown} ended after {temp.size} of {self.total} bytes",
@@ -183,20 +167,25 @@ class Transfer:
                 and self._options.parallel_parts > 1 and opened.total >= self._options.parallel_min_bytes)
 
     async def _parallel(self, first: Opened, temp: TempBlob) -> None:
+        # Pieces are handed out in file order to a few connections rather than one fixed quarter each: the
+        # hashed prefix then grows at the transfer's pace, so SHA-256 runs while bytes arrive and only the
+        # last few pieces are hashed after. With quarters, three quarters of the file waited for the first
+        # quarter and were hashed after the transfer (0.25 s of a 0.7 s pull of 500 MB here).
         total = first.total
         assert total is not None
         self._split = True
         await self._pipe.call(temp.allocate, total)
-        count = min(self._options.parallel_parts, max(1, math.ceil(total / self._options.min_part_bytes)))
-        step = math.ceil(total / count)
-        parts = [_Part(i * step, min((i + 1) * step, total)) for i in range(count)]
+        step = max(self._options.min_part_bytes, math.ceil(total / self._options.max_pieces), 1)
+        parts = [_Part(start, min(start + step, total)) for start in range(0, total, step)]
+        count = min(self._options.parallel_parts, len(parts))
+        queue = iter(parts[1:])
         progressed = asyncio.Event()
-        log.info("pulling %s as %d ranged parts", self._shown, count)
+        log.info("pulling %s as %d pieces over %d connections", self._shown, len(parts), count)
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._part(parts[0], temp, progressed, first))
-                for part in parts[1:]:
-                    group.create_task(self._part(part, temp, progressed, None))
+                group.create_task(self._worker(parts[0], queue, temp, progressed, first))
+                for _ in range(count - 1):
+                    group.create_task(self._worker(None, queue, temp, progressed, None))
                 group.create_task(self._hash_in_order(parts, temp, progressed, total))
         except BaseExceptionGroup as group_error:
             # Report the source's own error (not found, unavailable...) rather than the group.
@@ -204,6 +193,14 @@ class Transfer:
                 if isinstance(exc, ClowderError):
                     raise exc from None
             raise
+
+    async def _worker(self, part: _Part | None, queue: Iterator[_Part], temp: TempBlob, progressed: asyncio.Event,
+                      opened: Opened | None) -> None:
+        # One connection's worth: the next unclaimed piece after each one (the iterator is shared).
+        if part is not None:
+            await self._part(part, temp, progressed, opened)
+        for part in queue:
+            await self._part(part, temp, progressed, None)
 
     async def _part(self, part: _Part, temp: TempBlob, progressed: asyncio.Event, opened: Opened | None) -> None:
         failures = 0
@@ -239,7 +236,7 @@ class Transfer:
                     chunk = chunk[:left]
                 await self._run_io(temp.write_at_hashing, chunk, part.start + part.done)
                 part.done += len(chunk)
-                self._written(temp, len(chunk))
+                self._on_bytes(len(chunk))
                 progressed.set()
                 if part.done >= part.length:
                     return
