@@ -171,7 +171,7 @@ async def test_bad_requests_are_400_in_openai_shape(client, balancer):
     assert resp.json()["error"]["type"] == "invalid_request_error"
     assert resp.headers["x-request-id"]
     with pytest.raises(openai.BadRequestError) as info:
-        await client.chat.completions.create(model=DEPLOYMENT, messages=CHAT, n=2)
+        await client.chat.completions.create(model=DEPLOYMENT, messages=CHAT, n=17)
     assert info.value.param == "n"
     # Refused by the runtime itself (the balancer lets an empty prompt through): its field becomes `param`.
     with pytest.raises(openai.BadRequestError) as info:

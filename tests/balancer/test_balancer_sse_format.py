@@ -49,12 +49,12 @@ def test_completion_chunk_and_unicode_survive_sse() -> None:
 
 def test_non_streaming_shapes() -> None:
     usage = runtime_pb2.Usage(prompt_tokens=10, completion_tokens=2)
-    chat = openai_api.chat_completion("chatcmpl-x", "m", 9, "Hi", "stop", usage)
+    chat = openai_api.chat_completion("chatcmpl-x", "m", 9, [openai_api.Choice(["H", "i"], "stop")], usage)
     assert chat["object"] == "chat.completion"
-    assert chat["choices"][0]["message"]["role"] == "assistant"
-    assert chat["choices"][0]["message"]["content"] == "Hi"
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "Hi", "refusal": None}
+    assert chat["choices"][0]["logprobs"] is None
     assert chat["usage"]["total_tokens"] == 12
-    text = openai_api.text_completion("cmpl-x", "m", 9, "Hi", "length", usage)
+    text = openai_api.text_completion("cmpl-x", "m", 9, [openai_api.Choice(["Hi"], "length")], usage)
     assert text["object"] == "text_completion" and text["choices"][0]["text"] == "Hi"
     assert text["choices"][0]["finish_reason"] == "length"
 
@@ -62,6 +62,7 @@ def test_non_streaming_shapes() -> None:
 def test_finish_reasons() -> None:
     assert openai_api.finish_reason_name(runtime_pb2.FINISH_REASON_STOP) == "stop"
     assert openai_api.finish_reason_name(runtime_pb2.FINISH_REASON_LENGTH) == "length"
+    assert openai_api.finish_reason_name(runtime_pb2.FINISH_REASON_TOOL_CALLS) == "tool_calls"
     assert openai_api.finish_reason_name(runtime_pb2.FINISH_REASON_UNSPECIFIED) is None
 
 

@@ -10,6 +10,7 @@ import uuid
 from typing import AsyncIterator
 
 import grpc
+from google.protobuf import json_format
 
 from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc
 from clowder.runtime.v1 import runtime_pb2
@@ -19,7 +20,10 @@ from clowder_balancer import logcontext, request_ids
 from clowder_balancer.apikeys import ApiKeyStore, Principal, bearer
 from clowder_balancer.discovery import Discovery
 from clowder_balancer.metrics import CLIENT_CLOSED, UNKNOWN_MODEL, Metrics
-from clowder_balancer.openai_api import ROLES
+from clowder_balancer.openai_api import MAX_N, ROLES
+from clowder_balancer.openai_embeddings import MAX_INPUTS
+from clowder_balancer.openai_logprobs import MAX_CHAT_TOP_LOGPROBS
+from clowder_balancer.openai_tools import name_tool_messages, parse_tools
 from clowder_balancer.request_ids import HEADER as REQUEST_ID_HEADER
 from clowder_balancer.middleware.base import RequestContext
 from clowder_balancer.pipeline import Pipeline
@@ -57,7 +61,38 @@ def _validate_messages(messages) -> None:
 
 
 def _normalized(message: runtime_pb2.ChatMessage) -> runtime_pb2.ChatMessage:
-    return runtime_pb2.ChatMessage(role=ROLES[message.role], content=message.content)
+    out = runtime_pb2.ChatMessage()
+    out.CopyFrom(message)
+    out.role = ROLES[message.role]
+    return out
+
+
+def _validate_choices(n: int, sampling: runtime_pb2.SamplingParams) -> int:
+    if n > MAX_N:
+        raise InvalidArgument(f"n must be between 1 and {MAX_N}", field="n")
+    if sampling.top_logprobs > MAX_CHAT_TOP_LOGPROBS:
+        raise InvalidArgument(f"sampling.top_logprobs must be at most {MAX_CHAT_TOP_LOGPROBS}",
+                              field="sampling.top_logprobs")
+    if sampling.top_logprobs and not sampling.logprobs:
+        raise InvalidArgument("sampling.top_logprobs needs sampling.logprobs", field="sampling.top_logprobs")
+    return n or 1
+
+
+def _validate_tools(request: inference_pb2.CreateChatCompletionRequest) -> None:
+    """The same rules as the HTTP face's, on the Struct form."""
+    names: set[str] = set()
+    if request.tools:
+        names = parse_tools([json_format.MessageToDict(t) for t in request.tools])[1]
+    choice = request.tool_choice if request.HasField("tool_choice") else None
+    if choice is None or choice.mode == runtime_pb2.ToolChoice.MODE_UNSPECIFIED:
+        return
+    if not request.tools:
+        raise InvalidArgument("tool_choice is only allowed when tools are given", field="tool_choice")
+    if choice.mode == runtime_pb2.ToolChoice.MODE_FUNCTION and choice.function_name not in names:
+        raise InvalidArgument(f"tool_choice names no function of tools: {choice.function_name!r}",
+                              field="tool_choice.function_name")
+    if choice.mode not in runtime_pb2.ToolChoice.Mode.values():
+        raise InvalidArgument("tool_choice.mode is not a known mode", field="tool_choice.mode")
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -93,28 +128,68 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def CreateChatCompletion(self, request, context) -> AsyncIterator[inference_pb2.CreateChatCompletionResponse]:
         _validate_common(request.model, request.sampling)
         _validate_messages(request.messages)
+        n = _validate_choices(request.n, request.sampling)
+        _validate_tools(request)
         generate = runtime_pb2.GenerateRequest(sampling=request.sampling)
         generate.chat.messages.extend(_normalized(m) for m in request.messages)
-        async for message, cid, created in self._stream(request.model, generate, "chatcmpl-", context):
+        name_tool_messages(generate.chat.messages)
+        generate.chat.tools.extend(request.tools)
+        if request.HasField("tool_choice"):
+            generate.chat.tool_choice.CopyFrom(request.tool_choice)
+        async for index, message, cid, created in self._stream(request.model, generate, n, "chatcmpl-", context):
             yield inference_pb2.CreateChatCompletionResponse(
                 id=cid, model=request.model, created=created, delta=message.text,
                 finish_reason=message.finish_reason,
                 usage=message.usage if message.HasField("usage") else None,
+                index=index, logprobs=message.logprobs, tool_calls=message.tool_calls,
             )
 
     async def CreateCompletion(self, request, context) -> AsyncIterator[inference_pb2.CreateCompletionResponse]:
         _validate_common(request.model, request.sampling)
+        n = _validate_choices(request.n, request.sampling)
         generate = runtime_pb2.GenerateRequest(prompt=request.prompt, sampling=request.sampling)
-        async for message, cid, created in self._stream(request.model, generate, "cmpl-", context):
+        async for index, message, cid, created in self._stream(request.model, generate, n, "cmpl-", context):
             yield inference_pb2.CreateCompletionResponse(
                 id=cid, model=request.model, created=created, text=message.text,
                 finish_reason=message.finish_reason,
                 usage=message.usage if message.HasField("usage") else None,
+                index=index, logprobs=message.logprobs,
             )
 
+    async def CreateEmbedding(self, request, context) -> inference_pb2.CreateEmbeddingResponse:
+        if not request.model:
+            raise InvalidArgument("model is required", field="model")
+        if not request.inputs:
+            raise InvalidArgument("inputs must not be empty", field="inputs")
+        if len(request.inputs) > MAX_INPUTS:
+            raise InvalidArgument(f"inputs takes at most {MAX_INPUTS} texts", field="inputs")
+        for i, text in enumerate(request.inputs):
+            if not text:
+                raise InvalidArgument(f"inputs[{i}] must not be empty", field=f"inputs[{i}]")
+        rid = _request_id(context)
+        logcontext.REQUEST_ID.set(rid)
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+        model_label = UNKNOWN_MODEL
+        status = 500
+        try:
+            if self._discovery.has_model(request.model):
+                model_label = request.model
+            ctx = RequestContext(rid, request.model, "grpc", self._principal(context))
+            result = await self._pipeline.embed(ctx, runtime_pb2.EmbedRequest(request_id=rid, inputs=request.inputs))
+            status = 200
+            return inference_pb2.CreateEmbeddingResponse(model=request.model, embeddings=result.embeddings,
+                                                         prompt_tokens=result.prompt_tokens)
+        except ClowderError as err:
+            status = HTTP_STATUS.get(err.code, 500)
+            log.info("request_id=%s model=%s embeddings failed: %s", rid, request.model, err.message)
+            raise
+        finally:
+            self._metrics.requests.labels(model_label, "grpc", str(status)).inc()
+
     async def _stream(
-        self, model: str, generate: runtime_pb2.GenerateRequest, id_prefix: str, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[tuple[runtime_pb2.GenerateResponse, str, int]]:
+        self, model: str, generate: runtime_pb2.GenerateRequest, n: int, id_prefix: str,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[tuple[int, runtime_pb2.GenerateResponse, str, int]]:
         rid = _request_id(context)
         generate.request_id = rid
         logcontext.REQUEST_ID.set(rid)
@@ -128,9 +203,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             principal = self._principal(context)
             session = _metadata(context, self._session_header)[:256]
             ctx = RequestContext(rid, model, "grpc", principal)
-            async with contextlib.aclosing(self._pipeline.generate(ctx, generate, session=session)) as stream:
-                async for message in stream:
-                    yield message, cid, created
+            async with contextlib.aclosing(self._pipeline.generate(ctx, generate, session=session, n=n)) as stream:
+                async for index, message in stream:
+                    yield index, message, cid, created
             status = 200
         except ClowderError as err:
             status = HTTP_STATUS.get(err.code, 500)

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP face (aiohttp): /v1/models, /v1/chat/completions, /v1/completions, health, metrics."""
+"""The OpenAI-compatible HTTP face (aiohttp): /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings,
+health, metrics."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from clowder_balancer.apikeys import ApiKeyStore, Principal, bearer
 from clowder_balancer.discovery import Discovery, model_not_found
 from clowder_balancer.metrics import CLIENT_CLOSED, UNKNOWN_MODEL, Metrics
 from clowder_balancer.openai_api import Kind, OpenAIRequest
+from clowder_balancer.openai_embeddings import embedding_response, parse_embedding_request
+from clowder_balancer.openai_logprobs import LegacyLogprobs, chat_logprobs
+from clowder_balancer.openai_tools import tool_calls_out
 from clowder_balancer.request_ids import HEADER as REQUEST_ID_HEADER
 from clowder_balancer.middleware.base import RequestContext
 from clowder_balancer.pipeline import Pipeline
@@ -33,8 +37,8 @@ def json_error(status: int, message: str, param: str | None = None, code: str | 
     return web.json_response(openai_api.error_body(status, message, param, code), status=status)
 
 
-def _error_response(err: ClowderError) -> web.Response:
-    status, body = openai_api.error_from(err)
+def _error_response(err: ClowderError, embeddings: bool = False) -> web.Response:
+    status, body = openai_api.error_from(err, embeddings)
     response = web.json_response(body, status=status)
     if err.retry_after is not None and status in (429, 503):
         response.headers["Retry-After"] = str(max(1, round(err.retry_after)))
@@ -60,6 +64,7 @@ class HttpApi:
         app.router.add_get("/v1/models/{model}", self._get_model)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics_text)
         return app
@@ -161,7 +166,7 @@ class HttpApi:
                 model_label = parsed.model
             session = request.headers.get(self._session_header, "")[:256]
             ctx = RequestContext(rid, parsed.model, "http", principal)
-            stream = self._pipeline.generate(ctx, parsed.generate_request(rid), session=session)
+            stream = self._pipeline.generate(ctx, parsed.generate_request(rid), session=session, n=parsed.n)
             async with contextlib.aclosing(stream):
                 if parsed.stream:
                     response, status = await self._stream(request, parsed, stream)
@@ -182,71 +187,52 @@ class HttpApi:
             self._metrics.requests.labels(model_label, "http", str(status)).inc()
 
     async def _collect(
-        self, parsed: OpenAIRequest, stream: AsyncIterator[runtime_pb2.GenerateResponse]
+        self, parsed: OpenAIRequest, stream: AsyncIterator[tuple[int, runtime_pb2.GenerateResponse]]
     ) -> web.Response:
-        texts: list[str] = []
-        last = runtime_pb2.GenerateResponse()
-        async for message in stream:
-            texts.append(message.text)
-            last = message
+        choices = [openai_api.Choice() for _ in range(parsed.n)]
+        usages: list[runtime_pb2.Usage] = []
+        async for index, message in stream:
+            choice = choices[index]
+            choice.texts.append(message.text)
+            choice.logprobs.extend(message.logprobs)
+            if message.finish_reason:
+                choice.finish_reason = openai_api.finish_reason_name(message.finish_reason)
+                choice.tool_calls.extend(message.tool_calls)
+                usages.append(message.usage)
         cid, created = _completion_id(parsed.kind), int(time.time())
-        finish = openai_api.finish_reason_name(last.finish_reason)
         build = openai_api.chat_completion if parsed.kind == "chat" else openai_api.text_completion
-        return web.json_response(build(cid, parsed.model, created, "".join(texts), finish, last.usage))
+        usage = openai_api.total_usage(usages)
+        return web.json_response(build(cid, parsed.model, created, choices, usage, parsed.logprobs))
 
     async def _stream(
-        self, request: web.Request, parsed: OpenAIRequest, stream: AsyncIterator[runtime_pb2.GenerateResponse]
+        self, request: web.Request, parsed: OpenAIRequest,
+        stream: AsyncIterator[tuple[int, runtime_pb2.GenerateResponse]],
     ) -> tuple[web.StreamResponse, int]:
         """Relay as SSE. Errors before the first token still get their own status; later ones an error event."""
         rid = request[REQUEST_ID]
         # Waiting for the first message before sending headers lets a 404/503/400 be a real HTTP error.
-        message = await anext(stream)
-        response = web.StreamResponse(
-            status=200,
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-                REQUEST_ID_HEADER: rid,
-            },
-        )
+        index, message = await anext(stream)
+        response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, REQUEST_ID_HEADER: rid})
         await response.prepare(request)
-        cid, created, model = _completion_id(parsed.kind), int(time.time()), parsed.model
-        usage_too = parsed.include_usage
-
-        def chunk(text: str | None, finish: str | None) -> bytes:
-            if parsed.kind == "chat":
-                delta = {"content": text} if text is not None else {}
-                return openai_api.sse_event(openai_api.chat_chunk(cid, model, created, delta, finish, usage_too))
-            return openai_api.sse_event(
-                openai_api.completion_chunk(cid, model, created, text or "", finish, usage_too)
-            )
-
+        chunks = _ChunkWriter(parsed, _completion_id(parsed.kind), int(time.time()))
         try:
             # One write per runtime message: every write is a send(2), and on small chunks the
             # syscalls are most of what the balancer adds to a stream.
-            pending: list[bytes] = []
+            pending: list[bytes] = chunks.opening()
+            usages: list[runtime_pb2.Usage] = []
             try:
-                if parsed.kind == "chat":
-                    delta = {"role": "assistant", "content": ""}
-                    pending.append(
-                        openai_api.sse_event(openai_api.chat_chunk(cid, model, created, delta, None, usage_too))
-                    )
                 while True:
-                    finish = openai_api.finish_reason_name(message.finish_reason)
-                    if message.text:
-                        pending.append(chunk(message.text, None))
-                    if finish is not None:
-                        pending.append(chunk(None, finish))
-                        if usage_too:
-                            pending.append(openai_api.sse_event(
-                                openai_api.usage_chunk(parsed.kind, cid, model, created, message.usage)
-                            ))
-                        break
+                    chunks.message(pending, index, message)
+                    if message.finish_reason:
+                        usages.append(message.usage)
+                        if len(usages) == parsed.n:
+                            if parsed.include_usage:
+                                pending.append(chunks.usage(openai_api.total_usage(usages)))
+                            break
                     if pending:
                         await response.write(b"".join(pending))
                         pending.clear()
-                    message = await anext(stream)
+                    index, message = await anext(stream)
                 status = 200
             except ClowderError as err:
                 # Headers are gone: the client learns of the failure in-band, as OpenAI does.
@@ -261,6 +247,84 @@ class HttpApi:
             log.info("request_id=%s client went away mid-stream", rid)
             status = CLIENT_CLOSED
         return response, status
+
+    # -- embeddings ------------------------------------------------------------------------------
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        rid = request[REQUEST_ID]
+        model_label = UNKNOWN_MODEL
+        status = 500
+        try:
+            principal = self._principal(request)
+            parsed = parse_embedding_request(openai_api.decode_body(await request.read()))
+            if self._discovery.has_model(parsed.model):
+                model_label = parsed.model
+            ctx = RequestContext(rid, parsed.model, "http", principal)
+            result = await self._pipeline.embed(ctx, runtime_pb2.EmbedRequest(request_id=rid, inputs=parsed.inputs))
+            status = 200
+            return web.json_response(embedding_response(parsed.model, result.embeddings, result.prompt_tokens,
+                                                        parsed.encoding_format))
+        except ClowderError as err:
+            # Answered here: the params of an embeddings request are not those of a generation.
+            response = _error_response(err, embeddings=True)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            self._metrics.requests.labels(model_label, "http", str(status)).inc()
+
+
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+class _ChunkWriter:
+    """SSE events of one streamed request: the opening role chunks, one or more per runtime message, usage."""
+
+    def __init__(self, parsed: OpenAIRequest, cid: str, created: int) -> None:
+        self._parsed = parsed
+        self._chat = parsed.kind == "chat"
+        self._cid, self._created, self._model = cid, created, parsed.model
+        self._usage_too = parsed.include_usage
+        self._legacy = [LegacyLogprobs() for _ in range(parsed.n)] if parsed.logprobs and not self._chat else None
+
+    def _event(self, index: int, text: str | None, finish: str | None, logprobs=None, delta=None) -> bytes:
+        if self._chat:
+            if delta is None:
+                delta = {"content": text} if text is not None else {}
+            return openai_api.sse_event(openai_api.chat_chunk(
+                self._cid, self._model, self._created, delta, finish, self._usage_too, index, logprobs))
+        return openai_api.sse_event(openai_api.completion_chunk(
+            self._cid, self._model, self._created, text or "", finish, self._usage_too, index, logprobs))
+
+    def opening(self) -> list[bytes]:
+        if not self._chat:
+            return []
+        return [self._event(i, None, None, delta={"role": "assistant", "content": ""}) for i in range(self._parsed.n)]
+
+    def message(self, out: list[bytes], index: int, message: runtime_pb2.GenerateResponse) -> None:
+        if message.text or message.logprobs:
+            logprobs = None
+            if message.logprobs:
+                if self._chat:
+                    logprobs = chat_logprobs(message.logprobs)
+                elif self._legacy is not None:
+                    logprobs = self._legacy[index].shape(message.logprobs)
+            out.append(self._event(index, message.text, None, logprobs))
+        if message.finish_reason:
+            if message.tool_calls and self._chat:
+                out.append(self._event(index, None, None,
+                                       delta={"tool_calls": tool_calls_out(message.tool_calls, with_index=True)}))
+            out.append(self._event(index, None, openai_api.finish_reason_name(message.finish_reason)))
+
+    def usage(self, usage: runtime_pb2.Usage) -> bytes:
+        return openai_api.sse_event(openai_api.usage_chunk(self._parsed.kind, self._cid, self._model,
+                                                           self._created, usage))
 
 
 def _completion_id(kind: Kind) -> str:

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import HTTP_STATUS, ClowderError, InvalidArgument
 
+from clowder_balancer import openai_logprobs, openai_tools
+from clowder_balancer.openai_logprobs import MAX_CHAT_TOP_LOGPROBS, MAX_COMPLETION_LOGPROBS
 from clowder_balancer.sampling import INT64_MAX, INT64_MIN, UINT32_MAX, validate_sampling
 
 Kind = Literal["chat", "completion"]
 
 # "developer" is OpenAI's newer name for the system role.
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 FINISH_REASONS = {
     runtime_pb2.FINISH_REASON_STOP: "stop",
     runtime_pb2.FINISH_REASON_LENGTH: "length",
+    runtime_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
+
+# Choices per request: each is a generation of its own on the runtime, so keep it modest.
+MAX_N = 16
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -33,11 +39,22 @@ class OpenAIRequest:
     sampling: runtime_pb2.SamplingParams
     messages: tuple[runtime_pb2.ChatMessage, ...] = ()
     prompt: str = ""
+    n: int = 1
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: runtime_pb2.ToolChoice | None = None
+
+    @property
+    def logprobs(self) -> bool:
+        return self.sampling.logprobs
 
     def generate_request(self, request_id: str) -> runtime_pb2.GenerateRequest:
         request = runtime_pb2.GenerateRequest(request_id=request_id, sampling=self.sampling)
         if self.kind == "chat":
             request.chat.messages.extend(self.messages)
+            if self.tools:
+                request.chat.tools.extend(openai_tools.to_struct(t) for t in self.tools)
+            if self.tool_choice is not None:
+                request.chat.tool_choice.CopyFrom(self.tool_choice)
         else:
             request.prompt = self.prompt
         return request
@@ -138,7 +155,22 @@ def _messages(body: dict[str, Any]) -> tuple[runtime_pb2.ChatMessage, ...]:
         if content is None and role != "assistant":
             raise _bad(f"{param}.content", f"'{param}.content' is required for role '{role}'.")
         text = "" if content is None else _content(content, f"{param}.content")
-        out.append(runtime_pb2.ChatMessage(role=ROLES[role], content=text))
+        message = runtime_pb2.ChatMessage(role=ROLES[role], content=text)
+        if role == "assistant" and msg.get("tool_calls"):
+            message.tool_calls.extend(openai_tools.parse_message_tool_calls(msg["tool_calls"], f"{param}.tool_calls"))
+        if role == "tool":
+            call_id = msg.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise _bad(f"{param}.tool_call_id", f"Missing required parameter: '{param}.tool_call_id'.")
+            message.tool_call_id = call_id
+        name = msg.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise _bad(f"{param}.name", f"Invalid type for '{param}.name': expected a string.")
+            if role == "tool":
+                message.name = name
+        out.append(message)
+    openai_tools.name_tool_messages(out)
     return tuple(out)
 
 
@@ -181,21 +213,39 @@ def _response_format(body: dict[str, Any]) -> int:
     raise _bad("response_format.type", "Invalid 'response_format.type': expected 'text' or 'json_object'.")
 
 
-def _reject_unsupported(body: dict[str, Any], kind: Kind) -> None:
-    n = _int_in(body, "n", 1, UINT32_MAX)
-    if n is not None and n != 1:
-        raise _bad("n", "Only n=1 is supported.")
+def _logprobs(body: dict[str, Any], kind: Kind, sampling: runtime_pb2.SamplingParams) -> None:
     if kind == "chat":
-        for name in ("tools", "functions"):
-            if body.get(name):
+        wanted = bool(_get(body, "logprobs", bool, "a boolean"))
+        top = _int_in(body, "top_logprobs", 0, MAX_CHAT_TOP_LOGPROBS)
+        if top is not None and not wanted:
+            raise _bad("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
+    else:
+        # Legacy completions: logprobs is the number of most likely tokens to return per position.
+        top = _int_in(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+        wanted = top is not None
+    if wanted:
+        sampling.logprobs = True
+        sampling.top_logprobs = top or 0
+
+
+def _tools(body: dict[str, Any]) -> tuple[tuple[dict[str, Any], ...], runtime_pb2.ToolChoice | None]:
+    if body.get("functions") is not None or body.get("function_call") is not None:
+        name = "functions" if body.get("functions") is not None else "function_call"
+        raise _bad(name, f"'{name}' (deprecated) is not supported; use 'tools' and 'tool_choice'.")
+    tools, names = ([], set()) if body.get("tools") is None else openai_tools.parse_tools(body["tools"])
+    choice = openai_tools.parse_tool_choice(body.get("tool_choice"), names, bool(tools))
+    _get(body, "parallel_tool_calls", bool, "a boolean")
+    return tuple(tools), choice
+
+
+def _reject_unsupported(body: dict[str, Any], kind: Kind) -> None:
+    if kind == "chat":
+        for name in ("audio", "prediction"):
+            if body.get(name) is not None:
                 raise _bad(name, f"'{name}' is not supported.")
-        if _get(body, "logprobs", bool, "a boolean"):
-            raise _bad("logprobs", "'logprobs' is not supported.")
     else:
         if _get(body, "echo", bool, "a boolean"):
             raise _bad("echo", "'echo' is not supported.")
-        if body.get("logprobs") is not None:
-            raise _bad("logprobs", "'logprobs' is not supported.")
         if body.get("suffix"):
             raise _bad("suffix", "'suffix' is not supported.")
         best_of = _int_in(body, "best_of", 1, UINT32_MAX)
@@ -209,6 +259,8 @@ def parse_request(body: dict[str, Any], kind: Kind) -> OpenAIRequest:
     messages = _messages(body) if kind == "chat" else ()
     prompt = _prompt(body) if kind == "completion" else ""
     _reject_unsupported(body, kind)
+    n = _int_in(body, "n", 1, MAX_N) or 1
+    tools, tool_choice = _tools(body) if kind == "chat" else ((), None)
 
     stream = bool(_get(body, "stream", bool, "a boolean"))
     options = _get(body, "stream_options", dict, "an object")
@@ -245,12 +297,13 @@ def parse_request(body: dict[str, Any], kind: Kind) -> OpenAIRequest:
     if top_k is not None:
         sampling.top_k = top_k
     sampling.response_format = _response_format(body)
+    _logprobs(body, kind, sampling)
     # Not an OpenAI field: which LoRA adapter of the aimage to apply (the runtime lists what it has loaded).
     adapter = _get(body, "adapter", str, "a string")
     if adapter:
         sampling.adapter = adapter
     validate_sampling(sampling, names)
-    return OpenAIRequest(kind, model, stream, include_usage, sampling, messages, prompt)
+    return OpenAIRequest(kind, model, stream, include_usage, sampling, messages, prompt, n, tools, tool_choice)
 
 
 # -- responses -------------------------------------------------------------------------------------
@@ -270,15 +323,35 @@ def usage_dict(usage: runtime_pb2.Usage) -> dict[str, Any]:
     }
 
 
+@dataclass
+class Choice:
+    """One choice of a finished non-streamed request, as collected from its runtime messages."""
+
+    texts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[runtime_pb2.TokenLogprob] = field(default_factory=list)
+    tool_calls: list[runtime_pb2.ToolCall] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+
+def _object(kind: Kind, chunk: bool) -> str:
+    if kind == "completion":
+        return "text_completion"
+    return "chat.completion.chunk" if chunk else "chat.completion"
+
+
 def _chunk(kind: Kind, cid: str, model: str, created: int, choice: dict[str, Any], include_usage: bool
            ) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": cid,
-        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "object": _object(kind, True),
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [{"index": 0, **choice}],
+        "choices": [choice],
     }
     if include_usage:
         # OpenAI sends usage: null on every chunk but the extra last one when usage was asked for.
@@ -287,23 +360,27 @@ def _chunk(kind: Kind, cid: str, model: str, created: int, choice: dict[str, Any
 
 
 def chat_chunk(
-    cid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None, include_usage: bool
+    cid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None, include_usage: bool,
+    index: int = 0, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return _chunk("chat", cid, model, created,
-                  {"delta": delta, "logprobs": None, "finish_reason": finish_reason}, include_usage)
+                  {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason},
+                  include_usage)
 
 
 def completion_chunk(
-    cid: str, model: str, created: int, text: str, finish_reason: str | None, include_usage: bool
+    cid: str, model: str, created: int, text: str, finish_reason: str | None, include_usage: bool,
+    index: int = 0, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return _chunk("completion", cid, model, created,
-                  {"text": text, "logprobs": None, "finish_reason": finish_reason}, include_usage)
+                  {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason},
+                  include_usage)
 
 
 def usage_chunk(kind: Kind, cid: str, model: str, created: int, usage: runtime_pb2.Usage) -> dict[str, Any]:
     return {
         "id": cid,
-        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "object": _object(kind, True),
         "created": created,
         "model": model,
         "system_fingerprint": None,
@@ -312,39 +389,55 @@ def usage_chunk(kind: Kind, cid: str, model: str, created: int, usage: runtime_p
     }
 
 
-def chat_completion(
-    cid: str, model: str, created: int, text: str, finish_reason: str | None, usage: runtime_pb2.Usage
-) -> dict[str, Any]:
+def _completion(kind: Kind, cid: str, model: str, created: int, choices: list[dict[str, Any]],
+                usage: runtime_pb2.Usage) -> dict[str, Any]:
     return {
         "id": cid,
-        "object": "chat.completion",
+        "object": _object(kind, False),
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
+        "choices": choices,
         "usage": usage_dict(usage),
     }
 
 
-def text_completion(
-    cid: str, model: str, created: int, text: str, finish_reason: str | None, usage: runtime_pb2.Usage
-) -> dict[str, Any]:
-    return {
-        "id": cid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": usage_dict(usage),
-    }
+def chat_completion(cid: str, model: str, created: int, choices: list[Choice], usage: runtime_pb2.Usage,
+                    logprobs: bool = False) -> dict[str, Any]:
+    out = []
+    for i, choice in enumerate(choices):
+        message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
+        if choice.tool_calls:
+            # OpenAI leaves content null when the model only called tools.
+            message["content"] = choice.text or None
+            message["tool_calls"] = openai_tools.tool_calls_out(choice.tool_calls)
+        out.append({
+            "index": i,
+            "message": message,
+            "logprobs": openai_logprobs.chat_logprobs(choice.logprobs) if logprobs else None,
+            "finish_reason": choice.finish_reason,
+        })
+    return _completion("chat", cid, model, created, out, usage)
+
+
+def text_completion(cid: str, model: str, created: int, choices: list[Choice], usage: runtime_pb2.Usage,
+                    logprobs: bool = False) -> dict[str, Any]:
+    out = [
+        {"index": i, "text": choice.text,
+         "logprobs": openai_logprobs.LegacyLogprobs().shape(choice.logprobs) if logprobs else None,
+         "finish_reason": choice.finish_reason}
+        for i, choice in enumerate(choices)
+    ]
+    return _completion("completion", cid, model, created, out, usage)
+
+
+def total_usage(usages: list[runtime_pb2.Usage]) -> runtime_pb2.Usage:
+    """n choices of one prompt: the prompt counts once, completions add up (what OpenAI bills)."""
+    if len(usages) == 1:
+        return usages[0]
+    first = usages[0] if usages else runtime_pb2.Usage()
+    return runtime_pb2.Usage(prompt_tokens=first.prompt_tokens, cached_prompt_tokens=first.cached_prompt_tokens,
+                             completion_tokens=sum(u.completion_tokens for u in usages))
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
@@ -370,14 +463,20 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
 
 
-_RUNTIME_FIELDS = {"chat": "messages", "chat.messages": "messages", "input": "messages"}
+_RUNTIME_FIELDS = {"chat": "messages", "chat.messages": "messages", "input": "messages", "chat.tools": "tools",
+                   "chat.tool_choice": "tool_choice"}
 
 
-def error_from(err: ClowderError) -> tuple[int, dict[str, Any]]:
+def error_from(err: ClowderError, embeddings: bool = False) -> tuple[int, dict[str, Any]]:
     """HTTP status and OpenAI error body for a domain error (the grpc-gateway status mapping)."""
     status = HTTP_STATUS.get(err.code, 500)
     param = err.violations[0].field if err.violations else None
     if param is not None:
-        # The runtime names fields of its GenerateRequest; the client only knows the flat OpenAI names.
-        param = _RUNTIME_FIELDS.get(param, param.removeprefix("sampling."))
+        if embeddings:
+            # EmbedRequest.inputs[i] is the client's input[i].
+            if param == "inputs" or param.startswith("inputs["):
+                param = "input" + param.removeprefix("inputs")
+        else:
+            # The runtime names fields of its GenerateRequest; the client only knows the flat OpenAI names.
+            param = _RUNTIME_FIELDS.get(param, param.removeprefix("sampling."))
     return status, error_body(status, err.message, param, err.reason.lower() if err.reason else None)

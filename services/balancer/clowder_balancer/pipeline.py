@@ -8,11 +8,12 @@ import logging
 from typing import AsyncIterator
 
 from clowder.runtime.v1 import runtime_pb2
-from clowder_common.errors import HTTP_STATUS, ClowderError
+from clowder_common.errors import HTTP_STATUS, ClowderError, InvalidArgument
 
+from clowder_balancer.choices import choice_requests, generate_choices
 from clowder_balancer.discovery import Discovery
 from clowder_balancer.metrics import CLIENT_CLOSED
-from clowder_balancer.middleware.base import RequestContext
+from clowder_balancer.middleware.base import RequestContext, Stage
 from clowder_balancer.middleware.chain import Chains
 from clowder_balancer.openai_api import finish_reason_name
 from clowder_balancer.router import Router
@@ -29,40 +30,59 @@ class Pipeline:
         self._discovery = discovery
         self.chains = Chains()
 
+    def _stages(self, model: str) -> list[Stage]:
+        if not self._discovery.has_model(model):
+            return []
+        return self.chains.stages(model, self._discovery.image_configuration(model))
+
     async def generate(
-        self, ctx: RequestContext, request: runtime_pb2.GenerateRequest, session: str = ""
-    ) -> AsyncIterator[runtime_pb2.GenerateResponse]:
-        """The router's stream for `request` after the model's middleware; texts pass the output filters."""
-        stages = []
-        if self._discovery.has_model(ctx.model):
-            stages = self.chains.stages(ctx.model, self._discovery.image_configuration(ctx.model))
+        self, ctx: RequestContext, request: runtime_pb2.GenerateRequest, session: str = "", n: int = 1
+    ) -> AsyncIterator[tuple[int, runtime_pb2.GenerateResponse]]:
+        """(choice index, message) pairs of the router's streams for `request` (n choices of it) after the
+        model's middleware; texts and tool calls pass the output filters."""
+        stages = self._stages(ctx.model)
         ctx.request = request
         kept = 0
+        finished = 0
         try:
             for stage in stages:
                 await stage.before(ctx, request)
-            filters = [f for f in (s.output_filter(ctx) for s in stages) if f is not None]
-            async with contextlib.aclosing(self._router.generate(ctx.model, request, session=session)) as stream:
-                async for message in stream:
+            filters = [[f for f in (s.output_filter(ctx) for s in stages) if f is not None] for _ in range(n)]
+            if filters[0] and request.sampling.logprobs:
+                # Token texts would show what the filters hold back from the text.
+                raise InvalidArgument(f"logprobs are not available for model '{ctx.model}': its output is filtered",
+                                      field="logprobs", reason="LOGPROBS_UNAVAILABLE")
+            requests = choice_requests(request, n)
+            stream = generate_choices(self._router, ctx.model, requests, session=session)
+            async with contextlib.aclosing(stream):
+                async for index, message in stream:
                     text = message.text
                     last = message.finish_reason != runtime_pb2.FINISH_REASON_UNSPECIFIED
-                    if filters:
-                        text = _through(filters, text, last)
-                    if kept < MAX_KEPT_OUTPUT:
+                    if filters[index]:
+                        text = _through(filters[index], text, last)
+                    if index == 0 and kept < MAX_KEPT_OUTPUT:
                         ctx.output.append(text[: MAX_KEPT_OUTPUT - kept])
                         kept += len(text)
                     if last:
-                        ctx.prompt_tokens = message.usage.prompt_tokens
-                        ctx.completion_tokens = message.usage.completion_tokens
-                        ctx.finish_reason = finish_reason_name(message.finish_reason) or ""
-                        # Served: a consumer that stops reading after this message has not cut anything.
-                        ctx.status = 200
-                    if text != message.text:
+                        if finished == 0:
+                            ctx.prompt_tokens = message.usage.prompt_tokens
+                        ctx.completion_tokens += message.usage.completion_tokens
+                        if index == 0:
+                            ctx.finish_reason = finish_reason_name(message.finish_reason) or ""
+                        finished += 1
+                        if finished == n:
+                            # Served: a consumer that stops reading after this message has not cut anything.
+                            ctx.status = 200
+                    if text != message.text or (last and filters[index] and message.tool_calls):
                         replaced = runtime_pb2.GenerateResponse()
                         replaced.CopyFrom(message)
                         replaced.text = text
+                        for call in replaced.tool_calls:
+                            call.arguments = _through(
+                                [f for f in (s.output_filter(ctx) for s in stages) if f is not None],
+                                call.arguments, True)
                         message = replaced
-                    yield message
+                    yield index, message
             ctx.status = 200
         except ClowderError as err:
             ctx.status, ctx.error = HTTP_STATUS.get(err.code, 500), err.message
@@ -75,11 +95,38 @@ class Pipeline:
             ctx.status = ctx.status or 500
             raise
         finally:
+            self._after(ctx, stages)
+
+    async def embed(self, ctx: RequestContext, request: runtime_pb2.EmbedRequest) -> runtime_pb2.EmbedResponse:
+        """The runtime's embeddings for `request`, after the model's middleware (stages that apply to inputs)."""
+        stages = self._stages(ctx.model)
+        ctx.request = request
+        try:
             for stage in stages:
-                try:
-                    stage.after(ctx)
-                except Exception as exc:  # an observer's bug must not turn a served request into an error
-                    log.warning("request_id=%s middleware %s after() failed: %s", ctx.request_id, stage.name, exc)
+                await stage.before_embed(ctx, request)
+            response = await self._router.embed(ctx.model, request)
+            ctx.prompt_tokens = response.prompt_tokens
+            ctx.status = 200
+            return response
+        except ClowderError as err:
+            ctx.status, ctx.error = HTTP_STATUS.get(err.code, 500), err.message
+            raise
+        except asyncio.CancelledError:
+            ctx.status, ctx.error = CLIENT_CLOSED, "client closed the request"
+            raise
+        except Exception:
+            ctx.status = 500
+            raise
+        finally:
+            self._after(ctx, stages)
+
+    @staticmethod
+    def _after(ctx: RequestContext, stages: list[Stage]) -> None:
+        for stage in stages:
+            try:
+                stage.after(ctx)
+            except Exception as exc:  # an observer's bug must not turn a served request into an error
+                log.warning("request_id=%s middleware %s after() failed: %s", ctx.request_id, stage.name, exc)
 
     async def drain(self) -> None:
         """Let background middleware work (audit lines, webhooks) finish, bounded by each stage's timeout."""

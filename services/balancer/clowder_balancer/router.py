@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import random
 import contextlib
 import logging
 import time
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import grpc
 from opentelemetry import propagate, trace
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # Failures before the first message that another replica may not have. Nothing has reached the client
 # yet and generation has no side effects, so trying elsewhere is safe.
+REQUEST_ID_KEY = "x-request-id"
+
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
@@ -78,6 +81,7 @@ class Router:
         self._tracer = trace.get_tracer("clowder.balancer", tracer_provider=tracer_provider)
         # Called when a request starts waiting for a replica (the load reporter reports at once).
         self.on_waiting = lambda: None
+        self._rng = random.Random()
 
     def in_flight(self, address: str) -> int:
         return self._in_flight[address]
@@ -117,6 +121,12 @@ class Router:
         healthy = [c for c in candidates if not c.ejected] or candidates
         return self._picker.pick(healthy)
 
+    def _preferred(self, address: str, endpoints: Sequence[ReadyEndpoint]) -> Candidate | None:
+        for candidate in self._candidates([e for e in endpoints if e.address == address], set()):
+            if not candidate.ejected and candidate.reachable:
+                return candidate
+        return None
+
     async def _endpoints(self, model: str, deadline: float, tried: set[str]) -> list[ReadyEndpoint]:
         now = [e for e in self._discovery.endpoints(model) if e.address not in tried]
         if now or not self._discovery.has_model(model):
@@ -127,14 +137,16 @@ class Router:
             return await self._discovery.wait_for_endpoints(model, deadline - time.monotonic(), exclude=tried)
 
     async def generate(
-        self, model: str, request: runtime_pb2.GenerateRequest, session: str = "", route: RouteRequest | None = None
+        self, model: str, request: runtime_pb2.GenerateRequest, session: str = "", route: RouteRequest | None = None,
+        prefer: str = "", on_choice: Callable[[str], None] | None = None,
     ) -> AsyncIterator[runtime_pb2.GenerateResponse]:
         """Yield the runtime's messages for `request`; the last one carries finish_reason and usage.
 
         Raises ClowderError: NotFound (no such model), Unavailable (no ready
         replica within ready_timeout_s, or every replica tried failed),
         DeadlineExceeded, or the runtime's own error. Closing the generator
-        cancels the runtime call.
+        cancels the runtime call. `prefer` names a replica address to try first (when it is ready and not
+        ejected); `on_choice` learns each address tried.
         """
         rid = request.request_id
         started = time.monotonic()
@@ -151,8 +163,12 @@ class Router:
                 if last_error is not None:
                     raise last_error from None
                 raise
-            choice = self._choose(route, endpoints, tried)
+            choice = self._preferred(prefer, endpoints) if prefer and not tried else None
+            if choice is None:
+                choice = self._choose(route, endpoints, tried)
             tried.add(choice.address)
+            if on_choice is not None:
+                on_choice(choice.address)
             if attempt > 1:
                 self._metrics.retries.labels(model).inc()
             try:
@@ -164,6 +180,54 @@ class Router:
             except _Retry as retry:
                 last_error = retry.error
         log.warning("request_id=%s model=%s gave up after %d attempts", rid, model, len(tried))
+        assert last_error is not None
+        raise last_error
+
+    async def embed(self, model: str, request: runtime_pb2.EmbedRequest) -> runtime_pb2.EmbedResponse:
+        """The runtime's Embed on the least loaded ready replica; another replica when one fails to answer.
+
+        Embeddings leave nothing in a KV cache worth coming back to, so only load decides.
+        """
+        started = time.monotonic()
+        ready_deadline = started + self._config.ready_timeout_s
+        tried: set[str] = set()
+        last_error: ClowderError | None = None
+        if self._discovery.ready and self._discovery.has_model(model):
+            self.tracker.request(model)
+        for attempt in range(1, max(1, self._config.max_attempts) + 1):
+            try:
+                endpoints = await self._endpoints(model, ready_deadline, tried)
+            except Unavailable:
+                if last_error is not None:
+                    raise last_error from None
+                raise
+            candidates = self._candidates(endpoints, tried)
+            usable = [c for c in candidates if c.reachable and not c.ejected] or candidates
+            least = min(c.load for c in usable)
+            choice = self._rng.choice([c for c in usable if c.load == least])
+            tried.add(choice.address)
+            if attempt > 1:
+                self._metrics.retries.labels(model).inc()
+            self._in_flight[choice.address] += 1
+            self._metrics.routed.labels(model, choice.replica_id).inc()
+            logcontext.REPLICA.set(choice.replica_id)
+            try:
+                with self.tracker.in_flight(model):
+                    async with self._channels.stub(choice.address) as stub:
+                        response = await stub.Embed(request, timeout=self._config.request_timeout_s,
+                                                    metadata=((REQUEST_ID_KEY, request.request_id),))
+                self.outliers.success(choice.address)
+                return response
+            except grpc.aio.AioRpcError as err:
+                failure = self._first_error(model, choice, err, request.request_id)
+                if isinstance(failure, _Retry):
+                    last_error = failure.error
+                    continue
+                raise failure from None
+            finally:
+                self._in_flight[choice.address] -= 1
+                if self._in_flight[choice.address] <= 0:
+                    del self._in_flight[choice.address]
         assert last_error is not None
         raise last_error
 

@@ -21,6 +21,12 @@ class GroupAccessStage(BaseStage):
             raise bad_option(self.name, "'allowed' must name at least one group")
 
     async def before(self, ctx: RequestContext, request: runtime_pb2.GenerateRequest) -> None:
+        self._check(ctx)
+
+    async def before_embed(self, ctx: RequestContext, request: runtime_pb2.EmbedRequest) -> None:
+        self._check(ctx)
+
+    def _check(self, ctx: RequestContext) -> None:
         if ctx.principal.anonymous:
             raise Unauthenticated(f"model '{ctx.model}' needs an API key", reason="API_KEY_REQUIRED")
         if not ctx.principal.groups & self.allowed:

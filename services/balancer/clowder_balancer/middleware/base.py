@@ -27,7 +27,8 @@ class RequestContext:
     completion_tokens: int = 0
     finish_reason: str = ""
     output: list[str] = field(default_factory=list)
-    request: runtime_pb2.GenerateRequest | None = None
+    # The GenerateRequest, or the EmbedRequest of an embeddings call.
+    request: runtime_pb2.GenerateRequest | runtime_pb2.EmbedRequest | None = None
     # Messages stages put before the client's, so errors can still name the client's own fields.
     prepended: int = 0
 
@@ -53,6 +54,10 @@ class Stage(Protocol):
         """Change `request` in place, or raise a ClowderError to refuse it."""
         ...
 
+    async def before_embed(self, ctx: RequestContext, request: runtime_pb2.EmbedRequest) -> None:
+        """The same for an embeddings request (only stages that judge callers or inputs act on it)."""
+        ...
+
     def output_filter(self, ctx: RequestContext) -> OutputFilter | None: ...
 
     def after(self, ctx: RequestContext) -> None:
@@ -66,6 +71,9 @@ class BaseStage:
     name = "base"
 
     async def before(self, ctx: RequestContext, request: runtime_pb2.GenerateRequest) -> None:
+        return None
+
+    async def before_embed(self, ctx: RequestContext, request: runtime_pb2.EmbedRequest) -> None:
         return None
 
     def output_filter(self, ctx: RequestContext) -> OutputFilter | None:

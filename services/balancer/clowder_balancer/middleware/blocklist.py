@@ -88,6 +88,14 @@ class BlocklistStage(BaseStage):
                 # The message does not quote the match: it may be the very thing that must not spread.
                 raise InvalidArgument("the request contains blocked content", field=field, reason="CONTENT_BLOCKED")
 
+    async def before_embed(self, ctx: RequestContext, request: runtime_pb2.EmbedRequest) -> None:
+        if self.input_mode != "reject":
+            return
+        for i, text in enumerate(request.inputs):
+            if self.pattern.search(text):
+                raise InvalidArgument("the request contains blocked content", field=f"input[{i}]",
+                                      reason="CONTENT_BLOCKED")
+
     def output_filter(self, ctx: RequestContext) -> StreamRedactor | None:
         if self.output_mode != "redact":
             return None

@@ -57,6 +57,13 @@ class RateLimitStage(BaseStage):
         return ctx.principal.key_id or "anonymous"
 
     async def before(self, ctx: RequestContext, request: runtime_pb2.GenerateRequest) -> None:
+        self._admit(ctx)
+
+    async def before_embed(self, ctx: RequestContext, request: runtime_pb2.EmbedRequest) -> None:
+        # Embedding tokens count against the same budget: they cost the replica a prompt evaluation each.
+        self._admit(ctx)
+
+    def _admit(self, ctx: RequestContext) -> None:
         now = self._clock()
         window = self._window(self._caller(ctx))
         window.expire(now)
