@@ -143,6 +143,14 @@ class ScriptedRuntime(runtime_pb2_grpc.RuntimeServiceServicer):
     async def GetStats(self, request, context):
         return runtime_pb2.GetStatsResponse(num_requests_running=self.running, requests_total=len(self.requests))
 
+    async def Embed(self, request, context):
+        """A fixed-size vector per input (its length and word count), one prompt token per word."""
+        self.requests.append(request)
+        return runtime_pb2.EmbedResponse(
+            embeddings=[runtime_pb2.Embedding(values=[float(len(t)), float(len(t.split()))]) for t in request.inputs],
+            prompt_tokens=sum(len(t.split()) for t in request.inputs),
+        )
+
 
 @dataclasses.dataclass
 class RuntimeProcess:
