@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import aiohttp
 import grpc
 import pytest
 from aiohttp import web
@@ -17,47 +16,11 @@ from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
 from clowder_common.auth import bearer_metadata
 
-from clowder_balancer.app import create_balancer
+from balancer_helpers import put_deployment, put_endpoint, speak, wait_until
 
-from balancer_helpers import ScriptedRuntime, balancer_config, put_deployment, put_endpoint, speak, wait_until
+from conftest import ADMIN
 
-ADMIN = "admin-token-for-tests"
 HI = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-async def runtimes():
-    started: list[ScriptedRuntime] = []
-
-    async def make(behaviour) -> ScriptedRuntime:
-        runtime = await ScriptedRuntime(behaviour).start()
-        started.append(runtime)
-        return runtime
-
-    yield make
-    for runtime in started:
-        await runtime.stop()
-
-
-@pytest.fixture
-async def make_balancer(etcd, etcd_prefix, state):
-    apps = []
-
-    async def make(admin_token=ADMIN, **overrides):
-        app = await create_balancer(balancer_config(etcd.endpoint, etcd_prefix, **overrides), admin_token=admin_token)
-        await app.start()
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        await app.stop()
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
 
 
 async def put_image(state, alias: str, configuration: resources_pb2.ImageConfiguration) -> None:

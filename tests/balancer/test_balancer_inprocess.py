@@ -19,11 +19,10 @@ from clowder_common import keys
 from clowder_common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from clowder_common.processes import free_port
 
-from clowder_balancer.app import create_balancer
 from clowder_balancer.picker import Candidate
 
 from balancer_helpers import (
-    ScriptedRuntime, balancer_config, fail, put_deployment, put_endpoint, speak, wait_until,
+    fail, put_deployment, put_endpoint, speak, wait_until,
 )
 
 CHAT = {"model": "d", "messages": [{"role": "user", "content": "hi"}]}
@@ -34,41 +33,6 @@ class InKeyOrder:
 
     def pick(self, candidates: list[Candidate]) -> Candidate:
         return min(candidates, key=lambda c: c.replica_id)
-
-
-@pytest.fixture
-async def runtimes():
-    started: list[ScriptedRuntime] = []
-
-    async def make(behaviour) -> ScriptedRuntime:
-        runtime = await ScriptedRuntime(behaviour).start()
-        started.append(runtime)
-        return runtime
-
-    yield make
-    for runtime in started:
-        await runtime.stop()
-
-
-@pytest.fixture
-async def make_balancer(etcd, etcd_prefix, state):
-    apps = []
-
-    async def make(picker=None, **overrides):
-        app = await create_balancer(balancer_config(etcd.endpoint, etcd_prefix, **overrides), picker=picker)
-        await app.start()
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        await app.stop()
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
 
 
 def url(app, path: str) -> str:

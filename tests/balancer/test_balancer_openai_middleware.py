@@ -10,8 +10,7 @@ import pytest
 from clowder.runtime.v1 import runtime_pb2
 
 from balancer_helpers import final, wait_until
-# The fixtures and setup of the middleware tests, shared rather than copied.
-from test_balancer_apikeys_middleware import create_key, http, make_balancer, middleware, runtimes, setup  # noqa: F401
+from test_balancer_apikeys_middleware import create_key, middleware, setup
 
 
 async def post(http, app, path: str, body: dict, key: str | None = None):

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import grpc
-import pytest
 
 from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc, load_pb2
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
 from clowder_common.errors import Internal
 
-from clowder_balancer.app import create_balancer
-
-from balancer_helpers import ScriptedRuntime, balancer_config, put_deployment, put_endpoint, speak, wait_until
+from balancer_helpers import ScriptedRuntime, put_deployment, put_endpoint, speak, wait_until
 
 
 class Waiting(ScriptedRuntime):
@@ -25,41 +21,6 @@ class Waiting(ScriptedRuntime):
 
     async def GetStats(self, request, context):
         return runtime_pb2.GetStatsResponse(num_requests_running=self.running, num_requests_waiting=self.queued)
-
-
-@pytest.fixture
-async def runtimes():
-    started: list[ScriptedRuntime] = []
-
-    async def make(behaviour, cls=ScriptedRuntime) -> ScriptedRuntime:
-        runtime = await cls(behaviour).start()
-        started.append(runtime)
-        return runtime
-
-    yield make
-    for runtime in started:
-        await runtime.stop()
-
-
-@pytest.fixture
-async def make_balancer(etcd, etcd_prefix, state):
-    apps = []
-
-    async def make(**overrides):
-        app = await create_balancer(balancer_config(etcd.endpoint, etcd_prefix, **overrides))
-        await app.start()
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        await app.stop()
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
 
 
 async def cluster(state, make_balancer, runtimes, behaviours, cls=ScriptedRuntime, deployment="d", **overrides):
