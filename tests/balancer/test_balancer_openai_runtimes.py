@@ -4,6 +4,7 @@ official openai client (and the gRPC InferenceService)."""
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import uuid
 
@@ -17,6 +18,7 @@ from clowder.runtime.v1 import runtime_pb2
 from clowder_common.etcd import EtcdState
 
 from clowder_balancer.app import create_balancer
+from clowder_balancer.router import EMBED_BATCH
 
 from balancer_helpers import balancer_config, put_deployment, runtime_processes, wait_until
 
@@ -266,7 +268,54 @@ async def test_grpc_tool_calls(inference, tools_replica):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-# -- embeddings (refused before any runtime is asked) ----------------------------------------------
+# -- embeddings ------------------------------------------------------------------------------------
+
+
+async def test_embeddings_through_the_openai_client(client):
+    # The client asks for base64 by default and decodes it; ask for floats too and compare.
+    packed = await client.embeddings.create(model=DEPLOYMENT, input=["The cat sat.", "Stock prices fell."])
+    floats = await client.embeddings.create(model=DEPLOYMENT, input=["The cat sat.", "Stock prices fell."],
+                                            encoding_format="float")
+    assert packed.object == "list" and packed.model == DEPLOYMENT
+    assert [d.index for d in packed.data] == [0, 1] and all(d.object == "embedding" for d in packed.data)
+    for a, b in zip(packed.data, floats.data):
+        assert len(a.embedding) == len(b.embedding) > 16
+        assert a.embedding == pytest.approx(b.embedding, abs=1e-6)
+        assert math.fsum(x * x for x in b.embedding) == pytest.approx(1.0, abs=1e-3)
+    assert packed.usage.prompt_tokens == packed.usage.total_tokens > 4
+    single = await client.embeddings.create(model=DEPLOYMENT, input="The cat sat.", encoding_format="float")
+    assert single.data[0].embedding == pytest.approx(floats.data[0].embedding, abs=1e-5)
+    assert floats.data[0].embedding != pytest.approx(floats.data[1].embedding, abs=1e-3)
+
+
+async def test_more_inputs_than_one_runtime_call_takes_come_back_in_order(client):
+    texts = [f"item number {i}" for i in range(EMBED_BATCH + 3)]
+    result = await client.embeddings.create(model=DEPLOYMENT, input=texts, encoding_format="float")
+    assert [d.index for d in result.data] == list(range(len(texts)))
+    last = await client.embeddings.create(model=DEPLOYMENT, input=texts[-1], encoding_format="float")
+    assert result.data[-1].embedding == pytest.approx(last.data[0].embedding, abs=1e-5)
+
+
+async def test_a_text_too_long_for_the_model_is_a_400_naming_it(client):
+    texts = ["short"] * (EMBED_BATCH + 2)
+    texts[EMBED_BATCH + 1] = "word " * 20000
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.embeddings.create(model=DEPLOYMENT, input=texts)
+    assert info.value.param == f"input[{EMBED_BATCH + 1}]"
+
+
+async def test_grpc_create_embedding(inference, client):
+    reply = await inference.CreateEmbedding(
+        inference_pb2.CreateEmbeddingRequest(model=DEPLOYMENT, inputs=["The cat sat."]), timeout=60)
+    assert reply.model == DEPLOYMENT and len(reply.embeddings) == 1 and reply.prompt_tokens > 0
+    via_http = await client.embeddings.create(model=DEPLOYMENT, input="The cat sat.", encoding_format="float")
+    assert list(reply.embeddings[0].values) == pytest.approx(via_http.data[0].embedding, abs=1e-5)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await inference.CreateEmbedding(inference_pb2.CreateEmbeddingRequest(model=DEPLOYMENT, inputs=[""]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- embeddings refused before any runtime is asked ----------------------------------------------
 
 
 @pytest.mark.parametrize(

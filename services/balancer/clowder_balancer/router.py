@@ -14,7 +14,9 @@ import grpc
 from opentelemetry import propagate, trace
 
 from clowder.runtime.v1 import runtime_pb2
-from clowder_common.errors import ClowderError, DeadlineExceeded, Internal, Unavailable, from_rpc_error
+from clowder_common.errors import (
+    ClowderError, DeadlineExceeded, FieldViolation, Internal, Unavailable, from_rpc_error,
+)
 
 from clowder_balancer import logcontext
 from clowder_balancer.channels import ChannelPool
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 # Failures before the first message that another replica may not have. Nothing has reached the client
 # yet and generation has no side effects, so trying elsewhere is safe.
 REQUEST_ID_KEY = "x-request-id"
+# Inputs per runtime Embed call (the runtime's own limit).
+EMBED_BATCH = 256
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
@@ -184,6 +188,37 @@ class Router:
         raise last_error
 
     async def embed(self, model: str, request: runtime_pb2.EmbedRequest) -> runtime_pb2.EmbedResponse:
+        """Embeddings of all of `request.inputs`, in order: batches of at most EMBED_BATCH inputs (what one
+        runtime call takes), each on the least loaded ready replica, so a big request spreads over replicas."""
+        if len(request.inputs) <= EMBED_BATCH:
+            return await self._embed_batch(model, request)
+        batches = []
+        for start in range(0, len(request.inputs), EMBED_BATCH):
+            batches.append(runtime_pb2.EmbedRequest(request_id=f"{request.request_id}-{start // EMBED_BATCH}",
+                                                    inputs=request.inputs[start:start + EMBED_BATCH]))
+        tasks = [asyncio.ensure_future(self._embed_offset(model, batch, k * EMBED_BATCH))
+                 for k, batch in enumerate(batches)]
+        try:
+            results = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        merged = runtime_pb2.EmbedResponse(prompt_tokens=sum(r.prompt_tokens for r in results))
+        for result in results:
+            merged.embeddings.extend(result.embeddings)
+        return merged
+
+    async def _embed_offset(self, model: str, request: runtime_pb2.EmbedRequest, offset: int
+                            ) -> runtime_pb2.EmbedResponse:
+        try:
+            return await self._embed_batch(model, request)
+        except ClowderError as err:
+            # The runtime numbers the inputs of its batch; the client numbers them in the whole request.
+            err.violations = [FieldViolation(_shift_index(v.field, "inputs", offset), v.description)
+                              for v in err.violations]
+            raise
+
+    async def _embed_batch(self, model: str, request: runtime_pb2.EmbedRequest) -> runtime_pb2.EmbedResponse:
         """The runtime's Embed on the least loaded ready replica; another replica when one fails to answer.
 
         Embeddings leave nothing in a KV cache worth coming back to, so only load decides.
@@ -418,6 +453,14 @@ class _SpanEnder:
 
     def close(self) -> None:
         self._span.end()
+
+
+def _shift_index(field: str, name: str, offset: int) -> str:
+    prefix = name + "["
+    if not field.startswith(prefix) or "]" not in field:
+        return field
+    index, rest = field[len(prefix):].split("]", 1)
+    return f"{prefix}{int(index) + offset}]{rest}" if index.isdigit() else field
 
 
 def _prompt_text(request: runtime_pb2.GenerateRequest) -> str:
