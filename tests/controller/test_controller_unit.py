@@ -68,6 +68,24 @@ def test_configuration_ranges_name_each_field():
                                                         "image.configuration.top_p"}
 
 
+@pytest.mark.parametrize("template, message", [
+    ("{% for m in messages %}{{ m.content }}", "does not parse"),
+    ("x" * (64 * 1024 + 1), "larger than"),
+])
+def test_a_broken_chat_template_is_refused_when_the_image_is_created(template, message):
+    config = resources_pb2.ImageConfiguration(chat_template=template)
+    with pytest.raises(InvalidArgument) as err:
+        validate_image(resources_pb2.Image(alias="ok", source_url="file:///m.gguf", configuration=config))
+    assert err.value.violations[0].field == "image.configuration.chat_template" and message in err.value.message
+
+
+def test_a_chat_template_with_generation_markers_and_loop_controls_is_accepted():
+    template = ("{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+                "{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}")
+    config = resources_pb2.ImageConfiguration(chat_template=template)
+    validate_image(resources_pb2.Image(alias="ok", source_url="file:///m.gguf", configuration=config))
+
+
 def test_backoff_grows_and_is_capped():
     delays = [backoff_delay(n) for n in range(10)]
     assert delays[0] == 0 and delays[1] == 1 and delays[2] == 2

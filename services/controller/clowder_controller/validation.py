@@ -5,6 +5,7 @@ from __future__ import annotations
 import urllib.parse
 
 from clowder.controller.v1 import resources_pb2
+from clowder_common.chat_templates import check_chat_template
 from clowder_common.errors import FieldViolation, InvalidArgument
 from clowder_common.keys import validate_name
 
@@ -39,6 +40,8 @@ def validate_configuration(config: resources_pb2.ImageConfiguration, prefix: str
         violations.append(FieldViolation(f"{prefix}.max_tokens", "must be positive when set"))
     if violations:
         raise InvalidArgument("invalid image configuration", violations=violations)
+    if config.chat_template:
+        check_chat_template(config.chat_template, f"{prefix}.chat_template")
 
 
 def validate_credentials_ref(ref: str, field: str = "image.credentials_ref") -> None:

@@ -35,7 +35,7 @@ class MiddlewareSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ImageConfiguration(_message.Message):
-    __slots__ = ("system_prompt", "context_size", "temperature", "top_p", "max_tokens", "allowed_groups", "middleware")
+    __slots__ = ("system_prompt", "context_size", "temperature", "top_p", "max_tokens", "allowed_groups", "middleware", "chat_template")
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class ImageConfiguration(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_GROUPS_FIELD_NUMBER: _ClassVar[int]
     MIDDLEWARE_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     system_prompt: str
     context_size: int
     temperature: float
@@ -50,7 +51,8 @@ class ImageConfiguration(_message.Message):
     max_tokens: int
     allowed_groups: _containers.RepeatedScalarFieldContainer[str]
     middleware: _containers.RepeatedCompositeFieldContainer[MiddlewareSpec]
-    def __init__(self, system_prompt: _Optional[str] = ..., context_size: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., allowed_groups: _Optional[_Iterable[str]] = ..., middleware: _Optional[_Iterable[_Union[MiddlewareSpec, _Mapping]]] = ...) -> None: ...
+    chat_template: str
+    def __init__(self, system_prompt: _Optional[str] = ..., context_size: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., allowed_groups: _Optional[_Iterable[str]] = ..., middleware: _Optional[_Iterable[_Union[MiddlewareSpec, _Mapping]]] = ..., chat_template: _Optional[str] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("alias", "source_url", "configuration", "digest", "size_bytes", "create_time", "model_shape", "credentials_ref", "credentials_username")
