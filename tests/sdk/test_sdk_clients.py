@@ -124,6 +124,38 @@ async def test_async_inference_whole_and_streamed(aclient):
         aclient.chat_stream(MODEL, CHAT, max_tokenz=4)
 
 
+async def test_n_choices_logprobs_and_embeddings(aclient):
+    answer = await aclient.chat(MODEL, CHAT, n=3, max_tokens=8, temperature=0.9, seed=11)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert all(c.finish_reason in ("stop", "length") for c in answer.choices)
+    assert answer.text == answer.choices[0].text
+    # Seeds seed+i: the choices are sampled independently, and the same request samples them again.
+    again = await aclient.chat(MODEL, CHAT, n=3, max_tokens=8, temperature=0.9, seed=11)
+    assert [c.text for c in again.choices] == [c.text for c in answer.choices]
+    assert 3 <= answer.usage.completion_tokens <= 24
+
+    scored = await aclient.complete(MODEL, "The capital of France is", max_tokens=5, temperature=0.0,
+                                    logprobs=True, top_logprobs=3)
+    assert len(scored.logprobs) == scored.usage.completion_tokens
+    for entry in scored.logprobs:
+        assert entry.logprob <= 0 and len(entry.top) == 3
+        # Temperature 0 picks the likeliest token.
+        assert entry.top[0].token == entry.token and abs(entry.top[0].logprob - entry.logprob) < 1e-4
+    plain = await aclient.complete(MODEL, "The capital of France is", max_tokens=5, temperature=0.0)
+    assert plain.logprobs == () and plain.text == scored.text
+
+    vectors = await aclient.embed(MODEL, ["a cat sat on the mat", "a kitten sat on the rug", "tax law of 1920"])
+    assert len(vectors.vectors) == 3 and vectors.prompt_tokens > 0
+    norms = [sum(v * v for v in vector) ** 0.5 for vector in vectors.vectors]
+    assert all(abs(n - 1) < 1e-3 for n in norms)
+    cosine = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731 (unit vectors)
+    assert cosine(vectors.vectors[0], vectors.vectors[1]) > cosine(vectors.vectors[0], vectors.vectors[2])
+    single = await aclient.embed(MODEL, "a cat sat on the mat")
+    assert max(abs(a - b) for a, b in zip(single.vectors[0], vectors.vectors[0])) < 1e-4
+    with pytest.raises(InvalidArgument):
+        await aclient.embed(MODEL, [])
+
+
 async def test_api_keys_create_authenticate_list_and_revoke(aclient, cluster):
     record, secret = await aclient.api_keys.create("sdk test", groups=["team-a"])
     assert record.id and secret.startswith("ck-") and record.id in secret
