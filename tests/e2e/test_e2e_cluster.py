@@ -131,6 +131,35 @@ def test_completion_both_ways(client):
     assert streamed == reply.choices[0].text
 
 
+def test_openai_extras_n_logprobs_and_embeddings(client):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    several = client.chat.completions.create(model="smol", messages=messages, n=2, max_tokens=6, temperature=0.8,
+                                             seed=3, logprobs=True, top_logprobs=2)
+    assert sorted(c.index for c in several.choices) == [0, 1]
+    for choice in several.choices:
+        assert choice.logprobs is not None and choice.logprobs.content
+        assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    assert several.usage.completion_tokens == sum(len(c.logprobs.content) for c in several.choices)
+
+    streamed: dict[int, list[str]] = {0: [], 1: []}
+    for chunk in client.chat.completions.create(model="smol", messages=messages, n=2, max_tokens=6, temperature=0.8,
+                                                seed=3, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index].append(choice.delta.content or "")
+    assert ["".join(streamed[i]) for i in (0, 1)] == [c.message.content for c in several.choices]
+
+    legacy = client.completions.create(model="smol", prompt="One, two,", max_tokens=3, temperature=0, logprobs=2)
+    assert len(legacy.choices[0].logprobs.tokens) == legacy.usage.completion_tokens
+    assert "".join(legacy.choices[0].logprobs.tokens) == legacy.choices[0].text
+
+    embedded = client.embeddings.create(model="smol", input=["red", "green"])
+    assert [d.index for d in embedded.data] == [0, 1] and len(embedded.data[0].embedding) == 576
+    assert embedded.usage.prompt_tokens > 0
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model="smol", input="red", dimensions=8)
+    assert info.value.body["param"] == "dimensions"
+
+
 def test_unknown_model_is_404_model_not_found(client):
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
