@@ -43,6 +43,8 @@ class RangedSource:
         self.basic = ""
         self.ranges = True
         self.requests: list[tuple[str, str]] = []
+        # Client (host, port) of each request: how many connections a pull used.
+        self.peers: list[tuple[str, int]] = []
         self.auth_seen: list[str] = []
         self.bytes_sent = 0
         # name -> gate: a response sends its first MiB, then waits for the gate.
@@ -58,6 +60,7 @@ class RangedSource:
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         self.requests.append((name, request.headers.get("Range", "")))
+        self.peers.append(request.transport.get_extra_info("peername")[:2])
         self.auth_seen.append(request.headers.get("Authorization", ""))
         if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
             raise web.HTTPUnauthorized()

@@ -95,6 +95,20 @@ async def test_large_source_in_parallel_ranged_parts_with_a_drop(tmp_path, etcd,
         assert tmp_files(app) == []
 
 
+async def test_parallel_pieces_reuse_their_connections(tmp_path, etcd, etcd_prefix, state, source):
+    data = os.urandom(12 << 20)
+    source.blobs["big"] = data
+    async with running_storage(tmp_path, etcd, etcd_prefix, parallel_min_bytes=1_000_000, parallel_parts=3,
+                               parallel_part_min_bytes=1 << 20) as (app, stub):
+        messages = await pull(stub, source.url("big"), expected=digest_of(data))
+        assert messages[-1].blob.digest == digest_of(data)
+        assert (app.store.blob_dir / digest_of(data)[7:]).read_bytes() == data
+    assert len(source.requests) == 12
+    # A piece read to its end hands its connection to the next piece (aiohttp releases it at the body's end):
+    # 3 workers, plus the first answer's connection, left after its first MiB. One per piece would be 12.
+    assert len(set(source.peers)) <= 4
+
+
 async def test_wrong_bytes_are_data_loss_and_nothing_is_stored(storage, source):
     app, stub = storage
     data = os.urandom(1_500_000)

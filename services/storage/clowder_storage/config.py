@@ -39,10 +39,14 @@ class StorageConfig(EtcdConfig):
     http_total_timeout_s: float = 3600.0
     # Pull retries in a row without progress before a broken transfer fails (progress resets the count).
     pull_retries: int = 5
-    # Sources at least this large that serve byte ranges are fetched as parallel ranged parts.
+    # Sources at least this large that serve byte ranges are fetched over parallel_parts connections, one
+    # piece (at least parallel_part_min_bytes) after another in file order, so hashing keeps up.
+    # 32 MiB is a compromise measured on a loaded 2-core node (500 MB over loopback): 16 MiB pieces cost
+    # ~15% more CPU than four fixed quarters (more requests and thread hand-offs), while larger pieces leave
+    # more of the file to hash after its last byte arrives.
     parallel_min_bytes: int = 64 << 20
     parallel_parts: int = 4
-    parallel_part_min_bytes: int = 16 << 20
+    parallel_part_min_bytes: int = 32 << 20
     # A pull is refused when it would leave less than this many bytes free on the store's volume.
     reserve_free_bytes: int = 0
     # Most bytes the store may hold (0: the volume is the limit). A pull that cannot fit, even after

@@ -26,7 +26,7 @@ class TransferOptions:
     parallel_parts: int = 4
     # Each connection fetches the next piece in file order. Pieces are at least this large (tiny ranges cost
     # more in requests than they gain) and at most 1/max_pieces of the file (requests stay few for huge files).
-    min_part_bytes: int = 16 << 20
+    min_part_bytes: int = 32 << 20
     max_pieces: int = 256
     # Consecutive failed attempts without progress before the pull fails; progress resets the count.
     retries: int = 5
