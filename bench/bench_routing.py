@@ -21,6 +21,7 @@ import time
 
 import aiohttp
 import grpc
+import yarl
 
 from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc
 from clowder.controller.v1 import resources_pb2
@@ -154,13 +155,26 @@ class Cluster:
 # -- client -----------------------------------------------------------------------------------------
 
 
-async def stream_ttft(http: aiohttp.ClientSession, port: int, body: dict,
+JSON = {"Content-Type": "application/json"}
+
+
+def chat_url(port: int) -> yarl.URL:
+    return yarl.URL(f"http://127.0.0.1:{port}/v1/chat/completions")
+
+
+async def stream_ttft(http: aiohttp.ClientSession, port: int | yarl.URL, body: dict | bytes,
                       usage: list[dict] | None = None) -> tuple[float, str]:
-    """Seconds to the first content chunk, and the whole answer; the usage chunk goes to `usage` if given."""
+    """Seconds to the first content chunk, and the whole answer; the usage chunk goes to `usage` if given.
+
+    A body given as bytes and a prepared URL are sent as they are: the direct gRPC arm of the overhead
+    figure builds its request once too, so neither arm times its client's encoding of a fixed request.
+    """
+    url = port if isinstance(port, yarl.URL) else chat_url(port)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
     start = time.perf_counter()
     first = None
     texts = []
-    async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as resp:
+    async with http.post(url, data=data, headers=JSON) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
         async for line in resp.content:
@@ -197,12 +211,12 @@ async def conversation(http, port: int, rng: random.Random, turns: int, doc_word
 
 
 async def routing_phase(http, port: int, seed: int, conversations: int, turns: int, doc_words: int,
-                        max_tokens: int, usage: list[dict]) -> list[float]:
-    results = await asyncio.gather(*(
+                        max_tokens: int, usage: list[dict]) -> list[list[float]]:
+    """TTFTs of every conversation, turn by turn."""
+    return await asyncio.gather(*(
         conversation(http, port, random.Random(seed * 1000 + c), turns, doc_words, max_tokens, usage)
         for c in range(conversations)
     ))
-    return [t for ttfts in results for t in ttfts]
 
 
 def cached_share(usages: list[dict]) -> float:
@@ -220,7 +234,8 @@ async def overhead(http, port: int, grpc_port: int, instant_address: str,
                    samples: int) -> tuple[float, float, float, float]:
     """Median time to the first chunk: direct over gRPC, through the balancer's HTTP API and through its gRPC
     InferenceService, interleaved sample by sample; then what the balancer adds on each face."""
-    body = {"model": FAKE, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    body = json.dumps({"model": FAKE, "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    url = chat_url(port)
     request = runtime_pb2.GenerateRequest(request_id="bench", sampling=runtime_pb2.SamplingParams())
     request.chat.messages.add(role="user", content="hi")
     via_grpc_request = inference_pb2.CreateChatCompletionRequest(model=FAKE, messages=request.chat.messages)
@@ -238,19 +253,20 @@ async def overhead(http, port: int, grpc_port: int, instant_address: str,
         stub = runtime_pb2_grpc.RuntimeServiceStub(channel)
         inference = inference_pb2_grpc.InferenceServiceStub(balancer_channel)
         for _ in range(20):  # warm every path
-            await stream_ttft(http, port, body)
+            await stream_ttft(http, url, body)
             await first_chunk(stub.Generate(request))
             await first_chunk(inference.CreateChatCompletion(via_grpc_request))
         for _ in range(samples):
             direct.append(await first_chunk(stub.Generate(request)))
-            via_http.append((await stream_ttft(http, port, body))[0])
+            via_http.append((await stream_ttft(http, url, body))[0])
             via_grpc.append(await first_chunk(inference.CreateChatCompletion(via_grpc_request)))
     d, h, g = statistics.median(direct), statistics.median(via_http), statistics.median(via_grpc)
     return d, h, h - d, g - d
 
 
 async def streamed_rps(port: int, seconds: float, concurrency: int) -> float:
-    body = {"model": FAKE, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    body = json.dumps({"model": FAKE, "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    url = chat_url(port)
     done = 0
     stop_at = time.perf_counter() + seconds
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -258,7 +274,7 @@ async def streamed_rps(port: int, seconds: float, concurrency: int) -> float:
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < stop_at:
-                await stream_ttft(http, port, body)
+                await stream_ttft(http, url, body)
                 done += 1
 
         start = time.perf_counter()
@@ -288,6 +304,7 @@ async def run(args) -> dict:
                 "model": DEPLOYMENT, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2,
                 "stream": True}) for _ in range(REPLICAS * 2)))
             ttfts: dict[str, list[float]] = {p: [] for p in PROFILES}
+            by_turn: dict[str, list[list[float]]] = {p: [[] for _ in range(args.turns)] for p in PROFILES}
             usages: dict[str, list[dict]] = {p: [] for p in PROFILES}
             order = list(PROFILES)
             for rnd in range(args.rounds):
@@ -296,9 +313,13 @@ async def run(args) -> dict:
                 for profile in order:
                     seed = rnd * 10 + PROFILES.index(profile)
                     started = time.perf_counter()
-                    got = await routing_phase(http, ports[profile], seed, args.conversations, args.turns,
-                                              args.doc_words, args.max_tokens, usages[profile])
+                    per_conversation = await routing_phase(http, ports[profile], seed, args.conversations,
+                                                           args.turns, args.doc_words, args.max_tokens, usages[profile])
+                    got = [t for turns in per_conversation for t in turns]
                     ttfts[profile] += got
+                    for turns in per_conversation:
+                        for turn, ttft in enumerate(turns):
+                            by_turn[profile][turn].append(ttft)
                     print(f"round {rnd} {profile:12s} mean TTFT {statistics.mean(got):.3f}s "
                           f"p99 {p99(got):.3f}s ({len(got)} requests, {time.perf_counter() - started:.1f}s)",
                           flush=True)
@@ -308,12 +329,15 @@ async def run(args) -> dict:
                 args.overhead_samples)
         rps = await streamed_rps(ports["default"], args.rps_seconds, args.rps_concurrency)
         summary = {p: {"mean_ttft_s": round(statistics.mean(v), 4), "p99_ttft_s": round(p99(v), 4),
-                       "requests": len(v), "cached_prompt_share": round(cached_share(usages[p]), 3)}
+                       "requests": len(v), "cached_prompt_share": round(cached_share(usages[p]), 3),
+                       # The first turn has no history to find anywhere; later turns show what affinity buys.
+                       "mean_ttft_by_turn_s": [round(statistics.mean(t), 4) for t in by_turn[p]]}
                    for p, v in ttfts.items()}
         for profile, figures in summary.items():
             print(f"{profile:12s} mean TTFT {figures['mean_ttft_s']:.3f}s p99 {figures['p99_ttft_s']:.3f}s "
                   f"over {figures['requests']} requests; runtimes served {figures['cached_prompt_share']:.0%} "
-                  "of prompt tokens from their KV cache")
+                  "of prompt tokens from their KV cache; mean TTFT by turn "
+                  + ", ".join(f"{t:.3f}s" for t in figures["mean_ttft_by_turn_s"]))
         print(f"overhead: direct gRPC first chunk {direct * 1e3:.2f} ms median, through the balancer (HTTP SSE) "
               f"{via * 1e3:.2f} ms median, added {added * 1e3:.2f} ms; through its gRPC InferenceService "
               f"added {added_grpc * 1e3:.2f} ms")

@@ -78,8 +78,40 @@ def test_block_hashes_extend_with_the_conversation() -> None:
 def test_default_profile_affinity_yields_to_load(candidates, allowed) -> None:
     scheduler = scheduler_for("default", rng=random.Random(3))
     blocks = (11, 12, 13)
-    scheduler.routed(RouteRequest("m", blocks=blocks), c("a"))
+    earlier = RouteRequest("m", blocks=blocks)
+    scheduler.routed(earlier, c("a"))
+    scheduler.prefilled(earlier, c("a"))
     assert {scheduler.schedule(RouteRequest("m", blocks=blocks), candidates).replica_id for _ in range(50)} == allowed
+
+
+def test_default_profile_spreads_new_conversations_that_share_only_a_system_prompt() -> None:
+    scheduler = scheduler_for("default", rng=random.Random(5))
+    replicas = [c(rid) for rid in "abcd"]
+    in_flight = dict.fromkeys("abcd", 0)
+    placed = []
+    for conversation in range(6):
+        # One shared block (the system prompt), then six of the conversation's own.
+        route = RouteRequest("m", blocks=(1, *(100 * conversation + k for k in range(2, 8))))
+        chosen = scheduler.schedule(route, [c(r.replica_id, in_flight=in_flight[r.replica_id]) for r in replicas])
+        scheduler.routed(route, chosen)
+        in_flight[chosen.replica_id] += 1
+        placed.append(chosen.replica_id)
+    # Prompt affinity to the shared block must not stack prefills while a replica idles.
+    assert sorted(in_flight.values()) == [1, 1, 2, 2], placed
+
+
+def test_default_profile_follow_up_goes_home_unless_home_has_more_prompt_to_get_through() -> None:
+    scheduler = scheduler_for("default", rng=random.Random(6))
+    history = RouteRequest("m", blocks=tuple(range(1, 9)))
+    scheduler.routed(history, c("a"))
+    scheduler.prefilled(history, c("a"))
+    follow_up = RouteRequest("m", blocks=tuple(range(1, 10)))
+    assert scheduler.schedule(follow_up, [c("a", in_flight=1), c("b")]).replica_id == "a"
+    # Two long prompts of other conversations are still prefilling on "a": re-evaluating 9 blocks on "b"
+    # beats waiting behind 16 blocks there.
+    for other in range(2):
+        scheduler.routed(RouteRequest("m", blocks=tuple(range(100 * other + 100, 100 * other + 108))), c("a"))
+    assert scheduler.schedule(follow_up, [c("a", in_flight=3), c("b")]).replica_id == "b"
 
 
 def test_least_load_profile_ignores_affinity() -> None:

@@ -7,6 +7,7 @@ import pytest
 from clowder_balancer.routing.adapter_scorer import AdapterScorer
 from clowder_balancer.routing.base import Candidate, RouteRequest
 from clowder_balancer.routing.load_scorer import LoadScorer
+from clowder_balancer.routing.prefill_scorer import PrefillScorer
 from clowder_balancer.routing.prefix_scorer import PrefixScorer
 from clowder_balancer.routing.session_scorer import SessionScorer
 from clowder_balancer.stats import RuntimeStats
@@ -124,3 +125,42 @@ def test_session_scorer_is_bounded_and_forgets_a_replica() -> None:
 def test_adapter_scorer(adapter, expected) -> None:
     candidates = [c("a"), c("b", adapters=frozenset({"x"}))]
     assert AdapterScorer().score(RouteRequest("m", adapter=adapter), candidates) == expected
+
+
+@pytest.mark.parametrize(
+    ("history", "open_", "blocks", "expected"),
+    [
+        # Nothing known: the same work everywhere.
+        ({}, {}, (1, 2, 3), {"a": 1.0, "b": 1.0}),
+        # "a" holds 2 of 3 blocks: 1 block of work there, 3 on "b" -> (1+1)/(3+1).
+        ({"a": (1, 2)}, {}, (1, 2, 3), {"a": 1.0, "b": 0.5}),
+        # ...but 4 blocks of another prompt still prefill on "a": 5 there against 3 on "b".
+        ({"a": (1, 2)}, {"a": (7, 8, 9, 10)}, (1, 2, 3), {"a": 4 / 6, "b": 1.0}),
+        # A prompt shorter than a block still queues behind others' work.
+        ({}, {"b": ()}, (), {"a": 1.0, "b": 0.5}),
+    ],
+)
+def test_prefill_scorer(history, open_, blocks, expected) -> None:
+    scorer = PrefillScorer()
+    for address, seen in history.items():
+        done = RouteRequest("m", blocks=seen)
+        scorer.routed(done, c(address))
+        scorer.prefilled(done, c(address))
+    for address, seen in open_.items():
+        scorer.routed(RouteRequest("m", blocks=seen), c(address))
+    assert scorer.score(RouteRequest("m", blocks=blocks), [c("a"), c("b")]) == pytest.approx(expected)
+
+
+def test_prefill_scorer_takes_back_each_routing_once() -> None:
+    scorer = PrefillScorer()
+    request = RouteRequest("m", blocks=(1, 2, 3))
+    scorer.routed(request, c("a"))
+    scorer.routed(request, c("a"))  # n choices of one request: the second finds the prompt routed already
+    assert scorer.pending("a") == 3 + 1
+    scorer.prefilled(request, c("a"))
+    scorer.prefilled(request, c("a"))
+    scorer.prefilled(request, c("a"))  # an extra call changes nothing
+    assert scorer.pending("a") == 0
+    scorer.routed(request, c("b"))
+    scorer.forget("b")
+    assert scorer.pending("b") == 0

@@ -42,7 +42,15 @@ class Discovery:
         self._deployments = PrefixCache(state, self._deployments_prefix, resources_pb2.Deployment)
         # Images carry the configuration (allowed groups, middleware) the balancer applies per model.
         self._images = PrefixCache(state, self._images_prefix, resources_pb2.Image)
-        self._endpoints = PrefixCache(state, self._endpoints_prefix, runtime_pb2.Endpoint, on_endpoints_change)
+        self._on_endpoints_change = on_endpoints_change
+        self._endpoints = PrefixCache(state, self._endpoints_prefix, runtime_pb2.Endpoint, self._endpoints_changed)
+        # Ready replicas per model, built on first use after each change: routing asks on every request.
+        self._by_model: dict[str, list[ReadyEndpoint]] = {}
+
+    def _endpoints_changed(self) -> None:
+        self._by_model = {}
+        if self._on_endpoints_change is not None:
+            self._on_endpoints_change()
 
     async def start(self) -> None:
         await asyncio.gather(self._deployments.start(), self._endpoints.start(), self._images.start())
@@ -75,14 +83,18 @@ class Discovery:
         return {ep.address for ep in self._endpoints.values() if ep.address}
 
     def endpoints(self, name: str) -> list[ReadyEndpoint]:
-        """Ready replicas of deployment `name`, in key order."""
-        prefix = self._endpoints_prefix + name + "/"
-        found = [
-            ReadyEndpoint(key.removeprefix(prefix), ep.address)
-            for key, ep in self._endpoints.items.items()
-            if key.startswith(prefix) and ep.address
-        ]
-        return sorted(found, key=lambda e: e.replica_id)
+        """Ready replicas of deployment `name`, in key order (a shared list: do not change it)."""
+        found = self._by_model.get(name)
+        if found is None:
+            prefix = self._endpoints_prefix + name + "/"
+            found = sorted((
+                ReadyEndpoint(key.removeprefix(prefix), ep.address)
+                for key, ep in self._endpoints.items.items()
+                if key.startswith(prefix) and ep.address
+            ), key=lambda e: e.replica_id)
+            if found:  # names come from clients: remember only models that have replicas
+                self._by_model[name] = found
+        return found
 
     def models(self) -> list[ModelInfo]:
         self._check_ready()

@@ -212,7 +212,7 @@ class HttpApi:
         rid = request[REQUEST_ID]
         # Waiting for the first message before sending headers lets a 404/503/400 be a real HTTP error.
         index, message = await anext(stream)
-        response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, REQUEST_ID_HEADER: rid})
+        response = _SseResponse(status=200, headers={**_SSE_HEADERS, REQUEST_ID_HEADER: rid})
         await response.prepare(request)
         chunks = _ChunkWriter(parsed, _completion_id(parsed.kind), int(time.time()))
         try:
@@ -240,8 +240,8 @@ class HttpApi:
                 log.warning("request_id=%s stream broke after the first token: %s", rid, err.message)
                 pending.append(openai_api.sse_event(body))
             pending.append(openai_api.SSE_DONE)
-            await response.write(b"".join(pending))
-            await response.write_eof()
+            # The last events and the end of the chunked body in one send.
+            await response.write_eof(b"".join(pending))
         except ConnectionError:
             # The client hung up between chunks; leaving lets aclosing() cancel the runtime call.
             log.info("request_id=%s client went away mid-stream", rid)
@@ -274,6 +274,13 @@ class HttpApi:
             raise
         finally:
             self._metrics.requests.labels(model_label, "http", str(status)).inc()
+
+
+class _SseResponse(web.StreamResponse):
+    """A stream whose headers leave with its first events: one send(2), one wake-up of the client, less on
+    the way to the first token (aiohttp buffers them so when asked; without the knob they go at once)."""
+
+    _send_headers_immediately = False
 
 
 _SSE_HEADERS = {

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -15,10 +18,30 @@ TPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+MAX_CACHED_REPLICAS = 4096
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    time_to_first_token: Any
+    in_flight: Any
+    inter_token_latency: Any
+    generated_tokens: Any
+
+
+@dataclass(frozen=True)
+class ReplicaMetrics:
+    routed: Any
+    time_to_first_token: Any
+    tokens_per_second: Any
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
+        self._models: dict[str, ModelMetrics] = {}
+        self._replicas: dict[tuple[str, str], ReplicaMetrics] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "clowder_balancer_requests", "Inference requests by model, API face and outcome (HTTP status).",
@@ -62,6 +85,26 @@ class Metrics:
             "clowder_balancer_ejections", "Replicas ejected by outlier detection.",
             ["model", "replica"], registry=self.registry,
         )
+
+    def model(self, model: str) -> "ModelMetrics":
+        """The per-model children, looked up once: labels() takes a lock and builds a key on every call."""
+        found = self._models.get(model)
+        if found is None:
+            found = self._models[model] = ModelMetrics(
+                self.time_to_first_token.labels(model), self.in_flight.labels(model),
+                self.inter_token_latency.labels(model), self.generated_tokens.labels(model))
+        return found
+
+    def replica(self, model: str, replica: str) -> "ReplicaMetrics":
+        key = (model, replica)
+        found = self._replicas.get(key)
+        if found is None:
+            if len(self._replicas) > MAX_CACHED_REPLICAS:
+                self._replicas.clear()  # replicas come and go; the series stay in the registry regardless
+            found = self._replicas[key] = ReplicaMetrics(
+                self.routed.labels(model, replica), self.replica_ttft.labels(model, replica),
+                self.tokens_per_second.labels(model, replica))
+        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

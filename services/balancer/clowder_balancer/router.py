@@ -22,7 +22,7 @@ from clowder_balancer import logcontext
 from clowder_balancer.channels import ChannelPool
 from clowder_balancer.config import BalancerConfig
 from clowder_balancer.discovery import Discovery, ReadyEndpoint
-from clowder_balancer.metrics import Metrics
+from clowder_balancer.metrics import Metrics, ModelMetrics, ReplicaMetrics
 from clowder_balancer.load import LoadTracker
 from clowder_balancer.outliers import OutlierDetector
 from clowder_balancer.routing.base import Candidate, Picker, RouteRequest
@@ -86,6 +86,8 @@ class Router:
         # Called when a request starts waiting for a replica (the load reporter reports at once).
         self.on_waiting = lambda: None
         self._rng = random.Random()
+        # Hashing prompts into blocks is for prefix scoring; profiles without it skip the work.
+        self._uses_blocks = picker is None and self.scheduler.uses_blocks
 
     def in_flight(self, address: str) -> int:
         return self._in_flight[address]
@@ -102,7 +104,8 @@ class Router:
         self._known = set(live)
 
     def route_request(self, model: str, request: runtime_pb2.GenerateRequest, session: str = "") -> RouteRequest:
-        return RouteRequest(model, block_hashes(_prompt_text(request), self._config.prefix_block_chars),
+        blocks = block_hashes(_prompt_text(request), self._config.prefix_block_chars) if self._uses_blocks else ()
+        return RouteRequest(model, blocks,
                             session, request.sampling.adapter)
 
     def _candidates(self, endpoints: Sequence[ReadyEndpoint], tried: set[str]) -> list[Candidate]:
@@ -133,7 +136,9 @@ class Router:
 
     async def _endpoints(self, model: str, deadline: float, tried: set[str]) -> list[ReadyEndpoint]:
         now = [e for e in self._discovery.endpoints(model) if e.address not in tried]
-        if now or not self._discovery.has_model(model):
+        if now and self._discovery.has_model(model):
+            return now
+        if not self._discovery.has_model(model):
             return await self._discovery.wait_for_endpoints(model, deadline - time.monotonic(), exclude=tried)
         # No ready replica: count the request as waiting, which is what wakes a deployment scaled to zero.
         with self.tracker.waiting(model):
@@ -244,7 +249,7 @@ class Router:
             if attempt > 1:
                 self._metrics.retries.labels(model).inc()
             self._in_flight[choice.address] += 1
-            self._metrics.routed.labels(model, choice.replica_id).inc()
+            self._metrics.replica(model, choice.replica_id).routed.inc()
             logcontext.REPLICA.set(choice.replica_id)
             try:
                 with self.tracker.in_flight(model):
@@ -272,9 +277,11 @@ class Router:
     ) -> AsyncIterator[runtime_pb2.GenerateResponse]:
         rid = request.request_id
         address = choice.address
+        per_model = self._metrics.model(model)
+        per_replica = self._metrics.replica(model, choice.replica_id)
         self._in_flight[address] += 1
-        self._metrics.in_flight.labels(model).inc()
-        self._metrics.routed.labels(model, choice.replica_id).inc()
+        per_model.in_flight.inc()
+        per_replica.routed.inc()
         self.scheduler.routed(route, choice)
         logcontext.REPLICA.set(choice.replica_id)
         # DEBUG: at INFO a second line per request costs more than the rest of the routing put together;
@@ -282,38 +289,48 @@ class Router:
         log.debug("request_id=%s model=%s routed to replica=%s address=%s", rid, model, choice.replica_id, address)
         call = None
         watchdog: _Watchdog | None = None
-        texts: list[str] = []
+        prefilling = True
+        # The answer, for the prefix index (only profiles that score prefixes need it).
+        texts: list[str] | None = [] if self._uses_blocks else None
         # Not "as current": the span must not leak into the consumer's context between yields.
         span = self._tracer.start_span(
             "balancer.generate", attributes={"clowder.model": model, "clowder.replica": choice.replica_id,
                                              "clowder.request_id": rid},
         )
         with self.tracker.in_flight(model), contextlib.closing(_SpanEnder(span)):
-            metadata: dict[str, str] = {"x-request-id": rid}
-            # The runtime's server span becomes a child of this one.
-            propagate.inject(metadata, context=trace.set_span_in_context(span))
+            metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
+            if span.get_span_context().is_valid:
+                # The runtime's server span becomes a child of this one.
+                carrier: dict[str, str] = {}
+                propagate.inject(carrier, context=trace.set_span_in_context(span))
+                metadata += tuple(carrier.items())
             try:
                 async with self._channels.stub(address) as stub:
-                    call = stub.Generate(request, timeout=self._config.request_timeout_s,
-                                         metadata=tuple(metadata.items()))
+                    call = stub.Generate(request, timeout=self._config.request_timeout_s, metadata=metadata)
                     watchdog = _Watchdog(call)
                     first = await self._first_message(model, choice, call, rid, watchdog)
+                    prefilling = False
+                    self.scheduler.prefilled(route, choice)
                     first_at = time.monotonic()
-                    self._metrics.time_to_first_token.labels(model).observe(first_at - started)
-                    self._metrics.replica_ttft.labels(model, choice.replica_id).observe(first_at - started)
+                    per_model.time_to_first_token.observe(first_at - started)
+                    per_replica.time_to_first_token.observe(first_at - started)
                     message, previous = first, first_at
+                    itl = per_model.inter_token_latency
                     while True:
-                        texts.append(message.text)
+                        if texts is not None:
+                            texts.append(message.text)
                         if message.finish_reason != runtime_pb2.FINISH_REASON_UNSPECIFIED:
-                            self._finished(model, choice, route, request, texts, message, first_at)
+                            self._finished(per_model, per_replica, choice, route, request, texts, message, first_at)
                             yield message
                             return
                         yield message
                         message = await self._next_message(model, choice, call, rid, watchdog)
                         now = time.monotonic()
-                        self._metrics.inter_token_latency.labels(model).observe(now - previous)
+                        itl.observe(now - previous)
                         previous = now
             finally:
+                if prefilling:
+                    self.scheduler.prefilled(route, choice)
                 if watchdog is not None:
                     watchdog.disarm()
                 if call is not None and not call.done():
@@ -322,22 +339,27 @@ class Router:
                 self._in_flight[address] -= 1
                 if self._in_flight[address] <= 0:
                     del self._in_flight[address]
-                self._metrics.in_flight.labels(model).dec()
+                per_model.in_flight.dec()
 
-    def _finished(self, model: str, choice: Candidate, route: RouteRequest, request: runtime_pb2.GenerateRequest,
-                  texts: list[str], last: runtime_pb2.GenerateResponse, first_at: float) -> None:
+    def _finished(self, per_model: ModelMetrics, per_replica: ReplicaMetrics, choice: Candidate,
+                  route: RouteRequest, request: runtime_pb2.GenerateRequest, texts: list[str] | None,
+                  last: runtime_pb2.GenerateResponse, first_at: float) -> None:
         self.outliers.success(choice.address)
         tokens = last.usage.completion_tokens
-        self._metrics.generated_tokens.labels(model).inc(tokens)
+        per_model.generated_tokens.inc(tokens)
         elapsed = time.monotonic() - first_at
         if tokens > 1 and elapsed > 0:
-            self._metrics.tokens_per_second.labels(model, choice.replica_id).observe((tokens - 1) / elapsed)
-        answer = "".join(texts)
-        if request.HasField("chat"):
-            full = _prompt_text(request) + render_chat([runtime_pb2.ChatMessage(role="assistant", content=answer)])
-        else:
-            full = request.prompt + answer
-        self.scheduler.finished(route, choice, block_hashes(full, self._config.prefix_block_chars))
+            per_replica.tokens_per_second.observe((tokens - 1) / elapsed)
+        blocks: tuple[int, ...] = ()
+        if texts is not None:
+            answer = "".join(texts)
+            if request.HasField("chat"):
+                full = _prompt_text(request) + render_chat([runtime_pb2.ChatMessage(role="assistant",
+                                                                                   content=answer)])
+            else:
+                full = request.prompt + answer
+            blocks = block_hashes(full, self._config.prefix_block_chars)
+        self.scheduler.finished(route, choice, blocks)
 
     async def _next_message(
         self, model: str, choice: Candidate, call: grpc.aio.UnaryStreamCall, rid: str, watchdog: _Watchdog
@@ -423,21 +445,31 @@ class _Watchdog:
     """Cancels a call that stays silent too long: one timer per call, moved on at each message.
 
     asyncio.wait_for around every read would cost a task per token, the largest share of the
-    balancer's own per-request time.
+    balancer's own per-request time; even a new timer per message costs a heap push. So arm() only
+    moves a deadline, and the one pending timer, when it fires early, sleeps on to the deadline.
     """
 
     def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
         self._call = call
         self._loop = asyncio.get_running_loop()
         self._handle: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
         self.fired = False
 
     def arm(self, seconds: float) -> None:
-        if self._handle is not None:
+        self._deadline = self._loop.time() + seconds
+        if self._handle is None:
+            self._handle = self._loop.call_at(self._deadline, self._check)
+        elif self._handle.when() > self._deadline:
+            # A shorter timeout than the pending one: that timer would fire too late.
             self._handle.cancel()
-        self._handle = self._loop.call_later(seconds, self._fire)
+            self._handle = self._loop.call_at(self._deadline, self._check)
 
-    def _fire(self) -> None:
+    def _check(self) -> None:
+        if self._loop.time() < self._deadline:
+            self._handle = self._loop.call_at(self._deadline, self._check)
+            return
+        self._handle = None
         self.fired = True
         self._call.cancel()
 

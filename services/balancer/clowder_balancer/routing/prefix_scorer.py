@@ -22,6 +22,7 @@ PROTECT_S = 30.0
 
 class PrefixScorer:
     name = "prefix"
+    uses_blocks = True
 
     def __init__(self, index: PrefixIndex | None = None, block_chars: int = DEFAULT_BLOCK_CHARS,
                  clock: Callable[[], float] = time.monotonic) -> None:

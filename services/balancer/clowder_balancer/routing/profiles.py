@@ -14,6 +14,7 @@ from clowder_balancer.routing.filters import AdapterFilter, NotEjectedFilter, Re
 from clowder_balancer.routing.load_scorer import LoadScorer
 from clowder_balancer.routing.pickers import LeastInFlightPicker, MaxScorePicker, RandomPicker, RoundRobinPicker
 from clowder_balancer.routing.prefix_index import DEFAULT_BLOCK_CHARS
+from clowder_balancer.routing.prefill_scorer import PrefillScorer
 from clowder_balancer.routing.prefix_scorer import PrefixScorer
 from clowder_balancer.routing.scheduler import Scheduler, WeightedScorer
 from clowder_balancer.routing.session_scorer import SessionScorer
@@ -25,12 +26,13 @@ SATURATION = 4
 _SAFE = ["ready", "not-ejected", "adapter"]
 
 BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
-    # Cache affinity first, load second; a saturated replica is filtered out, so affinity never makes a hotspot.
+    # Least prefill work first (cache affinity and queued prompts in one unit), load second; a saturated
+    # replica is filtered out, so affinity never makes a hotspot.
     "default": {
         "filters": [*_SAFE, {"name": "not-saturated", "saturation": SATURATION}],
         "scorers": [
             {"name": "session", "weight": 3},
-            {"name": "prefix", "weight": 2},
+            {"name": "prefill", "weight": 3},
             {"name": "adapter", "weight": 1},
             {"name": "load", "weight": 1, "saturation": SATURATION},
         ],
@@ -87,6 +89,8 @@ def build_scheduler(name: str, spec: Mapping[str, Any], rng: random.Random | Non
             scorer: Any = LoadScorer(_option(options, "saturation", SATURATION, where))
         elif sname == "prefix":
             scorer = PrefixScorer(block_chars=block_chars)
+        elif sname == "prefill":
+            scorer = PrefillScorer(block_chars=block_chars)
         elif sname == "session":
             scorer = SessionScorer()
         elif sname == "adapter":

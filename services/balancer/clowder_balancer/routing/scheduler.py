@@ -26,6 +26,11 @@ class Scheduler:
         self.scorers = list(scorers)
         self.picker = picker
 
+    @property
+    def uses_blocks(self) -> bool:
+        """Whether some plugin looks at the prompt's block hashes (computing them is work)."""
+        return any(getattr(p, "uses_blocks", False) for p in self.plugins())
+
     def plugins(self) -> list[object]:
         return [*self.filters, *(w.scorer for w in self.scorers), self.picker]
 
@@ -52,6 +57,13 @@ class Scheduler:
     def routed(self, request: RouteRequest, chosen: Candidate) -> None:
         for plugin in self.plugins():
             hook = getattr(plugin, "routed", None)
+            if hook is not None:
+                hook(request, chosen)
+
+    def prefilled(self, request: RouteRequest, chosen: Candidate) -> None:
+        """Once per routed(): the attempt had its first message, or ended without one."""
+        for plugin in self.plugins():
+            hook = getattr(plugin, "prefilled", None)
             if hook is not None:
                 hook(request, chosen)
 
