@@ -18,6 +18,7 @@ from clowder_common.telemetry import setup_telemetry, shutdown_telemetry
 
 from clowder_storage.app import create_storage
 from clowder_storage.config import StorageConfig
+from clowder_storage.malloc import keep_transfer_buffers
 
 log = logging.getLogger("clowder_storage")
 
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ClowderError, OSError) as exc:
         print(f"clowder_storage: bad configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    keep_transfer_buffers()
 
     async def start(lifecycle: Lifecycle) -> None:
         provider = setup_telemetry("storage")
