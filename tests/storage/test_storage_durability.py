@@ -145,3 +145,26 @@ async def test_torn_journaled_blob_is_quarantined_at_startup_and_the_store_stays
         assert (app.store.blob_dir / torn_hex).read_bytes() == torn
     # A clean stop flushed everything: nothing is left for the next start to re-check.
     assert journal_lines(root) == []
+
+
+
+async def test_journaled_blob_whose_rename_was_lost_is_simply_absent(tmp_path, executor):
+    root = tmp_path / "s"
+    root.mkdir()
+    # The entry reached the disk, the rename did not (or the blob was deleted since): nothing to check.
+    (root / JOURNAL_NAME).write_text("ab" * 32 + "\n")
+    store = BlobStore(root, executor)
+    await store.prepare()
+    assert store.recovered.checked == 0 and store.recovered.quarantined == []
+    assert journal_lines(root) == [] and await store.list() == []
+
+
+async def test_journal_removed_under_a_running_store_is_recreated(tmp_path, executor):
+    store = BlobStore(tmp_path / "s", executor, background_flush_min_bytes=1 << 20)
+    await store.prepare()
+    (store.root / JOURNAL_NAME).unlink()
+    info = await store_bytes(store, os.urandom(1 << 20))
+    assert await store.flushed(30)
+    assert (store.root / JOURNAL_NAME).exists() and journal_lines(store.root) == []
+    assert [b.digest for b in await store.list()] == [info.digest]
+    await store.close()

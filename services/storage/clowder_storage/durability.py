@@ -75,11 +75,24 @@ class Journal:
             return []
         return list(dict.fromkeys(line for line in text.split("\n") if _HEX_RE.fullmatch(line)))
 
+    def ensure(self) -> None:
+        """Create the journal durably if it is missing: an entry in a file whose name a crash loses is no entry."""
+        with self._lock:
+            self._open_append()
+
+    def _open_append(self) -> int:
+        try:
+            return os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fsync_dir(self._root)
+            return fd
+
     def add(self, hex_digest: str) -> None:
         """Durably record `hex_digest` before its blob is renamed into place."""
         line = f"{hex_digest}\n".encode()
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = self._open_append()
             try:
                 os.write(fd, line)
                 os.fdatasync(fd)
@@ -107,7 +120,7 @@ class Journal:
     def _rewrite(self, keep: list[str]) -> None:
         if not keep:
             # Truncating in place is atomic enough: a crash leaves the old (larger) journal or an empty one.
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            fd = self._open_append()
             try:
                 os.ftruncate(fd, 0)
                 os.fdatasync(fd)
@@ -135,6 +148,7 @@ def recover(journal: Journal, blob_dir: pathlib.Path, quarantine_dir: pathlib.Pa
 
     Runs before the store serves anything, so a torn blob is never handed out.
     """
+    journal.ensure()
     entries = journal.entries()
     quarantined: list[str] = []
     checked = 0
@@ -144,12 +158,15 @@ def recover(journal: Journal, blob_dir: pathlib.Path, quarantine_dir: pathlib.Pa
             actual = file_digest_hex(path)
         except FileNotFoundError:
             continue  # its rename never reached the disk, or it was deleted: nothing to serve
+        except OSError as exc:
+            # Unreadable (EIO...): not servable either; set aside like a mismatch, the store carries on.
+            actual = f"unreadable ({exc.strerror})"
         checked += 1
         if actual != hex_digest:
             os.replace(path, quarantine_dir / f"{hex_digest}.{int(time.time())}.unflushed")
             quarantined.append(f"sha256:{hex_digest}")
-            log.warning("blob sha256:%s was not fully on disk when the node stopped (content sha256:%s);"
-                        " quarantined", hex_digest, actual)
+            log.warning("blob sha256:%s was not fully on disk when the node stopped (content: %s); quarantined",
+                        hex_digest, actual)
             continue
         fd = os.open(path, os.O_RDONLY)
         try:
