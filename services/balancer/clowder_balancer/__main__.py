@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXPORTER_ENV = "CLOWDER_OTEL_EXPORTER"
+
+
 def main(argv: list[str] | None = None) -> None:
     die_with_parent()
     parser = build_parser()
@@ -68,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         lifecycle.on_shutdown("balancer", app.stop)
         await app.start()
 
-    provider = setup_telemetry("balancer")
+    # Spans nobody exports are pure cost on every request (and make each runtime call carry a trace
+    # context for the runtime to record too): trace only when an exporter is configured.
+    provider = setup_telemetry("balancer") if os.environ.get(EXPORTER_ENV, "").strip() else None
     try:
         asyncio.run(serve_until_stopped(start))
     finally:

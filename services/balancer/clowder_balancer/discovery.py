@@ -28,6 +28,10 @@ class ReadyEndpoint:
     address: str
 
 
+# Shared (callers only read it), so per-model caches keyed on the configuration object hit for it too.
+_NO_CONFIGURATION = resources_pb2.ImageConfiguration()
+
+
 def model_not_found(name: str) -> NotFound:
     return NotFound(f"The model '{name}' does not exist", reason="MODEL_NOT_FOUND", metadata={"model": name})
 
@@ -66,9 +70,9 @@ class Discovery:
         """The configuration of the aimage deployment `name` serves (empty when unknown)."""
         deployment = self._deployments.items.get(self._deployments_prefix + name)
         if deployment is None:
-            return resources_pb2.ImageConfiguration()
+            return _NO_CONFIGURATION
         image = self._images.items.get(self._images_prefix + (deployment.image or name))
-        return image.configuration if image is not None else resources_pb2.ImageConfiguration()
+        return image.configuration if image is not None else _NO_CONFIGURATION
 
     def _check_ready(self) -> None:
         if not self.ready:

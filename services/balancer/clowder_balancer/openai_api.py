@@ -144,34 +144,50 @@ def _messages(body: dict[str, Any]) -> tuple[runtime_pb2.ChatMessage, ...]:
     if not messages:
         raise _bad("messages", "'messages' must be a non-empty array.")
     out = []
+    tool_messages = False
+    # Param names are made only for errors: a long conversation must not pay for them per message.
     for i, msg in enumerate(messages):
-        param = f"messages[{i}]"
         if not isinstance(msg, dict):
-            raise _bad(param, f"Invalid type for '{param}': expected an object, but got {_json_type(msg)}.")
+            raise _bad(f"messages[{i}]", f"Invalid type for 'messages[{i}]': expected an object, "
+                       f"but got {_json_type(msg)}.")
         role = msg.get("role")
         if not isinstance(role, str) or role not in ROLES:
-            raise _bad(f"{param}.role", f"Invalid '{param}.role': expected one of {sorted(ROLES)}.")
+            raise _bad(f"messages[{i}].role", f"Invalid 'messages[{i}].role': expected one of {sorted(ROLES)}.")
         content = msg.get("content")
-        if content is None and role != "assistant":
-            raise _bad(f"{param}.content", f"'{param}.content' is required for role '{role}'.")
-        text = "" if content is None else _content(content, f"{param}.content")
+        if isinstance(content, str):
+            text = content
+        elif content is None:
+            if role != "assistant":
+                raise _bad(f"messages[{i}].content", f"'messages[{i}].content' is required for role '{role}'.")
+            text = ""
+        else:
+            text = _content(content, f"messages[{i}].content")
         message = runtime_pb2.ChatMessage(role=ROLES[role], content=text)
-        if role == "assistant" and msg.get("tool_calls"):
-            message.tool_calls.extend(openai_tools.parse_message_tool_calls(msg["tool_calls"], f"{param}.tool_calls"))
-        if role == "tool":
-            call_id = msg.get("tool_call_id")
-            if not isinstance(call_id, str) or not call_id:
-                raise _bad(f"{param}.tool_call_id", f"Missing required parameter: '{param}.tool_call_id'.")
-            message.tool_call_id = call_id
-        name = msg.get("name")
-        if name is not None:
-            if not isinstance(name, str):
-                raise _bad(f"{param}.name", f"Invalid type for '{param}.name': expected a string.")
-            if role == "tool":
-                message.name = name
+        if role == "assistant" or role == "tool" or "name" in msg:
+            tool_messages |= _message_extras(msg, role, message, i)
         out.append(message)
-    openai_tools.name_tool_messages(out)
+    if tool_messages:
+        openai_tools.name_tool_messages(out)
     return tuple(out)
+
+
+def _message_extras(msg: dict[str, Any], role: str, message: runtime_pb2.ChatMessage, i: int) -> bool:
+    """Tool calls and tool results; True for a tool message."""
+    if role == "assistant" and msg.get("tool_calls"):
+        message.tool_calls.extend(openai_tools.parse_message_tool_calls(msg["tool_calls"],
+                                                                        f"messages[{i}].tool_calls"))
+    name = msg.get("name")
+    if name is not None and not isinstance(name, str):
+        raise _bad(f"messages[{i}].name", f"Invalid type for 'messages[{i}].name': expected a string.")
+    if role != "tool":
+        return False
+    call_id = msg.get("tool_call_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise _bad(f"messages[{i}].tool_call_id", f"Missing required parameter: 'messages[{i}].tool_call_id'.")
+    message.tool_call_id = call_id
+    if name:
+        message.name = name
+    return True
 
 
 def _prompt(body: dict[str, Any]) -> str:
@@ -253,14 +269,54 @@ def _reject_unsupported(body: dict[str, Any], kind: Kind) -> None:
             raise _bad("best_of", "Only best_of=1 is supported.")
 
 
+_SAMPLING_KEYS = frozenset({
+    "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "frequency_penalty",
+    "presence_penalty", "min_p", "repetition_penalty", "top_k", "response_format", "logprobs", "top_logprobs",
+    "adapter",
+})
+_UNSUPPORTED_KEYS = frozenset({"audio", "prediction", "echo", "suffix", "best_of"})
+_TOOL_KEYS = frozenset({"tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"})
+
+
+def _sampling(body: dict[str, Any], kind: Kind, sampling: runtime_pb2.SamplingParams, names: dict[str, str]
+              ) -> None:
+    max_tokens = _int_in(body, "max_tokens", 1, UINT32_MAX)
+    if kind == "chat":
+        newer = _int_in(body, "max_completion_tokens", 1, UINT32_MAX)
+        if newer is not None:
+            max_tokens, names["max_tokens"] = newer, "max_completion_tokens"
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "min_p", "repetition_penalty"):
+        value = _get(body, name, (int, float), "a number")
+        if value is not None:
+            setattr(sampling, name, value)
+    sampling.stop.extend(_stop(body))
+    seed = _int_in(body, "seed", INT64_MIN, INT64_MAX)
+    if seed is not None:
+        sampling.seed = seed
+    top_k = _int_in(body, "top_k", 0, UINT32_MAX)
+    if top_k is not None:
+        sampling.top_k = top_k
+    sampling.response_format = _response_format(body)
+    _logprobs(body, kind, sampling)
+    # Not an OpenAI field: which LoRA adapter of the aimage to apply (the runtime lists what it has loaded).
+    adapter = _get(body, "adapter", str, "a string")
+    if adapter:
+        sampling.adapter = adapter
+
+
 def parse_request(body: dict[str, Any], kind: Kind) -> OpenAIRequest:
     """Validate a decoded chat or completion request; InvalidArgument names the offending param."""
     model = _model(body)
     messages = _messages(body) if kind == "chat" else ()
     prompt = _prompt(body) if kind == "completion" else ""
-    _reject_unsupported(body, kind)
+    if not _UNSUPPORTED_KEYS.isdisjoint(body):
+        _reject_unsupported(body, kind)
     n = _int_in(body, "n", 1, MAX_N) or 1
-    tools, tool_choice = _tools(body) if kind == "chat" else ((), None)
+    tools, tool_choice = (), None
+    if kind == "chat" and not _TOOL_KEYS.isdisjoint(body):
+        tools, tool_choice = _tools(body)
 
     stream = bool(_get(body, "stream", bool, "a boolean"))
     options = _get(body, "stream_options", dict, "an object")
@@ -271,38 +327,11 @@ def parse_request(body: dict[str, Any], kind: Kind) -> OpenAIRequest:
         include_usage = bool(_get(options, "include_usage", bool, "a boolean", "stream_options.include_usage"))
 
     sampling = runtime_pb2.SamplingParams()
-    names = {}
-    max_tokens = _int_in(body, "max_tokens", 1, UINT32_MAX)
-    if kind == "chat":
-        newer = _int_in(body, "max_completion_tokens", 1, UINT32_MAX)
-        if newer is not None:
-            max_tokens, names["max_tokens"] = newer, "max_completion_tokens"
-    if max_tokens is not None:
-        sampling.max_tokens = max_tokens
-    temperature = _get(body, "temperature", (int, float), "a number")
-    if temperature is not None:
-        sampling.temperature = temperature
-    top_p = _get(body, "top_p", (int, float), "a number")
-    if top_p is not None:
-        sampling.top_p = top_p
-    sampling.stop.extend(_stop(body))
-    seed = _int_in(body, "seed", INT64_MIN, INT64_MAX)
-    if seed is not None:
-        sampling.seed = seed
-    for name in ("frequency_penalty", "presence_penalty", "min_p", "repetition_penalty"):
-        value = _get(body, name, (int, float), "a number")
-        if value is not None:
-            setattr(sampling, name, value)
-    top_k = _int_in(body, "top_k", 0, UINT32_MAX)
-    if top_k is not None:
-        sampling.top_k = top_k
-    sampling.response_format = _response_format(body)
-    _logprobs(body, kind, sampling)
-    # Not an OpenAI field: which LoRA adapter of the aimage to apply (the runtime lists what it has loaded).
-    adapter = _get(body, "adapter", str, "a string")
-    if adapter:
-        sampling.adapter = adapter
-    validate_sampling(sampling, names)
+    names: dict[str, str] = {}
+    # Most requests set few of these: look at the ones present only (the request path is hot).
+    if not _SAMPLING_KEYS.isdisjoint(body):
+        _sampling(body, kind, sampling, names)
+        validate_sampling(sampling, names)
     return OpenAIRequest(kind, model, stream, include_usage, sampling, messages, prompt, n, tools, tool_choice)
 
 

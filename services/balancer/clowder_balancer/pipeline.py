@@ -52,10 +52,12 @@ class Pipeline:
                 # Token texts would show what the filters hold back from the text.
                 raise InvalidArgument(f"logprobs are not available for model '{ctx.model}': its output is filtered",
                                       field="logprobs", reason="LOGPROBS_UNAVAILABLE")
-            requests = choice_requests(request, n)
-            stream = generate_choices(self._router, ctx.model, requests, session=session)
+            # One choice: the router's own stream, one generator layer less for every message.
+            stream = (self._router.generate(ctx.model, request, session=session) if n == 1 else
+                      generate_choices(self._router, ctx.model, choice_requests(request, n), session=session))
             async with contextlib.aclosing(stream):
-                async for index, message in stream:
+                async for item in stream:
+                    index, message = (0, item) if n == 1 else item
                     text = message.text
                     last = message.finish_reason != runtime_pb2.FINISH_REASON_UNSPECIFIED
                     if filters[index]:

@@ -13,6 +13,7 @@ TOP_P_MAX = 1.0
 MAX_STOP_SEQUENCES = 4
 UINT32_MAX = 2**32 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_RESPONSE_FORMATS = frozenset(runtime_pb2.ResponseFormat.values())
 
 
 def validate_sampling(params: runtime_pb2.SamplingParams, names: Mapping[str, str] | None = None) -> None:
@@ -36,7 +37,7 @@ def validate_sampling(params: runtime_pb2.SamplingParams, names: Mapping[str, st
             value = getattr(params, field)
             if not math.isfinite(value) or not low <= value <= high:
                 raise InvalidArgument(f"{name(field)} must be between {low:g} and {high:g}", field=name(field))
-    if params.response_format not in runtime_pb2.ResponseFormat.values():
+    if params.response_format not in _RESPONSE_FORMATS:
         raise InvalidArgument(f"{name('response_format')} is not a known format", field=name("response_format"))
     if params.HasField("max_tokens") and params.max_tokens < 1:
         raise InvalidArgument(f"{name('max_tokens')} must be at least 1", field=name("max_tokens"))

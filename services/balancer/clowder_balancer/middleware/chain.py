@@ -48,8 +48,14 @@ class Chains:
 
     def __init__(self) -> None:
         self._built: dict[str, tuple[bytes, list[Stage] | ClowderError]] = {}
+        self._seen: dict[str, tuple[resources_pb2.ImageConfiguration, list[Stage]]] = {}
 
     def stages(self, model: str, configuration: resources_pb2.ImageConfiguration) -> list[Stage]:
+        # The same configuration object as last time (discovery's cache hands out its own) is unchanged:
+        # no need to serialize it again on every request.
+        seen = self._seen.get(model)
+        if seen is not None and seen[0] is configuration:
+            return seen[1]
         fingerprint = configuration.SerializeToString(deterministic=True)
         cached = self._built.get(model)
         if cached is None or cached[0] != fingerprint:
@@ -63,6 +69,7 @@ class Chains:
             # Fail closed: a stage that was meant to guard the model must not silently go missing.
             raise Internal(f"model '{model}' has a middleware configuration this balancer cannot apply",
                            reason="BAD_MIDDLEWARE_CONFIGURATION")
+        self._seen[model] = (configuration, cached[1])
         return cached[1]
 
     def all_stages(self) -> list[Stage]:
