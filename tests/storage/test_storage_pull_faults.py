@@ -81,25 +81,39 @@ async def test_large_source_in_parallel_ranged_parts_with_a_drop(tmp_path, etcd,
     source.blobs["big"] = data
     source.drops["big"] = [300_000]
     async with running_storage(tmp_path, etcd, etcd_prefix, parallel_min_bytes=1_000_000, parallel_parts=4,
-                               parallel_part_min_bytes=1 << 20) as (app, stub):
+                               parallel_part_min_bytes=1 << 20, parallel_part_max_bytes=1 << 20) as (app, stub):
         messages = await pull(stub, source.url("big"), expected=digest_of(data))
         assert messages[-1].blob.digest == digest_of(data)
         assert (app.store.blob_dir / digest_of(data)[7:]).read_bytes() == data
         ranges = [r for name, r in source.requests if name == "big"]
         # The first answer carries piece 1; pieces 2..5 (1 MiB each, in file order) as bounded ranges, plus the
         # resumed remainder of the piece that broke off (the first, at 300 kB; what was read before counts).
-        assert ranges[0] == ""
-        assert ranges[1:5] == [f"bytes={i << 20}-{min((i + 1) << 20, len(data)) - 1}" for i in range(1, 5)]
-        assert len(ranges) == 6 and ranges[5].endswith(f"-{(1 << 20) - 1}")
-        assert int(ranges[5].removeprefix("bytes=").split("-")[0]) <= 300_000
+        pieces = [f"bytes={i << 20}-{min((i + 1) << 20, len(data)) - 1}" for i in range(1, 5)]
+        resumed = [r for r in ranges if r and r not in pieces]
+        assert ranges[0] == "" and sorted(r for r in ranges if r in pieces) == pieces
+        assert len(ranges) == 6 and len(resumed) == 1 and resumed[0].endswith(f"-{(1 << 20) - 1}")
+        assert int(resumed[0].removeprefix("bytes=").split("-")[0]) <= 300_000
         assert tmp_files(app) == []
+
+
+async def test_parallel_pull_is_one_piece_per_connection_under_the_piece_cap(tmp_path, etcd, etcd_prefix, state,
+                                                                              source):
+    data = os.urandom(8 << 20)
+    source.blobs["big"] = data
+    async with running_storage(tmp_path, etcd, etcd_prefix, parallel_min_bytes=1_000_000, parallel_parts=4,
+                               parallel_part_min_bytes=1 << 20) as (app, stub):
+        messages = await pull(stub, source.url("big"), expected=digest_of(data))
+        assert messages[-1].blob.digest == digest_of(data)
+    # Four quarters: the first answer carries the first, three bounded ranges the rest.
+    ranges = sorted(r for _, r in source.requests)
+    assert ranges == [""] + [f"bytes={i << 21}-{((i + 1) << 21) - 1}" for i in (1, 2, 3)]
 
 
 async def test_parallel_pieces_reuse_their_connections(tmp_path, etcd, etcd_prefix, state, source):
     data = os.urandom(12 << 20)
     source.blobs["big"] = data
     async with running_storage(tmp_path, etcd, etcd_prefix, parallel_min_bytes=1_000_000, parallel_parts=3,
-                               parallel_part_min_bytes=1 << 20) as (app, stub):
+                               parallel_part_min_bytes=1 << 20, parallel_part_max_bytes=1 << 20) as (app, stub):
         messages = await pull(stub, source.url("big"), expected=digest_of(data))
         assert messages[-1].blob.digest == digest_of(data)
         assert (app.store.blob_dir / digest_of(data)[7:]).read_bytes() == data

@@ -157,7 +157,8 @@ async def create_storage(config: StorageConfig, admin_token: str | None) -> Stor
             on_stored=stored,
             options=TransferOptions(parallel_min_bytes=config.parallel_min_bytes,
                                     parallel_parts=config.parallel_parts, retries=config.pull_retries,
-                                    min_part_bytes=config.parallel_part_min_bytes),
+                                    min_part_bytes=config.parallel_part_min_bytes,
+                                    max_part_bytes=config.parallel_part_max_bytes),
             make_room=make_room,
             max_blob_bytes=config.max_blob_bytes,
         )

@@ -40,13 +40,12 @@ class StorageConfig(EtcdConfig):
     # Pull retries in a row without progress before a broken transfer fails (progress resets the count).
     pull_retries: int = 5
     # Sources at least this large that serve byte ranges are fetched over parallel_parts connections, one
-    # piece (at least parallel_part_min_bytes) after another in file order, so hashing keeps up.
-    # 32 MiB is a compromise measured on a loaded 2-core node (500 MB over loopback): 16 MiB pieces cost
-    # ~15% more CPU than four fixed quarters (more requests and thread hand-offs), while larger pieces leave
-    # more of the file to hash after its last byte arrives.
+    # piece after another in file order so hashing keeps up: 1/parallel_parts of the file, clamped to
+    # [parallel_part_min_bytes, parallel_part_max_bytes] (see transfer.py for the measurements).
     parallel_min_bytes: int = 64 << 20
     parallel_parts: int = 4
-    parallel_part_min_bytes: int = 32 << 20
+    parallel_part_min_bytes: int = 16 << 20
+    parallel_part_max_bytes: int = 128 << 20
     # A pull is refused when it would leave less than this many bytes free on the store's volume.
     reserve_free_bytes: int = 0
     # Most bytes the store may hold (0: the volume is the limit). A pull that cannot fit, even after
@@ -83,7 +82,7 @@ class StorageConfig(EtcdConfig):
         object.__setattr__(self, "data_dir", os.path.abspath(os.path.expanduser(self.data_dir)))
         validate_name(self.node_name, "node_name")
         for name in ("lease_ttl_s", "max_parallel_pulls", "io_threads", "parallel_parts", "parallel_min_bytes",
-                     "parallel_part_min_bytes"):
+                     "parallel_part_min_bytes", "parallel_part_max_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"config {name} must be at least 1", field=name)
         for name in ("http_connect_timeout_s", "http_read_timeout_s", "http_total_timeout_s",
