@@ -10,7 +10,7 @@ import pytest
 from clowder.runtime.v1 import runtime_pb2
 
 from balancer_helpers import final, wait_until
-from test_balancer_apikeys_middleware import create_key, middleware, setup
+from test_balancer_apikeys_middleware import create_key, middleware, put_image, setup
 
 
 async def post(http, app, path: str, body: dict, key: str | None = None):
@@ -122,3 +122,18 @@ async def test_n_choices_count_once_against_the_rate_limit_and_tokens_add_up(
     await app.pipeline.drain()
     entry = json.loads(audit.read_text().splitlines()[0])
     assert entry["status"] == 200 and (entry["prompt_tokens"], entry["completion_tokens"]) == (5, 6)
+
+
+async def test_a_changed_middleware_configuration_applies_to_the_next_request(state, make_balancer, runtimes, http):
+    limited = middleware({"name": "rate-limit", "options": {"requests_per_minute": 1}})
+    app, _ = await setup(state, make_balancer, runtimes, configuration=limited)
+    chat = {"model": "d", "messages": [{"role": "user", "content": "hi"}]}
+    assert [(await post(http, app, "/v1/chat/completions", chat))[0] for _ in range(2)] == [200, 429]
+    unlimited = middleware({"name": "system-prompt", "options": {"text": "Be brief."}})
+    await put_image(state, "d", unlimited)
+    await wait_until(lambda: app.discovery.image_configuration("d") == unlimited, what="new image")
+    assert (await post(http, app, "/v1/chat/completions", chat))[0] == 200
+    # And back: the limit is a new stage with a fresh window.
+    await put_image(state, "d", limited)
+    await wait_until(lambda: app.discovery.image_configuration("d") == limited, what="image again")
+    assert [(await post(http, app, "/v1/chat/completions", chat))[0] for _ in range(2)] == [200, 429]
