@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from typing import AsyncIterator
 
 import grpc
@@ -184,7 +183,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             log.info("request_id=%s model=%s embeddings failed: %s", rid, request.model, err.message)
             raise
         finally:
-            self._metrics.requests.labels(model_label, "grpc", str(status)).inc()
+            self._metrics.request_done(model_label, "grpc", status)
 
     async def _stream(
         self, model: str, generate: runtime_pb2.GenerateRequest, n: int, id_prefix: str,
@@ -196,7 +195,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
         model_label = UNKNOWN_MODEL
         status = 500
-        cid, created = id_prefix + uuid.uuid4().hex, int(time.time())
+        cid, created = id_prefix + request_ids.new_id(), int(time.time())
         try:
             if self._discovery.has_model(model):
                 model_label = model
@@ -216,5 +215,5 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             log.info("request_id=%s model=%s cancelled by the client", rid, model)
             raise
         finally:
-            self._metrics.requests.labels(model_label, "grpc", str(status)).inc()
+            self._metrics.request_done(model_label, "grpc", status)
 

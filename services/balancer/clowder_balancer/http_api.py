@@ -184,7 +184,7 @@ class HttpApi:
             status = CLIENT_CLOSED
             raise
         finally:
-            self._metrics.requests.labels(model_label, "http", str(status)).inc()
+            self._metrics.request_done(model_label, "http", status)
 
     async def _collect(
         self, parsed: OpenAIRequest, stream: AsyncIterator[tuple[int, runtime_pb2.GenerateResponse]]
@@ -273,7 +273,7 @@ class HttpApi:
             status = CLIENT_CLOSED
             raise
         finally:
-            self._metrics.requests.labels(model_label, "http", str(status)).inc()
+            self._metrics.request_done(model_label, "http", status)
 
 
 class _SseResponse(web.StreamResponse):
@@ -335,4 +335,4 @@ class _ChunkWriter:
 
 
 def _completion_id(kind: Kind) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + request_ids.new_id()

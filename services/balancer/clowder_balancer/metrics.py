@@ -42,6 +42,7 @@ class Metrics:
     def __init__(self) -> None:
         self._models: dict[str, ModelMetrics] = {}
         self._replicas: dict[tuple[str, str], ReplicaMetrics] = {}
+        self._outcomes: dict[tuple[str, str, int], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "clowder_balancer_requests", "Inference requests by model, API face and outcome (HTTP status).",
@@ -85,6 +86,15 @@ class Metrics:
             "clowder_balancer_ejections", "Replicas ejected by outlier detection.",
             ["model", "replica"], registry=self.registry,
         )
+
+    def request_done(self, model: str, api: str, status: int) -> None:
+        key = (model, api, status)
+        counter = self._outcomes.get(key)
+        if counter is None:
+            if len(self._outcomes) > MAX_CACHED_REPLICAS:
+                self._outcomes.clear()
+            counter = self._outcomes[key] = self.requests.labels(model, api, str(status))
+        counter.inc()
 
     def model(self, model: str) -> "ModelMetrics":
         """The per-model children, looked up once: labels() takes a lock and builds a key on every call."""
