@@ -190,7 +190,7 @@ class HttpApi:
         self, parsed: OpenAIRequest, stream: AsyncIterator[tuple[int, runtime_pb2.GenerateResponse]]
     ) -> web.Response:
         choices = [openai_api.Choice() for _ in range(parsed.n)]
-        usages: list[runtime_pb2.Usage] = []
+        usages: dict[int, runtime_pb2.Usage] = {}
         async for index, message in stream:
             choice = choices[index]
             choice.texts.append(message.text)
@@ -198,10 +198,10 @@ class HttpApi:
             if message.finish_reason:
                 choice.finish_reason = openai_api.finish_reason_name(message.finish_reason)
                 choice.tool_calls.extend(message.tool_calls)
-                usages.append(message.usage)
+                usages[index] = message.usage
         cid, created = _completion_id(parsed.kind), int(time.time())
         build = openai_api.chat_completion if parsed.kind == "chat" else openai_api.text_completion
-        usage = openai_api.total_usage(usages)
+        usage = openai_api.total_usage([usages[i] for i in sorted(usages)])
         return web.json_response(build(cid, parsed.model, created, choices, usage, parsed.logprobs))
 
     async def _stream(
@@ -219,15 +219,17 @@ class HttpApi:
             # One write per runtime message: every write is a send(2), and on small chunks the
             # syscalls are most of what the balancer adds to a stream.
             pending: list[bytes] = chunks.opening()
-            usages: list[runtime_pb2.Usage] = []
+            usages: dict[int, runtime_pb2.Usage] = {}
             try:
                 while True:
                     chunks.message(pending, index, message)
                     if message.finish_reason:
-                        usages.append(message.usage)
+                        usages[index] = message.usage
                         if len(usages) == parsed.n:
                             if parsed.include_usage:
-                                pending.append(chunks.usage(openai_api.total_usage(usages)))
+                                # In choice order: the first choice's prompt figures are the ones that count.
+                                total = openai_api.total_usage([usages[i] for i in sorted(usages)])
+                                pending.append(chunks.usage(total))
                             break
                     if pending:
                         await response.write(b"".join(pending))
