@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import random
 import contextlib
 import logging
+import random
 import time
 from typing import AsyncIterator, Callable, Sequence
 
@@ -33,12 +33,12 @@ from clowder_balancer.stats import StatsPoller
 
 log = logging.getLogger(__name__)
 
-# Failures before the first message that another replica may not have. Nothing has reached the client
-# yet and generation has no side effects, so trying elsewhere is safe.
 REQUEST_ID_KEY = "x-request-id"
 # Inputs per runtime Embed call (the runtime's own limit).
 EMBED_BATCH = 256
 
+# Failures before the first message that another replica may not have. Nothing has reached the client
+# yet and generation has no side effects, so trying elsewhere is safe.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
@@ -205,9 +205,12 @@ class Router:
                  for k, batch in enumerate(batches)]
         try:
             results = await asyncio.gather(*tasks)
-        finally:
+        except BaseException:
+            # One batch failed (or we were cancelled): the others' answers are of no use now.
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         merged = runtime_pb2.EmbedResponse(prompt_tokens=sum(r.prompt_tokens for r in results))
         for result in results:
             merged.embeddings.extend(result.embeddings)
