@@ -3,11 +3,13 @@ n choices, logprobs and tool calls under output filters. In-process balancer, sc
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from clowder.runtime.v1 import runtime_pb2
+from clowder_common.errors import Unavailable
 
 from balancer_helpers import final, wait_until
 from test_balancer_apikeys_middleware import create_key, middleware, put_image, setup
@@ -137,3 +139,29 @@ async def test_a_changed_middleware_configuration_applies_to_the_next_request(st
     await put_image(state, "d", limited)
     await wait_until(lambda: app.discovery.image_configuration("d") == limited, what="image again")
     assert [(await post(http, app, "/v1/chat/completions", chat))[0] for _ in range(2)] == [200, 429]
+
+
+async def test_n_choices_all_end_when_the_client_leaves_or_one_choice_breaks(state, make_balancer, runtimes, http):
+    async def slow(request, context):
+        for i in range(200):
+            yield runtime_pb2.GenerateResponse(text=f"{i} ")
+            await asyncio.sleep(0.02)
+            if request.request_id.endswith("-2") and i == 3:
+                raise Unavailable("replica lost its slot")
+        yield final()
+
+    app, runtime = await setup(state, make_balancer, runtimes, behaviour=slow)
+    body = {"model": "d", "messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True}
+    async with http.post(f"http://127.0.0.1:{app.http_port}/v1/chat/completions", json=body) as resp:
+        await resp.content.readline()
+        await wait_until(lambda: runtime.running == 2, what="both choices running")
+    # The client hung up: every choice's runtime call is cancelled, not left generating.
+    await wait_until(lambda: runtime.running == 0, what="both choices cancelled")
+    assert runtime.cancelled == 2
+
+    body["n"] = 3
+    resp = await http.post(f"http://127.0.0.1:{app.http_port}/v1/chat/completions", json=body)
+    events = [line[6:] for line in (await resp.text()).splitlines() if line.startswith("data: ")]
+    # Choice 2 broke after its tokens were out: the stream ends with the error event, the others are stopped.
+    assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+    await wait_until(lambda: runtime.running == 0, what="the other choices cancelled")
