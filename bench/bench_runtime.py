@@ -3,7 +3,8 @@
 In one run, on the same model and prompts (temperature 0, so both servers produce the same tokens):
 aggregate tokens/s at 1, 4, 8 and 16 concurrent streams for the runtime (a process, over gRPC) and for
 `python -m llama_cpp.server` (a process, OpenAI HTTP API, streaming); time to first token for a long
-repeated prefix with and without prefix reuse; one stream through the runtime vs `Llama.create_completion`.
+repeated prefix with and without prefix reuse; one stream through the runtime vs `Llama.create_completion`;
+and a ceiling for batching: raw llama_decode throughput for 8 sequences per step vs 1 (no server at all).
 Subject and baseline are interleaved level by level, so drift in machine load hits both alike.
 The last line is JSON.
 """
@@ -14,6 +15,7 @@ import argparse
 import asyncio
 import importlib.metadata
 import json
+import logging
 import os
 import pathlib
 import statistics
@@ -120,6 +122,62 @@ def direct_run(llm: llama_cpp.Llama, tokens: int) -> float:
     return result["usage"]["completion_tokens"] / (time.perf_counter() - started)
 
 
+def decode_throughput(model: str, threads: int, sequences: int, steps: int) -> float:
+    """Tokens/s of llama_decode alone, `sequences` tokens per step (one per sequence), as the runtime's
+    context is set up (flash attention, one shared cell pool); no sampling, no Python between steps
+    beyond filling the batch."""
+    # llama.cpp reports through this logger; its load chatter would bury the figures.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    model_params = llama_cpp.llama_model_default_params()
+    weights = llama_cpp.llama_model_load_from_file(model.encode(), model_params)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = (steps + 16) * sequences
+    params.n_seq_max = sequences
+    params.n_batch = params.n_ubatch = max(32, sequences)
+    params.n_threads = params.n_threads_batch = threads
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    params.kv_unified = True
+    params.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(weights, params)
+    batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+    vocab = llama_cpp.llama_model_get_vocab(weights)
+    prompt = (llama_cpp.llama_token * 8)()
+    n_prompt = llama_cpp.llama_tokenize(vocab, PROMPTS[0].encode(), len(PROMPTS[0]), prompt, 8, True, True)
+
+    def step(tokens: list[tuple[int, int, int]]) -> None:
+        for n, (seq, pos, token) in enumerate(tokens):
+            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
+            batch.seq_id[n][0], batch.logits[n] = seq, True
+        batch.n_tokens = len(tokens)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    try:
+        for seq in range(sequences):
+            step([(seq, pos, prompt[pos]) for pos in range(n_prompt)])
+        # The token fed back does not change the work a step does; a fixed one keeps sampling out.
+        token = prompt[n_prompt - 1]
+        started = time.perf_counter()
+        for i in range(steps):
+            step([(seq, n_prompt + i, token) for seq in range(sequences)])
+        return sequences * steps / (time.perf_counter() - started)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(weights)
+
+
+def decode_ceiling(model: str, threads: int, steps: int, repeats: int) -> dict[str, float]:
+    one, eight = [], []
+    for _ in range(repeats):
+        one.append(decode_throughput(model, threads, 1, steps))
+        eight.append(decode_throughput(model, threads, 8, steps))
+    b1, b8 = statistics.median(one), statistics.median(eight)
+    print(f"decode ceiling (llama_decode alone): batch 1 {b1:.1f} tok/s, batch 8 {b8:.1f} tok/s "
+          f"({b8 / b1:.2f}x): the most any server batching 8 streams could gain on this CPU", flush=True)
+    return {"batch1_tps": b1, "batch8_tps": b8}
+
+
 async def measure(args: argparse.Namespace, model: str, workdir: pathlib.Path) -> dict:
     threads = str(args.threads)
     runtime_port, server_port = free_port(), free_port()
@@ -207,6 +265,7 @@ def main() -> None:
           f"repeats={args.repeats} cpus={os.cpu_count()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
         result = asyncio.run(measure(args, model, pathlib.Path(tmp)))
+    ceiling = decode_ceiling(model, args.threads, args.tokens * 2, args.repeats + 1)
     levels = result["levels"]
     at8 = levels.get(8)
     print(json.dumps({
@@ -220,6 +279,9 @@ def main() -> None:
         "single_stream_tps": round(result["single_tps"], 1),
         "threads": args.threads,
         "tokens": args.tokens,
+        "decode_batch8_vs_batch1_ceiling": round(ceiling["batch8_tps"] / ceiling["batch1_tps"], 3),
+        "decode_batch1_tps": round(ceiling["batch1_tps"], 1),
+        "decode_batch8_tps": round(ceiling["batch8_tps"], 1),
     }))
 
 

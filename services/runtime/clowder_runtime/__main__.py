@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-waiting", type=int, help="queued requests allowed (default 64)")
     parser.add_argument("--slots", type=int, help="sequences batched together (default 4)")
     parser.add_argument("--prefill-chunk", type=int, help="prompt tokens evaluated per step at most (default 256)")
+    parser.add_argument("--idle-cache-tokens", type=int,
+                        help="KV tokens idle slots keep for prefix reuse, all together (default 512)")
     parser.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=PATH",
                         help="LoRA adapter GGUF to load; repeat for more (requests select one by name)")
     parser.add_argument("--chat-template-file", metavar="FILE",
@@ -62,9 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _CONFIG_FLAGS = (
     "listen", "advertise_host", "deployment", "replica_id", "node", "model_path", "digest", "storage_address",
-    "threads", "context_size", "max_waiting", "slots", "prefill_chunk", "adapters", "chat_template_file",
-    "metrics_listen",
-    "lease_ttl_s", "drain_grace_s", "port_file", "etcd_endpoints",
+    "threads", "context_size", "max_waiting", "slots", "prefill_chunk", "idle_cache_tokens", "adapters",
+    "chat_template_file", "metrics_listen", "lease_ttl_s", "drain_grace_s", "port_file", "etcd_endpoints",
     "etcd_prefix",
 )
 

@@ -90,6 +90,7 @@ class RuntimeApp:
                 prefill_chunk=cfg.prefill_chunk,
                 adapters=parse_adapters(cfg.adapters),
                 chat_template=chat_template(cfg),
+                idle_cache_tokens=cfg.idle_cache_tokens,
             )
         )
         # Loads on the engine's own thread; nothing is served or registered before it can generate.
@@ -163,7 +164,7 @@ async def create_runtime(
     if config.etcd_endpoints:
         validate_name(config.deployment, "deployment")
         validate_name(config.replica_id, "replica_id")
-    for name in ("threads", "context_size", "max_waiting"):
+    for name in ("threads", "context_size", "max_waiting", "idle_cache_tokens"):
         if getattr(config, name) < 0:
             raise InvalidArgument(f"{name} must not be negative", field=name)
     for name in ("slots", "prefill_chunk"):

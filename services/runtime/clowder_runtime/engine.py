@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONTEXT_SIZE = 2048
 DEFAULT_SLOTS = 4
 DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_IDLE_CACHE_TOKENS = 512
 # Taking another slot's prefix also drops this slot's own cache: only worth it for a real gain.
 _MIN_COPY_TOKENS = 16
 # How long the idle worker sleeps between looks at the queue when nobody wakes it.
@@ -54,6 +55,10 @@ class LlamaSettings:
     adapters: dict[str, str] = field(default_factory=dict)
     # Jinja chat template used instead of the GGUF's; empty: the GGUF's.
     chat_template: str = ""
+    # KV entries idle slots keep for prefix reuse, all together; the least recently used go first.
+    # Each decode step attends over the whole used span of the shared cell pool, idle cells
+    # included (measured: 1,400 idle cells made a lone stream's steps 11% slower; 3,000, 17%).
+    idle_cache_tokens: int = DEFAULT_IDLE_CACHE_TOKENS
 
 
 class _Work:
@@ -122,6 +127,8 @@ class LlamaEngine:
             raise InvalidArgument("slots must be at least 1", field="slots")
         if settings.prefill_chunk < 1:
             raise InvalidArgument("prefill_chunk must be at least 1", field="prefill_chunk")
+        if settings.idle_cache_tokens < 0:
+            raise InvalidArgument("idle_cache_tokens must not be negative", field="idle_cache_tokens")
         self._settings = settings
         self._threads = settings.threads or os.cpu_count() or 1
         self._cond = threading.Condition()
@@ -634,3 +641,16 @@ class LlamaEngine:
         slot.last_used = time.monotonic()
         with self._cond:
             slot.work = None
+        self._trim_idle_caches()
+
+    def _trim_idle_caches(self) -> None:
+        """Keep the most recently used idle caches within idle_cache_tokens; drop the others."""
+        budget = self._settings.idle_cache_tokens
+        idle = sorted((s for s in self._slots if s.work is None and s.cache), key=lambda s: s.last_used, reverse=True)
+        for slot in idle:
+            if len(slot.cache) <= budget:
+                budget -= len(slot.cache)
+                continue
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            slot.cache = []
+            slot.prefix.truncate(0)
