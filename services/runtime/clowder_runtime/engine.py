@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import contextlib
 import ctypes
 import itertools
 import logging
@@ -144,6 +145,9 @@ class LlamaEngine:
         # Embeddings run on their own context and thread: they never wait for, nor hold up, decode steps.
         self._embedder = Embedder(settings.context_size, self._threads)
         self._embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime-embed")
+        # What the worker produced for streams since its last hand-over to the event loop.
+        self._outbox: list[tuple[GenerationStream, object]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._requests_total = 0
         self._generation_tokens_total = 0
         self._prompt_tokens_total = 0
@@ -168,7 +172,7 @@ class LlamaEngine:
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(target=self._worker, args=(loop, ready), name="runtime-llama", daemon=True)
         self._thread.start()
@@ -397,6 +401,8 @@ class LlamaEngine:
                     for slot in self._slots:
                         if slot.work is not None:
                             self._fail(slot, Internal("generation failed"))
+                finally:
+                    self._hand_over()
         finally:
             for slot in self._slots:
                 if slot.sampler is not None:
@@ -548,6 +554,22 @@ class LlamaEngine:
                 self._emit(slot, token, token_logprob(self._model, self._ctx, index, token, sampling.top_logprobs))
             else:
                 self._emit(slot, token)
+        # Before the next decode (a prefill chunk may follow in this step): tokens go out at once.
+        self._hand_over()
+
+    def _send(self, stream: GenerationStream, item: object) -> None:
+        self._outbox.append((stream, item))
+
+    def _hand_over(self) -> None:
+        """Everything produced since the last hand-over, to the event loop in one wake-up.
+
+        Waking the loop is the costly part of a push (the loop thread takes the GIL while this
+        thread wants it back), so a step with many streams wakes it once, not once per stream.
+        """
+        if self._outbox and self._loop is not None:
+            items, self._outbox = self._outbox, []
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                self._loop.call_soon_threadsafe(_deliver, items)
 
     def _rollback(self, group: list[_Slot]) -> None:
         for slot in group:
@@ -581,9 +603,9 @@ class LlamaEngine:
             text = slot.calls.feed(text)
         if logprob is not None:
             # Sent even with no text (held for a stop string), so every counted token has its entry.
-            work.stream.push_piece(Piece(text, (logprob,)))
+            self._send(work.stream, Piece(text, (logprob,)))
         elif text:
-            work.stream.push_text(text)
+            self._send(work.stream, text)
         if hit:
             self._finish(slot, FinishReason.STOP)
         elif slot.produced >= work.max_new:
@@ -607,11 +629,11 @@ class LlamaEngine:
             if calls:
                 reason = FinishReason.TOOL_CALLS
         if text:
-            work.stream.push_text(text)
+            self._send(work.stream, text)
         finish = Finish(reason, slot.n_prompt, slot.produced, slot.cached, calls)
         # The slot is free before the caller hears of the end, so stats read right after agree.
         self._release(slot)
-        work.stream.push_finish(finish)
+        self._send(work.stream, finish)
         log.info(
             "generation done request_id=%r finish=%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d"
             " seconds=%.2f",
@@ -621,7 +643,7 @@ class LlamaEngine:
 
     def _fail(self, slot: _Slot, error: BaseException) -> None:
         if slot.work is not None and slot.work.stream is not None:
-            slot.work.stream.push_error(error)
+            self._send(slot.work.stream, error)
         # What the failed step left in this sequence is unknown: drop it.
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         slot.cache = []
@@ -654,3 +676,9 @@ class LlamaEngine:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.cache = []
             slot.prefix.truncate(0)
+
+
+def _deliver(items: list[tuple[GenerationStream, object]]) -> None:
+    """On the event loop: a step's outputs into their streams, in the order they were made."""
+    for stream, item in items:
+        stream.deliver(item)

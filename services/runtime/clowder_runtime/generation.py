@@ -218,6 +218,10 @@ class GenerationStream:
     def push_error(self, error: BaseException) -> None:
         self._push(error)
 
+    def deliver(self, item: str | Piece | Finish | BaseException) -> None:
+        """Like the push_* methods, but called on the event loop (the engine batches its wake-ups)."""
+        self._queue.put_nowait(item)
+
     # -- consumer side (event loop) ----------------------------------------------
 
     def cancel(self) -> None:
