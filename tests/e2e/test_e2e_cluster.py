@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -284,6 +285,45 @@ def test_serve_spec_round_trip(cluster, client, tmp_path):
     down = cluster.cli("serve", "down", "poet")
     assert down.returncode == 0 and "is down" in down.stdout
     assert [m.id for m in client.models.list().data] == ["smol"]
+
+
+def test_tools_through_an_aimage_chat_template(cluster, client, tmp_path):
+    import yaml
+
+    from clowder_cli.bundled import bundled_model_path
+
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    # SmolLM2's own template knows no tools: a clear 400, not a silently dropped tool list.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="smol", messages=messages, tools=tools, max_tokens=8)
+    assert info.value.body["code"] == "tools_unsupported"
+
+    template = (pathlib.Path(__file__).parents[1] / "runtime" / "hermes_tools.jinja").read_text()
+    spec = tmp_path / "tools.yaml"
+    spec.write_text(yaml.safe_dump({"name": "toolsmith", "replicas": 1, "image": {
+        "source": bundled_model_path().as_uri(), "configuration": {"chatTemplate": template}}}))
+    up = cluster.cli("serve", "up", "-f", str(spec))
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        forced = {"type": "function", "function": {"name": "get_weather"}}
+        reply = client.chat.completions.create(model="toolsmith", messages=messages, tools=tools,
+                                               tool_choice=forced, max_tokens=48, temperature=0)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+
+        # The call and its result go back in; the model answers in text.
+        follow = messages + [choice.message.model_dump(exclude_none=True),
+                             {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21}'}]
+        answer = client.chat.completions.create(model="toolsmith", messages=follow, tools=tools, tool_choice="none",
+                                                max_tokens=16, temperature=0)
+        assert answer.choices[0].message.content and answer.choices[0].finish_reason in ("stop", "length")
+    finally:
+        cluster.cli("serve", "down", "toolsmith")
 
 
 def test_push_to_a_registry_and_deploy_from_it(cluster, client, tmp_path):

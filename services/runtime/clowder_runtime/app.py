@@ -89,7 +89,8 @@ class RuntimeApp:
                 slots=cfg.slots,
                 prefill_chunk=cfg.prefill_chunk,
                 adapters=parse_adapters(cfg.adapters),
-                chat_template=chat_template(cfg),
+                # The runtime's own option wins over the aimage's (an operator fixing one replica by hand).
+                chat_template=chat_template(cfg) or self.image_config.chat_template,
                 idle_cache_tokens=cfg.idle_cache_tokens,
             )
         )

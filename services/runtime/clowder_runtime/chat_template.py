@@ -8,6 +8,7 @@ import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from clowder_common.chat_templates import check_chat_template
 from clowder_common.errors import InvalidArgument
 
 
@@ -19,11 +20,9 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 
 def check_template(source: str, field: str) -> None:
-    """Refuse a template that does not even parse (an override's mistakes show at start, not per request)."""
-    try:
-        _environment().parse(source)
-    except jinja2.TemplateSyntaxError as exc:
-        raise InvalidArgument(f"the chat template does not parse: {exc} (line {exc.lineno})", field=field) from None
+    """Refuse a template that does not even parse (an override's mistakes show at start, not per request);
+    the controller runs the same check when an aimage is created."""
+    check_chat_template(source, field)
 
 
 class ChatTemplate:

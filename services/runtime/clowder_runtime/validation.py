@@ -10,6 +10,7 @@ from clowder.runtime.v1 import runtime_pb2
 from google.protobuf import json_format
 
 from clowder_common.errors import FieldViolation, InvalidArgument
+from clowder_runtime.chat_template import check_template
 from clowder_runtime.generation import ChatTurn, GenerationJob, SamplingSettings, ToolCall, ToolChoice, ToolMode
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -68,6 +69,8 @@ def validate_image_config(image: resources_pb2.ImageConfiguration) -> None:
     if image.HasField("max_tokens") and image.max_tokens == 0:
         violations.append(FieldViolation("image_config.max_tokens", "max_tokens must be at least 1"))
     _raise_if_any(violations)
+    if image.chat_template:
+        check_template(image.chat_template, "image_config.chat_template")
 
 
 def _penalty_problem(name: str, value: float, low: float, high: float) -> str | None:
