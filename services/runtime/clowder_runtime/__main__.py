@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slots", type=int, help="sequences batched together (default 4)")
     parser.add_argument("--prefill-chunk", type=int, help="prompt tokens evaluated per step at most (default 256)")
     parser.add_argument("--idle-cache-tokens", type=int,
-                        help="KV tokens idle slots keep for prefix reuse, all together (default 512)")
+                        help="KV tokens idle slots keep for prefix reuse, all together (default 8192)")
     parser.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=PATH",
                         help="LoRA adapter GGUF to load; repeat for more (requests select one by name)")
     parser.add_argument("--chat-template-file", metavar="FILE",

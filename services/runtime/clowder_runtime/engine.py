@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONTEXT_SIZE = 2048
 DEFAULT_SLOTS = 4
 DEFAULT_PREFILL_CHUNK = 256
-DEFAULT_IDLE_CACHE_TOKENS = 512
+DEFAULT_IDLE_CACHE_TOKENS = 8192
 # Taking another slot's prefix also drops this slot's own cache: only worth it for a real gain.
 _MIN_COPY_TOKENS = 16
 # How long the idle worker sleeps between looks at the queue when nobody wakes it.
