@@ -136,7 +136,7 @@ def decode_throughput(model: str, threads: int, sequences: int, steps: int) -> f
     params.n_batch = params.n_ubatch = max(32, sequences)
     params.n_threads = params.n_threads_batch = threads
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    params.kv_unified = True
+    params.kv_unified = False  # as the runtime: one KV stream per slot
     params.no_perf = True
     ctx = llama_cpp.llama_init_from_model(weights, params)
     batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)

@@ -40,9 +40,8 @@ class RuntimeConfig(EtcdConfig):
     # Prompt tokens prefilled per decode step at most: bounds the stall a long prompt causes running streams.
     prefill_chunk: int = 256
     # KV cache tokens idle slots keep for prefix reuse, all together (least recently used dropped first).
-    # Idle entries slow every decode step a little (attention spans the shared pool's used cells: 1,400 idle
-    # cells cost a lone stream 11%), but a conversation's next turn finding its history saves seconds of
-    # prefill: the default keeps several conversations (at 512, multi-turn routing lost most of its reuse).
+    # With one KV stream per slot, idle entries no longer slow other slots' steps; the bound is for
+    # operators who want less kept (0 keeps nothing between requests).
     idle_cache_tokens: int = 8192
     # LoRA adapters to load, as "name=path/to/adapter.gguf"; requests pick one by name.
     adapters: tuple[str, ...] = ()

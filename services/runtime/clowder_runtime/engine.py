@@ -57,8 +57,6 @@ class LlamaSettings:
     # Jinja chat template used instead of the GGUF's; empty: the GGUF's.
     chat_template: str = ""
     # KV entries idle slots keep for prefix reuse, all together; the least recently used go first.
-    # Each decode step attends over the whole used span of the shared cell pool, idle cells
-    # included (measured: 1,400 idle cells made a lone stream's steps 11% slower; 3,000, 17%).
     idle_cache_tokens: int = DEFAULT_IDLE_CACHE_TOKENS
 
 
@@ -345,10 +343,12 @@ class LlamaEngine:
         # and single runs of the same prompts diverged). llama-cpp-python's Llama defaults to off,
         # so baselines compare against Llama(flash_attn=True).
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        # One cell pool for all slots. Separate per-slot streams (kv_unified off) would keep each
-        # sequence's cells in position order, but batching then gained nothing here (measured: one
-        # step of 8 tokens from 8 sequences took 9x one token's time, against 6x in a shared pool).
-        params.kv_unified = True
+        # One KV stream per slot. In a shared pool (kv_unified) every token attends over the whole
+        # used span of the pool, masked: for a model this small that costs as much as its weights, so
+        # the prefixes idle slots keep for reuse slowed every step (measured, 1 thread, 2,400 idle
+        # cells: one stream 132 -> 145 tok/s and 4 streams 112 -> 132 tok/s with per-slot streams;
+        # bench-runtime's single stream went from 0.89x to 1.03x of direct llama-cpp-python).
+        params.kv_unified = False
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ctx:
@@ -453,9 +453,11 @@ class LlamaEngine:
             target = min(free, key=lambda s: s.last_used)
         own = shared(target)
         if best - own >= _MIN_COPY_TOKENS:
-            # In the shared pool a copy only tags the source's cells with the target's id: no KV is moved.
+            # Across per-slot streams llama.cpp copies a whole stream (a memcpy of the slot's KV, a few
+            # ms); the part past the shared prefix is then dropped.
             llama_cpp.llama_memory_seq_rm(self._memory, target.seq_id, -1, -1)
-            llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, target.seq_id, 0, best)
+            llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, target.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self._memory, target.seq_id, best, -1)
             target.cache = prompt[:best]
             kept = best
         else:
