@@ -195,11 +195,16 @@ async def stream_ttft(http: aiohttp.ClientSession, port: int | yarl.URL, body: d
 
 
 async def conversation(http, port: int, rng: random.Random, turns: int, doc_words: int,
-                       max_tokens: int, usage: list[dict]) -> list[float]:
+                       max_tokens: int, usage: list[dict], arrival_s: float, think_s: float) -> list[float]:
     history = [{"role": "system", "content": SYSTEM},
                {"role": "user", "content": "Here are my notes: " + document(rng, doc_words) + "\nSummarize them."}]
     ttfts = []
+    # Users arrive one after another and read each answer before asking again, as on a real service; the
+    # draws come from the conversation's own seed, so every profile sees the same arrivals and pauses.
+    await asyncio.sleep(arrival_s)
     for turn in range(turns):
+        if turn:
+            await asyncio.sleep(rng.uniform(0.5, 1.5) * think_s)
         ttft, answer = await stream_ttft(http, port, {
             "model": DEPLOYMENT, "messages": history, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}, usage)
@@ -211,10 +216,17 @@ async def conversation(http, port: int, rng: random.Random, turns: int, doc_word
 
 
 async def routing_phase(http, port: int, seed: int, conversations: int, turns: int, doc_words: int,
-                        max_tokens: int, usage: list[dict]) -> list[list[float]]:
+                        max_tokens: int, usage: list[dict], arrival_gap_s: float, think_s: float
+                        ) -> list[list[float]]:
     """TTFTs of every conversation, turn by turn."""
+    arrivals = random.Random(seed)
+    starts, at = [], 0.0
+    for _ in range(conversations):
+        starts.append(at)
+        at += arrivals.expovariate(1 / arrival_gap_s) if arrival_gap_s > 0 else 0.0
     return await asyncio.gather(*(
-        conversation(http, port, random.Random(seed * 1000 + c), turns, doc_words, max_tokens, usage)
+        conversation(http, port, random.Random(seed * 1000 + c), turns, doc_words, max_tokens, usage,
+                     starts[c], think_s)
         for c in range(conversations)
     ))
 
@@ -311,10 +323,12 @@ async def run(args) -> dict:
                 # Interleaved and reshuffled per round, so a shared machine's load falls on every profile alike.
                 random.Random(rnd).shuffle(order)
                 for profile in order:
-                    seed = rnd * 10 + PROFILES.index(profile)
+                    # The same conversations for every profile of a round: only the routing differs.
+                    seed = rnd
                     started = time.perf_counter()
                     per_conversation = await routing_phase(http, ports[profile], seed, args.conversations,
-                                                           args.turns, args.doc_words, args.max_tokens, usages[profile])
+                                                           args.turns, args.doc_words, args.max_tokens, usages[profile],
+                                                           args.arrival_gap_s, args.think_s)
                     got = [t for turns in per_conversation for t in turns]
                     ttfts[profile] += got
                     for turns in per_conversation:
@@ -361,7 +375,10 @@ def main() -> None:
     parser.add_argument("--instant-runtime", metavar="PORT_FILE", help=argparse.SUPPRESS)
     parser.add_argument("--overhead-only", action="store_true", help="skip the routing comparison")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--conversations", type=int, default=6)
+    parser.add_argument("--conversations", type=int, default=8)
+    parser.add_argument("--arrival-gap-s", type=float, default=0.5,
+                        help="mean gap between conversations' starts (Poisson arrivals; 0: all at once)")
+    parser.add_argument("--think-s", type=float, default=1.0, help="mean pause between a reply and the next turn")
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--doc-words", type=int, default=200, help="words of per-conversation context")
     parser.add_argument("--max-tokens", type=int, default=12)
