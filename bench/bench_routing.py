@@ -374,7 +374,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instant-runtime", metavar="PORT_FILE", help=argparse.SUPPRESS)
     parser.add_argument("--overhead-only", action="store_true", help="skip the routing comparison")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4, help="more rounds, steadier means (a round is ~10 s per profile)")
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--arrival-gap-s", type=float, default=0.5,
                         help="mean gap between conversations' starts (Poisson arrivals; 0: all at once)")
