@@ -204,3 +204,15 @@ def test_a_broken_configuration_fails_closed() -> None:
 
     with pytest.raises(Internal):
         Chains().stages("m", _config({"name": "nope"}))
+
+
+def test_webhook_payload_carries_every_choice_and_redacts_them() -> None:
+    from clowder_balancer.middleware.webhook import WebhookStage
+
+    stage = WebhookStage({"url": "http://127.0.0.1:9/hook", "include_content": True})
+    ctx = RequestContext("r1", "m", "http", finish_reason="stop", output=["first"])
+    assert "choices" not in stage.payload(ctx)  # a single choice: nothing more than before
+    ctx.choices = {1: ("length", ["second, key sk-", "abcdefghijklmnopqrstuvwx"]), 0: ("stop", ["first"])}
+    body = stage.payload(ctx)
+    assert [(c["index"], c["finish_reason"]) for c in body["choices"]] == [(0, "stop"), (1, "length")]
+    assert "abcdefghijklmnopqrstuvwx" not in body["choices"][1]["output"]

@@ -124,6 +124,10 @@ async def test_n_choices_count_once_against_the_rate_limit_and_tokens_add_up(
     await app.pipeline.drain()
     entry = json.loads(audit.read_text().splitlines()[0])
     assert entry["status"] == 200 and (entry["prompt_tokens"], entry["completion_tokens"]) == (5, 6)
+    # Every choice's answer is on record, not only the first.
+    assert entry["output"] == "seed 40"
+    assert [(c["index"], c["output"], c["finish_reason"]) for c in entry["choices"]] == [
+        (0, "seed 40", "stop"), (1, "seed 41", "stop"), (2, "seed 42", "stop")]
 
 
 async def test_a_changed_middleware_configuration_applies_to_the_next_request(state, make_balancer, runtimes, http):

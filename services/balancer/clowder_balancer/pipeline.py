@@ -20,7 +20,7 @@ from clowder_balancer.router import Router
 
 log = logging.getLogger(__name__)
 
-# Output kept for audit and webhooks, per request.
+# Output kept for audit and webhooks, per request (all choices together).
 MAX_KEPT_OUTPUT = 64 * 1024
 
 
@@ -62,15 +62,22 @@ class Pipeline:
                     last = message.finish_reason != runtime_pb2.FINISH_REASON_UNSPECIFIED
                     if filters[index]:
                         text = _through(filters[index], text, last)
-                    if index == 0 and kept < MAX_KEPT_OUTPUT:
-                        ctx.output.append(text[: MAX_KEPT_OUTPUT - kept])
-                        kept += len(text)
+                    if kept < MAX_KEPT_OUTPUT and text:
+                        piece = text[: MAX_KEPT_OUTPUT - kept]
+                        kept += len(piece)
+                        if index == 0:
+                            ctx.output.append(piece)
+                        if n > 1:
+                            ctx.choices.setdefault(index, ("", []))[1].append(piece)
                     if last:
                         if finished == 0:
                             ctx.prompt_tokens = message.usage.prompt_tokens
                         ctx.completion_tokens += message.usage.completion_tokens
+                        reason = finish_reason_name(message.finish_reason) or ""
                         if index == 0:
-                            ctx.finish_reason = finish_reason_name(message.finish_reason) or ""
+                            ctx.finish_reason = reason
+                        if n > 1:
+                            ctx.choices[index] = (reason, ctx.choices.get(index, ("", []))[1])
                         finished += 1
                         if finished == n:
                             # Served: a consumer that stops reading after this message has not cut anything.

@@ -48,6 +48,8 @@ class AuditStage(BaseStage):
             request.pop("request_id", None)
             entry["request"] = request
             entry["output"] = ctx.output_text[: self.max_chars]
+            if ctx.choices:
+                entry["choices"] = [{**c, "output": c["output"][: self.max_chars]} for c in ctx.choice_records()]
         return redact(entry)
 
     def _append(self, line: str) -> None:

@@ -25,8 +25,11 @@ class RequestContext:
     error: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Choice 0's finish reason and text (what most requests have); `choices` holds every choice's.
     finish_reason: str = ""
     output: list[str] = field(default_factory=list)
+    # Per choice index, when the request asked for n > 1: (finish reason, text pieces).
+    choices: dict[int, tuple[str, list[str]]] = field(default_factory=dict)
     # The GenerateRequest, or the EmbedRequest of an embeddings call.
     request: runtime_pb2.GenerateRequest | runtime_pb2.EmbedRequest | None = None
     # Messages stages put before the client's, so errors can still name the client's own fields.
@@ -35,6 +38,11 @@ class RequestContext:
     @property
     def output_text(self) -> str:
         return "".join(self.output)
+
+    def choice_records(self) -> list[dict[str, Any]]:
+        """Every choice of an n > 1 request as {index, finish_reason, output}; [] for a single choice."""
+        return [{"index": index, "finish_reason": reason or None, "output": "".join(pieces)}
+                for index, (reason, pieces) in sorted(self.choices.items())]
 
 
 class OutputFilter(Protocol):

@@ -47,6 +47,8 @@ class WebhookStage(BaseStage):
         }
         if self.include_content:
             body["output"] = ctx.output_text
+            if ctx.choices:
+                body["choices"] = ctx.choice_records()
         return redact(body)
 
     def after(self, ctx: RequestContext) -> None:
