@@ -183,3 +183,22 @@ async def test_peer_pull_streams_from_another_nodes_store(tmp_path, etcd, etcd_p
                 digest=digest_of(data), offset=1_000_000), metadata=md())]
             assert b"".join(c.data for c in chunks) == data[1_000_000:]
             assert from_rpc_error(err).violations[0].field == "source_url"
+
+
+async def test_file_roots_confine_file_sources(tmp_path, etcd, etcd_prefix):
+    served = tmp_path / "models"
+    served.mkdir()
+    inside = served / "m.gguf"
+    inside.write_bytes(b"inside" * 1000)
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes(b"not for the store")
+    (served / "escape.gguf").symlink_to(outside)
+    async with running_storage(tmp_path, etcd, etcd_prefix, file_roots=(str(served),)) as (app, stub):
+        done = await pull(stub, inside.as_uri())
+        assert done[-1].blob.digest == digest_of(inside.read_bytes())
+        for url in (outside.as_uri(), (served / "escape.gguf").as_uri(), f"file://{served}/../secret.txt"):
+            err = await rpc_error(pull(stub, url))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, url
+            assert from_rpc_error(err).reason == "SOURCE_OUTSIDE_FILE_ROOTS"
+        # Nothing of the refused files reached the store.
+        assert stored_names(app) == [digest_of(inside.read_bytes()).split(":")[1]]

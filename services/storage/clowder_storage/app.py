@@ -129,7 +129,7 @@ async def create_storage(config: StorageConfig, admin_token: str | None) -> Stor
         http = HttpFetcher(config.http_connect_timeout_s, config.http_read_timeout_s, config.http_total_timeout_s)
         peer = PeerFetcher(admin_token, config.http_read_timeout_s)
         sources = Sources([
-            FileFetcher(store.run), http, HfFetcher(http, config.hf_endpoint), peer,
+            FileFetcher(store.run, config.file_roots), http, HfFetcher(http, config.hf_endpoint), peer,
             S3Fetcher(store.run, config.s3_endpoint, config.s3_region, config.http_connect_timeout_s,
                       config.http_read_timeout_s),
         ])

@@ -69,6 +69,9 @@ class StorageConfig(EtcdConfig):
     s3_endpoint: str = ""
     s3_region: str = "us-east-1"
     # OCI registries spoken to over plain HTTP (loopback test registries), "host:port" list.
+    # Directories file:// sources must lie in (symlinks resolved). Empty allows any path the storage process
+    # can read, which suits a laptop; on a shared node set it, so the admin API cannot pull /etc into the store.
+    file_roots: tuple[str, ...] = ()
     insecure_registries: tuple[str, ...] = ()
     # Shortest gap between two progress messages of one pull.
     progress_interval_s: float = 0.2

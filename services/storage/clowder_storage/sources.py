@@ -134,9 +134,11 @@ class FileFetcher:
 
     schemes = ("file",)
 
-    def __init__(self, run: Callable[..., Awaitable[Any]]) -> None:
+    def __init__(self, run: Callable[..., Awaitable[Any]], roots: tuple[str, ...] = ()) -> None:
         # `run(fn, *args)` executes blocking work off the event loop (the store's bounded executor).
         self._run = run
+        # Directories sources must lie in, symlinks resolved; empty: any path this process can read.
+        self._roots = tuple(os.path.realpath(os.path.expanduser(root)) for root in roots)
 
     def check(self, parts: urllib.parse.SplitResult, url: str) -> None:
         if parts.netloc not in ("", "localhost"):
@@ -149,8 +151,19 @@ class FileFetcher:
     def _path(url: str) -> str:
         return urllib.parse.unquote(urllib.parse.urlsplit(url).path)
 
-    @staticmethod
-    def _open_sync(path: str) -> tuple[IO[bytes], os.stat_result]:
+    def _confined(self, path: str) -> str:
+        """The path to open: with roots configured, the resolved path, which must lie inside one of them
+        (a symlink or '..' pointing out of a root is refused like any other outside path)."""
+        if not self._roots:
+            return path
+        resolved = os.path.realpath(path)
+        if not any(os.path.commonpath([resolved, root]) == root for root in self._roots):
+            raise PermissionDenied(f"source file://{path} is outside the directories this node serves files from "
+                                   f"({', '.join(self._roots)})", reason="SOURCE_OUTSIDE_FILE_ROOTS")
+        return resolved
+
+    def _open_sync(self, path: str) -> tuple[IO[bytes], os.stat_result]:
+        path = self._confined(path)
         try:
             handle = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller
         except FileNotFoundError:
