@@ -141,14 +141,39 @@ def test_adapter_scorer(adapter, expected) -> None:
     ],
 )
 def test_prefill_scorer(history, open_, blocks, expected) -> None:
-    scorer = PrefillScorer()
+    now = [0.0]
+    scorer = PrefillScorer(clock=lambda: now[0])
     for address, seen in history.items():
         done = RouteRequest("m", blocks=seen)
         scorer.routed(done, c(address))
+        now[0] += 1.0
         scorer.prefilled(done, c(address))
     for address, seen in open_.items():
         scorer.routed(RouteRequest("m", blocks=seen), c(address))
     assert scorer.score(RouteRequest("m", blocks=blocks), [c("a"), c("b")]) == pytest.approx(expected)
+
+
+def test_prefill_scorer_counts_only_what_is_likely_left_of_others_prefill() -> None:
+    now = [0.0]
+    scorer = PrefillScorer(clock=lambda: now[0])
+    # "a" was seen to prefill 4 blocks in 2 s: 2 blocks/s.
+    first = RouteRequest("m", blocks=(1, 2, 3, 4))
+    scorer.routed(first, c("a"))
+    now[0] = 2.0
+    scorer.prefilled(first, c("a"))
+    # A conversation's next turn: "a" holds 4 of its 5 blocks, while another 6-block prompt prefills there.
+    scorer.routed(RouteRequest("m", blocks=(7, 8, 9, 10, 11, 12)), c("a"))
+    turn = RouteRequest("m", blocks=(1, 2, 3, 4, 5))
+    # Just routed: all 6 ahead, 7 blocks of work on "a" against 5 on "b".
+    assert scorer.score(turn, [c("a"), c("b")]) == pytest.approx({"a": 6 / 8, "b": 1.0})
+    # 2 s later about 4 of them are done: 3 blocks on "a" against 5 on "b" — wait at home.
+    now[0] = 4.0
+    assert scorer.remaining("a") == pytest.approx(2.0)
+    assert scorer.score(turn, [c("a"), c("b")]) == pytest.approx({"a": 1.0, "b": 4 / 6})
+    # A replica never seen to prefill keeps the whole count.
+    scorer.routed(RouteRequest("m", blocks=(20, 21, 22)), c("b"))
+    now[0] = 100.0
+    assert scorer.remaining("b") == 3
 
 
 def test_prefill_scorer_takes_back_each_routing_once() -> None:

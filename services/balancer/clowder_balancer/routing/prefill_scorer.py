@@ -17,6 +17,13 @@ from clowder_balancer.routing.prefix_index import DEFAULT_BLOCK_CHARS, PrefixInd
 from clowder_balancer.routing.prefix_scorer import PrefixScorer
 
 
+# Prefills shorter than this (in blocks or seconds) say more about fixed costs than about speed.
+RATE_MIN_BLOCKS = 2
+RATE_MIN_SECONDS = 0.005
+# Weight of the newest observation in a replica's prefill rate.
+RATE_SMOOTHING = 0.3
+
+
 class PrefillScorer(PrefixScorer):
     """Scores (least work + 1) / (work + 1): 1 for the replica with the least prefill ahead, falling with
     the work (relative to the best, so the weight against other scorers does not depend on prompt size)."""
@@ -26,18 +33,35 @@ class PrefillScorer(PrefixScorer):
     def __init__(self, index: PrefixIndex | None = None, block_chars: int = DEFAULT_BLOCK_CHARS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(index, block_chars, clock)
-        # Blocks still to evaluate per address, and what each open routing added, to take it back once.
+        # Blocks routed per address and not yet prefilled, and what each open routing added (with when),
+        # to take it back once.
         self._pending: dict[str, int] = {}
-        self._open: dict[tuple[int, str], list[int]] = {}
+        self._open: dict[tuple[int, str], list[tuple[int, float]]] = {}
+        # Blocks per second each replica was seen to prefill (moving average of finished prefills).
+        self._rate: dict[str, float] = {}
 
     def pending(self, address: str) -> int:
         return self._pending.get(address, 0)
+
+    def remaining(self, address: str) -> float:
+        """Pending blocks less what the replica has likely prefilled since the oldest of them was routed.
+
+        Counting a half-done prefill in full sent a conversation's next turn away from the replica holding
+        its history, to evaluate all of it again elsewhere, rather than wait for the rest of the other.
+        """
+        pending = self._pending.get(address, 0)
+        rate = self._rate.get(address)
+        if not pending or not rate:
+            return float(pending)
+        oldest = min((when for (_, a), opened in self._open.items() if a == address for _, when in opened),
+                     default=self._clock())
+        return max(0.0, pending - rate * (self._clock() - oldest))
 
     def _uncached(self, address: str, blocks: Sequence[int]) -> int:
         return len(blocks) - self.index.matched(address, blocks)
 
     def score(self, request: RouteRequest, candidates: Sequence[Candidate]) -> dict[str, float]:
-        work = {c.address: self._pending.get(c.address, 0) + self._uncached(c.address, request.blocks)
+        work = {c.address: self.remaining(c.address) + self._uncached(c.address, request.blocks)
                 for c in candidates}
         least = min(work.values(), default=0)
         return {address: (least + 1) / (w + 1) for address, w in work.items()}
@@ -47,7 +71,7 @@ class PrefillScorer(PrefixScorer):
         added = max(1, self._uncached(chosen.address, request.blocks))
         super().routed(request, chosen)
         self._pending[chosen.address] = self._pending.get(chosen.address, 0) + added
-        self._open.setdefault((id(request), chosen.address), []).append(added)
+        self._open.setdefault((id(request), chosen.address), []).append((added, self._clock()))
 
     def prefilled(self, request: RouteRequest, chosen: Candidate) -> None:
         """The request's first token came (or its attempt ended): its prompt is no longer ahead of others."""
@@ -55,9 +79,17 @@ class PrefillScorer(PrefixScorer):
         added = self._open.get(key)
         if not added:
             return
-        amount = added.pop()
+        amount, routed_at = added.pop()
         if not added:
             del self._open[key]
+        elapsed = self._clock() - routed_at
+        if amount >= RATE_MIN_BLOCKS and elapsed >= RATE_MIN_SECONDS:
+            # Time to first token over the blocks evaluated: queueing behind others makes it an underestimate
+            # of the replica's speed, which errs towards waiting less for others (the old behaviour).
+            observed = amount / elapsed
+            previous = self._rate.get(chosen.address)
+            self._rate[chosen.address] = observed if previous is None else previous + RATE_SMOOTHING * (
+                observed - previous)
         left = self._pending.get(chosen.address, 0) - amount
         if left > 0:
             self._pending[chosen.address] = left
@@ -67,5 +99,6 @@ class PrefillScorer(PrefixScorer):
     def forget(self, address: str) -> None:
         super().forget(address)
         self._pending.pop(address, None)
+        self._rate.pop(address, None)
         for key in [k for k in self._open if k[1] == address]:
             del self._open[key]
