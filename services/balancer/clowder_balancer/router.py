@@ -8,6 +8,7 @@ import contextlib
 import logging
 import random
 import time
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Sequence
 
 import grpc
@@ -40,6 +41,17 @@ EMBED_BATCH = 256
 # Failures before the first message that another replica may not have. Nothing has reached the client
 # yet and generation has no side effects, so trying elsewhere is safe.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+@dataclass
+class _Tries:
+    """One request's tries so far: the replicas tried, and why the last one failed."""
+
+    request_id: str
+    # Until when a try waits for a ready replica.
+    ready_deadline: float
+    tried: set[str] = field(default_factory=set)
+    last_error: ClowderError | None = None
 
 
 class _Retry(Exception):
@@ -157,40 +169,46 @@ class Router:
         cancels the runtime call. `prefer` names a replica address to try first (when it is ready and not
         ejected); `on_choice` learns each address tried.
         """
-        rid = request.request_id
         started = time.monotonic()
-        ready_deadline = started + self._config.ready_timeout_s
         route = route or self.route_request(model, request, session=session)
-        tried: set[str] = set()
-        last_error: ClowderError | None = None
+        tries = _Tries(request.request_id, started + self._config.ready_timeout_s)
+        async with contextlib.aclosing(self._attempts(model, tries)) as attempts:
+            async for endpoints in attempts:
+                choice = self._preferred(prefer, endpoints) if prefer and not tries.tried else None
+                if choice is None:
+                    choice = self._choose(route, endpoints, tries.tried)
+                tries.tried.add(choice.address)
+                if on_choice is not None:
+                    on_choice(choice.address)
+                try:
+                    # aclosing: when our consumer stops early, the runtime call is cancelled now, not at GC.
+                    async with contextlib.aclosing(self._attempt(model, choice, request, route, started)) as stream:
+                        async for message in stream:
+                            yield message
+                    return
+                except _Retry as retry:
+                    tries.last_error = retry.error
+
+    async def _attempts(self, model: str, tries: _Tries) -> AsyncIterator[list[ReadyEndpoint]]:
+        """The ready endpoints for each try of one request, up to max_attempts tries (waiting at most until
+        tries.ready_deadline for one to be ready). The caller records in `tries` which replicas it tried and
+        why the last failed; when no replica is left, or no try, that failure is raised: it says more than
+        "no endpoint"."""
         if self._discovery.ready and self._discovery.has_model(model):
             self.tracker.request(model)
         for attempt in range(1, max(1, self._config.max_attempts) + 1):
             try:
-                endpoints = await self._endpoints(model, ready_deadline, tried)
+                endpoints = await self._endpoints(model, tries.ready_deadline, tries.tried)
             except Unavailable:
-                if last_error is not None:
-                    raise last_error from None
+                if tries.last_error is not None:
+                    raise tries.last_error from None
                 raise
-            choice = self._preferred(prefer, endpoints) if prefer and not tried else None
-            if choice is None:
-                choice = self._choose(route, endpoints, tried)
-            tried.add(choice.address)
-            if on_choice is not None:
-                on_choice(choice.address)
             if attempt > 1:
                 self._metrics.retries.labels(model).inc()
-            try:
-                # aclosing: when our consumer stops early, the runtime call is cancelled now, not at GC.
-                async with contextlib.aclosing(self._attempt(model, choice, request, route, started)) as stream:
-                    async for message in stream:
-                        yield message
-                return
-            except _Retry as retry:
-                last_error = retry.error
-        log.warning("request_id=%s model=%s gave up after %d attempts", rid, model, len(tried))
-        assert last_error is not None
-        raise last_error
+            yield endpoints
+        log.warning("request_id=%s model=%s gave up after %d attempts", tries.request_id, model, len(tries.tried))
+        assert tries.last_error is not None
+        raise tries.last_error
 
     async def embed(self, model: str, request: runtime_pb2.EmbedRequest) -> runtime_pb2.EmbedResponse:
         """Embeddings of all of `request.inputs`, in order: batches of at most EMBED_BATCH inputs (what one
@@ -231,48 +249,34 @@ class Router:
 
         Embeddings leave nothing in a KV cache worth coming back to, so only load decides.
         """
-        started = time.monotonic()
-        ready_deadline = started + self._config.ready_timeout_s
-        tried: set[str] = set()
-        last_error: ClowderError | None = None
-        if self._discovery.ready and self._discovery.has_model(model):
-            self.tracker.request(model)
-        for attempt in range(1, max(1, self._config.max_attempts) + 1):
-            try:
-                endpoints = await self._endpoints(model, ready_deadline, tried)
-            except Unavailable:
-                if last_error is not None:
-                    raise last_error from None
-                raise
-            candidates = self._candidates(endpoints, tried)
-            usable = [c for c in candidates if c.reachable and not c.ejected] or candidates
-            least = min(c.load for c in usable)
-            choice = self._rng.choice([c for c in usable if c.load == least])
-            tried.add(choice.address)
-            if attempt > 1:
-                self._metrics.retries.labels(model).inc()
-            self._in_flight[choice.address] += 1
-            self._metrics.replica(model, choice.replica_id).routed.inc()
-            logcontext.REPLICA.set(choice.replica_id)
-            try:
-                with self.tracker.in_flight(model):
-                    async with self._channels.stub(choice.address) as stub:
-                        response = await stub.Embed(request, timeout=self._config.request_timeout_s,
-                                                    metadata=((REQUEST_ID_KEY, request.request_id),))
-                self.outliers.success(choice.address)
-                return response
-            except grpc.aio.AioRpcError as err:
-                failure = self._first_error(model, choice, err, request.request_id)
-                if isinstance(failure, _Retry):
-                    last_error = failure.error
-                    continue
-                raise failure from None
-            finally:
-                self._in_flight[choice.address] -= 1
-                if self._in_flight[choice.address] <= 0:
-                    del self._in_flight[choice.address]
-        assert last_error is not None
-        raise last_error
+        tries = _Tries(request.request_id, time.monotonic() + self._config.ready_timeout_s)
+        async with contextlib.aclosing(self._attempts(model, tries)) as attempts:
+            async for endpoints in attempts:
+                candidates = self._candidates(endpoints, tries.tried)
+                usable = [c for c in candidates if c.reachable and not c.ejected] or candidates
+                least = min(c.load for c in usable)
+                choice = self._rng.choice([c for c in usable if c.load == least])
+                tries.tried.add(choice.address)
+                self._in_flight[choice.address] += 1
+                self._metrics.replica(model, choice.replica_id).routed.inc()
+                logcontext.REPLICA.set(choice.replica_id)
+                try:
+                    with self.tracker.in_flight(model):
+                        async with self._channels.stub(choice.address) as stub:
+                            response = await stub.Embed(request, timeout=self._config.request_timeout_s,
+                                                        metadata=((REQUEST_ID_KEY, request.request_id),))
+                    self.outliers.success(choice.address)
+                    return response
+                except grpc.aio.AioRpcError as err:
+                    failure = self._first_error(model, choice, err, request.request_id)
+                    if not isinstance(failure, _Retry):
+                        raise failure from None
+                    tries.last_error = failure.error
+                finally:
+                    self._in_flight[choice.address] -= 1
+                    if self._in_flight[choice.address] <= 0:
+                        del self._in_flight[choice.address]
+        raise AssertionError("_attempts ends by raising")
 
     async def _attempt(
         self, model: str, choice: Candidate, request: runtime_pb2.GenerateRequest, route: RouteRequest,
