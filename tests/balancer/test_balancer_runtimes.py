@@ -6,12 +6,8 @@ The last test SIGKILLs a replica; it stays last so the others see both.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
-import pathlib
 import signal
-import subprocess
-import sys
 import time
 import uuid
 
@@ -21,31 +17,17 @@ import openai
 import pytest
 
 from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc
-from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
+from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
 from clowder_common.etcd import EtcdState
-from clowder_common.processes import spawn, terminate
 
 from clowder_balancer.app import create_balancer
 
-from balancer_helpers import balancer_config, put_deployment, wait_until
+from balancer_helpers import RuntimeProcess, balancer_config, put_deployment, runtime_processes, wait_until
 
 DEPLOYMENT = "d"
 REPLICAS = ("r1", "r2")
-START_TIMEOUT_S = 60
 CHAT = [{"role": "user", "content": "Name three colors."}]
-
-
-@dataclasses.dataclass
-class Replica:
-    replica_id: str
-    proc: subprocess.Popen
-    address: str
-    stub: runtime_pb2_grpc.RuntimeServiceStub
-    channel: grpc.aio.Channel
-
-    async def stats(self) -> runtime_pb2.GetStatsResponse:
-        return await self.stub.GetStats(runtime_pb2.GetStatsRequest(), timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -61,41 +43,8 @@ async def cluster_state(etcd):
 @pytest.fixture(scope="module")
 async def replicas(etcd, cluster_state, model_path, tmp_path_factory):
     work = tmp_path_factory.mktemp("runtimes")
-    procs: dict[str, tuple[subprocess.Popen, pathlib.Path]] = {}
-    logs = []
-    for replica_id in REPLICAS:
-        port_file = work / f"{replica_id}.port"
-        log = open(work / f"{replica_id}.log", "wb")
-        logs.append(log)
-        argv = [
-            sys.executable, "-m", "clowder_runtime",
-            "--model-path", str(model_path), "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-            "--deployment", DEPLOYMENT, "--replica-id", replica_id,
-            "--etcd-endpoints", etcd.endpoint, "--etcd-prefix", cluster_state.prefix, "--threads", "1",
-        ]
-        procs[replica_id] = (spawn(argv, log), port_file)
-    started: list[Replica] = []
-    try:
-        for replica_id, (proc, port_file) in procs.items():
-            deadline = time.monotonic() + START_TIMEOUT_S
-            key = cluster_state.key(keys.endpoint(DEPLOYMENT, replica_id))
-            while await cluster_state.get(key, runtime_pb2.Endpoint) is None:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"runtime {replica_id} exited with {proc.returncode}; see {work}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"runtime {replica_id} did not register within {START_TIMEOUT_S}s")
-                await asyncio.sleep(0.1)
-            address = f"127.0.0.1:{int(port_file.read_text())}"
-            channel = grpc.aio.insecure_channel(address)
-            started.append(Replica(replica_id, proc, address, runtime_pb2_grpc.RuntimeServiceStub(channel), channel))
+    async with runtime_processes(cluster_state, etcd.endpoint, DEPLOYMENT, REPLICAS, model_path, work) as started:
         yield started
-    finally:
-        for replica in started:
-            await replica.channel.close()
-        for proc, _ in procs.values():
-            await asyncio.to_thread(terminate, proc, 10)
-        for log in logs:
-            log.close()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +64,7 @@ async def client(balancer):
         yield client
 
 
-async def _running(replicas: list[Replica]) -> list[int]:
+async def _running(replicas: list[RuntimeProcess]) -> list[int]:
     return [(await r.stats()).num_requests_running for r in replicas]
 
 
