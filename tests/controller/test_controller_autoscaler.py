@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -12,6 +11,8 @@ from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
 from clowder_controller.autoscaler import Autoscaler, History, Load, Windows, decide, sum_loads
 from clowder_controller.events import EventRecorder, read_events
+
+from controller_helpers import wait_for
 
 NOW = 1_000_000.0
 
@@ -90,16 +91,6 @@ def test_loads_sum_over_balancers():
     totals = sum_loads([a, b])
     assert totals["d"] == Load(in_flight=5, waiting=1, last_request=500.0)
     assert totals["e"] == Load(waiting=4)
-
-
-async def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_autoscaler_follows_balancer_reports_in_etcd(state):

@@ -19,18 +19,10 @@ from clowder_controller.leader import current_leader
 from clowder_controller.reconciler import Reconciler, replica_id, template_hash
 from clowder_controller.storage_client import StorageClients
 
+from controller_helpers import wait_for
+
 TOKEN = "leader-test-token"
 TTL = 2
-
-
-async def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start_controller(etcd, prefix, tmp_path: pathlib.Path, name: str):

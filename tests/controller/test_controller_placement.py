@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import sys
 import time
@@ -17,19 +16,11 @@ from clowder_controller.config import ControllerConfig
 from clowder_storage.app import create_storage
 from clowder_storage.config import StorageConfig
 
+from controller_helpers import wait_for
+
 TOKEN = "placement-test-token"
 LEASE_TTL = 2
 STARTED = (resources_pb2.REPLICA_STATE_STARTING, resources_pb2.REPLICA_STATE_READY)
-
-
-async def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def start_node(etcd, prefix, tmp_path, name, labels):

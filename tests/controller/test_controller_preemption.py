@@ -4,7 +4,6 @@ the lower one's replica, which waits with a reason."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
@@ -14,18 +13,10 @@ from clowder_controller.events import read_events
 from clowder_storage.app import create_storage
 from clowder_storage.config import StorageConfig
 
+from controller_helpers import wait_for
+
 TOKEN = "preemption-test-token"
 STARTED = (resources_pb2.REPLICA_STATE_STARTING, resources_pb2.REPLICA_STATE_READY)
-
-
-async def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_higher_priority_preempts_on_a_full_node(etcd, etcd_prefix, state, tmp_path, model_path):
