@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import os
 import pathlib
-import secrets
 import time
 
 import grpc
@@ -23,16 +21,13 @@ from clowder_common.auth import bearer_metadata
 from clowder_common.clients import aio_channel
 from clowder_common.errors import from_rpc_error
 from clowder_common.processes import free_port
-from clowder_storage.app import StorageApp, create_storage
-from clowder_storage.config import StorageConfig
+from clowder_storage.app import StorageApp
 
-TOKEN = secrets.token_urlsafe(24)
-CALL_TIMEOUT = 20
+from storage_helpers import CALL_TIMEOUT, TOKEN, digest_of, pull, rpc_error, running_storage, tmp_files
 
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
+# The labels the node registers with (checked in its Node record).
+LABELS = {"zone": "test"}
+AUTH = bearer_metadata(TOKEN)
 
 class Source:
     """A real HTTP server on 127.0.0.1 serving blobs, counting requests, able to hold a transfer mid-way."""
@@ -110,31 +105,9 @@ async def source():
     await src.stop()
 
 
-@contextlib.asynccontextmanager
-async def running_storage(tmp_path: pathlib.Path, etcd, prefix: str, **overrides):
-    config = StorageConfig(
-        listen="127.0.0.1:0",
-        data_dir=str(tmp_path / "store"),
-        node_name="node-a",
-        labels={"zone": "test"},
-        etcd_endpoints=(etcd.endpoint,),
-        etcd_prefix=prefix,
-        lease_ttl_s=5,
-        **overrides,
-    )
-    app = await create_storage(config, TOKEN)
-    await app.start()
-    channel = aio_channel(f"127.0.0.1:{app.port}")
-    try:
-        yield app, storage_pb2_grpc.StorageServiceStub(channel)
-    finally:
-        await channel.close()
-        await app.stop()
-
-
 @pytest.fixture
 async def storage(tmp_path, etcd, etcd_prefix, state):
-    async with running_storage(tmp_path, etcd, etcd_prefix) as running:
+    async with running_storage(tmp_path, etcd, etcd_prefix, labels=LABELS) as running:
         yield running
 
 
@@ -146,21 +119,6 @@ def app(storage) -> StorageApp:
 @pytest.fixture
 def stub(storage) -> storage_pb2_grpc.StorageServiceStub:
     return storage[1]
-
-
-AUTH = bearer_metadata(TOKEN)
-
-
-async def pull(stub, url: str, expected: str = "") -> list[storage_pb2.PullBlobResponse]:
-    call = stub.PullBlob(storage_pb2.PullBlobRequest(source_url=url, expected_digest=expected),
-                         metadata=AUTH, timeout=CALL_TIMEOUT)
-    return [message async for message in call]
-
-
-async def rpc_error(awaitable) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await awaitable
-    return err.value
 
 
 def write_file(path: pathlib.Path, size: int) -> bytes:
@@ -175,10 +133,6 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             h.update(block)
     return "sha256:" + h.hexdigest()
-
-
-def tmp_files(app: StorageApp) -> list[str]:
-    return sorted(p.name for p in app.store.tmp_dir.iterdir())
 
 
 async def wait_until(predicate, timeout: float = 5.0) -> None:
@@ -496,13 +450,13 @@ def test_gpus_counted_from_device_nodes(tmp_path):
 
 async def test_node_registered_with_its_address_until_stopped(tmp_path, etcd, etcd_prefix, state):
     key = state.key(keys.node("node-a"))
-    async with running_storage(tmp_path, etcd, etcd_prefix) as (app, stub):
+    async with running_storage(tmp_path, etcd, etcd_prefix, labels=LABELS) as (app, stub):
         got = await state.get(key, resources_pb2.Node)
         assert got is not None
         node = got.value
         assert node.name == "node-a"
         assert node.storage_address == f"127.0.0.1:{app.port}"
-        assert dict(node.labels) == {"zone": "test"}
+        assert dict(node.labels) == LABELS
         assert node.cpus == os.cpu_count()
         assert node.memory_bytes == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         assert 0 < node.store_free_bytes <= (await asyncio.to_thread(os.statvfs, app.config.data_dir)).f_blocks * \
