@@ -28,6 +28,15 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+async def serve_loopback(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Start `app` on 127.0.0.1 at a free port: its runner (to clean up) and the port."""
+    runner = web.AppRunner(app, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
 class RangedSource:
     """A real HTTP server on 127.0.0.1 that honours Range and If-Range, and injects faults on request.
 
@@ -113,11 +122,7 @@ class RangedSource:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/f/{name}", self._serve)
-        self._runner = web.AppRunner(app, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve_loopback(app)
 
     async def stop(self) -> None:
         if self._runner is not None:

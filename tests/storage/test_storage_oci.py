@@ -16,7 +16,7 @@ from aiohttp import web
 from clowder.storage.v1 import storage_pb2
 from clowder_common.processes import async_wait_for_port, free_port, terminate
 from clowder_storage.oci import parse_oci
-from storage_helpers import CALL_TIMEOUT, digest_of, md, rpc_error, running_storage
+from storage_helpers import CALL_TIMEOUT, digest_of, md, rpc_error, running_storage, serve_loopback
 
 USER, PASSWORD, TOKEN = "robot", "registry-pass-42", "registry-token-xyz"
 
@@ -63,11 +63,7 @@ class TokenFront:
         app = web.Application(client_max_size=64 << 20)
         app.router.add_get("/token", self._token)
         app.router.add_route("*", "/v2/{tail:.*}", self._proxy)
-        self._runner = web.AppRunner(app, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve_loopback(app)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -23,7 +23,8 @@ from clowder_common.errors import from_rpc_error
 from clowder_common.processes import free_port
 from clowder_storage.app import StorageApp
 
-from storage_helpers import CALL_TIMEOUT, TOKEN, digest_of, pull, rpc_error, running_storage, tmp_files
+from storage_helpers import (CALL_TIMEOUT, TOKEN, digest_of, pull, rpc_error, running_storage, serve_loopback,
+                             tmp_files)
 
 # The labels the node registers with (checked in its Node record).
 LABELS = {"zone": "test"}
@@ -85,11 +86,7 @@ class Source:
         app.router.add_get("/held/{name}", self._held)
         app.router.add_get("/gz/{name}", self._compressible)
         app.router.add_get("/status/{code}", self._status)
-        self._runner = web.AppRunner(app, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve_loopback(app)
 
     async def stop(self) -> None:
         self.gate.set()

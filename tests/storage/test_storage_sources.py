@@ -17,7 +17,7 @@ from clowder.storage.v1 import storage_pb2
 from clowder_common.errors import from_rpc_error
 from clowder_common.processes import async_wait_for_port, free_port, terminate
 from clowder_storage.hf import parse_hf
-from storage_helpers import RangedSource, digest_of, md, pull, rpc_error, running_storage, stored_names
+from storage_helpers import RangedSource, digest_of, md, pull, rpc_error, running_storage, serve_loopback, stored_names
 
 HUB_TOKEN = "hf_test_token_0123456789"
 
@@ -55,11 +55,7 @@ class Hub:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{org}/{repo}/resolve/{rev}/{file:.+}", self._resolve)
-        self._runner = web.AppRunner(app, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve_loopback(app)
 
     async def stop(self) -> None:
         if self._runner is not None:
