@@ -255,6 +255,11 @@ class Collector:
                           tuple(choices), first.logprobs, first.tool_calls)
 
 
+def embedding_request(model: str, inputs: str | Iterable[str]) -> inference_pb2.CreateEmbeddingRequest:
+    """One text or several."""
+    return inference_pb2.CreateEmbeddingRequest(model=model, inputs=[inputs] if isinstance(inputs, str) else inputs)
+
+
 def embeddings_of(reply: inference_pb2.CreateEmbeddingResponse) -> Embeddings:
     return Embeddings(reply.model, [list(e.values) for e in reply.embeddings], reply.prompt_tokens)
 

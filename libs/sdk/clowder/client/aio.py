@@ -19,7 +19,7 @@ from clowder_common.errors import ClowderError, DeadlineExceeded, Unavailable, f
 from clowder.client import _settings
 from clowder.client._shared import (Chunk, Collector, Completion, Embeddings, Message, Tool, ToolChoiceSpec,
                                     api_key_request, chat_request, chunk_of, completion_request, deployment,
-                                    embeddings_of, image, retrying_kwargs)
+                                    embedding_request, embeddings_of, image, retrying_kwargs)
 
 PULL_TIMEOUT_S = 6 * 3600.0
 
@@ -215,8 +215,7 @@ class AsyncClient:
         self.deployments = Deployments(control, controller_pb2_grpc.DeploymentServiceStub(self._control_channel))
         self.nodes = Nodes(control, controller_pb2_grpc.NodeServiceStub(self._control_channel))
         # API keys live with the balancers, behind the admin token.
-        self.api_keys = ApiKeys(_Caller(bearer_metadata(s.admin_token), s.timeout_s, s.max_attempts),
-                                apikeys_pb2_grpc.ApiKeyServiceStub(self._inference_channel))
+        self.api_keys = ApiKeys(control, apikeys_pb2_grpc.ApiKeyServiceStub(self._inference_channel))
 
     async def models(self) -> list[inference_pb2.Model]:
         reply = await self._inference.unary(self._stub.ListModels, inference_pb2.ListModelsRequest(),
@@ -249,9 +248,8 @@ class AsyncClient:
 
     async def embed(self, model: str, inputs: str | Iterable[str], *, timeout_s: float | None = None) -> Embeddings:
         """One L2-normalized vector per input text."""
-        texts = [inputs] if isinstance(inputs, str) else list(inputs)
-        reply = await self._inference.unary(self._stub.CreateEmbedding, inference_pb2.CreateEmbeddingRequest(
-            model=model, inputs=texts), idempotent=True, timeout_s=timeout_s)
+        reply = await self._inference.unary(self._stub.CreateEmbedding, embedding_request(model, inputs),
+                                            idempotent=True, timeout_s=timeout_s)
         return embeddings_of(reply)
 
     async def _chunks(self, method: Callable[..., Any], request: Any, timeout_s: float | None

@@ -18,7 +18,7 @@ from clowder_common.errors import ClowderError, DeadlineExceeded, Unavailable, f
 from clowder.client import _settings
 from clowder.client._shared import (Chunk, Collector, Completion, Embeddings, Message, Tool, ToolChoiceSpec,
                                     api_key_request, chat_request, chunk_of, completion_request, deployment,
-                                    embeddings_of, image, retrying_kwargs)
+                                    embedding_request, embeddings_of, image, retrying_kwargs)
 
 T = TypeVar("T")
 PULL_TIMEOUT_S = 6 * 3600.0
@@ -255,9 +255,8 @@ class Client:
 
     def embed(self, model: str, inputs: str | Iterable[str], *, timeout_s: float | None = None) -> Embeddings:
         """One L2-normalized vector per input text."""
-        texts = [inputs] if isinstance(inputs, str) else list(inputs)
-        reply = self._inference.unary(self._stub.CreateEmbedding, inference_pb2.CreateEmbeddingRequest(
-            model=model, inputs=texts), idempotent=True, timeout_s=timeout_s)
+        reply = self._inference.unary(self._stub.CreateEmbedding, embedding_request(model, inputs),
+                                      idempotent=True, timeout_s=timeout_s)
         return embeddings_of(reply)
 
     def _chunks(self, method: Callable[..., Any], request: Any, timeout_s: float | None) -> Iterator[Chunk]:
