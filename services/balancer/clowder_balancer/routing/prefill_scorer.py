@@ -36,7 +36,8 @@ class PrefillScorer(PrefixScorer):
         # Blocks routed per address and not yet prefilled, and what each open routing added (with when),
         # to take it back once.
         self._pending: dict[str, int] = {}
-        self._open: dict[tuple[int, str], list[tuple[int, float]]] = {}
+        # Per address, per request (its id): (blocks added, when) for each open routing there.
+        self._open: dict[str, dict[int, list[tuple[int, float]]]] = {}
         # Blocks per second each replica was seen to prefill (moving average of finished prefills).
         self._rate: dict[str, float] = {}
 
@@ -53,7 +54,7 @@ class PrefillScorer(PrefixScorer):
         rate = self._rate.get(address)
         if not pending or not rate:
             return float(pending)
-        oldest = min((when for (_, a), opened in self._open.items() if a == address for _, when in opened),
+        oldest = min((when for opened in self._open.get(address, {}).values() for _, when in opened),
                      default=self._clock())
         return max(0.0, pending - rate * (self._clock() - oldest))
 
@@ -71,17 +72,19 @@ class PrefillScorer(PrefixScorer):
         added = max(1, self._uncached(chosen.address, request.blocks))
         super().routed(request, chosen)
         self._pending[chosen.address] = self._pending.get(chosen.address, 0) + added
-        self._open.setdefault((id(request), chosen.address), []).append((added, self._clock()))
+        self._open.setdefault(chosen.address, {}).setdefault(id(request), []).append((added, self._clock()))
 
     def prefilled(self, request: RouteRequest, chosen: Candidate) -> None:
         """The request's first token came (or its attempt ended): its prompt is no longer ahead of others."""
-        key = (id(request), chosen.address)
-        added = self._open.get(key)
+        at_address = self._open.get(chosen.address, {})
+        added = at_address.get(id(request))
         if not added:
             return
         amount, routed_at = added.pop()
         if not added:
-            del self._open[key]
+            del at_address[id(request)]
+            if not at_address:
+                del self._open[chosen.address]
         elapsed = self._clock() - routed_at
         if amount >= RATE_MIN_BLOCKS and elapsed >= RATE_MIN_SECONDS:
             # Time to first token over the blocks evaluated: queueing behind others makes it an underestimate
@@ -100,5 +103,4 @@ class PrefillScorer(PrefixScorer):
         super().forget(address)
         self._pending.pop(address, None)
         self._rate.pop(address, None)
-        for key in [k for k in self._open if k[1] == address]:
-            del self._open[key]
+        self._open.pop(address, None)
