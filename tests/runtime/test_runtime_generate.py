@@ -125,6 +125,32 @@ async def test_chat_streams_pieces_and_ends_with_finish_and_usage(stub):
     assert last.usage.completion_tokens == 6
 
 
+async def test_every_message_counts_the_tokens_generated_so_far_and_the_prompt(stub):
+    responses = await collect(stub, completion(STORY, temperature=0, max_tokens=24))
+    counts = [r.completion_tokens for r in responses]
+    assert counts == sorted(counts) and counts[0] >= 1, counts
+    assert counts[-1] == responses[-1].usage.completion_tokens == 24
+    assert {r.prompt_tokens for r in responses} == {responses[-1].usage.prompt_tokens}
+
+
+async def test_greedy_chat_continued_from_an_assistant_prefix_ends_as_the_single_run(stub):
+    """What the balancer does when a replica dies mid-stream: the partial answer is continued, not answered."""
+    question = [("user", "Name three colours and say why you like them.")]
+    whole = await collect(stub, chat(question, temperature=0, max_tokens=24))
+    # Cut after the message that brought the 8th token: the text a client had when its replica died.
+    cut = next(i for i, r in enumerate(whole) if r.completion_tokens >= 8) + 1
+    sent, tokens = text_of(whole[:cut]), whole[cut - 1].completion_tokens
+    request = chat(question, temperature=0, max_tokens=24 - tokens)
+    request.chat.assistant_prefix = sent
+    rest = await collect(stub, request)
+    assert rest[-1].usage.completion_tokens == 24 - tokens
+    # The prefix went into the prompt after the generation prompt, as the tokens it was generated as.
+    assert rest[-1].usage.prompt_tokens == whole[-1].usage.prompt_tokens + tokens
+    # Greedy, same tokens in the context: the same answer (the single run's text is what a client would
+    # have seen without the failure).
+    assert sent + text_of(rest) == text_of(whole)
+
+
 async def test_temperature_zero_completion_equals_llama_cpp_directly(stub, direct):
     responses = await collect(stub, completion(STORY, temperature=0, max_tokens=32))
     expected = await run_direct(direct, direct.create_completion, STORY, temperature=0, max_tokens=32)

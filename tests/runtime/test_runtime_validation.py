@@ -10,7 +10,7 @@ from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2
 
 from clowder_common.errors import InvalidArgument
-from clowder_runtime.generation import ChatTurn, Finish, FinishReason, GenerationStream, Output
+from clowder_runtime.generation import ChatTurn, Finish, FinishReason, GenerationStream, Output, Piece
 from clowder_runtime.validation import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, build_job, validate_image_config
 
 
@@ -101,6 +101,17 @@ def test_bad_requests_name_each_bad_field(request_, fields):
     assert sorted(fields_of(caught.value)) == sorted(fields)
 
 
+def test_assistant_prefix_reaches_a_chat_job_and_refuses_a_grammar():
+    request = chat(("user", "hi"))
+    request.chat.assistant_prefix = "Hello, I"
+    assert build_job(request, resources_pb2.ImageConfiguration()).assistant_prefix == "Hello, I"
+    # The JSON grammar starts at the answer's first character: it cannot continue a partial one.
+    request.sampling.response_format = runtime_pb2.RESPONSE_FORMAT_JSON_OBJECT
+    with pytest.raises(InvalidArgument) as caught:
+        build_job(request, resources_pb2.ImageConfiguration())
+    assert fields_of(caught.value) == ["assistant_prefix"]
+
+
 def test_invalid_image_defaults_are_refused_up_front():
     with pytest.raises(InvalidArgument) as caught:
         validate_image_config(resources_pb2.ImageConfiguration(temperature=9, max_tokens=0))
@@ -117,9 +128,22 @@ async def test_stream_merges_pieces_that_piled_up_and_ends_at_finish():
     stream.push_finish(finish)
     await asyncio.sleep(0)  # let call_soon_threadsafe deliver
     outputs = [output async for output in stream]
-    assert outputs == [Output("ab", finish)]
+    # The last output's counts are the finish's (what the balancer continues a broken stream from).
+    assert outputs == [Output("ab", finish, completion_tokens=2, prompt_tokens=3)]
     stream.cancel()
     assert cancelled == [], "a finished stream has nothing to cancel"
+
+
+async def test_stream_outputs_carry_the_latest_token_counts_of_the_pieces_they_merge():
+    stream = GenerationStream(asyncio.get_running_loop(), on_cancel=lambda: None)
+    stream.push_piece(Piece("a", (), tokens=1, prompt_tokens=7))
+    stream.push_piece(Piece("b", (), tokens=3, prompt_tokens=7))
+    await asyncio.sleep(0)
+    assert await stream.__anext__() == Output("ab", completion_tokens=3, prompt_tokens=7)
+    # Text pushed without counts (the engine's last flush) keeps the counts known so far.
+    stream.push_text("c")
+    await asyncio.sleep(0)
+    assert await stream.__anext__() == Output("c", completion_tokens=3, prompt_tokens=7)
 
 
 async def test_stream_delivers_text_before_raising_a_later_error():

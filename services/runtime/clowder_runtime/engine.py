@@ -303,6 +303,10 @@ class LlamaEngine:
                 if grammar is not None:
                     model.check_grammar(grammar)
             tokens = self.tokenize_chat(template_messages(job.messages), tools)
+            if job.assistant_prefix:
+                # After the generation prompt, tokenized on its own as the model once generated it: the
+                # model continues the partial answer (a stream the balancer moved here mid-way).
+                tokens += model.tokenize(job.assistant_prefix, add_bos=False)
         else:
             field_name = "prompt"
             tokens = model.tokenize(job.prompt or "", add_bos=True)
@@ -605,9 +609,10 @@ class LlamaEngine:
             text = slot.calls.feed(text)
         if logprob is not None:
             # Sent even with no text (held for a stop string), so every counted token has its entry.
-            self._send(work.stream, Piece(text, (logprob,)))
+            self._send(work.stream, Piece(text, (logprob,), slot.produced, slot.n_prompt))
         elif text:
-            self._send(work.stream, text)
+            # With the counts: the balancer continues a broken stream elsewhere with the tokens left.
+            self._send(work.stream, Piece(text, (), slot.produced, slot.n_prompt))
         if hit:
             self._finish(slot, FinishReason.STOP)
         elif slot.produced >= work.max_new:

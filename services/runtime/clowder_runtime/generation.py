@@ -91,6 +91,8 @@ class GenerationJob:
     # OpenAI tool definitions (plain JSON values) for the chat template; chat only.
     tools: tuple[dict, ...] = ()
     tool_choice: ToolChoice = ToolChoice()
+    # Chat only: text the answer already begins with (continued, not answered; not repeated in the output).
+    assistant_prefix: str = ""
 
     @property
     def tool_names(self) -> tuple[str, ...]:
@@ -122,12 +124,16 @@ class TokenLogprob:
     top: tuple[TopLogprob, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Piece:
-    """Text with the logprobs of the tokens generated since the last push (only when logprobs are asked)."""
+    """Text with the logprobs of the tokens generated since the last push (when logprobs are asked), and the
+    token counts so far (what the balancer needs to continue a broken stream elsewhere)."""
 
     text: str
-    logprobs: tuple[TokenLogprob, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+    # Tokens generated so far, this piece's included; 0 when the engine does not count.
+    tokens: int = 0
+    prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,9 @@ class Output:
     finish: Finish | None = None
     # Only when the job asked for logprobs: one per token generated since the previous Output.
     logprobs: tuple[TokenLogprob, ...] = ()
+    # Tokens generated so far (cumulative) and the prompt's tokens; 0 when the engine did not say.
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -198,6 +207,9 @@ class GenerationStream:
         self._pending: str | Piece | Finish | BaseException | None = None
         self._finished = False
         self._cancelled = False
+        # The latest counts pieces brought (see Piece.tokens).
+        self._tokens = 0
+        self._prompt_tokens = 0
 
     # -- producer side (any thread) --------------------------------------------
 
@@ -247,18 +259,26 @@ class GenerationStream:
             if isinstance(item, BaseException):
                 if pieces or logprobs:
                     self._pending = item
-                    return Output("".join(pieces), logprobs=tuple(logprobs))
+                    return self._output(pieces, logprobs)
                 self._finished = True
                 raise item
             if isinstance(item, Finish):
                 self._finished = True
-                return Output("".join(pieces), item, tuple(logprobs))
+                self._tokens = item.completion_tokens
+                self._prompt_tokens = item.prompt_tokens
+                return self._output(pieces, logprobs, item)
             if isinstance(item, Piece):
                 pieces.append(item.text)
                 logprobs.extend(item.logprobs)
+                # Counts are cumulative: the last piece merged holds them all.
+                self._tokens = max(self._tokens, item.tokens)
+                self._prompt_tokens = item.prompt_tokens or self._prompt_tokens
             else:
                 pieces.append(item)
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                return Output("".join(pieces), logprobs=tuple(logprobs))
+                return self._output(pieces, logprobs)
+
+    def _output(self, pieces: list[str], logprobs: list[TokenLogprob], finish: Finish | None = None) -> Output:
+        return Output("".join(pieces), finish, tuple(logprobs), self._tokens, self._prompt_tokens)

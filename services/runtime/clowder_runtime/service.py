@@ -31,7 +31,8 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
         stream = await self._engine.generate(job)
         try:
             async for output in stream:
-                response = runtime_pb2.GenerateResponse(text=output.text)
+                response = runtime_pb2.GenerateResponse(
+                    text=output.text, completion_tokens=output.completion_tokens, prompt_tokens=output.prompt_tokens)
                 if output.logprobs:
                     response.logprobs.extend(_logprob_message(lp) for lp in output.logprobs)
                 if output.finish is not None:

@@ -110,6 +110,7 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
             for t in turns
         )
         tools, tool_choice = _tools(request.chat, violations)
+        assistant_prefix = request.chat.assistant_prefix
         if image.system_prompt and not any(t.role == "system" for t in messages):
             messages = (ChatTurn("system", image.system_prompt), *messages)
     elif kind == "prompt":
@@ -119,7 +120,7 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
     else:
         violations.append(FieldViolation("input", "set either chat.messages or prompt"))
     if kind != "chat":
-        tools, tool_choice = (), ToolChoice()
+        tools, tool_choice, assistant_prefix = (), ToolChoice(), ""
 
     sampling = request.sampling
     temperature = image.temperature if image.HasField("temperature") else DEFAULT_TEMPERATURE
@@ -168,6 +169,13 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
         violations.append(
             FieldViolation("response_format", "response_format cannot be combined with a forced tool call")
         )
+    if kind == "chat" and assistant_prefix and (
+        tool_choice.mode in (ToolMode.REQUIRED, ToolMode.FUNCTION)
+        or sampling.response_format == runtime_pb2.RESPONSE_FORMAT_JSON_OBJECT
+    ):
+        # A grammar starts at the answer's first character: it would not accept the prefix's continuation.
+        violations.append(FieldViolation(
+            "assistant_prefix", "assistant_prefix cannot be combined with response_format or a forced tool call"))
     if sampling.response_format not in runtime_pb2.ResponseFormat.values():
         violations.append(FieldViolation("response_format", f"unknown response_format {sampling.response_format}"))
     _raise_if_any(violations)
@@ -194,6 +202,7 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
         adapter=sampling.adapter,
         tools=tools,
         tool_choice=tool_choice,
+        assistant_prefix=assistant_prefix,
     )
 
 
