@@ -192,7 +192,8 @@ async def test_latency_metrics_per_model_and_replica(state, make_balancer, runti
     assert 0 < tps_sum <= 50
 
 
-async def test_stream_that_stalls_after_its_first_token_ends_with_an_error_event(state, make_balancer, runtimes, http):
+async def test_stream_that_stalls_after_its_first_token_with_no_other_replica_ends_with_an_error_event(
+        state, make_balancer, runtimes, http):
     async def stall(request, context):
         yield runtime_pb2.GenerateResponse(text="a")
         await asyncio.sleep(30)

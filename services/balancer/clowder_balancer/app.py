@@ -36,7 +36,8 @@ class BalancerApp:
         self.state = EtcdState(config.etcd_endpoints, config.etcd_prefix)
         self.metrics = Metrics()
         self.channels = ChannelPool()
-        self.discovery = Discovery(self.state, on_endpoints_change=self._endpoints_changed)
+        self.discovery = Discovery(self.state, on_endpoints_change=self._endpoints_changed,
+                                   grace_s=config.endpoint_grace_s)
         self.router = Router(config, self.discovery, self.channels, self.metrics, picker,
                              tracer_provider=tracer_provider)
         self._tracer_provider = tracer_provider
@@ -58,7 +59,9 @@ class BalancerApp:
         self._stop_task: asyncio.Task | None = None
 
     def _endpoints_changed(self) -> None:
-        live = self.discovery.addresses()
+        # Registered ones only: a fallback endpoint (see Discovery.fallback_endpoints) gets a channel per use,
+        # and routing state of a replica that left starts afresh.
+        live = self.discovery.registered_addresses()
         self.channels.sync(live)
         self.router.endpoints_changed(live)
 

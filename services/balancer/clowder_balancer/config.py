@@ -45,8 +45,21 @@ class BalancerConfig(EtcdConfig):
     session_header: str = "x-session-id"
     # How often every runtime's GetStats is polled (0 turns polling off).
     stats_interval_s: float = 0.5
-    # A stream that sends nothing for this long after its first token is cut with an error event.
-    stream_idle_timeout_s: float = 60.0
+    # A stream that sends nothing for this long after its first message is taken to be stalled (a paused or
+    # wedged runtime): it is cancelled there and continued on another replica. Per message, not per token (a
+    # runtime whose reader lags merges tokens into fewer messages); 10 s is far above the gap between two
+    # messages of a busy replica here (well under 1 s), and short enough that a client still waits.
+    stream_idle_timeout_s: float = 10.0
+    # Times one request's stream may move to another replica after its first token (replica died, stalled or
+    # reset the stream). 0 turns mid-stream failover off (the client gets an error event, as before). A bound,
+    # so a request that kills every replica it lands on cannot take the whole deployment down.
+    max_continuations: int = 3
+    # An endpoint that left etcd stays known for this long as a fallback, used only while its model has no
+    # registered endpoint at all: after an etcd outage longer than the runtimes' lease TTL (5 s) their keys
+    # are gone until they re-register (about TTL/3 later), though the runtimes never stopped serving. A
+    # failed connection drops the fallback at once, so a replica that really went away costs one refused
+    # connect (retried elsewhere); 0 turns the fallback off.
+    endpoint_grace_s: float = 30.0
     # Outlier detection: failures in a row that eject a replica, and for how long (doubling per ejection).
     outlier_consecutive_failures: int = 3
     outlier_base_ejection_s: float = 10.0
@@ -62,13 +75,15 @@ class BalancerConfig(EtcdConfig):
         for field in ("http_listen", "grpc_listen"):
             split_host_port(getattr(self, field), field)
         for field in ("ready_timeout_s", "drain_grace_s", "failure_cooldown_s", "stats_interval_s",
-                      "outlier_base_ejection_s", "outlier_max_ejection_s"):
+                      "outlier_base_ejection_s", "outlier_max_ejection_s", "endpoint_grace_s"):
             if getattr(self, field) < 0:
                 raise InvalidArgument(f"{field} must not be negative", field=field)
         for field in ("request_timeout_s", "first_token_timeout_s", "stream_idle_timeout_s",
                       "load_report_interval_s"):
             if getattr(self, field) <= 0:
                 raise InvalidArgument(f"{field} must be positive", field=field)
+        if self.max_continuations < 0:
+            raise InvalidArgument("max_continuations must not be negative", field="max_continuations")
         if self.max_attempts < 1:
             raise InvalidArgument("max_attempts must be at least 1", field="max_attempts")
         if self.outlier_consecutive_failures < 1:

@@ -39,7 +39,8 @@ def model_not_found(name: str) -> NotFound:
 class Discovery:
     """Two prefix caches: a model exists while its deployment does; its endpoints are its ready replicas."""
 
-    def __init__(self, state: EtcdState, on_endpoints_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, state: EtcdState, on_endpoints_change: Callable[[], None] | None = None,
+                 grace_s: float = 0.0) -> None:
         self._deployments_prefix = state.key(keys.DEPLOYMENTS)
         self._endpoints_prefix = state.key(keys.ENDPOINTS)
         self._images_prefix = state.key(keys.IMAGES)
@@ -50,9 +51,23 @@ class Discovery:
         self._endpoints = PrefixCache(state, self._endpoints_prefix, runtime_pb2.Endpoint, self._endpoints_changed)
         # Ready replicas per model, built on first use after each change: routing asks on every request.
         self._by_model: dict[str, list[ReadyEndpoint]] = {}
+        # Endpoints that left etcd less than grace_s ago, by key: (endpoint, monotonic time it left). A model
+        # with no registered endpoint falls back on them (see BalancerConfig.endpoint_grace_s).
+        self._grace_s = grace_s
+        self._departed: dict[str, tuple[runtime_pb2.Endpoint, float]] = {}
+        self._last: dict[str, runtime_pb2.Endpoint] = {}
 
     def _endpoints_changed(self) -> None:
         self._by_model = {}
+        if self._grace_s > 0:
+            current = self._endpoints.items
+            now = time.monotonic()
+            for key, endpoint in self._last.items():
+                if key not in current and endpoint.address:
+                    self._departed[key] = (endpoint, now)
+            for key in current:
+                self._departed.pop(key, None)
+            self._last = dict(current)
         if self._on_endpoints_change is not None:
             self._on_endpoints_change()
 
@@ -84,10 +99,20 @@ class Discovery:
         return self._deployments_prefix + name in self._deployments.items
 
     def addresses(self) -> set[str]:
+        """Addresses of registered endpoints and of those still in their grace period (stats are polled)."""
+        return self.registered_addresses() | {ep.address for ep, _ in self._recently_departed().values()}
+
+    def registered_addresses(self) -> set[str]:
         return {ep.address for ep in self._endpoints.values() if ep.address}
 
     def endpoints(self, name: str) -> list[ReadyEndpoint]:
-        """Ready replicas of deployment `name`, in key order (a shared list: do not change it)."""
+        """Ready replicas of deployment `name`, in key order (a shared list: do not change it); when none is
+        registered, those that left etcd less than grace_s ago (see fallback_endpoints)."""
+        found = self.registered_endpoints(name)
+        return found or self.fallback_endpoints(name)
+
+    def registered_endpoints(self, name: str) -> list[ReadyEndpoint]:
+        """Ready replicas of deployment `name` registered in etcd now."""
         found = self._by_model.get(name)
         if found is None:
             prefix = self._endpoints_prefix + name + "/"
@@ -100,6 +125,32 @@ class Discovery:
                 self._by_model[name] = found
         return found
 
+    def fallback_endpoints(self, name: str) -> list[ReadyEndpoint]:
+        """Replicas of `name` whose endpoint left etcd less than grace_s ago.
+
+        After an etcd outage longer than the lease TTL, a fresh read finds no endpoint until the runtimes,
+        which kept serving all along, register again: meanwhile their last known addresses still work. A
+        replica that really went away refuses the connection, and connect_failed() drops it.
+        """
+        prefix = self._endpoints_prefix + name + "/"
+        return sorted((
+            ReadyEndpoint(key.removeprefix(prefix), ep.address)
+            for key, (ep, _) in self._recently_departed().items() if key.startswith(prefix)
+        ), key=lambda e: e.replica_id)
+
+    def connect_failed(self, address: str) -> None:
+        """A call to `address` failed to connect: if it is a fallback, it is one no more."""
+        if self._departed:
+            for key in [k for k, (ep, _) in self._departed.items() if ep.address == address]:
+                del self._departed[key]
+
+    def _recently_departed(self) -> dict[str, tuple[runtime_pb2.Endpoint, float]]:
+        if self._departed:
+            oldest = time.monotonic() - self._grace_s
+            for key in [k for k, (_, left) in self._departed.items() if left < oldest]:
+                del self._departed[key]
+        return self._departed
+
     def models(self) -> list[ModelInfo]:
         self._check_ready()
         out = []
@@ -108,7 +159,7 @@ class Discovery:
             if "/" in name:
                 continue
             created = dep.create_time.seconds if dep.HasField("create_time") else 0
-            out.append(ModelInfo(name, created, len(self.endpoints(name))))
+            out.append(ModelInfo(name, created, len(self.registered_endpoints(name))))
         return out
 
     async def wait_for_endpoints(

@@ -65,6 +65,15 @@ class Metrics:
             "clowder_balancer_retries", "Calls retried on another replica after failing before the first token.",
             ["model"], registry=self.registry,
         )
+        self.continuations = Counter(
+            "clowder_balancer_continuations",
+            "Streams that broke after their first token (replica died, stalled, reset the stream), by what came"
+            " of continuing them on another replica: resumed (another replica took over), finished (no token"
+            " was left to generate), refused (not continuable: json_object output, a forced tool call,"
+            " max_continuations, the deadline), failed (no replica took over in time), cancelled (the client"
+            " left meanwhile).",
+            ["model", "outcome"], registry=self.registry,
+        )
         self.in_flight = Gauge(
             "clowder_balancer_requests_in_flight", "Runtime calls open now.", ["model"], registry=self.registry,
         )

@@ -22,6 +22,7 @@ from clowder_common.errors import (
 from clowder_balancer import logcontext
 from clowder_balancer.channels import ChannelPool
 from clowder_balancer.config import BalancerConfig
+from clowder_balancer.continuation import Progress, resolved_max_tokens
 from clowder_balancer.discovery import Discovery, ReadyEndpoint
 from clowder_balancer.metrics import Metrics, ModelMetrics, ReplicaMetrics
 from clowder_balancer.load import LoadTracker
@@ -41,6 +42,13 @@ EMBED_BATCH = 256
 # Failures before the first message that another replica may not have. Nothing has reached the client
 # yet and generation has no side effects, so trying elsewhere is safe.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# Failures after the first message that say the replica (or the way to it) broke, not the request: the
+# generation continues on another replica. DEADLINE_EXCEEDED is the request's own deadline; INVALID_ARGUMENT
+# and the like would fail anywhere.
+CONTINUABLE = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+})
 
 
 @dataclass
@@ -50,8 +58,12 @@ class _Tries:
     request_id: str
     # Until when a try waits for a ready replica.
     ready_deadline: float
+    # Tries allowed so far: max_attempts, and as many again after each continuation.
+    budget: int = 1
     tried: set[str] = field(default_factory=set)
     last_error: ClowderError | None = None
+    # The next try continues a broken stream: not a retry before the first token.
+    continuing: bool = False
 
 
 class _Retry(Exception):
@@ -60,6 +72,15 @@ class _Retry(Exception):
     def __init__(self, error: ClowderError) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+class _Broken(Exception):
+    """An attempt failed after its first message in a way another replica may not: the stream may continue."""
+
+    def __init__(self, error: ClowderError, why: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.why = why
 
 
 class Router:
@@ -168,26 +189,95 @@ class Router:
         DeadlineExceeded, or the runtime's own error. Closing the generator
         cancels the runtime call. `prefer` names a replica address to try first (when it is ready and not
         ejected); `on_choice` learns each address tried.
+
+        A replica that breaks after its first message (dies, stalls for stream_idle_timeout_s, resets the
+        stream) is left, and the generation continues on another one from the text already yielded (see
+        continuation.py), at most max_continuations times and within request_timeout_s of the start: the
+        caller sees one stream whose counts add up. When no replica takes it up, the break's error is raised.
         """
         started = time.monotonic()
+        # The bound of the whole request, continuations included.
+        deadline = started + self._config.request_timeout_s
         route = route or self.route_request(model, request, session=session)
-        tries = _Tries(request.request_id, started + self._config.ready_timeout_s)
-        async with contextlib.aclosing(self._attempts(model, tries)) as attempts:
-            async for endpoints in attempts:
-                choice = self._preferred(prefer, endpoints) if prefer and not tries.tried else None
-                if choice is None:
-                    choice = self._choose(route, endpoints, tries.tried)
-                tries.tried.add(choice.address)
-                if on_choice is not None:
-                    on_choice(choice.address)
-                try:
-                    # aclosing: when our consumer stops early, the runtime call is cancelled now, not at GC.
-                    async with contextlib.aclosing(self._attempt(model, choice, request, route, started)) as stream:
-                        async for message in stream:
-                            yield message
-                    return
-                except _Retry as retry:
-                    tries.last_error = retry.error
+        tries = _Tries(request.request_id, started + self._config.ready_timeout_s, budget=self._config.max_attempts)
+        image = self._discovery.image_configuration(model)
+        progress = Progress(request, resolved_max_tokens(request, image.max_tokens))
+        current = request
+        # A continuation whose outcome is not known yet (the next replica has not sent its first message).
+        pending = ""
+        try:
+            async with contextlib.aclosing(self._attempts(model, tries)) as attempts:
+                async for endpoints in attempts:
+                    choice = self._preferred(prefer, endpoints) if prefer and not tries.tried else None
+                    if choice is None:
+                        choice = self._choose(route, endpoints, tries.tried)
+                    tries.tried.add(choice.address)
+                    if on_choice is not None:
+                        on_choice(choice.address)
+                    try:
+                        # aclosing: when our consumer stops early, the runtime call is cancelled now, not at GC.
+                        stream = self._attempt(model, choice, current, route, started, deadline,
+                                               first_try=current is request)
+                        async with contextlib.aclosing(stream):
+                            async for message in stream:
+                                if pending:
+                                    self._metrics.continuations.labels(model, "resumed").inc()
+                                    pending = ""
+                                yield progress.relay(message)
+                        return
+                    except _Retry as retry:
+                        tries.last_error = retry.error
+                    except _Broken as broken:
+                        if pending:
+                            # The continuation itself broke after its first message: that one was resumed.
+                            self._metrics.continuations.labels(model, "resumed").inc()
+                        pending = ""
+                        following = self._continuation(model, choice, progress, broken, tries, deadline)
+                        if following is None:
+                            yield progress.length_finish()
+                            self._metrics.continuations.labels(model, "finished").inc()
+                            return
+                        current, pending = following, broken.why
+        except (asyncio.CancelledError, GeneratorExit):
+            if pending:
+                self._metrics.continuations.labels(model, "cancelled").inc()
+                pending = ""
+            raise
+        finally:
+            if pending:
+                # No replica took it up (none left, none within the deadline, or it failed before its first
+                # message in a way no other replica could help): the client gets the error event.
+                self._metrics.continuations.labels(model, "failed").inc()
+                log.warning("request_id=%s model=%s could not be continued after %d tokens",
+                            request.request_id, model, progress.tokens)
+
+    def _continuation(self, model: str, choice: Candidate, progress: Progress, broken: _Broken, tries: _Tries,
+                      deadline: float) -> runtime_pb2.GenerateRequest | None:
+        """The request that continues a broken stream on another replica (None: no token was left to
+        generate), or the break's error raised when it cannot be continued."""
+        rid = progress.request.request_id
+        refusal = progress.refusal()
+        if not refusal and progress.continuations >= self._config.max_continuations:
+            refusal = f"max_continuations ({self._config.max_continuations}) reached"
+        if not refusal and time.monotonic() >= deadline:
+            refusal = "the request's deadline passed"
+        if refusal:
+            self._metrics.continuations.labels(model, "refused").inc()
+            log.warning("request_id=%s model=%s replica=%s %s after %d tokens; not continued: %s",
+                        rid, model, choice.replica_id, broken.why, progress.tokens, refusal)
+            raise broken.error
+        following = progress.begin_continuation()
+        log.warning("request_id=%s model=%s replica=%s %s after %d tokens (%d characters sent); continuing on"
+                    " another replica (continuation %d, %s tokens left)", rid, model, choice.replica_id, broken.why,
+                    progress.tokens, len(progress.text), progress.continuations,
+                    following.sampling.max_tokens if following is not None and following.sampling.HasField(
+                        "max_tokens") else ("none" if following is None else "default"))
+        tries.last_error = broken.error
+        # The next replica gets as many tries for its first message as the first one had, within the deadline.
+        tries.budget = len(tries.tried) + self._config.max_attempts
+        tries.ready_deadline = min(time.monotonic() + self._config.ready_timeout_s, deadline)
+        tries.continuing = True
+        return following
 
     async def _attempts(self, model: str, tries: _Tries) -> AsyncIterator[list[ReadyEndpoint]]:
         """The ready endpoints for each try of one request, up to max_attempts tries (waiting at most until
@@ -196,15 +286,18 @@ class Router:
         "no endpoint"."""
         if self._discovery.ready and self._discovery.has_model(model):
             self.tracker.request(model)
-        for attempt in range(1, max(1, self._config.max_attempts) + 1):
+        attempt = 0
+        while attempt < max(1, tries.budget):
+            attempt += 1
             try:
                 endpoints = await self._endpoints(model, tries.ready_deadline, tries.tried)
             except Unavailable:
                 if tries.last_error is not None:
                     raise tries.last_error from None
                 raise
-            if attempt > 1:
+            if attempt > 1 and not tries.continuing:
                 self._metrics.retries.labels(model).inc()
+            tries.continuing = False
             yield endpoints
         log.warning("request_id=%s model=%s gave up after %d attempts", tries.request_id, model, len(tries.tried))
         assert tries.last_error is not None
@@ -249,7 +342,8 @@ class Router:
 
         Embeddings leave nothing in a KV cache worth coming back to, so only load decides.
         """
-        tries = _Tries(request.request_id, time.monotonic() + self._config.ready_timeout_s)
+        tries = _Tries(request.request_id, time.monotonic() + self._config.ready_timeout_s,
+                       budget=self._config.max_attempts)
         async with contextlib.aclosing(self._attempts(model, tries)) as attempts:
             async for endpoints in attempts:
                 candidates = self._candidates(endpoints, tries.tried)
@@ -280,7 +374,7 @@ class Router:
 
     async def _attempt(
         self, model: str, choice: Candidate, request: runtime_pb2.GenerateRequest, route: RouteRequest,
-        started: float,
+        started: float, deadline: float, first_try: bool = True,
     ) -> AsyncIterator[runtime_pb2.GenerateResponse]:
         rid = request.request_id
         address = choice.address
@@ -313,14 +407,17 @@ class Router:
                 metadata += tuple(carrier.items())
             try:
                 async with self._channels.stub(address) as stub:
-                    call = stub.Generate(request, timeout=self._config.request_timeout_s, metadata=metadata)
+                    call = stub.Generate(request, timeout=max(0.001, deadline - time.monotonic()),
+                                         metadata=metadata)
                     watchdog = _Watchdog(call)
                     first = await self._first_message(model, choice, call, rid, watchdog)
                     prefilling = False
                     self.scheduler.prefilled(route, choice)
                     first_at = time.monotonic()
-                    per_model.time_to_first_token.observe(first_at - started)
-                    per_replica.time_to_first_token.observe(first_at - started)
+                    if first_try:
+                        # A continuation's first message is no client's first token.
+                        per_model.time_to_first_token.observe(first_at - started)
+                        per_replica.time_to_first_token.observe(first_at - started)
                     message, previous = first, first_at
                     itl = per_model.inter_token_latency
                     while True:
@@ -361,6 +458,7 @@ class Router:
         if texts is not None:
             answer = "".join(texts)
             if request.HasField("chat"):
+                answer = request.chat.assistant_prefix + answer
                 full = _prompt_text(request) + render_chat([runtime_pb2.ChatMessage(role="assistant",
                                                                                    content=answer)])
             else:
@@ -379,15 +477,19 @@ class Router:
             if not watchdog.fired:
                 if isinstance(err, asyncio.CancelledError):
                     raise
-                raise self._stream_error(model, choice, err, rid) from None
+                error = self._stream_error(model, choice, err, rid)
+                if err.code() in CONTINUABLE:
+                    raise _Broken(error, f"failed mid-stream ({err.code().name})") from None
+                raise error from None
             self._fail(model, choice)
             log.warning("request_id=%s replica=%s stalled mid-stream for %gs", rid, choice.replica_id, timeout)
-            raise DeadlineExceeded(
+            raise _Broken(DeadlineExceeded(
                 f"the replica of model '{model}' sent nothing for {timeout:g}s", reason="STREAM_IDLE_TIMEOUT"
-            ) from None
+            ), f"stalled mid-stream (nothing for {timeout:g}s)") from None
         if message is grpc.aio.EOF:
             self._fail(model, choice)
-            raise Unavailable(f"a replica of model '{model}' ended the stream before finishing")
+            raise _Broken(Unavailable(f"a replica of model '{model}' ended the stream before finishing"),
+                          "ended the stream before finishing")
         return message
 
     def _stream_error(self, model: str, choice: Candidate, err: grpc.aio.AioRpcError, rid: str) -> ClowderError:
@@ -421,8 +523,10 @@ class Router:
         """What to raise for a call that failed before its first message: _Retry when another replica may try."""
         if err.code() in RETRYABLE:
             if err.code() == grpc.StatusCode.UNAVAILABLE:
-                # A refused connection is probably a dead process whose lease has not expired yet.
+                # A refused connection is probably a dead process whose lease has not expired yet (or whose
+                # endpoint already left etcd and was only a fallback: it is not one any more).
                 self._fail(model, choice, eject_for=self._config.failure_cooldown_s)
+                self._discovery.connect_failed(choice.address)
             log.warning("request_id=%s replica=%s address=%s failed before the first token: %s %s",
                         rid, choice.replica_id, choice.address, err.code().name, err.details())
             return _Retry(self._relay(model, err, streaming=False))
