@@ -19,7 +19,7 @@ from clowder_cli import storage_commands
 from clowder.client import Client
 from clowder_cli.control import describe, open_control_plane
 from clowder_cli.progress import show_pull
-from clowder_cli.up import run_down, run_up
+from clowder_cli.up import run_down, run_status, run_up
 from clowder_common.auth import read_admin_token
 from clowder_common.errors import ClowderError, NotFound
 
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--internal-ports", default="3091",
                     help="first of five consecutive internal ports, or 'auto' for free ones (default 3091)")
     sub.add_parser("down", help="stop the local cluster and everything it started")
+    status = sub.add_parser("status", help="the local cluster's components: state, pid, uptime, restarts")
+    status.add_argument("--json", action="store_true", help="print the supervisor's state as JSON")
 
     image = sub.add_parser("image", help="manage aimages").add_subparsers(dest="image_command", required=True)
     add = image.add_parser("add", help="add an aimage and pull it onto a node")
@@ -192,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_up(data_dir, args.http_port, args.internal_ports, args.demo, console)
     if args.command == "down":
         return run_down(data_dir, console)
+    if args.command == "status":
+        return run_status(data_dir, console, args.json)
     try:
         if storage_commands.handles(args):
             return storage_commands.run(args, data_dir, console, lambda: connect(args, data_dir))

@@ -9,6 +9,8 @@ import pathlib
 from clowder_common.processes import pid_alive
 
 CLUSTER_FILE = "cluster.json"
+# Written by `clowder up`'s supervisor whenever a component changes state; read by `clowder status`.
+SUPERVISOR_FILE = "supervisor.json"
 
 
 def default_data_dir() -> pathlib.Path:
@@ -31,12 +33,32 @@ def read_cluster(data_dir: pathlib.Path) -> dict | None:
     return info
 
 
-def write_cluster(data_dir: pathlib.Path, info: dict) -> None:
-    path = data_dir / CLUSTER_FILE
-    tmp = path.with_suffix(".tmp")
+def _write_atomic(path: pathlib.Path, info: dict) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, path)
 
 
+def write_cluster(data_dir: pathlib.Path, info: dict) -> None:
+    _write_atomic(data_dir / CLUSTER_FILE, info)
+
+
 def remove_cluster(data_dir: pathlib.Path) -> None:
     (data_dir / CLUSTER_FILE).unlink(missing_ok=True)
+    (data_dir / SUPERVISOR_FILE).unlink(missing_ok=True)
+
+
+def write_supervisor_state(data_dir: pathlib.Path, state: dict) -> None:
+    _write_atomic(data_dir / SUPERVISOR_FILE, state)
+
+
+def read_supervisor_state(data_dir: pathlib.Path) -> dict | None:
+    """The supervisor's last written state, or None when no `clowder up` runs from data_dir (also while starting)."""
+    try:
+        state = json.loads((data_dir / SUPERVISOR_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or not pid_alive(int(state.get("pid", 0))):
+        return None
+    return state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import signal
@@ -11,21 +12,27 @@ import sys
 import time
 
 from rich.console import Console
+from rich.table import Table
 
 from clowder_cli import paths
 from clowder_cli.bundled import DEMO_ALIAS, bundled_model_path
 from clowder.client import Client
 from clowder_cli.control import open_control_plane
 from clowder_cli.progress import show_pull
+from clowder_cli.supervisor import STOPPED, STOPPING, Component, Supervisor
 from clowder_common.auth import TOKEN_ENV, ensure_admin_token
 from clowder_common.errors import ClowderError, FailedPrecondition, NotFound, Unavailable
-from clowder_common.etcd_server import EtcdProcess, start_etcd
-from clowder_common.processes import free_port, port_open, spawn, terminate, wait_for_port
+from clowder_common.etcd_server import start_etcd
+from clowder_common.processes import (SUPERVISOR_ENV, become_subreaper, child_pids, free_port, pid_alive,
+                                      port_open, spawn, stop_pids, terminate)
 
 ETCD_PREFIX = "/clowder/"
 # etcd, storage, controller and balancer each get this long to open their port.
 START_TIMEOUT_S = 60
+ETCD_START_TIMEOUT_S = 30
 DEMO_READY_TIMEOUT_S = 300
+# Runtimes left after the controller stopped (orphans) drain this long before SIGKILL.
+RUNTIME_STOP_GRACE_S = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,17 +57,20 @@ class Stopped(Exception):
 
 
 class LocalCluster:
-    """Starts etcd, storage, controller and balancer as child processes; stops them in reverse."""
+    """Starts etcd, storage, controller and balancer as supervised children; stops them (and runtimes) in reverse."""
 
     def __init__(self, data_dir: pathlib.Path, ports: Ports, console: Console) -> None:
         self.data_dir = data_dir
         self.ports = ports
         self.console = console
         self.logs = data_dir / "logs"
-        self.etcd: EtcdProcess | None = None
-        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.supervisor = Supervisor(data_dir, console)
         self.token = ""
         self._stop_requested = False
+
+    @property
+    def children(self) -> list[tuple[str, subprocess.Popen]]:
+        return [(c.name, c.proc) for c in self.supervisor.components if c.proc is not None]
 
     # -- signals ----------------------------------------------------------------
 
@@ -86,17 +96,29 @@ class LocalCluster:
         self.logs.mkdir(exist_ok=True)
         self.token = ensure_admin_token(self.data_dir)
         self.console.print(f"[dim]data dir {self.data_dir}, logs in {self.logs}[/dim]")
+        # Runtimes orphaned by a killed controller re-parent to us, so we can stop and reap them.
+        if not become_subreaper():
+            self.console.print("[yellow]cannot become a child subreaper; runtimes orphaned by a killed controller "
+                               "are not stopped by `clowder down` (they still stop once `clowder up` exits)[/yellow]")
 
-        self.etcd = start_etcd(self.data_dir / "etcd", self.ports.etcd, self.ports.etcd_peer,
-                               log_path=self.logs / "etcd.log", timeout=START_TIMEOUT_S)
-        self.console.print(f"etcd        127.0.0.1:{self.ports.etcd}")
-        etcd_args = ["--etcd-endpoints", self.etcd.endpoint, "--etcd-prefix", ETCD_PREFIX]
+        etcd_endpoint = f"127.0.0.1:{self.ports.etcd}"
+
+        def launch_etcd() -> subprocess.Popen:
+            # Same ports and data dir on every restart: the cluster's state survives an etcd crash.
+            # Blocks until its port opens (bounded): the supervisor's loop waits meanwhile; etcd with its data
+            # dir kept opens its port within a second or two.
+            return start_etcd(self.data_dir / "etcd", self.ports.etcd, self.ports.etcd_peer,
+                              log_path=self.logs / "etcd.log", timeout=ETCD_START_TIMEOUT_S).proc
+
+        self._start("etcd", self.ports.etcd, launch_etcd, grace=5)
+        etcd_args = ["--etcd-endpoints", etcd_endpoint, "--etcd-prefix", ETCD_PREFIX]
         self._service("storage", self.ports.storage, [
             "-m", "clowder_storage", "--listen", f"127.0.0.1:{self.ports.storage}",
             "--data-dir", str(self.data_dir / "storage"), "--node-name", "local", *etcd_args])
+        # The controller stops the runtimes it manages on SIGTERM: give it their drain time and more.
         self._service("controller", self.ports.controller, [
             "-m", "clowder_controller", "--listen", f"127.0.0.1:{self.ports.controller}",
-            "--data-dir", str(self.data_dir / "controller"), *etcd_args])
+            "--data-dir", str(self.data_dir / "controller"), *etcd_args], grace=30)
         self._service("balancer", self.ports.http, [
             "-m", "clowder_balancer", "--http-listen", f"127.0.0.1:{self.ports.http}",
             "--grpc-listen", f"127.0.0.1:{self.ports.grpc}",
@@ -107,17 +129,28 @@ class LocalCluster:
             "storage": f"127.0.0.1:{self.ports.storage}",
             "balancer_http": f"http://127.0.0.1:{self.ports.http}",
             "balancer_grpc": f"127.0.0.1:{self.ports.grpc}",
-            "etcd": self.etcd.endpoint,
+            "etcd": etcd_endpoint,
         })
+        # From here on a component that exits is restarted, also while the demo deploys.
+        self.supervisor.start_loop()
 
-    def _service(self, name: str, port: int, args: list[str]) -> None:
-        with open(self.logs / f"{name}.log", "ab") as log_file:
-            proc = spawn([sys.executable, *args], log_file, env={TOKEN_ENV: self.token})
-        self.children.append((name, proc))
+    def _service(self, name: str, port: int, args: list[str], grace: float = 10) -> None:
+        # Runtimes inherit CLOWDER_SUPERVISOR_PID from the controller and stop once we are gone.
+        env = {TOKEN_ENV: self.token, SUPERVISOR_ENV: str(os.getpid())}
+
+        def launch() -> subprocess.Popen:
+            with open(self.logs / f"{name}.log", "ab") as log_file:
+                return spawn([sys.executable, *args], log_file, env=env)
+
+        self._start(name, port, launch, grace)
+
+    def _start(self, name: str, port: int, launch, grace: float) -> None:
+        component = Component(name, "127.0.0.1", port, launch, self.logs / f"{name}.log", stop_grace=grace,
+                              start_timeout=START_TIMEOUT_S)
         try:
-            wait_for_port("127.0.0.1", port, START_TIMEOUT_S, proc)
-        except (RuntimeError, TimeoutError) as exc:
-            raise FailedPrecondition(f"{name} did not start: {exc}; see {self.logs / (name + '.log')}") from None
+            self.supervisor.start_first(component)
+        except (RuntimeError, TimeoutError, FailedPrecondition) as exc:
+            raise FailedPrecondition(f"{name} did not start: {exc}; see {component.log_path}") from None
         self.console.print(f"{name:<11} 127.0.0.1:{port}")
 
     def control(self) -> Client:
@@ -126,28 +159,48 @@ class LocalCluster:
     # -- run --------------------------------------------------------------------
 
     def wait(self) -> int:
-        """Block until a stop is requested (0) or a service dies (1)."""
-        while True:
-            for name, proc in self.children:
-                if proc.poll() is not None:
-                    self.console.print(f"[red]{name} exited with code {proc.returncode}; stopping the cluster "
-                                       f"(see {self.logs / (name + '.log')})[/red]")
-                    return 1
-            if self.etcd is not None and self.etcd.proc.poll() is not None:
-                self.console.print("[red]etcd exited; stopping the cluster[/red]")
-                return 1
+        """Block until a stop is requested (Stopped is raised), or return 1 if the supervisor itself failed."""
+        while self.supervisor.loop_alive:
             time.sleep(0.3)
+        self.console.print(f"[red]the supervisor failed: {self.supervisor.error!r}; stopping the cluster[/red]")
+        return 1
 
     def stop(self) -> None:
-        """Balancer first (no new requests), then controller (stops runtimes), storage, etcd."""
+        """Balancer first (no new requests), controller (stops runtimes), left-over runtimes, storage, etcd."""
         # Further signals must not interrupt an orderly stop half-way.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for name, proc in reversed(self.children):
-            terminate(proc, grace=30 if name == "controller" else 10)
-        if self.etcd is not None:
-            self.etcd.stop()
+        self.supervisor.stop_loop()
+        components = {c.name: c for c in self.supervisor.components}
+        for component in components.values():
+            if component.proc is not None and component.proc.poll() is None:
+                component.state = STOPPING
+        if components:
+            self.supervisor.write_state()
+
+        def stop(name: str) -> None:
+            component = components.get(name)
+            if component is not None and component.proc is not None:
+                component.last_exit_code = terminate(component.proc, grace=component.stop_grace)
+                component.state = STOPPED
+                component.started_at = None
+
+        stop("balancer")
+        stop("controller")
+        # Runtimes the controller did not stop (orphaned by an earlier, killed controller) are our children.
+        self._stop_strays(RUNTIME_STOP_GRACE_S)
+        stop("storage")
+        stop("etcd")
+        self._stop_strays(2)
         paths.remove_cluster(self.data_dir)
+
+    def _stop_strays(self, grace: float) -> None:
+        known = [c.proc.pid for c in self.supervisor.components if c.proc is not None]
+        strays = [pid for pid in child_pids() if pid not in known]
+        if strays:
+            left = stop_pids(strays, grace, keep=known)
+            if left:
+                self.console.print(f"[red]processes {left} did not stop[/red]")
 
 
 def deploy_demo(control: Client, console: Console, http_port: int) -> None:
@@ -222,7 +275,8 @@ def run_up(data_dir: pathlib.Path, http_port: int, internal_ports: str, demo: bo
 
 
 def run_down(data_dir: pathlib.Path, console: Console, timeout: float = 90) -> int:
-    running = paths.read_cluster(data_dir)
+    # The supervisor's state file exists from the first component on: `down` also stops a cluster still starting.
+    running = paths.read_cluster(data_dir) or paths.read_supervisor_state(data_dir)
     if running is None:
         console.print(f"no cluster is running from {data_dir}")
         return 0
@@ -230,9 +284,46 @@ def run_down(data_dir: pathlib.Path, console: Console, timeout: float = 90) -> i
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if paths.read_cluster(data_dir) is None:
+        if not pid_alive(pid):
             console.print("cluster stopped")
             return 0
         time.sleep(0.2)
     console.print(f"[red]the cluster (pid {pid}) did not stop within {timeout:.0f}s[/red]")
     return 1
+
+
+def run_status(data_dir: pathlib.Path, console: Console, as_json: bool = False) -> int:
+    """`clowder status`: each component's state, pid, uptime and restarts, from the supervisor's state file."""
+    state = paths.read_supervisor_state(data_dir)
+    if state is None:
+        if as_json:
+            console.print_json(json.dumps({"running": False, "data_dir": str(data_dir)}))
+        else:
+            console.print(f"no cluster is running from {data_dir}; `clowder up` starts one")
+        return 1
+    now = time.time()
+    for component in state["components"].values():
+        started = component.get("started_at")
+        component["uptime_s"] = round(now - started, 1) if started and component["state"] == "running" else None
+    if as_json:
+        console.print_json(json.dumps({"running": True, "data_dir": str(data_dir), **state}))
+        return 0
+    table = Table("COMPONENT", "STATE", "PID", "UPTIME", "RESTARTS", "LAST EXIT", "ADDRESS")
+    colours = {"running": "green", "starting": "yellow", "backoff": "red"}
+    for name, c in state["components"].items():
+        colour = colours.get(c["state"], "white")
+        table.add_row(name, f"[{colour}]{c['state']}[/{colour}]", str(c["pid"] or "-"),
+                      _duration(c["uptime_s"]) if c["uptime_s"] is not None else "-", str(c["restarts"]),
+                      "-" if c["last_exit_code"] is None else str(c["last_exit_code"]), c["address"])
+    console.print(f"cluster from {data_dir} (supervisor pid {state['pid']})", highlight=False)
+    console.print(table)
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

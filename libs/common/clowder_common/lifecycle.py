@@ -8,11 +8,19 @@ import ctypes
 import logging
 import os
 import signal
+import threading
+import time
 from typing import Awaitable, Callable
+
+from clowder_common.processes import PARENT_ENV, SUPERVISOR_ENV, pid_alive, process_start_time
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+# How often a process checks that its supervisor (`clowder up`) still runs, and how long after asking itself
+# to stop (SIGTERM: an orderly drain) it waits before SIGKILL.
+SUPERVISOR_POLL_S = 1.0
+SUPERVISOR_GONE_KILL_S = 60.0
 
 
 class Lifecycle:
@@ -58,12 +66,14 @@ class Lifecycle:
 
 
 def die_with_parent() -> None:
-    """Ask Linux to SIGTERM us when the process that started us exits.
+    """Ask Linux to SIGTERM us when the process that started us exits; and stop when `clowder up` is gone.
 
-    `clowder up` and the controller's launcher set CLOWDER_PARENT_PID; a
-    supervisor killed with SIGKILL then leaves no orphan serving stale state.
+    `clowder up` sets CLOWDER_PARENT_PID for its direct children (etcd, storage, controller, balancer): a
+    supervisor killed with SIGKILL then leaves no orphan serving stale state. Runtimes are started without
+    it (they must outlive a killed controller) and rely on the supervisor watch alone.
     """
-    parent = os.environ.get("CLOWDER_PARENT_PID")
+    watch_supervisor()
+    parent = os.environ.get(PARENT_ENV)
     if not parent:
         return
     with contextlib.suppress(OSError, AttributeError):
@@ -72,6 +82,35 @@ def die_with_parent() -> None:
     # The parent may have died before prctl took effect.
     if os.getppid() != int(parent):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def watch_supervisor(poll_s: float = SUPERVISOR_POLL_S) -> threading.Thread | None:
+    """When CLOWDER_SUPERVISOR_PID is set, SIGTERM ourselves once that process is gone.
+
+    PDEATHSIG cannot express this for a runtime: its parent is the controller, which it must outlive, and
+    Linux fires PDEATHSIG when that parent dies. So the runtime polls the supervisor's pid instead (start
+    time compared too, against pid reuse). SIGTERM starts the usual drain; SIGKILL follows if that hangs.
+    """
+    raw = os.environ.get(SUPERVISOR_ENV, "")
+    if not raw.isdigit():
+        return None
+    pid = int(raw)
+    born = process_start_time(pid)
+
+    def gone() -> bool:
+        return born is None or not pid_alive(pid) or process_start_time(pid) != born
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(poll_s)
+        log.warning("supervisor (pid %d) is gone; stopping", pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(SUPERVISOR_GONE_KILL_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="supervisor-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 async def serve_until_stopped(start: Callable[[Lifecycle], Awaitable[None]]) -> None:

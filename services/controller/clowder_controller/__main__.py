@@ -14,6 +14,14 @@ from clowder_common.logs import setup_logging
 from clowder_common.telemetry import setup_telemetry, shutdown_telemetry
 from clowder_controller.app import create_controller
 from clowder_controller.config import ControllerConfig
+from clowder_controller.launcher import check_node_exec, parse_node_exec_entry
+
+
+def node_exec_entry(text: str) -> tuple[str, str]:
+    try:
+        return parse_node_exec_entry(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,6 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--launcher", choices=("local", "kubernetes"), help="how runtimes start (default local)")
     parser.add_argument("--placement", choices=("spread", "binpack"), help="scheduling profile (default spread)")
     parser.add_argument("--leader-ttl-s", type=int, help="leader lease TTL in seconds (default 10)")
+    parser.add_argument("--node-exec", action="append", type=node_exec_entry, metavar="NODE=COMMAND",
+                        help="start runtimes placed on NODE through COMMAND (e.g. n1='ip netns exec clowder-n1'); "
+                             "they listen on that node's storage host; repeatable")
     return parser.parse_args(argv)
 
 
@@ -47,7 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         "launcher": args.launcher,
         "placement": args.placement,
         "leader_ttl_s": args.leader_ttl_s,
+        "node_exec": dict(args.node_exec) if args.node_exec else None,
     })
+    if config.node_exec and config.launcher != "local":
+        print("--node-exec (node_exec) needs the local launcher", file=sys.stderr)
+        return 2
+    try:
+        check_node_exec(config.node_exec)  # also when it came from the YAML file or CLOWDER_NODE_EXEC
+    except ValueError as exc:
+        print(f"--node-exec: {exc}", file=sys.stderr)
+        return 2
     provider = setup_telemetry("controller")
 
     async def start(lifecycle: Lifecycle) -> None:

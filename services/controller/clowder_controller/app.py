@@ -45,7 +45,7 @@ def default_launcher(config: ControllerConfig, admin_token: str) -> Launcher:
     if config.launcher != "local":
         raise ValueError(f"launcher must be 'local' or 'kubernetes', not {config.launcher!r}")
     return LocalProcessLauncher(config.etcd_endpoints, config.etcd_prefix, config.runtime_listen,
-                                pathlib.Path(config.data_dir) / "logs", admin_token)
+                                pathlib.Path(config.data_dir) / "logs", admin_token, config.node_exec)
 
 
 class ControllerApp:

@@ -31,6 +31,10 @@ class ControllerConfig(EtcdConfig):
     # Weight of preferring nodes that already hold the model (the fullness scorer weighs 1).
     locality_weight: float = 0.3
     # Leader lease TTL: a killed leader is replaced within about this long.
+    # Local launcher, other nodes: node name -> command prefix (flag --node-exec NODE=COMMAND). A runtime
+    # placed on that node runs as shlex.split(COMMAND) + its argv (e.g. "ip netns exec clowder-n1", or ssh)
+    # and listens on the host of the node's storage address (port 0) instead of runtime_listen.
+    node_exec: dict[str, str] = dataclasses.field(default_factory=dict)
     leader_ttl_s: int = 10
     # Autoscaler pass interval (load changes also wake it at once).
     autoscale_interval_s: float = 1.0

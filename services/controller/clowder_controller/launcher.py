@@ -8,10 +8,12 @@ import enum
 import logging
 import os
 import pathlib
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
-from typing import Protocol
+from typing import Mapping, Protocol
 
 from google.protobuf import json_format
 
@@ -57,35 +59,81 @@ class Launcher(Protocol):
     async def stop_all(self, grace: float) -> None: ...
 
 
-class LocalProcessLauncher:
-    """Runtimes as child processes of the controller (the embedded, one-machine engine).
+def parse_node_exec_entry(text: str) -> tuple[str, str]:
+    """One `--node-exec NODE=COMMAND` value; ValueError says what is wrong."""
+    node, sep, command = text.partition("=")
+    node, command = node.strip(), command.strip()
+    if not sep or not node or not command:
+        raise ValueError(f"expected NODE=COMMAND (e.g. n1='ip netns exec clowder-n1'), got {text!r}")
+    check_node_exec({node: command})
+    return node, command
 
-    Children die with the controller (PDEATHSIG), so a killed controller leaves
-    no runtime behind; a replica's pid is kept in etcd so status still works for
-    a process this controller did not start itself.
+
+def check_node_exec(node_exec: Mapping[str, str]) -> dict[str, list[str]]:
+    """Each node's command prefix as argv; ValueError (naming node_exec) when one cannot be used."""
+    prefixes = {}
+    for node, command in node_exec.items():
+        if not node or any(c.isspace() for c in node):
+            raise ValueError(f"node_exec: {node!r} is not a node name")
+        try:
+            words = shlex.split(command)
+        except ValueError as exc:
+            raise ValueError(f"node_exec {node}: cannot split {command!r}: {exc}") from None
+        if not words:
+            raise ValueError(f"node_exec {node}: the command is empty")
+        if shutil.which(words[0]) is None:
+            raise ValueError(f"node_exec {node}: {words[0]!r} is not an executable on this machine")
+        prefixes[node] = words
+    return prefixes
+
+
+class LocalProcessLauncher:
+    """Runtimes as processes on this machine (the embedded engine), or on other nodes through node_exec.
+
+    Runtimes do not die with the controller: a killed (or restarted) controller leaves them serving, and
+    the next one adopts them. A replica's pid is kept in etcd, so status works for a process this controller
+    did not start itself (its /proc cmdline must still name the replica). Under `clowder up` runtimes stop
+    when the supervisor is gone (CLOWDER_SUPERVISOR_PID, inherited from the controller's environment), and
+    as its children (it is their subreaper) they are stopped with the cluster.
+
+    node_exec maps a node name to a command prefix: a runtime placed on that node runs as
+    shlex.split(COMMAND) + the usual argv (e.g. `ip netns exec clowder-n1`, or an ssh command) and listens
+    on the host of the node's storage address (port 0) instead of `listen`, so balancers reach it at the
+    node's address. Other nodes run plain local processes on `listen`.
+
+    stop_all (the controller's graceful stop) stops every runtime this launcher manages: the ones it started
+    and the ones it adopted from an earlier controller (seen running through status()), so a standalone
+    controller stopped with SIGTERM leaves nothing behind either way. Only a killed controller leaves its
+    runtimes serving.
     """
 
     def __init__(self, etcd_endpoints: tuple[str, ...], etcd_prefix: str, listen: str, log_dir: pathlib.Path,
-                 admin_token: str | None) -> None:
+                 admin_token: str | None, node_exec: Mapping[str, str] | None = None) -> None:
         self._etcd_endpoints = etcd_endpoints
         self._etcd_prefix = etcd_prefix
         self._listen = listen
         self._log_dir = log_dir
         self._admin_token = admin_token
+        self._node_exec = check_node_exec(node_exec or {})
         self._children: dict[str, subprocess.Popen] = {}
+        # Runtimes an earlier controller started that still run: replica id -> pid.
+        self._adopted: dict[str, int] = {}
 
     def log_path(self, deployment: str, replica_id: str) -> pathlib.Path:
         return self._log_dir / f"runtime-{deployment}-{replica_id}.log"
 
     def _argv(self, spec: RuntimeSpec) -> list[str]:
+        prefix = self._node_exec.get(spec.node, [])
+        listen = f"{_host(spec.storage_address)}:0" if prefix else self._listen
         return [
+            *prefix,
             sys.executable, "-m", "clowder_runtime",
             "--deployment", spec.deployment,
             "--replica-id", spec.replica_id,
             "--node", spec.node,
             "--digest", spec.digest,
             "--storage", spec.storage_address,
-            "--listen", self._listen,
+            "--listen", listen,
             "--threads", str(spec.threads),
             "--etcd-endpoints", ",".join(self._etcd_endpoints),
             "--etcd-prefix", self._etcd_prefix,
@@ -97,10 +145,17 @@ class LocalProcessLauncher:
         old = self._children.pop(spec.replica_id, None)
         if old is not None and old.poll() is None:
             old.kill()
-            old.wait()
+            await asyncio.to_thread(old.wait, 10)
+        self._adopted.pop(spec.replica_id, None)
+        # A runtime an earlier controller started for this replica may still run (it was killed between
+        # starting it and recording its pid): two runtimes must never serve one replica.
+        for pid in _replica_pids(spec.replica_id):
+            log.warning("stopping a stray runtime for %s/%s (pid %d)", spec.deployment, spec.replica_id, pid)
+            await _terminate(pid, None, 0)
         env = {TOKEN_ENV: self._admin_token} if self._admin_token else {}
         with open(self.log_path(spec.deployment, spec.replica_id), "ab") as log_file:
-            proc = spawn(self._argv(spec), log_file, env=env)
+            # Not tied to the controller's life (no PDEATHSIG): see the class docstring.
+            proc = spawn(self._argv(spec), log_file, env=env, die_with_parent=False)
         self._children[spec.replica_id] = proc
         log.info("started runtime %s/%s as pid %d", spec.deployment, spec.replica_id, proc.pid)
         return proc.pid
@@ -110,13 +165,18 @@ class LocalProcessLauncher:
         if proc is not None:
             code = proc.poll()
             return RuntimeStatus(RuntimeState.RUNNING) if code is None else RuntimeStatus(RuntimeState.EXITED, code)
-        # Started by an earlier controller: trust the pid only if it still runs this replica.
+        # Started by an earlier controller: trust the pid only if it still runs this replica; then adopt it.
         if replica.pid and pid_alive(replica.pid) and _runs_replica(replica.pid, replica.id):
+            if self._adopted.get(replica.id) != replica.pid:
+                log.info("adopted runtime %s/%s (pid %d)", replica.deployment, replica.id, replica.pid)
+                self._adopted[replica.id] = replica.pid
             return RuntimeStatus(RuntimeState.RUNNING)
+        self._adopted.pop(replica.id, None)
         return RuntimeStatus(RuntimeState.EXITED)
 
     async def stop(self, replica: resources_pb2.Replica, grace: float) -> None:
         proc = self._children.pop(replica.id, None)
+        self._adopted.pop(replica.id, None)
         pid = proc.pid if proc is not None else replica.pid
         if proc is None and not (pid and pid_alive(pid) and _runs_replica(pid, replica.id)):
             return
@@ -125,7 +185,24 @@ class LocalProcessLauncher:
 
     async def stop_all(self, grace: float) -> None:
         children, self._children = self._children, {}
-        await asyncio.gather(*(_terminate(p.pid, p, grace) for p in children.values()))
+        adopted, self._adopted = self._adopted, {}
+        await asyncio.gather(*(_terminate(p.pid, p, grace) for p in children.values()),
+                             *(_terminate(pid, None, grace) for replica_id, pid in adopted.items()
+                               if _runs_replica(pid, replica_id)))
+
+
+def _host(address: str) -> str:
+    """The host part of host:port ([v6]:port keeps its brackets, as --listen expects)."""
+    return address.rsplit(":", 1)[0]
+
+
+def _replica_pids(replica_id: str) -> list[int]:
+    """Live processes on this machine (any network namespace: they share our pid namespace) running the replica."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and _runs_replica(int(entry.name), replica_id) and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
 
 
 def _runs_replica(pid: int, replica_id: str) -> bool:
