@@ -102,6 +102,10 @@ bench-controller: install ## controller: scheduling decision time and convergenc
 bench-routing: install ## balancer: TTFT by routing profile, balancer overhead, streamed requests/s
 	$(PY) bench/bench_routing.py
 
+.PHONY: bench-chaos
+bench-chaos: install ## faults on a schedule under streaming load: broken/failed requests and time to heal per fault
+	$(PY) bench/bench_chaos.py $(BENCH_ARGS)
+
 .PHONY: clean
 clean: ## remove build outputs (not the venv)
 	rm -rf build .pytest_cache
