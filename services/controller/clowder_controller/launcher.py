@@ -149,7 +149,7 @@ class LocalProcessLauncher:
         self._adopted.pop(spec.replica_id, None)
         # A runtime an earlier controller started for this replica may still run (it was killed between
         # starting it and recording its pid): two runtimes must never serve one replica.
-        for pid in _replica_pids(spec.replica_id):
+        for pid in _replica_pids(spec.replica_id, self._cluster_args()):
             log.warning("stopping a stray runtime for %s/%s (pid %d)", spec.deployment, spec.replica_id, pid)
             await _terminate(pid, None, 0)
         env = {TOKEN_ENV: self._admin_token} if self._admin_token else {}
@@ -166,7 +166,7 @@ class LocalProcessLauncher:
             code = proc.poll()
             return RuntimeStatus(RuntimeState.RUNNING) if code is None else RuntimeStatus(RuntimeState.EXITED, code)
         # Started by an earlier controller: trust the pid only if it still runs this replica; then adopt it.
-        if replica.pid and pid_alive(replica.pid) and _runs_replica(replica.pid, replica.id):
+        if replica.pid and pid_alive(replica.pid) and self._ours(replica.pid, replica.id):
             if self._adopted.get(replica.id) != replica.pid:
                 log.info("adopted runtime %s/%s (pid %d)", replica.deployment, replica.id, replica.pid)
                 self._adopted[replica.id] = replica.pid
@@ -178,7 +178,7 @@ class LocalProcessLauncher:
         proc = self._children.pop(replica.id, None)
         self._adopted.pop(replica.id, None)
         pid = proc.pid if proc is not None else replica.pid
-        if proc is None and not (pid and pid_alive(pid) and _runs_replica(pid, replica.id)):
+        if proc is None and not (pid and pid_alive(pid) and self._ours(pid, replica.id)):
             return
         await _terminate(pid, proc, grace)
         log.info("stopped runtime %s/%s (pid %d)", replica.deployment, replica.id, pid)
@@ -188,7 +188,16 @@ class LocalProcessLauncher:
         adopted, self._adopted = self._adopted, {}
         await asyncio.gather(*(_terminate(p.pid, p, grace) for p in children.values()),
                              *(_terminate(pid, None, grace) for replica_id, pid in adopted.items()
-                               if _runs_replica(pid, replica_id)))
+                               if self._ours(pid, replica_id)))
+
+    def _ours(self, pid: int, replica_id: str) -> bool:
+        """The process runs this replica of this cluster: replica ids repeat across clusters on one machine
+        (they hash the deployment's name and image), so the etcd endpoints and prefix must match too."""
+        return _runs_replica(pid, replica_id, self._cluster_args())
+
+    def _cluster_args(self) -> tuple[bytes, ...]:
+        return (b"--etcd-endpoints", ",".join(self._etcd_endpoints).encode(), b"--etcd-prefix",
+                self._etcd_prefix.encode())
 
 
 def _host(address: str) -> str:
@@ -196,21 +205,26 @@ def _host(address: str) -> str:
     return address.rsplit(":", 1)[0]
 
 
-def _replica_pids(replica_id: str) -> list[int]:
+def _replica_pids(replica_id: str, cluster_args: tuple[bytes, ...]) -> list[int]:
     """Live processes on this machine (any network namespace: they share our pid namespace) running the replica."""
     found = []
     for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and _runs_replica(int(entry.name), replica_id) and pid_alive(int(entry.name)):
+        if (entry.name.isdigit() and _runs_replica(int(entry.name), replica_id, cluster_args)
+                and pid_alive(int(entry.name))):
             found.append(int(entry.name))
     return found
 
 
-def _runs_replica(pid: int, replica_id: str) -> bool:
+def _runs_replica(pid: int, replica_id: str, cluster_args: tuple[bytes, ...] = ()) -> bool:
+    """pid's command line runs the runtime for replica_id, with cluster_args (flag, value pairs) among its args."""
     try:
         cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"clowder_runtime" in cmdline and replica_id.encode() in cmdline
+    if b"clowder_runtime" not in cmdline or replica_id.encode() not in cmdline:
+        return False
+    pairs = set(zip(cmdline, cmdline[1:]))
+    return all((flag, value) in pairs for flag, value in zip(cluster_args[::2], cluster_args[1::2]))
 
 
 async def _terminate(pid: int, proc: subprocess.Popen | None, grace: float) -> None:
