@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import pathlib
 import subprocess
 import sys
@@ -58,6 +59,16 @@ async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         await asyncio.sleep(0.05)
+
+
+def sse_events(body: str) -> list[dict | str]:
+    """The data of each server-sent event of an OpenAI stream: JSON objects, and the "[DONE]" marker as is."""
+    out: list[dict | str] = []
+    for block in body.split("\n\n"):
+        if block.startswith("data: "):
+            data = block.removeprefix("data: ")
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
 
 
 def final(text: str = "", reason: int = runtime_pb2.FINISH_REASON_STOP, prompt_tokens: int = 3,

@@ -5,7 +5,6 @@ test_balancer_failover.py."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import grpc
 
@@ -14,7 +13,7 @@ from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
 from clowder_common.errors import Internal, Unavailable
 
-from balancer_helpers import put_endpoint, wait_until
+from balancer_helpers import put_endpoint, sse_events, wait_until
 from test_balancer_routing_inprocess import cluster
 
 PROMPT_TOKENS = 9
@@ -64,22 +63,13 @@ def _tokens_in(prefix: str) -> int:
     return count
 
 
-def events(body: str) -> list[dict | str]:
-    out: list[dict | str] = []
-    for block in body.split("\n\n"):
-        if block.startswith("data: "):
-            data = block.removeprefix("data: ")
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
-
-
 async def stream_chat(http, app, model="d", **extra) -> list[dict | str]:
     url = f"http://127.0.0.1:{app.http_port}/v1/chat/completions"
     body = {"model": model, "messages": [{"role": "user", "content": "Count."}], "stream": True,
             "stream_options": {"include_usage": True}, "max_tokens": 20, **extra}
     async with http.post(url, json=body) as resp:
         assert resp.status == 200
-        return events(await resp.text())
+        return sse_events(await resp.text())
 
 
 def content(chunks: list[dict | str], index: int = 0) -> str:
