@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from clowder.controller.v1 import resources_pb2
 from clowder_common.errors import AlreadyExists
-from clowder_common.etcd import EtcdState, LeaseKeeper, PrefixCache
+from clowder_common.etcd import (UNFENCED, AnsweringClock, EtcdState, Fence, LeadershipLost, LeaseKeeper,
+                                 PrefixCache)
+from clowder_common.etcd_server import start_etcd, start_etcd_cluster
 
 
 async def test_create_refuses_existing_key(state):
@@ -84,8 +87,6 @@ async def test_prefix_cache_follows_changes(state):
 
 
 async def test_prefix_cache_rebuilds_after_etcd_restart(tmp_path):
-    from clowder_common.etcd_server import start_etcd
-
     proc = start_etcd(tmp_path / "data")
     port = proc.client_port
     state = EtcdState([proc.endpoint], "/restart/")
@@ -112,3 +113,193 @@ async def test_prefix_cache_rebuilds_after_etcd_restart(tmp_path):
         await cache.stop()
         await state.close()
         proc.stop()
+
+
+# -- fenced writes -------------------------------------------------------------------------------------------
+
+
+async def _hold_leader_key(state) -> Fence:
+    key = state.key("leader", "test")
+    await state.create(key, resources_pb2.Node(name="me"))
+    held = await state.client.get(key.encode())
+    return Fence(key, held.create_revision)
+
+
+async def test_fenced_writes_apply_only_while_the_leader_key_is_ours(state):
+    fence = await _hold_leader_key(state)
+    key = state.key("deployments", "f")
+    await state.create(key, resources_pb2.Deployment(name="f", replicas=1), fence=fence)
+    seen = await state.get(key, resources_pb2.Deployment)
+    assert await state.update(key, resources_pb2.Deployment(name="f", replicas=2), seen.mod_revision, fence=fence)
+    # A compare-and-swap that loses to another writer is still a plain False under a held fence.
+    assert not await state.update(key, resources_pb2.Deployment(name="f", replicas=9), seen.mod_revision,
+                                  fence=fence)
+
+    # The key goes away and comes back (a new term: another create_revision): the old fence no longer holds.
+    await state.delete(fence.key)
+    await state.create(fence.key, resources_pb2.Node(name="someone else"))
+    current = await state.get(key, resources_pb2.Deployment)
+    with pytest.raises(LeadershipLost):
+        await state.update(key, resources_pb2.Deployment(name="f", replicas=3), current.mod_revision, fence=fence)
+    with pytest.raises(LeadershipLost):
+        await state.create(state.key("deployments", "g"), resources_pb2.Deployment(name="g"), fence=fence)
+    with pytest.raises(LeadershipLost):
+        await state.delete(key, fence=fence)
+    # None of them did anything.
+    after = await state.get(key, resources_pb2.Deployment)
+    assert after.value.replicas == 2 and after.mod_revision == current.mod_revision
+    assert await state.get(state.key("deployments", "g"), resources_pb2.Deployment) is None
+
+
+async def test_unfenced_writes_ignore_leadership(state):
+    key = state.key("deployments", "u")
+    await state.create(key, resources_pb2.Deployment(name="u"), fence=UNFENCED)
+    assert await state.delete(key, fence=UNFENCED)
+
+
+# -- outages of one etcd -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def private_etcd(tmp_path):
+    """An etcd of the test's own, to pause and restart without disturbing the other tests."""
+    proc = start_etcd(tmp_path / "etcd", log_path=tmp_path / "etcd.log")
+    state = EtcdState([proc.endpoint], "/private/")
+    await state.connect()
+    yield proc, state
+    proc.resume()
+    await state.close()
+    proc.stop()
+
+
+async def test_answering_clock_stops_while_etcd_is_paused(private_etcd):
+    proc, state = private_etcd
+    clock = AnsweringClock(state, interval_s=0.2, timeout_s=0.5)
+    clock.start()
+    try:
+        await asyncio.sleep(1.5)
+        assert clock.answering and 0.8 < clock.now() < 1.6
+        proc.pause()
+        await asyncio.sleep(1.0)  # the probe in flight times out
+        paused_at = clock.now()
+        await asyncio.sleep(3.0)
+        assert not clock.answering
+        assert clock.now() - paused_at < 0.01
+        proc.resume()
+        await asyncio.sleep(2.0)
+        assert clock.answering and clock.now() - paused_at > 0.8
+    finally:
+        await clock.stop()
+
+
+async def test_lease_keeper_registers_again_after_a_pause_longer_than_its_ttl(private_etcd):
+    proc, state = private_etcd
+    key = state.key("endpoints", "d", "r")
+    registered = []
+
+    async def register(lease_id: int) -> None:
+        await state.put(key, resources_pb2.Node(name="r"), lease=lease_id)
+        registered.append(lease_id)
+
+    keeper = LeaseKeeper(state, ttl=2, register=register)
+    await keeper.start()
+    cache = PrefixCache(state, state.key("endpoints", ""), resources_pb2.Node)
+    await cache.start()
+    try:
+        proc.pause()
+        await asyncio.sleep(5)  # more than the TTL: etcd expires the lease as soon as it runs again
+        proc.resume()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (len(registered) == 2 and key in cache.items):
+            await asyncio.sleep(0.1)
+        assert len(registered) == 2 and registered[1] != registered[0]
+        assert key in cache.items, "the cache follows the key's return"
+        assert await state.get(key, resources_pb2.Node) is not None
+    finally:
+        await cache.stop()
+        await keeper.stop()
+
+
+async def test_close_and_stop_are_bounded_while_etcd_is_paused(private_etcd):
+    proc, state = private_etcd
+    cache = PrefixCache(state, "/private/x/", resources_pb2.Node)
+    await cache.start()
+    proc.pause()
+    started = time.monotonic()
+    await cache.stop()
+    await state.close()
+    assert time.monotonic() - started < 15
+
+
+# -- a three-member cluster ----------------------------------------------------------------------------------
+
+
+async def _member_in_use(state, cluster) -> int:
+    """Index of the member that answers this client (the response header names it)."""
+    reply = await state.client.get_prefix(b"/nothing-here/")
+    by_url = {}
+    async for member in state.client.members():
+        for url in member.client_urls:
+            by_url[url.removeprefix("http://")] = member.id
+    ids = [by_url[m.endpoint] for m in cluster.members]
+    return ids.index(reply.header.member_id)
+
+
+async def _eventually(step, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            return await step()
+        except Exception as exc:  # the channel is moving to another member
+            last = exc
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} did not succeed within {timeout:.0f}s: {last}")
+
+
+async def test_state_fails_over_when_the_member_in_use_dies(tmp_path):
+    cluster = start_etcd_cluster(tmp_path / "cluster", 3)
+    # A name that must be resolved, and the members in an order where the first is killed.
+    endpoints = [f"localhost:{m.client_port}" for m in cluster.members]
+    state = EtcdState(endpoints, "/cluster/")
+    keeper_state = EtcdState(endpoints, "/cluster/")
+    try:
+        await state.connect()
+        await keeper_state.connect()
+        key = state.key("nodes", "kept")
+
+        async def register(lease_id: int) -> None:
+            await keeper_state.put(key, resources_pb2.Node(name="kept"), lease=lease_id)
+
+        keeper = LeaseKeeper(keeper_state, ttl=3, register=register)
+        await keeper.start()
+        cache = PrefixCache(state, state.key("items", ""), resources_pb2.Node)
+        await cache.start()
+        await state.put(state.key("items", "a"), resources_pb2.Node(name="a"))
+        in_use = await _member_in_use(state, cluster)
+        assert in_use == await _member_in_use(keeper_state, cluster)
+
+        cluster.members[in_use].kill()
+        killed = time.monotonic()
+        # Reads and writes go on through another member (a brief error while the channel moves is allowed).
+        await _eventually(lambda: state.put(state.key("items", "b"), resources_pb2.Node(name="b")), 10, "a write")
+        assert await _eventually(lambda: state.get(state.key("items", "a"), resources_pb2.Node), 10, "a read")
+        assert await _member_in_use(state, cluster) != in_use
+        assert time.monotonic() - killed < 10
+        # The watch followed: the cache sees the write made after the kill.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sorted(n.name for n in cache.values()) != ["a", "b"]:
+            await asyncio.sleep(0.1)
+        assert sorted(n.name for n in cache.values()) == ["a", "b"]
+        # The lease keeper kept its lease alive through the failover: the key outlives several TTLs untouched.
+        lease_before = keeper.lease_id
+        await asyncio.sleep(7)
+        assert keeper.lease_id == lease_before
+        held = await state.client.get(key.encode())
+        assert held is not None and held.lease == lease_before
+        await cache.stop()
+        await keeper.stop()
+    finally:
+        await state.close()
+        await keeper_state.close()
+        cluster.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
 import time
@@ -20,6 +21,8 @@ from controller_helpers import wait_for
 
 TOKEN = "placement-test-token"
 LEASE_TTL = 2
+# Short, so the test is quick; the default (30 s) is the same code path with a longer wait.
+LOST_GRACE = 3.0
 STARTED = (resources_pb2.REPLICA_STATE_STARTING, resources_pb2.REPLICA_STATE_READY)
 
 
@@ -48,7 +51,7 @@ async def test_placement_follows_labels_memory_and_lost_nodes(etcd, etcd_prefix,
     n3 = start_node_process(etcd, etcd_prefix, tmp_path, "n3", {"zone": "a"})
     config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"),
                               etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, resync_interval_s=0.5,
-                              runtime_threads=1, runtime_stop_grace_s=3)
+                              runtime_threads=1, runtime_stop_grace_s=3, node_lost_grace_s=LOST_GRACE)
     controller = await create_controller(config, TOKEN)
     await controller.start()
     channel = aio_channel(f"127.0.0.1:{controller.port}")
@@ -90,19 +93,31 @@ async def test_placement_follows_labels_memory_and_lost_nodes(etcd, etcd_prefix,
         assert pending[0].state == resources_pb2.REPLICA_STATE_PENDING and not pending[0].node
         assert "3 without 1048576.00 GiB of free memory" in pending[0].message
 
-        # n3 dies without revoking its lease: once the lease expires, its replica moves to n1 (zone a).
+        # n3 dies without revoking its lease: once the lease expired (etcd answering all along) and the grace
+        # period passed, its replica moves to n1 (zone a); not before.
         moved_id = next(r.id for r in placed if r.node == "n3")
         n3.send_signal(signal.SIGKILL)
         n3.wait(10)
         killed = time.monotonic()
+        await wait_for(lambda: _nodes_are(state, {"n1", "n2"}), LEASE_TTL + 10, "n3's lease to expire")
+        expired = time.monotonic()
 
         async def moved():
             current = {r.id: r for r in await replicas("zoned")}
             r = current.get(moved_id)
             return r if r is not None and r.node == "n1" and r.state in STARTED else None
 
+        async def left_alone():
+            # Still placed on n3 (its runtime may have failed with n3's storage; it is not moved yet).
+            r = {r.id: r for r in await replicas("zoned")}[moved_id]
+            return r.node == "n3" or (r.node, r.state, r.message)
+
+        while time.monotonic() - expired < LOST_GRACE - 1.0:
+            alone = await left_alone()
+            assert alone is True, f"the replica moved before the grace period was over: {alone}"
+            await asyncio.sleep(0.2)
         await wait_for(moved, 60, "replica moved off the lost node")
-        assert time.monotonic() - killed < LEASE_TTL + 15
+        assert time.monotonic() - killed < LEASE_TTL + LOST_GRACE + 15
 
         # The events tell the story, through the API.
         got = await deployments.GetDeployment(controller_pb2.GetDeploymentRequest(name="zoned"), metadata=auth)

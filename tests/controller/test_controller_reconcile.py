@@ -50,7 +50,7 @@ async def test_replicas_follow_deployments_and_nodes(etcd, etcd_prefix, state, t
     node1 = await start_node(etcd, etcd_prefix, tmp_path, "n1")
     config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"),
                               etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, resync_interval_s=0.5,
-                              runtime_threads=1, runtime_stop_grace_s=5)
+                              runtime_threads=1, runtime_stop_grace_s=5, node_lost_grace_s=1.0)
     controller = await create_controller(config, TOKEN)
     await controller.start()
     node2 = None

@@ -9,16 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import random
+import socket
+import time
 from typing import AsyncIterator, Awaitable, Callable, Generic, Iterable, TypeVar
 
 import aetcd
 import aetcd.exceptions
 from google.protobuf.message import DecodeError, Message
 
-from clowder_common.errors import AlreadyExists, Unavailable
-from clowder_common.tasks import cancel_and_wait
+from clowder_common.errors import AlreadyExists, FailedPrecondition, Unavailable
+from clowder_common.tasks import bounded, cancel_and_wait, wait_event
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,97 @@ M = TypeVar("M", bound=Message)
 
 # A single etcd call never waits longer than this; a dead etcd must not hang a request.
 CALL_TIMEOUT_S = 5
+# Closing a client (and cancelling a watch) gives up after this long: aetcd's watcher shutdown waits on a
+# bounded queue and a grpc stream cancellation, either of which can block on a stopped etcd.
+CLOSE_TIMEOUT_S = 5.0
+
+# One grpc channel to every member (pick_first over all their addresses): when the member in use dies the
+# channel moves to the next one by itself, and watches and lease keep-alives, which reopen their streams on the
+# same channel, follow. Reconnection backoff is capped low so an etcd that comes back is used within about a
+# second, not after grpc's default of up to two minutes; a connection attempt may take 5 s (grpc's
+# "min_reconnect_backoff" is that bound: a busy etcd that just started can need seconds to send its first
+# frame); keepalive pings (no more often than etcd's 5 s minimum) find a member that stopped answering on a
+# connection that is still open (SIGSTOP, a dead link).
+CHANNEL_OPTIONS = {
+    "grpc.lb_policy_name": "pick_first",
+    "grpc.initial_reconnect_backoff_ms": 200,
+    "grpc.min_reconnect_backoff_ms": 5000,
+    "grpc.max_reconnect_backoff_ms": 1000,
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+}
+
+
+class LeadershipLost(FailedPrecondition):
+    """A fenced write found the leader key no longer ours: a deposed leader must not change anything."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Fence:
+    """Makes a transaction apply only while its writer still holds a leadership key.
+
+    The leader key's create_revision identifies one term of one leader: a new
+    leader (even the same controller elected again) creates the key anew, so a
+    write from an older term fails in the same round trip instead of being done.
+    An empty key fences nothing (tests and tools that write outside any election).
+    """
+
+    key: str = ""
+    create_revision: int = 0
+
+    def compares(self, tx) -> list:
+        return [tx.create(self.key.encode()) == self.create_revision] if self.key else []
+
+    def checks(self, tx) -> list:
+        """Failure ops that read the leader key, for `held` to look at."""
+        return [tx.get(self.key.encode())] if self.key else []
+
+    def held(self, response) -> bool:
+        """Whether a failure op from `checks` shows the key still ours."""
+        return bool(response) and response[0][1].create_revision == self.create_revision
+
+
+UNFENCED = Fence()
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int]:
+    rest = endpoint.strip().removeprefix("http://").removeprefix("https://").rstrip("/")
+    host, _, port = rest.rpartition(":")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+async def grpc_target(endpoints: list[str]) -> str:
+    """One grpc target naming every member's addresses ("ipv4:a:p,b:q"); names are resolved now.
+
+    grpc resolves a `dns:` target to one name only, so several members given by
+    name are resolved here, once per connect.
+    """
+    loop = asyncio.get_running_loop()
+    v4: list[str] = []
+    v6: list[str] = []
+    for endpoint in endpoints:
+        host, port = _split_endpoint(endpoint)
+        try:
+            literal = ipaddress.ip_address(host)
+            addresses = [(literal.version, str(literal))]
+        except ValueError:
+            try:
+                infos = await bounded(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), CALL_TIMEOUT_S)
+            except (OSError, TimeoutError) as exc:
+                log.warning("cannot resolve etcd endpoint %s: %s", endpoint, exc)
+                continue
+            addresses = [(6 if info[0] == socket.AF_INET6 else 4, info[4][0]) for info in infos]
+        for version, address in addresses:
+            if version == 4 and f"{address}:{port}" not in v4:
+                v4.append(f"{address}:{port}")
+            elif version == 6 and f"[{address}]:{port}" not in v6:
+                v6.append(f"[{address}]:{port}")
+    # A grpc target holds one address family; IPv4 wins when both exist (loopback names resolve to both).
+    if v4:
+        return "ipv4:" + ",".join(v4)
+    if v6:
+        return "ipv6:" + ",".join(v6)
+    raise Unavailable(f"no etcd endpoint resolves: {', '.join(endpoints)}", retry_after=1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +151,18 @@ def _parse(cls: type[M], key: str, raw: bytes) -> M | None:
     return msg
 
 
+async def _close_client(client: aetcd.Client) -> None:
+    """Close without hanging: a client whose watch stream is stuck can otherwise wait forever in close()."""
+    closing = asyncio.ensure_future(client.close())
+    done, _ = await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT_S)
+    if not done:
+        closing.cancel()
+        log.warning("closing the etcd client took longer than %.0fs; abandoned", CLOSE_TIMEOUT_S)
+        return
+    if not closing.cancelled() and closing.exception() is not None:
+        log.debug("closing the etcd client: %s", closing.exception())
+
+
 class EtcdState:
     """A connection to etcd, scoped to Clowder's key prefix."""
 
@@ -74,27 +180,41 @@ class EtcdState:
         return self._client
 
     async def connect(self) -> None:
-        last: Exception | None = None
-        for endpoint in self._endpoints:
-            host, _, port = endpoint.removeprefix("http://").rpartition(":")
-            client = aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=CALL_TIMEOUT_S)
+        """One channel to all members; fails unless some member answers a read now."""
+        target = await grpc_target(self._endpoints)
+        # aetcd builds its target as f"{host}:{port}": hand it the multi-address target split at its last colon.
+        host, _, port = target.rpartition(":")
+        client = aetcd.Client(host=host, port=int(port), timeout=CALL_TIMEOUT_S, options=dict(CHANNEL_OPTIONS))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CALL_TIMEOUT_S
+        while True:
+            # A member that just started may refuse the first attempt; keep trying for one call timeout.
             try:
-                await client.connect()
-                await client.get(b"/clowder-connect-probe")
-            except Exception as exc:  # try the next endpoint
-                last = exc
-                with contextlib.suppress(Exception):
-                    await client.close()
-                continue
-            self._client = client
-            return
-        raise Unavailable(f"cannot reach etcd at {', '.join(self._endpoints)}: {last}")
+                await bounded(client.connect(), CALL_TIMEOUT_S)
+                await bounded(client.get(b"/clowder-connect-probe"), max(0.5, deadline - loop.time()))
+                break
+            except Exception as exc:
+                if loop.time() + 0.2 >= deadline:
+                    await _close_client(client)
+                    raise Unavailable(f"cannot reach etcd at {', '.join(self._endpoints)}: {exc}",
+                                      retry_after=1.0) from exc
+                await asyncio.sleep(0.2)
+        self._client = client
 
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
-            with contextlib.suppress(Exception):
-                await client.close()
+            await _close_client(client)
+
+    async def ping(self, timeout: float = 2.0) -> bool:
+        """Whether etcd answers a linearizable read (so a quorum is up) within `timeout`."""
+        try:
+            await bounded(self.client.get((self.prefix + "-ping").encode()), timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return False
+        return True
 
     def key(self, *parts: str) -> str:
         return self.prefix + "/".join(parts)
@@ -137,36 +257,57 @@ class EtcdState:
             raise Unavailable(f"etcd put failed: {exc}", retry_after=1.0) from exc
         return result.header.revision
 
-    async def _txn(self, compare, success) -> bool:
+    async def transaction(self, compare: list, success: list, failure: list,
+                          fence: Fence = UNFENCED) -> tuple[bool, list]:
+        """One round trip; with a fence, also compares the leader key and raises LeadershipLost when it is gone.
+
+        The fence's read is appended to `failure`, so the responses returned are
+        those of the caller's own failure ops.
+        """
+        tx = self.client.transactions
         try:
-            succeeded, _ = await self.client.transaction(compare=compare, success=success, failure=[])
+            ok, responses = await self.client.transaction(
+                compare=compare + fence.compares(tx), success=success, failure=failure + fence.checks(tx))
         except aetcd.exceptions.ClientError as exc:
             raise Unavailable(f"etcd transaction failed: {exc}", retry_after=1.0) from exc
-        return bool(succeeded)
+        if ok:
+            return True, responses
+        if fence.key:
+            if not fence.held(responses[-1]):
+                raise LeadershipLost(f"leadership ({fence.key}) was lost; the write was not done")
+            responses = responses[:-1]
+        return False, responses
 
-    async def create(self, key: str, value: Message, lease: int | None = None) -> None:
+    async def _txn(self, compare, success, fence: Fence) -> bool:
+        ok, _ = await self.transaction(compare, success, [], fence)
+        return ok
+
+    async def create(self, key: str, value: Message, lease: int | None = None, fence: Fence = UNFENCED) -> None:
         """Write only if the key does not exist (create_revision == 0)."""
         tx = self.client.transactions
         ok = await self._txn(
             [tx.create(key.encode()) == 0],
             [tx.put(key.encode(), value.SerializeToString(), lease=lease)],
+            fence,
         )
         if not ok:
             raise AlreadyExists(f"{key.removeprefix(self.prefix)} already exists", metadata={"key": key})
 
-    async def update(self, key: str, value: Message, mod_revision: int, lease: int | None = None) -> bool:
+    async def update(self, key: str, value: Message, mod_revision: int, lease: int | None = None,
+                     fence: Fence = UNFENCED) -> bool:
         """Write only if nobody changed the key since `mod_revision`; False when someone did."""
         tx = self.client.transactions
         return await self._txn(
             [tx.mod(key.encode()) == mod_revision],
             [tx.put(key.encode(), value.SerializeToString(), lease=lease)],
+            fence,
         )
 
-    async def delete(self, key: str, mod_revision: int | None = None) -> bool:
+    async def delete(self, key: str, mod_revision: int | None = None, fence: Fence = UNFENCED) -> bool:
         """Delete the key; with `mod_revision`, only if it is still the version we read."""
         tx = self.client.transactions
         compare = [tx.mod(key.encode()) == mod_revision] if mod_revision else [tx.version(key.encode()) > 0]
-        return await self._txn(compare, [tx.delete(key.encode())])
+        return await self._txn(compare, [tx.delete(key.encode())], fence)
 
     async def delete_prefix(self, prefix: str) -> None:
         try:
@@ -185,18 +326,31 @@ class EtcdState:
 
     async def refresh_lease(self, lease_id: int) -> int:
         """Returns the remaining TTL; 0 means the lease is gone."""
-        reply = await self.client.refresh_lease(lease_id)
+        try:
+            # The keep-alive stream carries aetcd's deadline; the outer bound covers its stream set-up too.
+            reply = await bounded(self.client.refresh_lease(lease_id), CALL_TIMEOUT_S + 1)
+        except (aetcd.exceptions.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"etcd lease refresh failed: {exc}", retry_after=1.0) from exc
         return int(reply.TTL) if reply is not None else 0
 
     async def revoke_lease(self, lease_id: int) -> None:
         with contextlib.suppress(Exception):
-            await self.client.revoke_lease(lease_id)
+            await bounded(self.client.revoke_lease(lease_id), CALL_TIMEOUT_S + 1)
 
     # -- watches ---------------------------------------------------------------
 
     async def watch(self, prefix: str, cls: type[M], start_revision: int) -> AsyncIterator[WatchEvent[M]]:
-        """Events under `prefix` from `start_revision` on; raises when the watch breaks."""
-        watch = await self.client.watch_prefix(prefix.encode(), start_revision=start_revision)
+        """Events under `prefix` from `start_revision` on; raises when the watch breaks.
+
+        No event for a long time is not an error (a paused etcd sends nothing): readers that need to know
+        whether etcd answers ask `ping` or an AnsweringClock.
+        """
+        try:
+            # aetcd bounds the create itself, but waits unbounded for its watcher's lock and request queue.
+            watch = await bounded(self.client.watch_prefix(prefix.encode(), start_revision=start_revision),
+                                  CALL_TIMEOUT_S * 2)
+        except TimeoutError as exc:
+            raise Unavailable(f"etcd watch on {prefix} was not created in time", retry_after=1.0) from exc
         try:
             async for event in watch:
                 key = event.kv.key.decode()
@@ -207,8 +361,9 @@ class EtcdState:
                     if value is not None:
                         yield WatchEvent(key, value, event.kv.mod_revision)
         finally:
+            # Cancelling puts a request on aetcd's bounded queue, which blocks when the stream is stuck.
             with contextlib.suppress(Exception):
-                await watch.cancel()
+                await bounded(watch.cancel(), CLOSE_TIMEOUT_S)
 
 
 class LeaseKeeper:
@@ -233,17 +388,28 @@ class LeaseKeeper:
 
     async def _keep_alive(self) -> None:
         interval = self._ttl / 3
+        # After a failure, try again soon: the first answer after an outage should re-register at once.
+        retry = min(interval, 1.0)
+        delay = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
             try:
                 if self.lease_id is None or await self._state.refresh_lease(self.lease_id) <= 0:
                     log.warning("lease lost; registering again")
-                    self.lease_id = await self._state.grant_lease(self._ttl)
-                    await self._register(self.lease_id)
+                    self.lease_id = None
+                    lease_id = await self._state.grant_lease(self._ttl)
+                    try:
+                        await self._register(lease_id)
+                    except BaseException:
+                        await self._state.revoke_lease(lease_id)
+                        raise
+                    self.lease_id = lease_id
+                delay = interval
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # etcd down: keep trying, the TTL decides
                 log.warning("lease refresh failed: %s", exc)
+                delay = retry
 
     async def stop(self) -> None:
         """Stop refreshing and revoke, so what hangs on the lease disappears at once."""
@@ -252,6 +418,61 @@ class LeaseKeeper:
         if self.lease_id is not None:
             await self._state.revoke_lease(self.lease_id)
             self.lease_id = None
+
+
+class AnsweringClock:
+    """Seconds during which etcd answered, as seen by this process: a clock that stops while etcd is away.
+
+    A lease that expired while etcd was paused or unreachable says nothing about
+    the process that held it, so absences are timed on this clock: it advances by
+    the time between two successful probes only (a failed or slow probe stops it
+    until the next success).
+    """
+
+    def __init__(self, state: EtcdState, interval_s: float = 1.0, timeout_s: float = 2.0) -> None:
+        self._state = state
+        self._interval = interval_s
+        self._timeout = timeout_s
+        self._seconds = 0.0
+        self._last_ok: float | None = None
+        self._task: asyncio.Task | None = None
+
+    def now(self) -> float:
+        return self._seconds
+
+    @property
+    def answering(self) -> bool:
+        """Whether the latest probe succeeded."""
+        return self._last_ok is not None
+
+    async def probe(self) -> bool:
+        """One probe; advances the clock when this one and the previous one both succeeded."""
+        ok = await self._state.ping(self._timeout)
+        now = time.monotonic()
+        if not ok:
+            self._last_ok = None
+            return False
+        if self._last_ok is not None:
+            self._seconds += now - self._last_ok
+        self._last_ok = now
+        return True
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="etcd-answering-clock")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            task, self._task = self._task, None
+            task.cancel()
+            await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+        self._last_ok = None
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.probe()
+            await asyncio.sleep(self._interval)
 
 
 class PrefixCache(Generic[M]):
@@ -279,8 +500,7 @@ class PrefixCache(Generic[M]):
 
     async def start(self, wait: float = CALL_TIMEOUT_S) -> None:
         self._task = asyncio.create_task(self._run(), name=f"cache {self._prefix}")
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), wait)
+        await wait_event(self._ready, wait)
 
     async def stop(self, timeout: float = 3.0) -> None:
         """Cancel the watch; bounded, because aetcd can wait forever for a watch cancelled mid-creation."""
@@ -301,8 +521,9 @@ class PrefixCache(Generic[M]):
 
     async def wait_for_change(self, timeout: float) -> None:
         async with self._changed:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
 
     async def _notify(self) -> None:
         if self._on_change is not None:

@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--launcher", choices=("local", "kubernetes"), help="how runtimes start (default local)")
     parser.add_argument("--placement", choices=("spread", "binpack"), help="scheduling profile (default spread)")
     parser.add_argument("--leader-ttl-s", type=int, help="leader lease TTL in seconds (default 10)")
+    parser.add_argument("--node-lost-grace-s", type=float,
+                        help="seconds (counted while etcd answers) a node may be missing before its replicas move "
+                             "(default 30)")
     parser.add_argument("--node-exec", action="append", type=node_exec_entry, metavar="NODE=COMMAND",
                         help="start runtimes placed on NODE through COMMAND (e.g. n1='ip netns exec clowder-n1'); "
                              "they listen on that node's storage host; repeatable")
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "launcher": args.launcher,
         "placement": args.placement,
         "leader_ttl_s": args.leader_ttl_s,
+        "node_lost_grace_s": args.node_lost_grace_s,
         "node_exec": dict(args.node_exec) if args.node_exec else None,
     })
     if config.node_exec and config.launcher != "local":

@@ -6,7 +6,7 @@ import logging
 import pathlib
 
 from clowder.controller.v1 import controller_pb2, controller_pb2_grpc
-from clowder_common.etcd import EtcdState
+from clowder_common.etcd import EtcdState, Fence
 from clowder_common.grpc_server import create_grpc_server
 from clowder_controller.autoscaler import Autoscaler, Windows
 from clowder_controller.config import ControllerConfig
@@ -93,9 +93,9 @@ class ControllerApp:
     def is_leader(self) -> bool:
         return self.elector is not None and self.elector.is_leader
 
-    async def _lead(self) -> None:
-        await self.reconciler.start()
-        await self.autoscaler.start()
+    async def _lead(self, fence: Fence) -> None:
+        await self.reconciler.start(fence)
+        await self.autoscaler.start(fence)
 
     async def _follow(self) -> None:
         await self.autoscaler.stop()

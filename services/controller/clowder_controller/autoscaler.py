@@ -19,7 +19,7 @@ from collections import deque
 from clowder.balancer.v1 import load_pb2
 from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
-from clowder_common.etcd import EtcdState, PrefixCache
+from clowder_common.etcd import UNFENCED, EtcdState, Fence, PrefixCache
 from clowder_common.tasks import cancel_and_wait, run_periodically
 from clowder_controller.caches import stop_caches
 from clowder_controller.events import EventRecorder
@@ -112,8 +112,11 @@ class Autoscaler:
         self._deployments = PrefixCache(state, state.key(keys.DEPLOYMENTS), resources_pb2.Deployment)
         self._history: dict[str, History] = {}
         self._task: asyncio.Task | None = None
+        # Set per term by start(): a deposed leader's scaling write fails instead of landing.
+        self._fence: Fence = UNFENCED
 
-    async def start(self) -> None:
+    async def start(self, fence: Fence = UNFENCED) -> None:
+        self._fence = fence
         await self._deployments.start()
         await self._loads.start()
         self._task = asyncio.create_task(
@@ -124,6 +127,7 @@ class Autoscaler:
         self._task = None
         await stop_caches([self._loads, self._deployments])
         self._history.clear()
+        self._fence = UNFENCED
 
     async def scale_once(self) -> None:
         if not (self._loads.ready and self._deployments.ready):
@@ -151,5 +155,5 @@ class Autoscaler:
         updated.CopyFrom(current.value)
         updated.replicas = wanted
         updated.update_time.GetCurrentTime()
-        if await self._state.update(key, updated, current.mod_revision):
+        if await self._state.update(key, updated, current.mod_revision, fence=self._fence):
             self._events.record(name, "scaled", f"replicas {before} -> {wanted}: {why}")

@@ -18,12 +18,23 @@ class ControllerConfig(EtcdConfig):
     resync_interval_s: float = 5.0
     # llama.cpp threads per runtime; 0 shares the node's cores among the replicas placed on it.
     runtime_threads: int = 0
-    # A runtime that has not registered its endpoint after this long is restarted.
+    # A runtime that has not registered its endpoint after this long is restarted (timed, like the grace below,
+    # only while etcd answers: an etcd outage never restarts a runtime whose process runs).
     runtime_start_timeout_s: float = 180.0
+    # A node missing from etcd (its storage lease gone) is declared lost, and its replicas placed elsewhere, only
+    # after it has been missing this long counted over time during which etcd answered this controller; a ready
+    # replica whose endpoint vanished is marked unready after the same. Three lease TTLs (storage: 10 s) and then
+    # some: a node or runtime whose lease expired during an etcd outage re-registers within a second or two of
+    # etcd answering again, long before this.
+    node_lost_grace_s: float = 30.0
     # How long a stopping runtime may drain before SIGKILL.
     runtime_stop_grace_s: float = 15.0
     # Address the runtimes bind (port 0: any free port, reported through etcd).
     runtime_listen: str = "127.0.0.1:0"
+    # Local launcher, other nodes: node name -> command prefix (flag --node-exec NODE=COMMAND). A runtime
+    # placed on that node runs as shlex.split(COMMAND) + its argv (e.g. "ip netns exec clowder-n1", or ssh)
+    # and listens on the host of the node's storage address (port 0) instead of runtime_listen.
+    node_exec: dict[str, str] = dataclasses.field(default_factory=dict)
     # Most replicas one deployment may ask for.
     max_replicas: int = 64
     # Placement profile: "spread" (emptiest nodes first) or "binpack" (fullest node that fits first).
@@ -31,10 +42,6 @@ class ControllerConfig(EtcdConfig):
     # Weight of preferring nodes that already hold the model (the fullness scorer weighs 1).
     locality_weight: float = 0.3
     # Leader lease TTL: a killed leader is replaced within about this long.
-    # Local launcher, other nodes: node name -> command prefix (flag --node-exec NODE=COMMAND). A runtime
-    # placed on that node runs as shlex.split(COMMAND) + its argv (e.g. "ip netns exec clowder-n1", or ssh)
-    # and listens on the host of the node's storage address (port 0) instead of runtime_listen.
-    node_exec: dict[str, str] = dataclasses.field(default_factory=dict)
     leader_ttl_s: int = 10
     # Autoscaler pass interval (load changes also wake it at once).
     autoscale_interval_s: float = 1.0

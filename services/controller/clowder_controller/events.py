@@ -11,7 +11,7 @@ from collections import defaultdict
 from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
 from clowder_common.etcd import EtcdState
-from clowder_common.tasks import cancel_and_wait
+from clowder_common.tasks import bounded, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class EventRecorder:
         await cancel_and_wait(self._task)
         self._task = None
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.flush(), FINAL_FLUSH_S)
+            await bounded(self.flush(), FINAL_FLUSH_S)
 
     async def _run(self) -> None:
         while True:

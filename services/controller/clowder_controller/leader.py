@@ -1,4 +1,8 @@
-"""Leader election among controllers: a lease plus a create_revision == 0 transaction on leader/controller."""
+"""Leader election among controllers: a lease plus a create_revision == 0 transaction on leader/controller.
+
+The leader's writes are fenced by the key's create_revision (see etcd.Fence): a
+leader that lost its key but has not noticed yet cannot change anything.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import uuid
 from typing import Awaitable, Callable
 
 from clowder.controller.v1 import resources_pb2
-from clowder_common.etcd import EtcdState
+from clowder_common.etcd import CLOSE_TIMEOUT_S, EtcdState, Fence
+from clowder_common.tasks import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +30,16 @@ def new_identity() -> str:
 class LeaderElector:
     """Campaigns until elected, runs `on_elected`, and runs `on_lost` as soon as leadership may be gone.
 
-    Leadership is assumed lost when a refresh says the lease expired, or when no
-    refresh succeeded for two thirds of the TTL (etcd unreachable: another
-    controller may already hold the key); the loop then campaigns again.
+    Leadership is assumed lost when a refresh says the lease expired, when the
+    key is no longer the one this term created (deleted, or another leader's),
+    or when no check succeeded for two thirds of the TTL (etcd unreachable:
+    another controller may already hold the key); the loop then campaigns again.
+    Stepping down stops only the reconciling: runtimes keep running (the launcher
+    keeps its children), and the next term picks them up as they are.
     """
 
     def __init__(self, state: EtcdState, identity: str, address: str, ttl: int,
-                 on_elected: Callable[[], Awaitable[None]], on_lost: Callable[[], Awaitable[None]]) -> None:
+                 on_elected: Callable[[Fence], Awaitable[None]], on_lost: Callable[[], Awaitable[None]]) -> None:
         self._state = state
         self.identity = identity
         self._address = address
@@ -40,6 +48,8 @@ class LeaderElector:
         self._on_lost = on_lost
         self.key = state.key(LEADER)
         self.is_leader = False
+        # This term's fence; meaningful only while is_leader.
+        self.fence = Fence()
         self._lease: int | None = None
         self._task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
@@ -52,20 +62,19 @@ class LeaderElector:
         """Step down: stop leading first, then delete the key so a peer takes over without waiting for the TTL."""
         self._stopping.set()
         if self._task is not None:
+            task, self._task = self._task, None
             # Let the loop notice the flag: cancelling an in-flight keep-alive stream can hang in grpc.
-            done, _ = await asyncio.wait({self._task}, timeout=self._ttl + 5)
+            done, _ = await asyncio.wait({task}, timeout=self._ttl + 5)
             if not done:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-            self._task = None
+                task.cancel()
+                done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+                if not done:
+                    log.warning("leader election loop did not stop; abandoned")
         await self._step_down()
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep unless stopping; True when stop() was called."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        return self._stopping.is_set()
+        return await wait_event(self._stopping, seconds)
 
     async def _step_down(self) -> None:
         if self.is_leader:
@@ -83,15 +92,32 @@ class LeaderElector:
         value.acquire_time.GetCurrentTime()
         tx = self._state.client.transactions
         key = self.key.encode()
-        won, _ = await self._state.client.transaction(
-            compare=[tx.create(key) == 0],
-            success=[tx.put(key, value.SerializeToString(), lease=lease)],
-            failure=[],
-        )
+        try:
+            # The read in the same transaction gives this term's create_revision, the fence of its writes.
+            won, responses = await self._state.transaction(
+                compare=[tx.create(key) == 0],
+                success=[tx.put(key, value.SerializeToString(), lease=lease), tx.get(key)],
+                failure=[],
+            )
+        except BaseException:
+            await self._state.revoke_lease(lease)
+            raise
         if not won:
             await self._state.revoke_lease(lease)
             return False
         self._lease = lease
+        self.fence = Fence(self.key, responses[1][0][1].create_revision)
+        return True
+
+    async def _still_ours(self) -> bool:
+        """Whether the lease lives and the key is still the one this term created (one refresh, one read)."""
+        if self._lease is None or await self._state.refresh_lease(self._lease) <= 0:
+            log.warning("leader lease expired")
+            return False
+        current = await self._state.client.get(self.key.encode())
+        if current is None or current.create_revision != self.fence.create_revision:
+            log.warning("leader key is gone or another controller's: stepping down")
+            return False
         return True
 
     async def _run(self) -> None:
@@ -100,8 +126,9 @@ class LeaderElector:
             try:
                 if await self._campaign():
                     self.is_leader = True
-                    log.info("controller %s is the leader", self.identity)
-                    await self._on_elected()
+                    log.info("controller %s is the leader (term revision %d)", self.identity,
+                             self.fence.create_revision)
+                    await self._on_elected(self.fence)
                     await self._hold()
                     if self._stopping.is_set():
                         return  # stop() steps down
@@ -126,13 +153,12 @@ class LeaderElector:
             if await self._pause(interval):
                 return
             # Not cancelled on timeout (see stop()); a late answer is dropped.
-            refresh = asyncio.ensure_future(self._state.refresh_lease(self._lease))
-            refresh.add_done_callback(lambda f: f.cancelled() or f.exception())
-            done, _ = await asyncio.wait({refresh}, timeout=interval)
-            if refresh in done:
+            check = asyncio.ensure_future(self._still_ours())
+            check.add_done_callback(lambda f: f.cancelled() or f.exception())
+            done, _ = await asyncio.wait({check}, timeout=interval)
+            if check in done:
                 try:
-                    if refresh.result() <= 0:
-                        log.warning("leader lease expired")
+                    if not check.result():
                         return
                     last_ok = loop.time()
                 except Exception as exc:

@@ -4,6 +4,12 @@ Each pass compares what etcd says is wanted (deployments) with what exists
 (replicas, nodes, endpoints, processes) and starts one bounded action per
 replica that is off; actions run as tasks so one slow pull never stalls the
 others. Any pass can be repeated, or run after a crash, and converges.
+
+etcd outages never reach the data plane: a node (or a runtime's endpoint) that
+is missing from etcd is only acted on after it has been missing for
+`node_lost_grace_s` of time during which etcd answered (AnsweringClock); a
+lease that expired because etcd itself was paused or away is no evidence that
+anything died. Every write is fenced by this leader's term (etcd.Fence).
 """
 
 from __future__ import annotations
@@ -17,14 +23,12 @@ import time
 from collections import defaultdict, deque
 from typing import Awaitable, Callable
 
-import aetcd.exceptions
-
 from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
-from clowder_common.errors import AlreadyExists, Unavailable
-from clowder_common.etcd import EtcdState, PrefixCache
-from clowder_common.tasks import cancel_and_wait
+from clowder_common.errors import AlreadyExists
+from clowder_common.etcd import UNFENCED, AnsweringClock, EtcdState, Fence, LeadershipLost, PrefixCache
+from clowder_common.tasks import cancel_and_wait, wait_event
 from clowder_controller.caches import stop_caches
 from clowder_controller.config import ControllerConfig
 from clowder_controller.events import EventRecorder
@@ -54,6 +58,8 @@ NO_NODE_MESSAGE = "waiting for a storage node to register"
 SURGE = 1
 # How long a placement decided by this controller counts against its node before etcd shows it.
 ASSUME_S = 5.0
+# stop() waits this long for the replicas' actions to unwind after cancelling them.
+STOP_ACTIONS_S = 10.0
 
 
 def backoff_delay(failures: int) -> float:
@@ -110,6 +116,13 @@ class Reconciler:
         self.scheduler = build_scheduler(config.placement, config.locality_weight)
         self._wake = asyncio.Event()
         self._etcd_slots = asyncio.Semaphore(ETCD_CONCURRENCY)
+        # Set per term by start(): every write compares the leader key this term created.
+        self._fence: Fence = UNFENCED
+        self._clock = AnsweringClock(state)
+        # Answering-clock time at which a node referenced by replicas was first seen missing.
+        self._absent: dict[str, float] = {}
+        # Answering-clock time since which a started replica has had no endpoint in etcd.
+        self._no_endpoint: dict[tuple[str, str], float] = {}
 
         def cache(prefix: str, cls):
             return PrefixCache(state, state.key(prefix), cls, on_change=self._wake.set)
@@ -138,30 +151,44 @@ class Reconciler:
         self.last_pass_s = 0.0
         self._loop_task: asyncio.Task | None = None
 
-    async def start(self) -> None:
+    async def start(self, fence: Fence = UNFENCED) -> None:
+        """Begin reconciling; `fence` is the elected term (UNFENCED only for tests and tools outside elections)."""
+        self._fence = fence
+        # First probe now, so the clock runs from the first pass.
+        await self._clock.probe()
+        self._clock.start()
         for cache in self._caches:
             await cache.start()
         self.events.start()
         self._loop_task = asyncio.create_task(self._run(), name="reconciler")
 
     async def stop(self) -> None:
+        """Stop reconciling; the runtimes keep running (a next term, here or elsewhere, finds them)."""
         await cancel_and_wait(self._loop_task)
         self._loop_task = None
         tasks = list(self._busy.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_ACTIONS_S)
+            if pending:
+                log.warning("%d replica action(s) did not unwind within %.0fs", len(pending), STOP_ACTIONS_S)
         await stop_caches(self._caches)
+        await self._clock.stop()
         # Another leader may write meanwhile: what we remember about our own writes is no longer evidence.
         self._assumed.clear()
         self._written.clear()
         self._last_bytes.clear()
+        self._absent.clear()
+        self._no_endpoint.clear()
+        self._fence = UNFENCED
         await self.events.stop()
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._config.resync_interval_s)
+            # Not asyncio.wait_for: on Python 3.11 it can drop the cancellation stop() sends (a pass finishing
+            # sets _wake at that moment), and this loop then ran forever (the bench-controller hang).
+            await wait_event(self._wake, self._config.resync_interval_s)
             self._wake.clear()
             # Let a burst of etcd events settle into one pass; on a big cluster a pass costs real CPU, so
             # passes take at most about a third of the loop and the actions' etcd traffic keeps flowing.
@@ -188,6 +215,7 @@ class Reconciler:
             by_deployment[replica.deployment].append(replica)
         requests = {d.name: self._request(d, images.get(d.image)) for d in deployments.values()}
         nodes = self._node_infos(requests, deployments)
+        lost = self._lost_nodes()
 
         for name, replicas in by_deployment.items():
             if name not in deployments:
@@ -206,7 +234,27 @@ class Reconciler:
                 self._act(replica, self._remove(replica, record=True))
             for replica in replicas:
                 if replica.id not in gone:
-                    self._drive(deployment, replica, images, nodes, endpoints, requests[deployment.name])
+                    self._drive(deployment, replica, images, nodes, lost, endpoints, requests[deployment.name])
+        live = {(r.deployment, r.id) for r in self._replicas.values()}
+        for key in [k for k in self._no_endpoint if k not in live]:
+            del self._no_endpoint[key]
+
+    def _lost_nodes(self) -> set[str]:
+        """Nodes that replicas sit on and that have been missing for the grace period, timed while etcd answered."""
+        now = self._clock.now()
+        live = {n.name for n in self._nodes.values()}
+        referenced = {r.node for r in self._replicas.values() if r.node}
+        for name in [n for n in self._absent if n in live or n not in referenced]:
+            del self._absent[name]
+        lost = set()
+        for name in referenced - live:
+            if name not in self._absent:
+                self._absent[name] = now
+                log.warning("node %s is not registered; its replicas are left alone for %.0fs of etcd answering",
+                            name, self._config.node_lost_grace_s)
+            if now - self._absent[name] >= self._config.node_lost_grace_s:
+                lost.add(name)
+        return lost
 
     def _request(self, deployment: resources_pb2.Deployment,
                  image: resources_pb2.Image | None) -> PlacementRequest:
@@ -254,12 +302,13 @@ class Reconciler:
         replica.update_time.GetCurrentTime()
         try:
             async with self._etcd_slots:
-                await self._state.create(self._state.key(keys.replica(deployment.name, replica.id)), replica)
+                await self._state.create(self._state.key(keys.replica(deployment.name, replica.id)), replica,
+                                         fence=self._fence)
         except AlreadyExists:
             return  # another reconciler (or an earlier pass) added this slot: nothing to do
         log.info("replica %s/%s created", deployment.name, replica.id)
 
-    def _drive(self, deployment, replica, images, nodes: dict[str, NodeInfo], endpoints,
+    def _drive(self, deployment, replica, images, nodes: dict[str, NodeInfo], lost_nodes: set[str], endpoints,
                request: PlacementRequest) -> None:
         """Decide the next action for one replica; at most one runs at a time."""
         key = (replica.deployment, replica.id)
@@ -274,6 +323,8 @@ class Reconciler:
                 self._act(replica, self._set(replica, FAILED, message))
             return
         info = nodes.get(replica.node) if replica.node else None
+        if info is None and replica.node and replica.node not in lost_nodes:
+            return  # its node is missing but not yet lost (etcd blip, lease re-registering): leave it running
         if info is None:
             lost = replica.node
             started = time.perf_counter()
@@ -302,6 +353,7 @@ class Reconciler:
             return
         node = info.node
         if replica.state in (PENDING, PULLING, FAILED):
+            self._no_endpoint.pop(key, None)
             # Nothing is working on it (not busy): begin, or retry after backoff.
             self._act(replica, self._start(deployment, replica, node, image), gated=True)
             return
@@ -312,15 +364,22 @@ class Reconciler:
             return
         endpoint = endpoints.get((deployment.name, replica.id))
         if endpoint is not None:
+            self._no_endpoint.pop(key, None)
             if replica.state != READY or replica.endpoint != endpoint.address:
                 self._failures.pop(key, None)
                 if replica.state != READY:
                     self.events.record(deployment.name, "ready", f"serving at {endpoint.address}", replica.id)
                 self._act(replica, self._set(replica, READY, "serving", endpoint=endpoint.address))
             return
+        # The process runs but etcd has no endpoint: timed on the answering clock, so an etcd outage (which
+        # expires every endpoint lease) neither marks the replica unready nor restarts its runtime; the runtime
+        # registers again by itself once etcd answers.
+        now = self._clock.now()
+        missing_s = now - self._no_endpoint.setdefault(key, now)
         if replica.state == READY:
-            self._act(replica, self._set(replica, STARTING, "endpoint lease lost; waiting for the runtime"))
-        elif time.time() - replica.update_time.seconds > self._config.runtime_start_timeout_s:
+            if missing_s >= self._config.node_lost_grace_s:
+                self._act(replica, self._set(replica, STARTING, "endpoint lease lost; waiting for the runtime"))
+        elif missing_s > self._config.runtime_start_timeout_s:
             self._act(replica, self._start(deployment, replica, node, image,
                                            restart_reason="runtime did not become ready in time"), gated=True)
 
@@ -358,6 +417,9 @@ class Reconciler:
             await action
         except asyncio.CancelledError:
             raise
+        except LeadershipLost as exc:
+            # Deposed: nothing may be written, not even the failure; the elector steps down.
+            log.warning("replica %s/%s: %s", replica.deployment, replica.id, exc)
         except Exception as exc:
             failures = self._failures[key] = self._failures[key] + 1
             delay = backoff_delay(failures)
@@ -391,12 +453,9 @@ class Reconciler:
             updated.update_time.GetCurrentTime()
             data = updated.SerializeToString()
             async with self._etcd_slots:
-                try:
-                    ok, responses = await self._state.client.transaction(
-                        compare=[tx.value(etcd_key) == base], success=[tx.put(etcd_key, data)],
-                        failure=[tx.get(etcd_key)])
-                except aetcd.exceptions.ClientError as exc:
-                    raise Unavailable(f"etcd transaction failed: {exc}", retry_after=1.0) from exc
+                ok, responses = await self._state.transaction(
+                    compare=[tx.value(etcd_key) == base], success=[tx.put(etcd_key, data)],
+                    failure=[tx.get(etcd_key)], fence=self._fence)
             if ok:
                 self._last_bytes[key] = data
                 self._written[key] = (updated.update_time.seconds, updated.update_time.nanos)
@@ -426,7 +485,17 @@ class Reconciler:
         except Exception as exc:  # never block removing a replica on its node's storage
             log.warning("unpinning %s on %s failed: %s", pin_holder(replica), node.name, exc)
 
+    async def _check_fence(self) -> None:
+        """Before stopping a process (which no transaction can undo): are we still this term's leader?"""
+        if not self._fence.key:
+            return
+        async with self._etcd_slots:
+            current = await self._state.client.get(self._fence.key.encode())
+        if current is None or current.create_revision != self._fence.create_revision:
+            raise LeadershipLost(f"leadership ({self._fence.key}) was lost; not stopping a runtime")
+
     async def _requeue(self, replica, message: str) -> None:
+        await self._check_fence()
         await self._launcher.stop(replica, self._config.runtime_stop_grace_s)
         await self._release_pin(replica)
 
@@ -440,6 +509,7 @@ class Reconciler:
         """Pull the image onto the node (a no-op when present), then (re)start the runtime."""
         key = (replica.deployment, replica.id)
         if restart_reason:
+            await self._check_fence()
             log.warning("replica %s/%s: %s; starting it again", deployment.name, replica.id, restart_reason)
             await self._launcher.stop(replica, self._config.runtime_stop_grace_s)
             self._failures[key] += 1
@@ -471,6 +541,7 @@ class Reconciler:
             threads=self._config.runtime_threads or self._threads_for(node),
         )
         pid = await self._launcher.start(spec)
+        self._no_endpoint.pop(key, None)
 
         def started(r: resources_pb2.Replica) -> None:
             _set_state(r, STARTING, f"runtime started (pid {pid})" + (f" after: {restart_reason}"
@@ -490,15 +561,17 @@ class Reconciler:
 
     async def _remove(self, replica: resources_pb2.Replica, record: bool = False) -> None:
         key = (replica.deployment, replica.id)
+        await self._check_fence()
         await self._launcher.stop(replica, self._config.runtime_stop_grace_s)
         await self._release_pin(replica)
         async with self._etcd_slots:
-            await self._state.delete(self._state.key(keys.replica(replica.deployment, replica.id)))
+            await self._state.delete(self._state.key(keys.replica(replica.deployment, replica.id)), fence=self._fence)
         self._failures.pop(key, None)
         self._not_before.pop(key, None)
         self._assumed.pop(key, None)
         self._written.pop(key, None)
         self._last_bytes.pop(key, None)
+        self._no_endpoint.pop(key, None)
         if record:
             self.events.record(replica.deployment, "stopped", "replica removed", replica.id)
         log.info("replica %s/%s removed", replica.deployment, replica.id)
