@@ -274,7 +274,12 @@ def run_up(data_dir: pathlib.Path, http_port: int, internal_ports: str, demo: bo
     return code
 
 
-def run_down(data_dir: pathlib.Path, console: Console, timeout: float = 90) -> int:
+# The slowest orderly stop: the supervisor's loop (30), balancer (10), controller (30), orphaned runtimes (20),
+# storage (10), etcd (5), stragglers (2), each bounded.
+DOWN_TIMEOUT_S = 120
+
+
+def run_down(data_dir: pathlib.Path, console: Console, timeout: float = DOWN_TIMEOUT_S) -> int:
     # The supervisor's state file exists from the first component on: `down` also stops a cluster still starting.
     running = paths.read_cluster(data_dir) or paths.read_supervisor_state(data_dir)
     if running is None:
