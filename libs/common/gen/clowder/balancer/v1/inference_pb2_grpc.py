@@ -28,7 +28,10 @@ if _version_not_supported:
 class InferenceServiceStub:
     """The gRPC face of the balancer's OpenAI-compatible API: the same routing,
     the same errors. NOT_FOUND for an unknown model, UNAVAILABLE when it has
-    no ready replica, INVALID_ARGUMENT for bad parameters.
+    no ready replica, INVALID_ARGUMENT for bad parameters. A replica that fails or stalls
+    mid-stream is replaced: the generation continues on another one from the text already sent,
+    within one call (usage counts the caller's prompt and every replica's completion tokens);
+    only when no replica takes it up does the call end with the error.
     """
 
     def __init__(self, channel):
@@ -62,7 +65,10 @@ class InferenceServiceStub:
 class InferenceServiceServicer:
     """The gRPC face of the balancer's OpenAI-compatible API: the same routing,
     the same errors. NOT_FOUND for an unknown model, UNAVAILABLE when it has
-    no ready replica, INVALID_ARGUMENT for bad parameters.
+    no ready replica, INVALID_ARGUMENT for bad parameters. A replica that fails or stalls
+    mid-stream is replaced: the generation continues on another one from the text already sent,
+    within one call (usage counts the caller's prompt and every replica's completion tokens);
+    only when no replica takes it up does the call end with the error.
     """
 
     def CreateChatCompletion(self, request, context):
@@ -127,7 +133,10 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 class InferenceService:
     """The gRPC face of the balancer's OpenAI-compatible API: the same routing,
     the same errors. NOT_FOUND for an unknown model, UNAVAILABLE when it has
-    no ready replica, INVALID_ARGUMENT for bad parameters.
+    no ready replica, INVALID_ARGUMENT for bad parameters. A replica that fails or stalls
+    mid-stream is replaced: the generation continues on another one from the text already sent,
+    within one call (usage counts the caller's prompt and every replica's completion tokens);
+    only when no replica takes it up does the call end with the error.
     """
 
     @staticmethod
