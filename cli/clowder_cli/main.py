@@ -18,8 +18,7 @@ from clowder_cli.formatting import STATE_NAMES, human_bytes
 from clowder_cli import storage_commands
 from clowder.client import Client
 from clowder_cli.control import describe, open_control_plane
-from clowder_cli.progress import show_pull
-from clowder_cli.up import run_down, run_status, run_up
+from clowder_cli.up import pull_with_retry, run_down, run_status, run_up
 from clowder_common.auth import read_admin_token
 from clowder_common.errors import ClowderError, NotFound
 
@@ -125,7 +124,7 @@ def cmd_image(args, control: Client, console: Console) -> int:
 
 
 def pull(control: Client, alias: str, node: str, console: Console) -> None:
-    blob = show_pull(alias, control.images.pull(alias, node), console)
+    blob = pull_with_retry(control, alias, console, node)
     if blob is not None:
         console.print(f"{alias}: {blob.digest} ({human_bytes(blob.size_bytes)})")
 

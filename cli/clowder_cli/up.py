@@ -17,6 +17,7 @@ from rich.table import Table
 from clowder_cli import paths
 from clowder_cli.bundled import DEMO_ALIAS, bundled_model_path
 from clowder.client import Client
+from clowder.storage.v1 import storage_pb2
 from clowder_cli.control import open_control_plane
 from clowder_cli.progress import show_pull
 from clowder_cli.supervisor import STOPPED, STOPPING, Component, Supervisor
@@ -230,17 +231,33 @@ def deploy_demo(control: Client, console: Console, http_port: int) -> None:
                   soft_wrap=True, highlight=False)
 
 
-def pull_with_retry(control: Client, alias: str, console: Console, wait_for_node_s: float = 30) -> None:
-    """The storage node registers a moment after its port opens; wait for it instead of failing."""
-    deadline = time.monotonic() + wait_for_node_s
+# Unavailable reasons a pull outlasts: no storage node registered yet (it registers a moment after its port
+# opens, and again after a restart), or the node went away mid-pull (`clowder up` restarts it). Failures of the
+# source itself (SOURCE_UNAVAILABLE, SOURCE_TIMEOUT, ...) are the user's to see at once.
+PULL_RETRY_REASONS = ("NO_NODES", "UNAVAILABLE")
+PULL_RETRY_S = 60
+
+
+def pull_with_retry(control: Client, alias: str, console: Console, node: str = "",
+                    wait_s: float = PULL_RETRY_S) -> storage_pb2.Blob | None:
+    """Pull with a progress bar; a storage node that is not there (yet, or any more) is waited for, bounded.
+
+    A pull broken by a storage restart starts again once the node is back (the store verifies what it keeps).
+    """
+    deadline = None
     while True:
         try:
-            show_pull(alias, control.images.pull(alias), console)
-            return
+            return show_pull(alias, control.images.pull(alias, node), console)
         except Unavailable as err:
-            if err.reason != "NO_NODES" or time.monotonic() > deadline:
+            if err.reason not in PULL_RETRY_REASONS:
                 raise
-            time.sleep(0.2)
+            now = time.monotonic()
+            deadline = deadline or now + wait_s
+            if now > deadline:
+                raise
+            if err.reason != "NO_NODES":
+                console.print(f"[yellow]pull {alias}: {err}; retrying[/yellow]", highlight=False)
+            time.sleep(0.5)
 
 
 def run_up(data_dir: pathlib.Path, http_port: int, internal_ports: str, demo: bool, console: Console) -> int:
