@@ -55,6 +55,7 @@ import aiohttp
 
 from clowder.client import AsyncClient
 from clowder.controller.v1 import resources_pb2
+from clowder_cli import paths
 from clowder_common.auth import read_admin_token
 from clowder_common.errors import ClowderError
 from clowder_common.processes import free_port, pid_alive
@@ -224,33 +225,22 @@ class UpProcess:
 
 
 def supervisor_pids(data_dir: pathlib.Path) -> dict[str, int | None] | None:
-    """{component: pid when running} from the supervisor's state file, None when `clowder up` writes none.
-
-    Read leniently: the file is another part's output; a component counts as running when its entry has a
-    live pid and, where it states one, a state of "running".
-    """
-    try:
-        from clowder_cli import paths
-    except ImportError:
+    """{component: pid while it runs} from the supervisor's state file; None when there is none (yet)."""
+    state = paths.read_supervisor_state(data_dir)
+    if state is None:
         return None
-    name = getattr(paths, "SUPERVISOR_FILE", None) or getattr(paths, "STATE_FILE", None)
-    candidates = [data_dir / name] if name else [data_dir / "supervisor.json"]
-    for path in candidates:
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        entries = state.get("components", state) if isinstance(state, dict) else {}
-        if isinstance(entries, list):
-            entries = {e.get("name"): e for e in entries if isinstance(e, dict)}
-        pids: dict[str, int | None] = {}
-        for component in COMPONENTS:
-            entry = entries.get(component) if isinstance(entries, dict) else None
-            pid = int(entry.get("pid") or 0) if isinstance(entry, dict) else 0
-            running = isinstance(entry, dict) and entry.get("state", "running") == "running"
-            pids[component] = pid if pid and running and pid_alive(pid) else None
-        return pids
-    return None
+    entries = state.get("components", {})
+    pids: dict[str, int | None] = {}
+    for component in COMPONENTS:
+        entry = entries.get(component) or {}
+        pid = int(entry.get("pid") or 0)
+        pids[component] = pid if pid and entry.get("state") == "running" and pid_alive(pid) else None
+    return pids
+
+
+def supervisor_restarts(data_dir: pathlib.Path) -> dict[str, int]:
+    state = paths.read_supervisor_state(data_dir) or {}
+    return {name: int(entry.get("restarts") or 0) for name, entry in state.get("components", {}).items()}
 
 
 # -- load ----------------------------------------------------------------------------------------------------
@@ -380,7 +370,11 @@ class FaultRun:
     in_flight: int = 0
     replicas_before: dict[str, int] = dataclasses.field(default_factory=dict)
     replicas_after: dict[str, int] = dataclasses.field(default_factory=dict)
-    note: str = ""
+    # Restarts per component as the supervisor counts them, before the fault and once healed.
+    restarts_before: dict[str, int] = dataclasses.field(default_factory=dict)
+    restarts_after: dict[str, int] = dataclasses.field(default_factory=dict)
+    # What healing waited on, as it changed: (seconds after the fault ended, what was missing).
+    waited_on: list[tuple[float, str]] = dataclasses.field(default_factory=list)
 
 
 class Chaos:
@@ -464,6 +458,8 @@ class Chaos:
         why = ""
         while time.monotonic() < deadline:
             ok, why = await self.healthy(run.killed_pid if run else None)
+            if run is not None and (not run.waited_on or run.waited_on[-1][1] != why):
+                run.waited_on.append((round(time.monotonic() - run.ended, 1), why))
             if run is not None and run.name == "balancer" and run.balancer_back is None and await self.probe():
                 run.balancer_back = time.monotonic()
             if ok:
@@ -516,9 +512,13 @@ class Chaos:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             await asyncio.sleep(min(PROGRESS_EVERY_S, max(0.0, end - time.monotonic())))
-            if time.monotonic() < end:
-                log(f"{self.elapsed()}   etcd paused; probe through the balancer: "
-                    f"{'ok' if await self.probe() else 'FAILED'}")
+            left = end - time.monotonic()
+            if left > 1:
+                try:
+                    ok = await asyncio.wait_for(self.probe(), left)
+                except asyncio.TimeoutError:
+                    ok = False
+                log(f"{self.elapsed()}   etcd paused; probe through the balancer: {'ok' if ok else 'FAILED'}")
 
 
 # -- report --------------------------------------------------------------------------------------------------
@@ -552,9 +552,11 @@ def summarize(requests: list[Request], runs: list[FaultRun], t0: float) -> tuple
         broken = [r for r in members if r.outcome == "broken"]
         failed = [r for r in members if r.outcome == "failed"]
         if run is not None and run.name == "balancer":
+            # In flight on the killed balancer: started before the kill. Refused: started while no balancer
+            # answered (a connection accepted in the instant of the kill is reset, not refused: counted here).
             back = run.balancer_back or run.healed or float("inf")
             allowed_lost = [r for r in broken + failed if r.start < run.injected]
-            allowed_refused = [r for r in failed if r.start >= run.injected and r.start < back and r.refused]
+            allowed_refused = [r for r in failed if run.injected <= r.start < back]
             lost, refused = len(allowed_lost), len(allowed_refused)
             broken = [r for r in broken if r not in allowed_lost]
             failed = [r for r in failed if r not in allowed_lost and r not in allowed_refused]
@@ -576,9 +578,13 @@ def summarize(requests: list[Request], runs: list[FaultRun], t0: float) -> tuple
             changed = sorted(rid for rid, pid in run.replicas_before.items()
                              if run.replicas_after.get(rid) != pid)
             row["replicas_restarted"] = len(changed)
+            row["supervisor_restarts"] = {name: count - run.restarts_before.get(name, 0)
+                                          for name, count in run.restarts_after.items()
+                                          if count != run.restarts_before.get(name, 0)}
             if run.name == "balancer":
                 row["lost_on_killed_balancer"] = lost
                 row["refused_while_balancer_down"] = refused
+            row["waited_on"] = [list(step) for step in run.waited_on if step[1]]
         errors = sorted({r.error for r in broken + failed if r.error})
         if errors:
             row["errors"] = errors[:5]
@@ -606,6 +612,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         notes = []
         if row["fault"] == "etcd-pause" and row.get("heal_from_inject_s") is not None:
             notes.append(f"heal from SIGSTOP {row['heal_from_inject_s']:.1f}s")
+        if row.get("supervisor_restarts"):
+            notes.append("restarted " + ", ".join(f"{k} x{v}" for k, v in row["supervisor_restarts"].items()))
         if row["fault"] == "balancer":
             notes.append(f"lost in flight {row['lost_on_killed_balancer']}, "
                          f"refused while down {row['refused_while_balancer_down']} (allowed)")
@@ -654,11 +662,13 @@ async def run(up: UpProcess, args: argparse.Namespace, runs: list[FaultRun], on_
             run = FaultRun(name)
             runs.append(run)
             run.replicas_before = await chaos.replica_pids()
+            run.restarts_before = supervisor_restarts(up.data_dir)
             await chaos.inject(run, load)
             run.healed = await chaos.wait_healthy(run, args.heal_timeout_s)
             if run.healed is not None:
                 log(f"{chaos.elapsed()} {name}: healed in {run.healed - run.ended:.1f}s")
             run.replicas_after = await chaos.replica_pids()
+            run.restarts_after = supervisor_restarts(up.data_dir)
             await asyncio.sleep(args.settle_s)
     finally:
         log(f"{chaos.elapsed()} stopping the load (requests in flight may finish)")
@@ -724,7 +734,13 @@ def main(argv: list[str] | None = None) -> int:
         if left:
             log(f"processes left after `clowder down` (killed now): {left}")
         if args.keep_data:
-            log(f"data dir kept: {data_dir}")
+            with open(data_dir / "requests.jsonl", "w") as dump:
+                for req in (loads[0].requests if loads else []):
+                    dump.write(json.dumps({**dataclasses.asdict(req), "start": round(req.start - chaos.t0, 2),
+                                           "end": round(req.end - chaos.t0, 2),
+                                           "first_byte": req.first_byte and round(req.first_byte - chaos.t0, 2)})
+                               + "\n")
+            log(f"data dir kept: {data_dir} (requests.jsonl: every request)")
         else:
             shutil.rmtree(data_dir, ignore_errors=True)
     if failure:
