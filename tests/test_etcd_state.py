@@ -135,9 +135,12 @@ async def test_fenced_writes_apply_only_while_the_leader_key_is_ours(state):
     assert not await state.update(key, resources_pb2.Deployment(name="f", replicas=9), seen.mod_revision,
                                   fence=fence)
 
+    assert await state.holds(fence) and await state.holds(UNFENCED)
+
     # The key goes away and comes back (a new term: another create_revision): the old fence no longer holds.
     await state.delete(fence.key)
     await state.create(fence.key, resources_pb2.Node(name="someone else"))
+    assert not await state.holds(fence)
     current = await state.get(key, resources_pb2.Deployment)
     with pytest.raises(LeadershipLost):
         await state.update(key, resources_pb2.Deployment(name="f", replicas=3), current.mod_revision, fence=fence)

@@ -278,6 +278,16 @@ class EtcdState:
             responses = responses[:-1]
         return False, responses
 
+    async def holds(self, fence: Fence) -> bool:
+        """Whether the fence's key is still the one its term created (always True for an empty fence)."""
+        if not fence.key:
+            return True
+        try:
+            current = await self.client.get(fence.key.encode())
+        except aetcd.exceptions.ClientError as exc:
+            raise Unavailable(f"etcd get failed: {exc}", retry_after=1.0) from exc
+        return current is not None and current.create_revision == fence.create_revision
+
     async def _txn(self, compare, success, fence: Fence) -> bool:
         ok, _ = await self.transaction(compare, success, [], fence)
         return ok

@@ -114,8 +114,7 @@ class LeaderElector:
         if self._lease is None or await self._state.refresh_lease(self._lease) <= 0:
             log.warning("leader lease expired")
             return False
-        current = await self._state.client.get(self.key.encode())
-        if current is None or current.create_revision != self.fence.create_revision:
+        if not await self._state.holds(self.fence):
             log.warning("leader key is gone or another controller's: stepping down")
             return False
         return True

@@ -487,11 +487,9 @@ class Reconciler:
 
     async def _check_fence(self) -> None:
         """Before stopping a process (which no transaction can undo): are we still this term's leader?"""
-        if not self._fence.key:
-            return
         async with self._etcd_slots:
-            current = await self._state.client.get(self._fence.key.encode())
-        if current is None or current.create_revision != self._fence.create_revision:
+            held = await self._state.holds(self._fence)
+        if not held:
             raise LeadershipLost(f"leadership ({self._fence.key}) was lost; not stopping a runtime")
 
     async def _requeue(self, replica, message: str) -> None:
