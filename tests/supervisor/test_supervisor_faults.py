@@ -45,15 +45,15 @@ READY = resources_pb2.REPLICA_STATE_READY
 class UpCluster:
     """`clowder up --demo` as a user runs it, its console captured."""
 
-    def __init__(self, data_dir: pathlib.Path, http_port: int) -> None:
+    def __init__(self, data_dir: pathlib.Path, http_port: int, demo: bool = True) -> None:
         self.data_dir = data_dir
         self.http_port = http_port
         self.output: list[str] = []
         self.env = {**os.environ, "COLUMNS": "200"}
         self.env.pop("CLOWDER_ADMIN_TOKEN", None)
         self.proc = subprocess.Popen(
-            [*CLOWDER, "--data-dir", str(data_dir), "up", "--demo", "--http-port", str(http_port),
-             "--internal-ports", "auto"],
+            [*CLOWDER, "--data-dir", str(data_dir), "up", *(["--demo"] if demo else []), "--http-port",
+             str(http_port), "--internal-ports", "auto"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=self.env)
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -383,3 +383,35 @@ def _processes_with_env(marker: bytes) -> list[int]:
         if marker in environ and pid_alive(pid):
             found.append(pid)
     return found
+
+
+def test_a_killed_clowder_up_leaves_no_process_behind(cluster):
+    """`clowder up` itself SIGKILLed: its components die with it (PDEATHSIG), its runtimes see it gone.
+
+    Started again from the same data dir (after the down above), without --demo: smol is still deployed in etcd.
+    """
+    again = UpCluster(cluster.data_dir, free_port(), demo=False)
+    try:
+        again.wait_for("cluster up", timeout=120)
+        marker = f"{SUPERVISOR_ENV}={again.proc.pid}".encode()
+        # etcd still says READY with the old runtime's pid until the controller has restarted it.
+        deadline = time.monotonic() + 120
+        runtime = 0
+        while runtime not in _processes_with_env(marker) and time.monotonic() < deadline:
+            runtime = smol_replica(again, timeout=120).pid
+            time.sleep(0.3)
+        ours = _processes_with_env(marker)
+        assert runtime in ours and len(ours) == 4  # storage, controller, balancer, the runtime
+        etcd = again.component("etcd")["pid"]
+        again.proc.kill()
+        again.proc.wait(10)
+        deadline = time.monotonic() + 30
+        left = ours + [etcd]
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = [pid for pid in ours + [etcd] if pid_alive(pid)]
+        assert left == [], f"processes left behind: {left}"
+    finally:
+        if again.proc.poll() is None:
+            again.proc.kill()
+            again.proc.wait(10)
