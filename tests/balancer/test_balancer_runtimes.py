@@ -193,24 +193,26 @@ async def test_json_response_format_and_cached_prefix_through_the_balancer(clien
     assert again.usage.prompt_tokens_details.cached_tokens > again.usage.prompt_tokens // 2
 
 
-async def test_killed_replica_breaks_its_stream_and_the_other_takes_new_requests(
+async def test_killed_replica_s_stream_continues_on_the_other_which_takes_new_requests_too(
     client, balancer, replicas, cluster_state
 ):
     stream = await client.chat.completions.create(
         model=DEPLOYMENT, messages=[{"role": "user", "content": "Write a long story."}],
-        max_tokens=1500, temperature=1, stream=True,
+        # Short: the rest of the test needs the dead replica still registered (its lease lasts 5 s).
+        max_tokens=30, temperature=1, stream=True,
     )
-    chunks = 0
-    with pytest.raises(openai.APIError) as info:
-        async for _ in stream:
-            chunks += 1
-            if chunks == 3:
-                busy = [r for r, n in zip(replicas, await _running(replicas)) if n == 1]
-                assert len(busy) == 1
-                victim = busy[0]
-                os.kill(victim.proc.pid, signal.SIGKILL)
-    # The stream ended with the in-band error event, not a silent cut.
-    assert isinstance(info.value.body, dict) and info.value.body.get("message")
+    chunks, finish = 0, None
+    async for chunk in stream:  # an in-band error event would raise openai.APIError here
+        chunks += 1
+        finish = chunk.choices[0].finish_reason if chunk.choices else finish
+        if chunks == 3:
+            busy = [r for r, n in zip(replicas, await _running(replicas)) if n == 1]
+            assert len(busy) == 1
+            victim = busy[0]
+            os.kill(victim.proc.pid, signal.SIGKILL)
+    # The other replica continued the stream (see test_balancer_failover.py for the thorough version).
+    assert chunks > 3 and finish in ("stop", "length")
+    assert balancer.metrics.continuations.labels(DEPLOYMENT, "resumed")._value.get() >= 1
     await asyncio.to_thread(victim.proc.wait, 10)
     key = cluster_state.key(keys.endpoint(DEPLOYMENT, victim.replica_id))
     assert await cluster_state.get(key, runtime_pb2.Endpoint) is not None, "lease expired too soon for this test"

@@ -228,10 +228,7 @@ class Router:
                     except _Retry as retry:
                         tries.last_error = retry.error
                     except _Broken as broken:
-                        if pending:
-                            # The continuation itself broke after its first message: that one was resumed.
-                            self._metrics.continuations.labels(model, "resumed").inc()
-                        pending = ""
+                        # (A break comes after a first message, so any continuation before it was resumed.)
                         following = self._continuation(model, choice, progress, broken, tries, deadline)
                         if following is None:
                             yield progress.length_finish()
@@ -268,10 +265,8 @@ class Router:
             raise broken.error
         following = progress.begin_continuation()
         log.warning("request_id=%s model=%s replica=%s %s after %d tokens (%d characters sent); continuing on"
-                    " another replica (continuation %d, %s tokens left)", rid, model, choice.replica_id, broken.why,
-                    progress.tokens, len(progress.text), progress.continuations,
-                    following.sampling.max_tokens if following is not None and following.sampling.HasField(
-                        "max_tokens") else ("none" if following is None else "default"))
+                    " another replica (continuation %d, %d tokens left)", rid, model, choice.replica_id, broken.why,
+                    progress.tokens, len(progress.text), progress.continuations, progress.max_tokens - progress.tokens)
         tries.last_error = broken.error
         # The next replica gets as many tries for its first message as the first one had, within the deadline.
         tries.budget = len(tries.tried) + self._config.max_attempts
