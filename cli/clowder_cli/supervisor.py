@@ -5,6 +5,18 @@ it, waits a backoff (0.5 s doubling to 10 s; back to 0.5 s once a run lasted STA
 with the same arguments: same ports, same data dirs (etcd keeps its data). Its state is written atomically
 to <data dir>/supervisor.json whenever it changes; `clowder status` reads that file.
 
+The state file (paths.SUPERVISOR_FILE; paths.read_supervisor_state() returns it only while its pid runs):
+
+    {"pid": <clowder up>, "updated_at": <unix s>,
+     "components": {"etcd" | "storage" | "controller" | "balancer": {
+         "state": "starting" | "running" | "backoff" | "stopping" | "stopped",
+         "pid": <int, or null while not running>, "address": "127.0.0.1:<port>",
+         "started_at": <unix s of the current run, or null>, "restarts": <int>,
+         "last_exit_code": <int (negative: the signal), or null>, "next_start_at": <unix s while in backoff>,
+         "log": "<data dir>/logs/<name>.log"}}}
+
+`clowder status --json` prints the same plus "running": true, "data_dir" and each component's "uptime_s".
+
 `clowder up` is also a child subreaper: runtimes orphaned by a killed controller re-parent to it, so it
 reaps them when they exit and stops them with the cluster.
 """
