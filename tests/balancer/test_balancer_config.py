@@ -43,6 +43,8 @@ def test_file_then_env_then_overrides(tmp_path) -> None:
         ({"max_attempts": 0}, "max_attempts"),
         ({"max_body_bytes": 10}, "max_body_bytes"),
         ({"stream_idle_timeout_s": 0}, "stream_idle_timeout_s"),
+        ({"max_continuations": -1}, "max_continuations"),
+        ({"endpoint_grace_s": -1}, "endpoint_grace_s"),
         ({"stats_interval_s": -1}, "stats_interval_s"),
         ({"outlier_consecutive_failures": 0}, "outlier_consecutive_failures"),
         ({"outlier_base_ejection_s": -1}, "outlier_base_ejection_s"),

@@ -178,7 +178,9 @@ async def test_json_output_and_max_continuations_zero_are_not_continued(state, m
 async def test_a_model_whose_endpoints_left_etcd_is_served_by_them_for_the_grace_period(
         state, make_balancer, runtimes, http):
     """An etcd outage longer than the lease TTL: a fresh read shows no endpoint, though the runtimes serve on."""
-    app, rts = await cluster(state, make_balancer, runtimes, [breaks_after(len(ANSWER))] * 2, endpoint_grace_s=30)
+    # No stats polls and turns in order: a request is sure to meet the dead fallback (polls would steer clear).
+    app, rts = await cluster(state, make_balancer, runtimes, [breaks_after(len(ANSWER))] * 2, endpoint_grace_s=30,
+                             stats_interval_s=0, routing_profile="round-robin")
     for i in range(2):
         await state.delete(state.key(keys.endpoint("d", f"r{i}")))
     await wait_until(lambda: not app.discovery.registered_endpoints("d"), what="endpoints gone")
@@ -208,3 +210,17 @@ async def test_fallback_endpoints_expire_after_the_grace_period(state, make_bala
     url = f"http://127.0.0.1:{app.http_port}/v1/chat/completions"
     async with http.post(url, json={"model": "d", "messages": [{"role": "user", "content": "Count."}]}) as resp:
         assert resp.status == 503
+
+
+async def test_a_replica_that_withdrew_its_endpoint_gets_no_new_request_while_another_is_registered(
+        state, make_balancer, runtimes, http):
+    """A graceful shutdown revokes the lease: the fallback must not keep traffic going there."""
+    app, rts = await cluster(state, make_balancer, runtimes, [breaks_after(len(ANSWER))] * 2, endpoint_grace_s=30)
+    await state.delete(state.key(keys.endpoint("d", "r0")))
+    await wait_until(lambda: [e.address for e in app.discovery.endpoints("d")] == [rts[1].address],
+                     what="r0 gone from routing")
+    url = f"http://127.0.0.1:{app.http_port}/v1/chat/completions"
+    for _ in range(5):
+        async with http.post(url, json={"model": "d", "messages": [{"role": "user", "content": "Count."}]}) as resp:
+            assert resp.status == 200
+    assert (len(rts[0].requests), len(rts[1].requests)) == (0, 5)
