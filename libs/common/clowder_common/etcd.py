@@ -179,6 +179,10 @@ class EtcdState:
             raise Unavailable("etcd client is not connected")
         return self._client
 
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
     async def connect(self) -> None:
         """One channel to all members; fails unless some member answers a read now."""
         target = await grpc_target(self._endpoints)

@@ -2,33 +2,63 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from clowder.runtime.v1 import runtime_pb2
 
 from clowder_common import keys
+from clowder_common.errors import Unavailable
 from clowder_common.etcd import EtcdState, LeaseKeeper
+from clowder_common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
+# Between attempts to register while etcd does not answer.
+RETRY_S = 1.0
+
 
 class EndpointRegistration:
+    """Registers the endpoint; an etcd that does not answer at start delays registration, never the runtime.
+
+    A runtime that was (re)started just before an etcd outage has loaded its model and serves; exiting
+    because etcd is away would turn a control-plane blip into a restart. It registers once etcd answers.
+    """
+
     def __init__(self, endpoints: tuple[str, ...], prefix: str, endpoint: runtime_pb2.Endpoint, ttl_s: int) -> None:
         self._state = EtcdState(endpoints, prefix)
         self._endpoint = endpoint
         self._ttl_s = ttl_s
         self._keeper: LeaseKeeper | None = None
+        self._retry: asyncio.Task | None = None
         self.key = self._state.key(keys.endpoint(endpoint.deployment, endpoint.replica_id))
 
+    @property
+    def registered(self) -> bool:
+        return self._keeper is not None
+
     async def start(self) -> None:
-        await self._state.connect()
-        self._keeper = LeaseKeeper(self._state, self._ttl_s, self._register)
         try:
-            await self._keeper.start()
-        except BaseException:
-            self._keeper = None
-            await self._state.close()
-            raise
+            await self._attempt()
+        except Unavailable as exc:
+            log.warning("etcd does not answer (%s); serving, and registering key=%s once it does", exc, self.key)
+            self._retry = asyncio.create_task(self._keep_trying(), name="endpoint-registration")
+
+    async def _attempt(self) -> None:
+        if not self._state.connected:
+            await self._state.connect()
+        keeper = LeaseKeeper(self._state, self._ttl_s, self._register)
+        await keeper.start()
+        self._keeper = keeper
+
+    async def _keep_trying(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_S)
+            try:
+                await self._attempt()
+                return
+            except Unavailable as exc:
+                log.debug("registering still fails: %s", exc)
 
     async def _register(self, lease_id: int) -> None:
         await self._state.put(self.key, self._endpoint, lease=lease_id)
@@ -36,6 +66,8 @@ class EndpointRegistration:
 
     async def stop(self) -> None:
         """Revoking the lease removes the endpoint at once; balancers stop routing here."""
+        await cancel_and_wait(self._retry, timeout=10)
+        self._retry = None
         if self._keeper is not None:
             keeper, self._keeper = self._keeper, None
             await keeper.stop()
