@@ -12,6 +12,8 @@ import pytest
 
 from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
+from clowder_common.etcd import EtcdState
+from clowder_common.etcd_server import start_etcd_cluster
 from clowder_common.processes import async_wait_for_port, terminate
 from clowder_controller.app import create_controller
 from clowder_controller.config import ControllerConfig
@@ -211,3 +213,33 @@ async def _count_is(state, count: int) -> bool:
 
 async def _async(value):
     return value
+
+
+async def test_controllers_carry_on_when_the_etcd_member_they_use_dies(tmp_path):
+    """Three etcd members, two controllers given all three: the first member (the one in use) is killed."""
+    cluster = start_etcd_cluster(tmp_path / "etcd", 3)
+    endpoints = ",".join(cluster.endpoints)
+    state = EtcdState(list(reversed(cluster.endpoints)), "/members/")  # this test's client uses another member
+    procs = []
+    try:
+        await state.connect()
+        await state.put(state.key(keys.image("m")), resources_pb2.Image(alias="m", source_url="file:///x.gguf"))
+        deployment = resources_pb2.Deployment(name="d", image="m", replicas=3)
+        await state.put(state.key(keys.deployment("d")), deployment)
+        for name in ("c1", "c2"):
+            procs.append(start_controller_process(endpoints, "/members/", tmp_path, name, TOKEN,
+                                                  {"CLOWDER_LEADER_TTL_S": str(TTL),
+                                                   "CLOWDER_RESYNC_INTERVAL_S": "0.5"})[0])
+        await wait_for(lambda: _count_is(state, 3), 60, "three replicas")
+        cluster.members[0].kill()
+
+        deployment.replicas = 5
+        await state.put(state.key(keys.deployment("d")), deployment)
+        await wait_for(lambda: _count_is(state, 5), 30, "five replicas after the member died")
+        assert await current_leader(state) is not None
+        assert all(p.poll() is None for p in procs)
+    finally:
+        for proc in procs:
+            terminate(proc, 10)
+        await state.close()
+        cluster.stop()
