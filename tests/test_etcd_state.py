@@ -287,7 +287,7 @@ async def test_state_fails_over_when_the_member_in_use_dies(tmp_path):
         # Reads and writes go on through another member (a brief error while the channel moves is allowed).
         await _eventually(lambda: state.put(state.key("items", "b"), resources_pb2.Node(name="b")), 10, "a write")
         assert await _eventually(lambda: state.get(state.key("items", "a"), resources_pb2.Node), 10, "a read")
-        assert await _member_in_use(state, cluster) != in_use
+        assert await _eventually(lambda: _member_in_use(state, cluster), 10, "a read") != in_use
         assert time.monotonic() - killed < 10
         # The watch followed: the cache sees the write made after the kill.
         deadline = time.monotonic() + 10
@@ -298,7 +298,7 @@ async def test_state_fails_over_when_the_member_in_use_dies(tmp_path):
         lease_before = keeper.lease_id
         await asyncio.sleep(7)
         assert keeper.lease_id == lease_before
-        held = await state.client.get(key.encode())
+        held = await _eventually(lambda: state.client.get(key.encode()), 10, "a read")
         assert held is not None and held.lease == lease_before
         await cache.stop()
         await keeper.stop()

@@ -12,6 +12,7 @@ import pytest
 
 from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
+from clowder_common.errors import Unavailable
 from clowder_common.etcd import EtcdState
 from clowder_common.etcd_server import start_etcd_cluster
 from clowder_common.processes import async_wait_for_port, terminate
@@ -207,7 +208,10 @@ async def test_a_deposed_leader_cannot_write(etcd, etcd_prefix, state, tmp_path,
 
 
 async def _count_is(state, count: int) -> bool:
-    items, _ = await state.list(state.key(keys.replicas_of("d")), resources_pb2.Replica)
+    try:
+        items, _ = await state.list(state.key(keys.replicas_of("d")), resources_pb2.Replica)
+    except Unavailable:  # an etcd member died and the others are electing a leader: look again
+        return False
     return len(items) == count
 
 
@@ -233,8 +237,17 @@ async def test_controllers_carry_on_when_the_etcd_member_they_use_dies(tmp_path)
         await wait_for(lambda: _count_is(state, 3), 60, "three replicas")
         cluster.members[0].kill()
 
+        # When the killed member led the raft group, etcd answers "leader changed" until the other two elect one.
         deployment.replicas = 5
-        await state.put(state.key(keys.deployment("d")), deployment)
+
+        async def scaled():
+            try:
+                await state.put(state.key(keys.deployment("d")), deployment)
+            except Unavailable:
+                return False
+            return True
+
+        await wait_for(scaled, 20, "the scale-up to be written")
         await wait_for(lambda: _count_is(state, 5), 30, "five replicas after the member died")
         assert await current_leader(state) is not None
         assert all(p.poll() is None for p in procs)
