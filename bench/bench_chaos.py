@@ -13,9 +13,11 @@ Faults, one after another, each once the cluster is healthy again and after `--s
 Per fault: requests in flight at injection, requests completed, broken streams (an error event, or the
 connection cut, after the first byte), failed requests (an HTTP error or no byte at all; the client then
 tries again), and the time to heal: until every component runs again (a new pid for a killed one), the
-wanted replicas are ready with live runtimes, and a probe request succeeds. For the etcd pause the time to
-heal counts from SIGCONT (the pause itself lasts as long as it is told to), and `heal_from_inject_s` keeps
-the other figure. A request belongs to the last fault injected before it ended.
+wanted replicas are ready with live runtimes, and a probe request sent then succeeds (the heal counts until
+it was sent: under load it waits behind the streams, and that wait is reported apart as `probe_s`). For the
+etcd pause the time to heal counts from SIGCONT (the pause lasts as long as it is told to), and
+`heal_from_inject_s` keeps the other figure. A request belongs to the last fault injected before it ended; the next fault waits until
+the requests in flight at the previous one have ended (at most DRAIN_TIMEOUT_S).
 
 The balancer kill is the one fault where loss is allowed: requests in flight on the killed balancer
 (`lost_on_killed_balancer`) and the connection attempts refused while no balancer listened, before it was
@@ -29,6 +31,8 @@ The last line is JSON: requests, completed, broken_streams, failed_requests, max
 the detail of each. Targets (issue 11): broken_streams 0, failed_requests 0, max_heal_s < 15.
 
 Run: .venv/bin/python bench/bench_chaos.py [--faults runtime,etcd-pause] [--settle-s 10] [--clients 5]
+  or: make bench-chaos BENCH_ARGS="--faults runtime,etcd-pause --settle-s 5"
+Exit status 1 when a target is missed or the run failed.
 Bounded by --timeout-s; the cluster is stopped (no process left) however the run ends.
 """
 
@@ -81,6 +85,8 @@ CLIENT_TOTAL_TIMEOUT_S = 240
 PROBE_TIMEOUT_S = 15
 RETRY_PAUSE_S = 0.5
 PROGRESS_EVERY_S = 5.0
+# Longest wait for the requests a fault caught to end before the next fault (a slow machine streams slowly).
+DRAIN_TIMEOUT_S = 120
 
 
 def log(message: str) -> None:
@@ -294,6 +300,12 @@ class Load:
     def in_flight(self) -> int:
         return len(self.active)
 
+    async def drain(self, since: float, timeout: float) -> None:
+        """Wait (at most `timeout`) until no request that started before `since` is still running."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(self.requests[i].start < since for i in self.active):
+            await asyncio.sleep(0.2)
+
     async def _client(self, worker: int) -> None:
         while not self._stop.is_set():
             req = Request(worker, time.monotonic())
@@ -375,6 +387,8 @@ class FaultRun:
     restarts_after: dict[str, int] = dataclasses.field(default_factory=dict)
     # What healing waited on, as it changed: (seconds after the fault ended, what was missing).
     waited_on: list[tuple[float, str]] = dataclasses.field(default_factory=list)
+    # How long the probe that confirmed the heal took (it queues behind the load's streams).
+    probe_s: float = 0.0
 
 
 class Chaos:
@@ -386,9 +400,12 @@ class Chaos:
         self._control_address = ""
         self.http: aiohttp.ClientSession | None = None
         self.random = random.Random(args.seed)
+        self.probe_sent = 0.0
+        self.probe_s = 0.0
 
     def elapsed(self) -> str:
-        return f"[{time.monotonic() - self.t0:7.1f}s]"
+        # Wall-clock time too, to line the run up with the components' logs.
+        return f"[{time.monotonic() - self.t0:7.1f}s {time.strftime('%H:%M:%S')}]"
 
     async def open(self) -> None:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
@@ -424,16 +441,28 @@ class Chaos:
             return None
 
     async def probe(self) -> bool:
+        return not await self.probe_error()
+
+    async def probe_error(self) -> str:
+        """"" when a short chat completion through the balancer succeeds, else why it did not."""
         assert self.http is not None
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
         try:
             async with self.http.post(f"{self.up.base_url}/v1/chat/completions", json=body) as resp:
-                return resp.status == 200 and bool((await resp.json()).get("choices"))
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-            return False
+                if resp.status != 200:
+                    return f"HTTP {resp.status} {(await resp.text())[:120]}"
+                return "" if (await resp.json()).get("choices") else "no choices"
+        except asyncio.TimeoutError:
+            return f"no answer in {PROBE_TIMEOUT_S}s"
+        except (aiohttp.ClientError, ValueError) as err:
+            return f"{type(err).__name__}: {err}"
 
     async def healthy(self, killed_pid: int | None = None) -> tuple[bool, str]:
-        """(whole, what is missing): every component runs, the wanted replicas are ready, a probe succeeds."""
+        """(whole, what is missing): every component runs, the wanted replicas are ready, a probe succeeds.
+
+        Whole means whole when the probe was sent: self.probe_sent is that moment. Under load the probe waits
+        its turn behind the streams on a replica; that wait is the load's, not the fault's (self.probe_s).
+        """
         components = self.up.components()
         self.up.remember([p for p in components.values() if p])
         missing = [name for name, pid in components.items() if not pid or pid == killed_pid]
@@ -446,9 +475,14 @@ class Chaos:
         ready = [r for r in replicas if r.state == resources_pb2.REPLICA_STATE_READY and r.pid
                  and r.pid != killed_pid and pid_alive(r.pid)]
         if len(ready) < self.args.replicas or len(replicas) != self.args.replicas:
-            return False, f"{len(ready)}/{self.args.replicas} replicas ready"
-        if not await self.probe():
-            return False, "probe failed"
+            states = ", ".join(f"{r.id} {resources_pb2.ReplicaState.Name(r.state).removeprefix('REPLICA_STATE_')}"
+                               f" pid {r.pid}{'' if pid_alive(r.pid) else ' (dead)'}" for r in replicas)
+            return False, f"{len(ready)}/{self.args.replicas} replicas ready ({states})"
+        self.probe_sent = time.monotonic()
+        error = await self.probe_error()
+        self.probe_s = time.monotonic() - self.probe_sent
+        if error:
+            return False, f"probe failed: {error}"
         return True, ""
 
     async def wait_healthy(self, run: FaultRun | None, timeout: float) -> float | None:
@@ -460,10 +494,14 @@ class Chaos:
             ok, why = await self.healthy(run.killed_pid if run else None)
             if run is not None and (not run.waited_on or run.waited_on[-1][1] != why):
                 run.waited_on.append((round(time.monotonic() - run.ended, 1), why))
-            if run is not None and run.name == "balancer" and run.balancer_back is None and await self.probe():
-                run.balancer_back = time.monotonic()
+            if run is not None and run.name == "balancer" and run.balancer_back is None:
+                sent = time.monotonic()
+                if ok or await self.probe():
+                    run.balancer_back = self.probe_sent if ok else sent
             if ok:
-                return time.monotonic()
+                if run is not None:
+                    run.probe_s = self.probe_s
+                return self.probe_sent
             if time.monotonic() - last_report > PROGRESS_EVERY_S:
                 last_report = time.monotonic()
                 log(f"{self.elapsed()}   waiting: {why}")
@@ -575,6 +613,7 @@ def summarize(requests: list[Request], runs: list[FaultRun], t0: float) -> tuple
             if run.name == "etcd-pause":
                 row["heal_from_inject_s"] = round(run.healed - run.injected, 2) if run.healed else None
             row["healed"] = run.healed is not None
+            row["probe_s"] = round(run.probe_s, 2)
             changed = sorted(rid for rid, pid in run.replicas_before.items()
                              if run.replicas_after.get(rid) != pid)
             row["replicas_restarted"] = len(changed)
@@ -603,7 +642,7 @@ def summarize(requests: list[Request], runs: list[FaultRun], t0: float) -> tuple
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = f"{'fault':<12} {'in flight':>9} {'requests':>8} {'completed':>9} {'broken':>6} {'failed':>6} " \
-             f"{'heal s':>7} {'replicas restarted':>18}  note"
+             f"{'heal s':>7} {'probe s':>7} {'replicas restarted':>18}  note"
     log(header)
     log("-" * len(header))
     for row in rows:
@@ -618,7 +657,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             notes.append(f"lost in flight {row['lost_on_killed_balancer']}, "
                          f"refused while down {row['refused_while_balancer_down']} (allowed)")
         log(f"{row['fault']:<12} {row['in_flight']:>9} {row['requests']:>8} {row['completed']:>9} "
-            f"{row['broken']:>6} {row['failed']:>6} {heal_text:>7} {row.get('replicas_restarted', '-'):>18}  "
+            f"{row['broken']:>6} {row['failed']:>6} {heal_text:>7} {row.get('probe_s', '-'):>7} "
+            f"{row.get('replicas_restarted', '-'):>18}  "
             + "; ".join(notes))
         for error in row.get("errors", []):
             log(f"{'':<12} error: {error}")
@@ -669,6 +709,8 @@ async def run(up: UpProcess, args: argparse.Namespace, runs: list[FaultRun], on_
                 log(f"{chaos.elapsed()} {name}: healed in {run.healed - run.ended:.1f}s")
             run.replicas_after = await chaos.replica_pids()
             run.restarts_after = supervisor_restarts(up.data_dir)
+            # The requests this fault caught finish before the next fault, so each is judged by one fault only.
+            await load.drain(run.injected, DRAIN_TIMEOUT_S)
             await asyncio.sleep(args.settle_s)
     finally:
         log(f"{chaos.elapsed()} stopping the load (requests in flight may finish)")
