@@ -88,17 +88,28 @@ class MultiNodeCluster:
             raise AssertionError(f"{err}; replicas: {list(control.deployments.replicas(MODEL))}\n"
                                  f"{self.diagnostics()}") from None
 
-    def continuations(self, outcome: str = "resumed") -> float:
-        """The balancer's count of streams continued on another replica (Prometheus text on /metrics)."""
+    def metric(self, name: str) -> dict[str, float]:
+        """One counter of the balancer's /metrics (Prometheus text): {labels: value}."""
         import urllib.request
 
         with urllib.request.urlopen(f"{self.base_url}/metrics", timeout=10) as reply:
             text = reply.read().decode()
-        total = 0.0
+        found = {}
         for line in text.splitlines():
-            if line.startswith("clowder_balancer_continuations_total{") and f'outcome="{outcome}"' in line:
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+            if line.startswith(name + "{"):
+                labels, value = line[len(name) + 1:].rsplit("} ", 1)
+                found[labels] = float(value)
+        return found
+
+    def continuations(self, outcome: str = "resumed") -> float:
+        """Streams the balancer continued on another replica after their first token."""
+        return sum(v for labels, v in self.metric("clowder_balancer_continuations_total").items()
+                   if f'outcome="{outcome}"' in labels)
+
+    def routed(self) -> dict[str, float]:
+        """Runtime calls the balancer opened, by replica id."""
+        return {labels.split('replica="', 1)[1].split('"', 1)[0]: v
+                for labels, v in self.metric("clowder_balancer_routed_total").items() if 'replica="' in labels}
 
 
 @pytest.fixture(scope="module")
@@ -278,13 +289,17 @@ async def test_node_cut_off_replicas_move_and_its_streams_continue(multinode):
     cluster = multinode
     with cluster.control() as control:
         ready = cluster.wait_ready(control, 2)
-    serving_nodes = sorted({r.node for r in ready})
-    victim = cluster.node(serving_nodes[0])
-    resumed_before = cluster.continuations()
+    resumed_before, routed_before = cluster.continuations(), cluster.routed()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         # Long enough that streams on the victim still run when its link goes down (it goes down right after
         # their first token), short enough for two cores shared by five runtimes' worth of work.
         tasks = await open_streams(cluster, session, 4, 120)
+        # The victim: the node of the replica that took the most of these streams (the same prompt may draw
+        # them all to one replica through prefix affinity).
+        routed = cluster.routed()
+        busiest = max(ready, key=lambda r: routed.get(r.id, 0) - routed_before.get(r.id, 0))
+        assert routed.get(busiest.id, 0) > routed_before.get(busiest.id, 0), (routed_before, routed)
+        victim = cluster.node(busiest.node)
         cut = time.monotonic()
         cluster.network.link_down(victim)
         assert "state DOWN" in ip("link", "show", victim.root_link).stdout
