@@ -266,8 +266,8 @@ async def test_etcd_member_killed_cluster_keeps_serving_and_converging(multinode
             assert len({r.node for r in grown}) == 3
             control.deployments.scale(MODEL, 2)
             after = {r.id: r.pid for r in cluster.wait_ready(control, 2)}
-        # Nothing that was serving restarted: the nodes' leases and the runtimes' endpoints moved to the other
-        # members in time.
+        # Nothing that was serving restarted (the scale-down removed the new replica, the highest slot): the
+        # nodes' leases and the runtimes' endpoints moved to the other members in time.
         assert after == before
 
         reply = await first_reply(session, cluster)
@@ -304,8 +304,7 @@ async def test_node_cut_off_replicas_move_and_its_streams_continue(multinode):
         cluster.network.link_down(victim)
         assert "state DOWN" in ip("link", "show", victim.root_link).stdout
         assert_unbroken(cluster, await finish(cluster, tasks, 180))
-        # At least one of them was on the victim's replica (two replicas, four streams spread over both) and
-        # moved: the balancer counts it.
+        # The streams of the victim's replica stalled and moved to another replica: the balancer counts them.
         assert cluster.continuations() > resumed_before, cluster.diagnostics()
 
         with cluster.control() as control:
