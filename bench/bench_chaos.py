@@ -20,9 +20,9 @@ etcd pause the time to heal counts from SIGCONT (the pause lasts as long as it i
 the requests in flight at the previous one have ended (at most DRAIN_TIMEOUT_S).
 
 The balancer kill is the one fault where loss is allowed: requests in flight on the killed balancer
-(`lost_on_killed_balancer`) and the connection attempts refused while no balancer listened, before it was
-back (`refused_while_balancer_down`, retried) are reported apart and not counted in `broken_streams` and
-`failed_requests`; a failure after the balancer is back counts.
+(`lost_on_killed_balancer`) and the attempts made while no balancer listened, before the new one accepted
+connections (`refused_while_balancer_down`, retried) are reported apart and not counted in `broken_streams`
+and `failed_requests`; a failure of a request sent once the new balancer accepts connections counts.
 
 Component pids come from the supervisor's state file in the data dir when `clowder up` writes one, else
 from /proc (command lines naming this run's data dir, ports and etcd endpoint).
@@ -62,7 +62,7 @@ from clowder.controller.v1 import resources_pb2
 from clowder_cli import paths
 from clowder_common.auth import read_admin_token
 from clowder_common.errors import ClowderError
-from clowder_common.processes import free_port, pid_alive
+from clowder_common.processes import free_port, pid_alive, port_open
 
 MODEL = "smol"
 FAULTS = ("runtime", "controller", "balancer", "etcd-pause", "storage")
@@ -375,7 +375,7 @@ class FaultRun:
     # When the fault stopped acting (SIGCONT for the pause; the injection for a kill): heal counts from here.
     ended: float = 0.0
     healed: float | None = None
-    # The balancer kill: when a probe through the new balancer first succeeded.
+    # The balancer kill: when the new balancer first accepted a connection (polled every half second).
     balancer_back: float | None = None
     killed_pid: int | None = None
     component: str = ""
@@ -491,13 +491,14 @@ class Chaos:
         last_report = 0.0
         why = ""
         while time.monotonic() < deadline:
+            if run is not None and run.name == "balancer" and run.balancer_back is None:
+                # A new balancer process (the killed one's socket may linger an instant) that accepts.
+                pid = self.up.components().get("balancer")
+                if pid and pid != run.killed_pid and port_open("127.0.0.1", self.up.http_port):
+                    run.balancer_back = time.monotonic()
             ok, why = await self.healthy(run.killed_pid if run else None)
             if run is not None and (not run.waited_on or run.waited_on[-1][1] != why):
                 run.waited_on.append((round(time.monotonic() - run.ended, 1), why))
-            if run is not None and run.name == "balancer" and run.balancer_back is None:
-                sent = time.monotonic()
-                if ok or await self.probe():
-                    run.balancer_back = self.probe_sent if ok else sent
             if ok:
                 if run is not None:
                     run.probe_s = self.probe_s
