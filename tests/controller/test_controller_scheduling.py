@@ -9,6 +9,7 @@ from clowder_controller.scheduling.framework import NodeInfo, PlacementRequest
 from clowder_controller.scheduling.gpus import GpuFit
 from clowder_controller.scheduling.labels import LabelMatch
 from clowder_controller.scheduling.locality import Locality
+from clowder_common.runtime_settings import DEFAULT_SLOTS, RuntimeSettings
 from clowder_controller.scheduling.memory import MemoryFit, estimate_memory, kv_cache_bytes, read_model_shape
 from clowder_controller.scheduling.preemption import Placed, pick_victims
 from clowder_controller.scheduling.profiles import build_scheduler
@@ -147,7 +148,15 @@ def test_memory_estimate_from_gguf_metadata(model_path):
     small = resources_pb2.Image(model_shape=shape, configuration=resources_pb2.ImageConfiguration(context_size=512))
     deployment = resources_pb2.Deployment(name="d")
     big_need, small_need = estimate_memory(image, deployment), estimate_memory(small, deployment)
-    assert big_need - small_need == kv_cache_bytes(shape, 4096) - kv_cache_bytes(shape, 512)
+    # Every slot (the runtime's default count here) holds a context of KV cache.
+    assert big_need - small_need == DEFAULT_SLOTS * (kv_cache_bytes(shape, 4096) - kv_cache_bytes(shape, 512))
+    # The deployment's slots and context win over the aimage's and the cluster's.
+    two_slots = resources_pb2.Deployment(name="d", slots=2, context_size=512)
+    cluster = RuntimeSettings(slots=16, context_size=1024)
+    assert estimate_memory(image, two_slots, cluster) - estimate_memory(image, deployment, RuntimeSettings(slots=1)) \
+        == kv_cache_bytes(shape, 2 * 512) - kv_cache_bytes(shape, 4096)
+    assert estimate_memory(small, deployment, cluster) - small_need == kv_cache_bytes(shape, 16 * 512) - kv_cache_bytes(
+        shape, DEFAULT_SLOTS * 512)
     assert big_need > shape.file_bytes
     # The deployment's own figure wins.
     assert estimate_memory(image, resources_pb2.Deployment(name="d", memory_bytes=123)) == 123

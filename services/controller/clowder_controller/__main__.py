@@ -11,6 +11,7 @@ from clowder_common.auth import TOKEN_ENV
 from clowder_common.config import load_config
 from clowder_common.lifecycle import Lifecycle, die_with_parent, serve_until_stopped
 from clowder_common.logs import setup_logging
+from clowder_common.runtime_settings import MAX_CONTEXT_SIZE, MAX_SLOTS, MAX_THREADS, MIN_CONTEXT_SIZE
 from clowder_common.telemetry import setup_telemetry, shutdown_telemetry
 from clowder_controller.app import create_controller
 from clowder_controller.config import ControllerConfig
@@ -24,6 +25,19 @@ def node_exec_entry(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def runtime_settings_problem(config: ControllerConfig) -> str:
+    """What is wrong with the runtime defaults (flags, YAML, CLOWDER_RUNTIME_* from Helm); empty: nothing."""
+    bounds = {"runtime_threads": MAX_THREADS, "runtime_slots": MAX_SLOTS, "runtime_context_size": MAX_CONTEXT_SIZE,
+              "runtime_batch_size": MAX_CONTEXT_SIZE}
+    for name, most in bounds.items():
+        value = getattr(config, name)
+        if not 0 <= value <= most:
+            return f"{name} must be between 0 (the runtime's default) and {most}, got {value}"
+    if 0 < config.runtime_context_size < MIN_CONTEXT_SIZE:
+        return f"runtime_context_size must be 0 or at least {MIN_CONTEXT_SIZE}, got {config.runtime_context_size}"
+    return ""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m clowder_controller", description=__doc__)
     parser.add_argument("--config", help="YAML file with ControllerConfig fields")
@@ -31,7 +45,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", help="where runtime logs go")
     parser.add_argument("--etcd-endpoints", help="comma-separated host:port list")
     parser.add_argument("--etcd-prefix", help="key prefix for all cluster state")
-    parser.add_argument("--runtime-threads", type=int, help="llama.cpp threads per runtime (0: all cores)")
+    parser.add_argument("--runtime-threads", type=int,
+                        help="llama.cpp threads per runtime whose deployment and aimage set none "
+                             "(default 0: the node's cores shared among its replicas)")
+    parser.add_argument("--runtime-slots", type=int,
+                        help="sequences each runtime decodes together, where the deployment and aimage set none "
+                             "(default 0: the runtime's, 8)")
+    parser.add_argument("--runtime-context-size", type=int,
+                        help="context per slot in tokens, where the deployment and aimage set none "
+                             "(default 0: the runtime's, 2048)")
+    parser.add_argument("--runtime-batch-size", type=int,
+                        help="prompt tokens per step, where the deployment and aimage set none "
+                             "(default 0: the runtime's, 256)")
     parser.add_argument("--launcher", choices=("local", "kubernetes"), help="how runtimes start (default local)")
     parser.add_argument("--placement", choices=("spread", "binpack"), help="scheduling profile (default spread)")
     parser.add_argument("--leader-ttl-s", type=int, help="leader lease TTL in seconds (default 10)")
@@ -58,12 +83,19 @@ def main(argv: list[str] | None = None) -> int:
         "etcd_endpoints": args.etcd_endpoints,
         "etcd_prefix": args.etcd_prefix,
         "runtime_threads": args.runtime_threads,
+        "runtime_slots": args.runtime_slots,
+        "runtime_context_size": args.runtime_context_size,
+        "runtime_batch_size": args.runtime_batch_size,
         "launcher": args.launcher,
         "placement": args.placement,
         "leader_ttl_s": args.leader_ttl_s,
         "node_lost_grace_s": args.node_lost_grace_s,
         "node_exec": dict(args.node_exec) if args.node_exec else None,
     })
+    bad = runtime_settings_problem(config)
+    if bad:
+        print(bad, file=sys.stderr)
+        return 2
     if config.node_exec and config.launcher != "local":
         print("--node-exec (node_exec) needs the local launcher", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 from clowder_common.config import EtcdConfig
+from clowder_common.runtime_settings import RuntimeSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,8 +17,14 @@ class ControllerConfig(EtcdConfig):
     data_dir: str = os.path.expanduser("~/.local/share/clowder/controller")
     # Full reconcile pass at least this often, even without etcd events.
     resync_interval_s: float = 5.0
-    # llama.cpp threads per runtime; 0 shares the node's cores among the replicas placed on it.
+    # Runtime settings for replicas whose deployment and aimage set none (clowder_common.runtime_settings has
+    # the defaults and why). llama.cpp threads per runtime; 0 shares the node's cores among the replicas
+    # placed on it.
     runtime_threads: int = 0
+    # Slots (sequences decoded together), context per slot, prompt tokens per step; 0: the runtime's default.
+    runtime_slots: int = 0
+    runtime_context_size: int = 0
+    runtime_batch_size: int = 0
     # A runtime that has not registered its endpoint after this long is restarted (timed, like the grace below,
     # only while etcd answers: an etcd outage never restarts a runtime whose process runs).
     runtime_start_timeout_s: float = 180.0
@@ -59,3 +66,8 @@ class ControllerConfig(EtcdConfig):
     # Secret with the admin token (key "token") and the ConfigMap that owns runtime pods.
     kubernetes_token_secret: str = "clowder-admin-token"
     kubernetes_owner_configmap: str = "clowder-controller"
+
+    @property
+    def runtime_settings(self) -> RuntimeSettings:
+        return RuntimeSettings(slots=self.runtime_slots, threads=self.runtime_threads,
+                               context_size=self.runtime_context_size, batch_size=self.runtime_batch_size)

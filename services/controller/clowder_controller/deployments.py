@@ -11,7 +11,7 @@ from clowder_common.etcd import EtcdState
 from clowder_common.keys import validate_name
 from clowder_controller.autoscaler import is_autoscaled
 from clowder_controller.events import events_key, read_all_events, read_events
-from clowder_controller.images import get_image
+from clowder_controller.images import get_image, largest_node_cpus
 from clowder_controller.pagination import paginate
 from clowder_controller.validation import validate_deployment, validate_replicas
 
@@ -21,7 +21,11 @@ log = logging.getLogger(__name__)
 CAS_ATTEMPTS = 5
 # Fields an update_mask may name.
 UPDATABLE = ("replicas", "image", "node_selector", "memory_bytes", "gpus", "min_replicas", "max_replicas",
-             "target_in_flight", "scale_to_zero_after_s", "priority")
+             "target_in_flight", "scale_to_zero_after_s", "priority", "slots", "threads", "context_size",
+             "batch_size")
+# Optional (proto3 presence) fields: an update that names one the request leaves unset clears it.
+_OPTIONAL = frozenset(f.name for f in resources_pb2.Deployment.DESCRIPTOR.fields if f.has_presence
+                      and f.message_type is None)
 
 
 async def list_replicas(state: EtcdState, deployment: str) -> list[resources_pb2.Replica]:
@@ -60,8 +64,8 @@ class DeploymentServicer(controller_pb2_grpc.DeploymentServiceServicer):
             deployment.name = deployment.image
         validate_name(deployment.name, "deployment.name")
         validate_name(deployment.image, "deployment.image")
-        validate_deployment(deployment, self._max_replicas)
-        await get_image(self._state, deployment.image)
+        image = await get_image(self._state, deployment.image)
+        validate_deployment(deployment, self._max_replicas, image.value, await largest_node_cpus(self._state))
         if is_autoscaled(deployment):
             deployment.replicas = min(max(deployment.replicas, deployment.min_replicas), deployment.max_replicas)
         deployment.ready_replicas = 0
@@ -104,6 +108,7 @@ class DeploymentServicer(controller_pb2_grpc.DeploymentServiceServicer):
         if "image" in paths:
             validate_name(wanted.image, "deployment.image")
             await get_image(self._state, wanted.image)
+        node_cpus = await largest_node_cpus(self._state)
         for _ in range(CAS_ATTEMPTS):
             current = await self._get(wanted.name)
             updated = resources_pb2.Deployment()
@@ -112,9 +117,12 @@ class DeploymentServicer(controller_pb2_grpc.DeploymentServiceServicer):
                 if path == "node_selector":
                     updated.node_selector.clear()
                     updated.node_selector.update(wanted.node_selector)
+                elif path in _OPTIONAL and not wanted.HasField(path):
+                    updated.ClearField(path)
                 else:
                     setattr(updated, path, getattr(wanted, path))
-            validate_deployment(updated, self._max_replicas)
+            image = await get_image(self._state, updated.image)
+            validate_deployment(updated, self._max_replicas, image.value, node_cpus)
             updated.update_time.GetCurrentTime()
             if await self._state.update(current.key, updated, current.mod_revision):
                 log.info("deployment %s updated (%s): image %s, %d replicas", updated.name, ",".join(paths),

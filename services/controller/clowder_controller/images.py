@@ -10,12 +10,12 @@ import urllib.request
 
 from clowder.controller.v1 import controller_pb2, controller_pb2_grpc, resources_pb2
 from clowder_common import keys
-from clowder_common.errors import FailedPrecondition, NotFound, Unavailable
+from clowder_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from clowder_common.etcd import EtcdState
 from clowder_controller.pagination import paginate
 from clowder_controller.scheduling.memory import read_model_shape
 from clowder_controller.storage_client import StorageClients
-from clowder_controller.validation import validate_image
+from clowder_controller.validation import runtime_violations, validate_image
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,12 @@ async def record_digest(state: EtcdState, alias: str, digest: str, size: int) ->
             return
 
 
+async def largest_node_cpus(state: EtcdState) -> int:
+    """The most CPUs a registered node reports: a replica can use no more threads. 0 with no node registered."""
+    nodes, _ = await state.list(state.key(keys.NODES), resources_pb2.Node)
+    return max((n.value.cpus for n in nodes), default=0)
+
+
 async def pick_node(state: EtcdState, name: str) -> resources_pb2.Node:
     nodes, _ = await state.list(state.key(keys.NODES), resources_pb2.Node)
     if name:
@@ -83,14 +89,19 @@ class ImageServicer(controller_pb2_grpc.ImageServiceServicer):
     async def CreateImage(self, request, context):
         image = resources_pb2.Image()
         image.CopyFrom(request.image)
-        validate_image(image)
         # Output-only fields are ours to set, whatever the client sent.
         image.ClearField("digest")
         image.ClearField("size_bytes")
         image.ClearField("model_shape")
+        validate_image(image, await largest_node_cpus(self._state))
         shape = await model_shape_of(image.source_url)
         if shape is not None:
             image.model_shape.CopyFrom(shape)
+            # Only now is the model's own context known.
+            violations = runtime_violations(image.configuration, "image.configuration",
+                                            train_context=shape.train_context)
+            if violations:
+                raise InvalidArgument("invalid image configuration", violations=violations)
         image.create_time.GetCurrentTime()
         await self._state.create(self._state.key(keys.image(image.alias)), image)
         log.info("image %s created from %s", image.alias, image.source_url)

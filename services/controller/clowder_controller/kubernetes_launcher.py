@@ -80,7 +80,7 @@ def build_pod(spec: RuntimeSpec, settings: KubernetesSettings, etcd_endpoints: t
         "--listen", f"0.0.0.0:{port}",
         # Kubernetes expands $(POD_IP) from the env below: balancers dial the pod directly.
         "--advertise-host", "$(POD_IP)",
-        "--threads", str(spec.threads),
+        *spec.settings_args(),
         "--etcd-endpoints", ",".join(etcd_endpoints),
         "--etcd-prefix", etcd_prefix,
         "--image-config", json_format.MessageToJson(spec.configuration, indent=None),

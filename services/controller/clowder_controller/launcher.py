@@ -35,6 +35,19 @@ class RuntimeSpec:
     storage_address: str
     configuration: resources_pb2.ImageConfiguration
     threads: int
+    # Resolved from the deployment, the aimage and the controller's defaults; 0: the runtime's default.
+    slots: int = 0
+    context_size: int = 0
+    batch_size: int = 0
+
+    def settings_args(self) -> list[str]:
+        """Runtime flags for the settings that are set (explicit flags win over --image-config's values)."""
+        args = ["--threads", str(self.threads)]
+        for flag, value in (("--slots", self.slots), ("--context-size", self.context_size),
+                            ("--prefill-chunk", self.batch_size)):
+            if value:
+                args += [flag, str(value)]
+        return args
 
 
 class RuntimeState(enum.Enum):
@@ -134,7 +147,7 @@ class LocalProcessLauncher:
             "--digest", spec.digest,
             "--storage", spec.storage_address,
             "--listen", listen,
-            "--threads", str(spec.threads),
+            *spec.settings_args(),
             "--etcd-endpoints", ",".join(self._etcd_endpoints),
             "--etcd-prefix", self._etcd_prefix,
             "--image-config", json_format.MessageToJson(spec.configuration, indent=None),

@@ -25,7 +25,7 @@ from typing import Awaitable, Callable
 
 from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2
-from clowder_common import keys
+from clowder_common import keys, runtime_settings
 from clowder_common.errors import AlreadyExists
 from clowder_common.etcd import UNFENCED, AnsweringClock, EtcdState, Fence, LeadershipLost, PrefixCache
 from clowder_common.tasks import cancel_and_wait, wait_event
@@ -58,6 +58,8 @@ NO_NODE_MESSAGE = "waiting for a storage node to register"
 SURGE = 1
 # How long a placement decided by this controller counts against its node before etcd shows it.
 ASSUME_S = 5.0
+# How often the reconciler looks for runtimes that exited (a look is a process poll or a cached pod phase).
+EXIT_POLL_S = 1.0
 # stop() waits this long for the replicas' actions to unwind after cancelling them.
 STOP_ACTIONS_S = 10.0
 
@@ -68,8 +70,11 @@ def backoff_delay(failures: int) -> float:
 
 
 def template_hash(deployment: resources_pb2.Deployment) -> str:
-    """What a replica runs, in 8 hex digits: a change of image means new replicas (rolling update)."""
-    return hashlib.sha256(f"{deployment.name}\0{deployment.image}".encode()).hexdigest()[:8]
+    """What a replica runs, in 8 hex digits: a change of image or runtime settings means new replicas (rolling
+    update). Settings enter only when set, so deployments without any keep the hash (and replicas) they had."""
+    settings = runtime_settings.of_message(deployment)
+    extra = "" if settings == runtime_settings.RuntimeSettings() else f"\0{settings}"
+    return hashlib.sha256(f"{deployment.name}\0{deployment.image}{extra}".encode()).hexdigest()[:8]
 
 
 def replica_id(template: str, slot: int) -> str:
@@ -150,6 +155,7 @@ class Reconciler:
         self.decision_seconds: deque[float] = deque(maxlen=100_000)
         self.last_pass_s = 0.0
         self._loop_task: asyncio.Task | None = None
+        self._exit_watch_task: asyncio.Task | None = None
 
     async def start(self, fence: Fence = UNFENCED) -> None:
         """Begin reconciling; `fence` is the elected term (UNFENCED only for tests and tools outside elections)."""
@@ -161,9 +167,12 @@ class Reconciler:
             await cache.start()
         self.events.start()
         self._loop_task = asyncio.create_task(self._run(), name="reconciler")
+        self._exit_watch_task = asyncio.create_task(self._watch_exits(), name="reconciler exit watch")
 
     async def stop(self) -> None:
         """Stop reconciling; the runtimes keep running (a next term, here or elsewhere, finds them)."""
+        await cancel_and_wait(self._exit_watch_task)
+        self._exit_watch_task = None
         await cancel_and_wait(self._loop_task)
         self._loop_task = None
         tasks = list(self._busy.values())
@@ -201,6 +210,17 @@ class Reconciler:
             except Exception:
                 log.exception("reconcile pass failed; the next pass retries")
             self.last_pass_s = time.perf_counter() - started
+
+    async def _watch_exits(self) -> None:
+        """Wake a pass as soon as a started runtime has exited, instead of at the next resync: a dead
+        replica's requests are already continuing elsewhere, but its replacement should start now."""
+        while True:
+            await asyncio.sleep(EXIT_POLL_S)
+            for replica in self._replicas.values():
+                if (replica.state in (STARTING, READY) and (replica.deployment, replica.id) not in self._busy
+                        and self._launcher.status(replica).state is RuntimeState.EXITED):
+                    self._wake.set()
+                    break
 
     # -- one pass ----------------------------------------------------------------
 
@@ -260,7 +280,7 @@ class Reconciler:
                  image: resources_pb2.Image | None) -> PlacementRequest:
         return PlacementRequest(
             deployment=deployment.name,
-            memory_bytes=estimate_memory(image, deployment) if image is not None else deployment.memory_bytes,
+            memory_bytes=estimate_memory(image, deployment, self._config.runtime_settings) if image is not None else deployment.memory_bytes,
             gpus=deployment.gpus,
             node_selector=dict(deployment.node_selector),
             digest=image.digest if image is not None else "",
@@ -510,6 +530,10 @@ class Reconciler:
             await self._check_fence()
             log.warning("replica %s/%s: %s; starting it again", deployment.name, replica.id, restart_reason)
             await self._launcher.stop(replica, self._config.runtime_stop_grace_s)
+            # The stopped runtime's endpoint outlives it until its lease expires: gone now, so the next
+            # pass cannot take it for the new runtime's and call the replica ready at a dead address.
+            await self._state.delete(self._state.key(keys.endpoint(replica.deployment, replica.id)),
+                                     fence=self._fence)
             self._failures[key] += 1
             self._not_before[key] = time.monotonic() + backoff_delay(self._failures[key])
 
@@ -529,6 +553,7 @@ class Reconciler:
         await self._storage.pin(node.storage_address, pin_holder(replica), image.alias)
         if image.digest != blob.digest or image.size_bytes != blob.size_bytes:
             await record_digest(self._state, image.alias, blob.digest, blob.size_bytes)
+        settings = runtime_settings.resolve(deployment, image.configuration, self._config.runtime_settings)
         spec = RuntimeSpec(
             deployment=deployment.name,
             replica_id=replica.id,
@@ -536,7 +561,10 @@ class Reconciler:
             digest=blob.digest,
             storage_address=node.storage_address,
             configuration=image.configuration,
-            threads=self._config.runtime_threads or self._threads_for(node),
+            threads=settings.threads or self._threads_for(node),
+            slots=settings.slots,
+            context_size=settings.context_size,
+            batch_size=settings.batch_size,
         )
         pid = await self._launcher.start(spec)
         self._no_endpoint.pop(key, None)

@@ -8,10 +8,13 @@ from clowder.controller.v1 import resources_pb2
 from clowder_common.chat_templates import check_chat_template
 from clowder_common.errors import FieldViolation, InvalidArgument
 from clowder_common.keys import validate_name
+from clowder_common.runtime_settings import (
+    DEFAULT_CONTEXT_SIZE, MAX_CONTEXT_SIZE, MAX_SLOTS, MAX_THREADS, MIN_CONTEXT_SIZE, of_message,
+)
 
 # What the storage service can pull an aimage from (peer:// is node to node, not for users).
 SUPPORTED_SCHEMES = ("file", "http", "https", "hf", "s3", "oci")
-MAX_CONTEXT = 1 << 20
+MAX_CONTEXT = MAX_CONTEXT_SIZE
 
 
 def validate_source_url(url: str, field: str = "image.source_url") -> str:
@@ -28,10 +31,48 @@ def validate_source_url(url: str, field: str = "image.source_url") -> str:
     return url
 
 
-def validate_configuration(config: resources_pb2.ImageConfiguration, prefix: str) -> None:
+def runtime_violations(message, prefix: str, *, context_size: int = 0, train_context: int = 0,
+                       node_cpus: int = 0) -> list[FieldViolation]:
+    """Slots, threads, context and batch size of a Deployment or ImageConfiguration, where set.
+
+    `context_size` is the context the replica gets when `message` sets none (for the batch size bound);
+    `train_context` the model's (GGUF context_length) and `node_cpus` the most CPUs a registered node has,
+    each 0 when unknown.
+    """
     violations = []
-    if config.context_size > MAX_CONTEXT:
-        violations.append(FieldViolation(f"{prefix}.context_size", f"must be at most {MAX_CONTEXT}"))
+    if message.HasField("slots") and not 1 <= message.slots <= MAX_SLOTS:
+        violations.append(FieldViolation(f"{prefix}.slots", f"must be between 1 and {MAX_SLOTS}, got {message.slots}"))
+    if message.HasField("threads"):
+        if not 1 <= message.threads <= MAX_THREADS:
+            violations.append(FieldViolation(f"{prefix}.threads",
+                                             f"must be between 1 and {MAX_THREADS}, got {message.threads}"))
+        elif node_cpus and message.threads > node_cpus:
+            # More llama.cpp threads than cores stall each other: slower than fewer, never faster.
+            violations.append(FieldViolation(
+                f"{prefix}.threads", f"must be at most {node_cpus}, the most CPUs a registered node has; "
+                                     f"got {message.threads}"))
+    context_field = message.DESCRIPTOR.fields_by_name["context_size"]
+    context_set = message.HasField("context_size") if context_field.has_presence else bool(message.context_size)
+    if context_set:
+        context = message.context_size
+        if not MIN_CONTEXT_SIZE <= context <= MAX_CONTEXT:
+            violations.append(FieldViolation(f"{prefix}.context_size",
+                                             f"must be between {MIN_CONTEXT_SIZE} and {MAX_CONTEXT}, got {context}"))
+        elif train_context and context > train_context:
+            violations.append(FieldViolation(
+                f"{prefix}.context_size", f"must be at most {train_context}, the context the model was trained "
+                                          f"for; got {context}"))
+    effective_context = of_message(message).context_size or context_size or DEFAULT_CONTEXT_SIZE
+    if message.HasField("batch_size") and not 1 <= message.batch_size <= effective_context:
+        # A step prefills one prompt's chunk at most, and a prompt fits the context: more is never used.
+        violations.append(FieldViolation(f"{prefix}.batch_size", f"must be between 1 and the context size "
+                                                                 f"({effective_context}), got {message.batch_size}"))
+    return violations
+
+
+def validate_configuration(config: resources_pb2.ImageConfiguration, prefix: str, *, train_context: int = 0,
+                           node_cpus: int = 0) -> None:
+    violations = runtime_violations(config, prefix, train_context=train_context, node_cpus=node_cpus)
     if config.HasField("temperature") and not 0.0 <= config.temperature <= 2.0:
         violations.append(FieldViolation(f"{prefix}.temperature", "must be between 0 and 2"))
     if config.HasField("top_p") and not 0.0 < config.top_p <= 1.0:
@@ -57,11 +98,13 @@ def validate_credentials_ref(ref: str, field: str = "image.credentials_ref") -> 
                           field=field)
 
 
-def validate_image(image: resources_pb2.Image) -> None:
+def validate_image(image: resources_pb2.Image, node_cpus: int = 0) -> None:
+    """`node_cpus`: the most CPUs a registered node has (0: unknown); image.model_shape as far as known."""
     validate_name(image.alias, "image.alias")
     validate_source_url(image.source_url)
     validate_credentials_ref(image.credentials_ref)
-    validate_configuration(image.configuration, "image.configuration")
+    validate_configuration(image.configuration, "image.configuration",
+                           train_context=image.model_shape.train_context, node_cpus=node_cpus)
 
 
 def validate_replicas(replicas: int, maximum: int, field: str = "deployment.replicas") -> None:
@@ -69,9 +112,16 @@ def validate_replicas(replicas: int, maximum: int, field: str = "deployment.repl
         raise InvalidArgument(f"replicas must be at most {maximum}", field=field)
 
 
-def validate_deployment(deployment: resources_pb2.Deployment, maximum: int) -> None:
-    """Replica counts, autoscaling bounds and placement constraints, every bad field named."""
-    violations = []
+def validate_deployment(deployment: resources_pb2.Deployment, maximum: int,
+                        image: resources_pb2.Image | None = None, node_cpus: int = 0) -> None:
+    """Replica counts, autoscaling bounds, placement constraints and runtime settings, every bad field named.
+
+    `image` (the aimage served) bounds the context by the model's and gives the context a batch size must
+    fit; `node_cpus` is the most CPUs a registered node has (0: unknown).
+    """
+    image = image or resources_pb2.Image()
+    violations = runtime_violations(deployment, "deployment", context_size=image.configuration.context_size,
+                                    train_context=image.model_shape.train_context, node_cpus=node_cpus)
     if deployment.replicas > maximum:
         violations.append(FieldViolation("deployment.replicas", f"must be at most {maximum}"))
     if deployment.max_replicas > maximum:

@@ -19,7 +19,10 @@ from clowder_common.grpc_server import GrpcServer, create_grpc_server
 from clowder_common.keys import validate_name
 from clowder_runtime.chat_template import check_template
 from clowder_runtime.config import RuntimeConfig
-from clowder_runtime.engine import DEFAULT_CONTEXT_SIZE, LlamaEngine, LlamaSettings
+from clowder_common.runtime_settings import (
+    MAX_CONTEXT_SIZE, MAX_SLOTS, MAX_THREADS, MIN_CONTEXT_SIZE, RuntimeSettings, of_message, with_defaults,
+)
+from clowder_runtime.engine import LlamaEngine, LlamaSettings
 from clowder_runtime.metrics import MetricsServer
 from clowder_runtime.model_source import resolve_model_path
 from clowder_runtime.registration import EndpointRegistration
@@ -47,8 +50,13 @@ class RuntimeApp:
         self._stop_task: asyncio.Future[None] | None = None
 
     @property
+    def settings(self) -> RuntimeSettings:
+        """Slots, threads, context and batch size: this runtime's flags, else the image's, else the defaults."""
+        return runtime_settings(self.config, self.image_config)
+
+    @property
     def context_size(self) -> int:
-        return self.config.context_size or self.image_config.context_size or DEFAULT_CONTEXT_SIZE
+        return self.settings.context_size
 
     @property
     def port(self) -> int:
@@ -80,14 +88,15 @@ class RuntimeApp:
     async def _start(self) -> None:
         cfg = self.config
         self.model_path = await resolve_model_path(cfg.model_path, cfg.digest, cfg.storage_address, self._admin_token)
+        settings = self.settings
         self.engine = LlamaEngine(
             LlamaSettings(
                 model_path=self.model_path,
-                context_size=self.context_size,
-                threads=cfg.threads,
+                context_size=settings.context_size,
+                threads=settings.threads,
                 max_waiting=cfg.max_waiting,
-                slots=cfg.slots,
-                prefill_chunk=cfg.prefill_chunk,
+                slots=settings.slots,
+                prefill_chunk=settings.batch_size,
                 adapters=parse_adapters(cfg.adapters),
                 # The runtime's own option wins over the aimage's (an operator fixing one replica by hand).
                 chat_template=chat_template(cfg) or self.image_config.chat_template,
@@ -165,12 +174,19 @@ async def create_runtime(
     if config.etcd_endpoints:
         validate_name(config.deployment, "deployment")
         validate_name(config.replica_id, "replica_id")
-    for name in ("threads", "context_size", "max_waiting", "idle_cache_tokens"):
+    for name in ("threads", "context_size", "max_waiting", "idle_cache_tokens", "slots", "prefill_chunk"):
         if getattr(config, name) < 0:
             raise InvalidArgument(f"{name} must not be negative", field=name)
-    for name in ("slots", "prefill_chunk"):
-        if getattr(config, name) < 1:
-            raise InvalidArgument(f"{name} must be at least 1", field=name)
+    settings = runtime_settings(config, image_config)
+    if settings.slots > MAX_SLOTS:
+        raise InvalidArgument(f"slots must be at most {MAX_SLOTS} (llama.cpp's limit), got {settings.slots}",
+                              field="slots")
+    if settings.threads > MAX_THREADS:
+        raise InvalidArgument(f"threads must be at most {MAX_THREADS} (llama.cpp's limit), got {settings.threads}",
+                              field="threads")
+    if not MIN_CONTEXT_SIZE <= settings.context_size <= MAX_CONTEXT_SIZE:
+        raise InvalidArgument(f"context_size must be between {MIN_CONTEXT_SIZE} and {MAX_CONTEXT_SIZE}, "
+                              f"got {settings.context_size}", field="context_size")
     if config.metrics_listen and not config.metrics_listen.rpartition(":")[2].isdigit():
         raise InvalidArgument(f"metrics_listen {config.metrics_listen!r} is not host:port", field="metrics_listen")
     parse_adapters(config.adapters)
@@ -182,6 +198,14 @@ async def create_runtime(
     if admin_token is None:
         admin_token = os.environ.get(TOKEN_ENV) or None
     return RuntimeApp(config, image_config, admin_token)
+
+
+def runtime_settings(config: RuntimeConfig, image_config: resources_pb2.ImageConfiguration) -> RuntimeSettings:
+    """The runtime's own settings (an operator fixing one replica by hand, or the controller's resolved ones)
+    win over the image's; what neither sets takes the defaults (threads 0: every CPU)."""
+    own = RuntimeSettings(slots=config.slots, threads=config.threads, context_size=config.context_size,
+                          batch_size=config.prefill_chunk)
+    return with_defaults(own.over(of_message(image_config)))
 
 
 def parse_adapters(specs: tuple[str, ...]) -> dict[str, str]:

@@ -29,16 +29,20 @@ class RuntimeConfig(EtcdConfig):
     model_path: str = ""
     digest: str = ""
     storage_address: str = ""
-    # llama.cpp threads; 0 uses every CPU.
+    # Settings below that say "0: the image's" take the image configuration's value when 0, else the default in
+    # clowder_common.runtime_settings (which says why each default is what it is).
+    # llama.cpp threads; 0: the image's, else every CPU.
     threads: int = 0
-    # Context window in tokens; 0 takes the image configuration's, else 2048.
+    # Context window per slot in tokens; 0: the image's, else 2048. At most the model's training context.
     context_size: int = 0
     # Requests allowed to queue while every slot is busy; more get RESOURCE_EXHAUSTED.
     max_waiting: int = 64
-    # Sequences batched together (continuous batching); each gets context_size tokens of KV cache.
-    slots: int = 4
-    # Prompt tokens prefilled per decode step at most: bounds the stall a long prompt causes running streams.
-    prefill_chunk: int = 256
+    # Sequences batched together (continuous batching); each gets context_size tokens of KV cache. 0: the
+    # image's, else 8.
+    slots: int = 0
+    # Prompt tokens prefilled per decode step at most (the image's batch_size): bounds the stall a long prompt
+    # causes running streams. 0: the image's, else 256.
+    prefill_chunk: int = 0
     # KV cache tokens idle slots keep for prefix reuse, all together (least recently used dropped first).
     # With one KV stream per slot, idle entries no longer slow other slots' steps; the bound is for
     # operators who want less kept (0 keeps nothing between requests).

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
+from clowder_common import runtime_settings
 from clowder_common.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from clowder_runtime.embeddings import Embedder
 from clowder_runtime.generation import (
@@ -30,9 +31,10 @@ from clowder_runtime.tools import ToolCallParser, call_grammar, template_message
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONTEXT_SIZE = 2048
-DEFAULT_SLOTS = 4
-DEFAULT_PREFILL_CHUNK = 256
+# Why these: clowder_common.runtime_settings.
+DEFAULT_CONTEXT_SIZE = runtime_settings.DEFAULT_CONTEXT_SIZE
+DEFAULT_SLOTS = runtime_settings.DEFAULT_SLOTS
+DEFAULT_PREFILL_CHUNK = runtime_settings.DEFAULT_BATCH_SIZE
 DEFAULT_IDLE_CACHE_TOKENS = 8192
 # Taking another slot's prefix also drops this slot's own cache: only worth it for a real gain.
 _MIN_COPY_TOKENS = 16
@@ -335,6 +337,14 @@ class LlamaEngine:
     def _load(self) -> None:
         started = time.monotonic()
         model = Model(self._settings.model_path, self._settings.adapters, self._settings.chat_template)
+        trained = llama_cpp.llama_model_n_ctx_train(model.ptr)
+        if 0 < trained < self.context_size:
+            # llama.cpp would run it, but positions past the training context give garbage text.
+            model.close()
+            raise InvalidArgument(
+                f"context_size {self.context_size} does not fit the model: it was trained for {trained} tokens",
+                field="context_size",
+            )
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.context_size * self.slots
         params.n_seq_max = self.slots

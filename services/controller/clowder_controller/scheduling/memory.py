@@ -11,10 +11,11 @@ import pathlib
 from typing import Sequence
 
 from clowder.controller.v1 import resources_pb2
+from clowder_common.runtime_settings import DEFAULT_CONTEXT_SIZE, RuntimeSettings, resolve, with_defaults
 from clowder_controller.scheduling.framework import NodeInfo, PlacementRequest
 
-# The runtime's context when an aimage does not set one.
-DEFAULT_CONTEXT = 2048
+# The runtime's context when nothing sets one.
+DEFAULT_CONTEXT = DEFAULT_CONTEXT_SIZE
 # llama.cpp compute buffers, tokenizer and the runtime's own Python: a fixed floor ...
 OVERHEAD_BYTES = 64 << 20
 # ... plus a share of the weights for scratch buffers that grow with the model.
@@ -32,15 +33,21 @@ def kv_cache_bytes(shape: resources_pb2.ModelShape, context: int) -> int:
     return 2 * shape.layers * context * kv_heads * head_dim * KV_BYTES_PER_VALUE
 
 
-def estimate_memory(image: resources_pb2.Image, deployment: resources_pb2.Deployment) -> int:
-    """Bytes one replica of `deployment` needs; the deployment's own figure wins when set."""
+def estimate_memory(image: resources_pb2.Image, deployment: resources_pb2.Deployment,
+                    cluster: RuntimeSettings = RuntimeSettings()) -> int:
+    """Bytes one replica of `deployment` needs; the deployment's own figure wins when set.
+
+    The KV cache holds context_size tokens for each slot, with slots and context resolved as the runtime gets
+    them (deployment, aimage, `cluster` defaults, the runtime's defaults).
+    """
     if deployment.memory_bytes:
         return deployment.memory_bytes
     weights = image.size_bytes or image.model_shape.file_bytes
     if not weights:
         return 0
-    context = image.configuration.context_size or DEFAULT_CONTEXT
-    return int(weights * (1 + OVERHEAD_FRACTION)) + OVERHEAD_BYTES + kv_cache_bytes(image.model_shape, context)
+    settings = with_defaults(resolve(deployment, image.configuration, cluster))
+    kv = kv_cache_bytes(image.model_shape, settings.context_size * settings.slots)
+    return int(weights * (1 + OVERHEAD_FRACTION)) + OVERHEAD_BYTES + kv
 
 
 def read_model_shape(path: pathlib.Path) -> resources_pb2.ModelShape:

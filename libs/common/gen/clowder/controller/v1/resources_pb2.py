@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%clowder/controller/v1/resources.proto\x12\x15\x63lowder.controller.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x0eMiddlewareSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x07options\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x9b\x02\n\x12ImageConfiguration\x12\x15\n\rsystem_prompt\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontext_size\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x16\n\x0e\x61llowed_groups\x18\x06 \x03(\t\x12\x39\n\nmiddleware\x18\x07 \x03(\x0b\x32%.clowder.controller.v1.MiddlewareSpec\x12\x15\n\rchat_template\x18\x08 \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokens\"\xb0\x02\n\x05Image\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\nsource_url\x18\x02 \x01(\t\x12@\n\rconfiguration\x18\x03 \x01(\x0b\x32).clowder.controller.v1.ImageConfiguration\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x0bmodel_shape\x18\x14 \x01(\x0b\x32!.clowder.controller.v1.ModelShape\x12\x17\n\x0f\x63redentials_ref\x18\t \x01(\t\x12\x1c\n\x14\x63redentials_username\x18\n \x01(\t\"\x82\x01\n\nModelShape\x12\x0e\n\x06layers\x18\x01 \x01(\r\x12\x18\n\x10\x65mbedding_length\x18\x02 \x01(\r\x12\r\n\x05heads\x18\x03 \x01(\r\x12\x10\n\x08kv_heads\x18\x04 \x01(\r\x12\x15\n\rtrain_context\x18\x05 \x01(\r\x12\x12\n\nfile_bytes\x18\x06 \x01(\x04\"\x89\x04\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12\x16\n\x0eready_replicas\x18\x04 \x01(\r\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12J\n\rnode_selector\x18\x07 \x03(\x0b\x32\x33.clowder.controller.v1.Deployment.NodeSelectorEntry\x12\x14\n\x0cmemory_bytes\x18\x08 \x01(\x04\x12\x0c\n\x04gpus\x18\t \x01(\r\x12\x14\n\x0cmin_replicas\x18\n \x01(\r\x12\x14\n\x0cmax_replicas\x18\x0b \x01(\r\x12\x18\n\x10target_in_flight\x18\x0c \x01(\x02\x12\x1d\n\x15scale_to_zero_after_s\x18\r \x01(\r\x12\x36\n\x06\x65vents\x18\x0e \x03(\x0b\x32&.clowder.controller.v1.DeploymentEvent\x12\x10\n\x08priority\x18\x0f \x01(\x05\x1a\x33\n\x11NodeSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"m\n\x0f\x44\x65ploymentEvent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0f\n\x07replica\x18\x04 \x01(\t\"J\n\x10\x44\x65ploymentEvents\x12\x36\n\x06\x65vents\x18\x01 \x03(\x0b\x32&.clowder.controller.v1.DeploymentEvent\"\x99\x02\n\x07Replica\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x32\n\x05state\x18\x04 \x01(\x0e\x32#.clowder.controller.v1.ReplicaState\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x14\n\x0cimage_digest\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12\x10\n\x08\x65ndpoint\x18\x08 \x01(\t\x12\x10\n\x08restarts\x18\t \x01(\r\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04slot\x18\x0b \x01(\r\x12\x15\n\rtemplate_hash\x18\x0c \x01(\t\"\xa7\x02\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fstorage_address\x18\x02 \x01(\t\x12\x37\n\x06labels\x18\x03 \x03(\x0b\x32\'.clowder.controller.v1.Node.LabelsEntry\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x63pus\x18\x05 \x01(\r\x12\x18\n\x10store_free_bytes\x18\x06 \x01(\x04\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04gpus\x18\r \x01(\r\x12\x14\n\x0c\x62lob_digests\x18\x0e \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"g\n\x10\x43ontrollerLeader\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x30\n\x0c\x61\x63quire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xb2\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_PENDING\x10\x01\x12\x19\n\x15REPLICA_STATE_PULLING\x10\x02\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x03\x12\x17\n\x13REPLICA_STATE_READY\x10\x04\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%clowder/controller/v1/resources.proto\x12\x15\x63lowder.controller.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x0eMiddlewareSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x07options\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x83\x03\n\x12ImageConfiguration\x12\x15\n\rsystem_prompt\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontext_size\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x16\n\x0e\x61llowed_groups\x18\x06 \x03(\t\x12\x39\n\nmiddleware\x18\x07 \x03(\x0b\x32%.clowder.controller.v1.MiddlewareSpec\x12\x15\n\rchat_template\x18\x08 \x01(\t\x12\x12\n\x05slots\x18\t \x01(\rH\x03\x88\x01\x01\x12\x14\n\x07threads\x18\n \x01(\rH\x04\x88\x01\x01\x12\x17\n\nbatch_size\x18\x0b \x01(\rH\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x08\n\x06_slotsB\n\n\x08_threadsB\r\n\x0b_batch_size\"\xb0\x02\n\x05Image\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\nsource_url\x18\x02 \x01(\t\x12@\n\rconfiguration\x18\x03 \x01(\x0b\x32).clowder.controller.v1.ImageConfiguration\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x0bmodel_shape\x18\x14 \x01(\x0b\x32!.clowder.controller.v1.ModelShape\x12\x17\n\x0f\x63redentials_ref\x18\t \x01(\t\x12\x1c\n\x14\x63redentials_username\x18\n \x01(\t\"\x82\x01\n\nModelShape\x12\x0e\n\x06layers\x18\x01 \x01(\r\x12\x18\n\x10\x65mbedding_length\x18\x02 \x01(\r\x12\r\n\x05heads\x18\x03 \x01(\r\x12\x10\n\x08kv_heads\x18\x04 \x01(\r\x12\x15\n\rtrain_context\x18\x05 \x01(\r\x12\x12\n\nfile_bytes\x18\x06 \x01(\x04\"\x9d\x05\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12\x16\n\x0eready_replicas\x18\x04 \x01(\r\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12J\n\rnode_selector\x18\x07 \x03(\x0b\x32\x33.clowder.controller.v1.Deployment.NodeSelectorEntry\x12\x14\n\x0cmemory_bytes\x18\x08 \x01(\x04\x12\x0c\n\x04gpus\x18\t \x01(\r\x12\x14\n\x0cmin_replicas\x18\n \x01(\r\x12\x14\n\x0cmax_replicas\x18\x0b \x01(\r\x12\x18\n\x10target_in_flight\x18\x0c \x01(\x02\x12\x1d\n\x15scale_to_zero_after_s\x18\r \x01(\r\x12\x36\n\x06\x65vents\x18\x0e \x03(\x0b\x32&.clowder.controller.v1.DeploymentEvent\x12\x10\n\x08priority\x18\x0f \x01(\x05\x12\x12\n\x05slots\x18\x10 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x07threads\x18\x11 \x01(\rH\x01\x88\x01\x01\x12\x19\n\x0c\x63ontext_size\x18\x12 \x01(\rH\x02\x88\x01\x01\x12\x17\n\nbatch_size\x18\x13 \x01(\rH\x03\x88\x01\x01\x1a\x33\n\x11NodeSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_slotsB\n\n\x08_threadsB\x0f\n\r_context_sizeB\r\n\x0b_batch_size\"m\n\x0f\x44\x65ploymentEvent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0f\n\x07replica\x18\x04 \x01(\t\"J\n\x10\x44\x65ploymentEvents\x12\x36\n\x06\x65vents\x18\x01 \x03(\x0b\x32&.clowder.controller.v1.DeploymentEvent\"\x99\x02\n\x07Replica\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x32\n\x05state\x18\x04 \x01(\x0e\x32#.clowder.controller.v1.ReplicaState\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x14\n\x0cimage_digest\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12\x10\n\x08\x65ndpoint\x18\x08 \x01(\t\x12\x10\n\x08restarts\x18\t \x01(\r\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04slot\x18\x0b \x01(\r\x12\x15\n\rtemplate_hash\x18\x0c \x01(\t\"\xa7\x02\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fstorage_address\x18\x02 \x01(\t\x12\x37\n\x06labels\x18\x03 \x03(\x0b\x32\'.clowder.controller.v1.Node.LabelsEntry\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x63pus\x18\x05 \x01(\r\x12\x18\n\x10store_free_bytes\x18\x06 \x01(\x04\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04gpus\x18\r \x01(\r\x12\x14\n\x0c\x62lob_digests\x18\x0e \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"g\n\x10\x43ontrollerLeader\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x30\n\x0c\x61\x63quire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xb2\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_PENDING\x10\x01\x12\x19\n\x15REPLICA_STATE_PULLING\x10\x02\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x03\x12\x17\n\x13REPLICA_STATE_READY\x10\x04\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,30 +37,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEPLOYMENT_NODESELECTORENTRY']._serialized_options = b'8\001'
   _globals['_NODE_LABELSENTRY']._loaded_options = None
   _globals['_NODE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_REPLICASTATE']._serialized_start=2326
-  _globals['_REPLICASTATE']._serialized_end=2504
+  _globals['_REPLICASTATE']._serialized_start=2578
+  _globals['_REPLICASTATE']._serialized_end=2756
   _globals['_MIDDLEWARESPEC']._serialized_start=127
   _globals['_MIDDLEWARESPEC']._serialized_end=199
   _globals['_IMAGECONFIGURATION']._serialized_start=202
-  _globals['_IMAGECONFIGURATION']._serialized_end=485
-  _globals['_IMAGE']._serialized_start=488
-  _globals['_IMAGE']._serialized_end=792
-  _globals['_MODELSHAPE']._serialized_start=795
-  _globals['_MODELSHAPE']._serialized_end=925
-  _globals['_DEPLOYMENT']._serialized_start=928
-  _globals['_DEPLOYMENT']._serialized_end=1449
-  _globals['_DEPLOYMENT_NODESELECTORENTRY']._serialized_start=1398
-  _globals['_DEPLOYMENT_NODESELECTORENTRY']._serialized_end=1449
-  _globals['_DEPLOYMENTEVENT']._serialized_start=1451
-  _globals['_DEPLOYMENTEVENT']._serialized_end=1560
-  _globals['_DEPLOYMENTEVENTS']._serialized_start=1562
-  _globals['_DEPLOYMENTEVENTS']._serialized_end=1636
-  _globals['_REPLICA']._serialized_start=1639
-  _globals['_REPLICA']._serialized_end=1920
-  _globals['_NODE']._serialized_start=1923
-  _globals['_NODE']._serialized_end=2218
-  _globals['_NODE_LABELSENTRY']._serialized_start=2173
-  _globals['_NODE_LABELSENTRY']._serialized_end=2218
-  _globals['_CONTROLLERLEADER']._serialized_start=2220
-  _globals['_CONTROLLERLEADER']._serialized_end=2323
+  _globals['_IMAGECONFIGURATION']._serialized_end=589
+  _globals['_IMAGE']._serialized_start=592
+  _globals['_IMAGE']._serialized_end=896
+  _globals['_MODELSHAPE']._serialized_start=899
+  _globals['_MODELSHAPE']._serialized_end=1029
+  _globals['_DEPLOYMENT']._serialized_start=1032
+  _globals['_DEPLOYMENT']._serialized_end=1701
+  _globals['_DEPLOYMENT_NODESELECTORENTRY']._serialized_start=1596
+  _globals['_DEPLOYMENT_NODESELECTORENTRY']._serialized_end=1647
+  _globals['_DEPLOYMENTEVENT']._serialized_start=1703
+  _globals['_DEPLOYMENTEVENT']._serialized_end=1812
+  _globals['_DEPLOYMENTEVENTS']._serialized_start=1814
+  _globals['_DEPLOYMENTEVENTS']._serialized_end=1888
+  _globals['_REPLICA']._serialized_start=1891
+  _globals['_REPLICA']._serialized_end=2172
+  _globals['_NODE']._serialized_start=2175
+  _globals['_NODE']._serialized_end=2470
+  _globals['_NODE_LABELSENTRY']._serialized_start=2425
+  _globals['_NODE_LABELSENTRY']._serialized_end=2470
+  _globals['_CONTROLLERLEADER']._serialized_start=2472
+  _globals['_CONTROLLERLEADER']._serialized_end=2575
 # @@protoc_insertion_point(module_scope)

@@ -35,7 +35,7 @@ class MiddlewareSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ImageConfiguration(_message.Message):
-    __slots__ = ("system_prompt", "context_size", "temperature", "top_p", "max_tokens", "allowed_groups", "middleware", "chat_template")
+    __slots__ = ("system_prompt", "context_size", "temperature", "top_p", "max_tokens", "allowed_groups", "middleware", "chat_template", "slots", "threads", "batch_size")
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,9 @@ class ImageConfiguration(_message.Message):
     ALLOWED_GROUPS_FIELD_NUMBER: _ClassVar[int]
     MIDDLEWARE_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     system_prompt: str
     context_size: int
     temperature: float
@@ -52,7 +55,10 @@ class ImageConfiguration(_message.Message):
     allowed_groups: _containers.RepeatedScalarFieldContainer[str]
     middleware: _containers.RepeatedCompositeFieldContainer[MiddlewareSpec]
     chat_template: str
-    def __init__(self, system_prompt: _Optional[str] = ..., context_size: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., allowed_groups: _Optional[_Iterable[str]] = ..., middleware: _Optional[_Iterable[_Union[MiddlewareSpec, _Mapping]]] = ..., chat_template: _Optional[str] = ...) -> None: ...
+    slots: int
+    threads: int
+    batch_size: int
+    def __init__(self, system_prompt: _Optional[str] = ..., context_size: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., allowed_groups: _Optional[_Iterable[str]] = ..., middleware: _Optional[_Iterable[_Union[MiddlewareSpec, _Mapping]]] = ..., chat_template: _Optional[str] = ..., slots: _Optional[int] = ..., threads: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("alias", "source_url", "configuration", "digest", "size_bytes", "create_time", "model_shape", "credentials_ref", "credentials_username")
@@ -93,7 +99,7 @@ class ModelShape(_message.Message):
     def __init__(self, layers: _Optional[int] = ..., embedding_length: _Optional[int] = ..., heads: _Optional[int] = ..., kv_heads: _Optional[int] = ..., train_context: _Optional[int] = ..., file_bytes: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("name", "image", "replicas", "ready_replicas", "create_time", "update_time", "node_selector", "memory_bytes", "gpus", "min_replicas", "max_replicas", "target_in_flight", "scale_to_zero_after_s", "events", "priority")
+    __slots__ = ("name", "image", "replicas", "ready_replicas", "create_time", "update_time", "node_selector", "memory_bytes", "gpus", "min_replicas", "max_replicas", "target_in_flight", "scale_to_zero_after_s", "events", "priority", "slots", "threads", "context_size", "batch_size")
     class NodeSelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +122,10 @@ class Deployment(_message.Message):
     SCALE_TO_ZERO_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     replicas: int
@@ -131,7 +141,11 @@ class Deployment(_message.Message):
     scale_to_zero_after_s: int
     events: _containers.RepeatedCompositeFieldContainer[DeploymentEvent]
     priority: int
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., memory_bytes: _Optional[int] = ..., gpus: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., target_in_flight: _Optional[float] = ..., scale_to_zero_after_s: _Optional[int] = ..., events: _Optional[_Iterable[_Union[DeploymentEvent, _Mapping]]] = ..., priority: _Optional[int] = ...) -> None: ...
+    slots: int
+    threads: int
+    context_size: int
+    batch_size: int
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., memory_bytes: _Optional[int] = ..., gpus: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., target_in_flight: _Optional[float] = ..., scale_to_zero_after_s: _Optional[int] = ..., events: _Optional[_Iterable[_Union[DeploymentEvent, _Mapping]]] = ..., priority: _Optional[int] = ..., slots: _Optional[int] = ..., threads: _Optional[int] = ..., context_size: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class DeploymentEvent(_message.Message):
     __slots__ = ("time", "reason", "message", "replica")
