@@ -39,6 +39,10 @@ def run(args: argparse.Namespace, control: Client, console: Console) -> int:
         zero = f", to zero after {d.scale_to_zero_after_s}s idle" if d.scale_to_zero_after_s else ""
         console.print(f"autoscaling {d.min_replicas}..{d.max_replicas} replicas, "
                       f"target {d.target_in_flight or 4:g} requests per replica{zero}", highlight=False)
+    settings = [f"{name.replace('_', ' ')} {getattr(d, name)}" for name in ("slots", "threads", "context_size",
+                                                                             "batch_size") if d.HasField(name)]
+    if settings:
+        console.print("runtime (overrides the aimage's): " + ", ".join(settings), highlight=False)
     constraints = [f"{k}={v}" for k, v in sorted(d.node_selector.items())]
     if d.memory_bytes:
         constraints.append(f"memory {d.memory_bytes / (1 << 30):.2f} GiB")

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("alias")
     add.add_argument("url", help="file:///path, http(s)://... or a local path")
     add.add_argument("--system-prompt", default="")
-    add.add_argument("--context-size", type=int, default=0)
+    add.add_argument("--context-size", type=int, default=0, help="context per slot in tokens (default 2048)")
+    add_runtime_flags(add, context=False)
     add.add_argument("--no-pull", action="store_true", help="only record it; deployments pull on demand")
     add.add_argument("--credentials-ref", default="",
                      help="where the storage node reads the source's secret: env:NAME or file:/path")
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("image")
     deploy.add_argument("--replicas", type=int, default=1)
     deploy.add_argument("--name", default="", help="deployment (and model) name; default: the image alias")
+    add_runtime_flags(deploy, context=True)
     undeploy = sub.add_parser("undeploy", help="stop and remove a deployment")
     undeploy.add_argument("name")
     serve_parser = sub.add_parser("serve", help="run a service declared in a YAML spec")
@@ -80,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     storage_commands.add_parsers(sub, image)
     apikey_commands.add_parser(sub)
     return parser
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser, context: bool) -> None:
+    """How each replica runs llama.cpp; unset flags leave the aimage's (or the cluster's) values."""
+    parser.add_argument("--slots", type=int, help="sequences decoded together (default 8)")
+    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: the node's CPUs shared among "
+                                                    "its replicas)")
+    if context:
+        parser.add_argument("--context-size", type=int, help="context per slot in tokens (default: the aimage's, "
+                                                             "else 2048)")
+    parser.add_argument("--batch-size", type=int, help="prompt tokens evaluated per step (default 256)")
+
+
+def runtime_flags(args: argparse.Namespace) -> dict[str, int | None]:
+    return {name: getattr(args, name, None) for name in ("slots", "threads", "context_size", "batch_size")}
 
 
 def connect(args: argparse.Namespace, data_dir: pathlib.Path) -> Client:
@@ -103,7 +120,9 @@ def source_url(value: str) -> str:
 
 def cmd_image(args, control: Client, console: Console) -> int:
     if args.image_command == "add":
-        config = resources_pb2.ImageConfiguration(system_prompt=args.system_prompt, context_size=args.context_size)
+        flags = {k: v for k, v in runtime_flags(args).items() if v is not None and k != "context_size"}
+        config = resources_pb2.ImageConfiguration(system_prompt=args.system_prompt, context_size=args.context_size,
+                                                  **flags)
         control.images.create(args.alias, source_url(args.url), config, credentials_ref=args.credentials_ref,
                               credentials_username=args.credentials_username)
         console.print(f"image {args.alias} added")
@@ -131,14 +150,16 @@ def pull(control: Client, alias: str, node: str, console: Console) -> None:
 
 def cmd_deploy(args, control: Client, console: Console) -> int:
     name = args.name or args.image
+    settings = runtime_flags(args)
+    given = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items() if v is not None)
     try:
         control.deployments.get(name)
     except NotFound:
-        control.deployments.create(name, args.image, args.replicas)
-        console.print(f"deployment {name} created with {args.replicas} replica(s)")
+        control.deployments.create(name, args.image, args.replicas, **settings)
+        console.print(f"deployment {name} created with {args.replicas} replica(s)" + (f"; {given}" if given else ""))
         return 0
-    control.deployments.scale(name, args.replicas, args.image)
-    console.print(f"deployment {name} set to {args.replicas} replica(s)")
+    control.deployments.update(name, replicas=args.replicas, image=args.image, **settings)
+    console.print(f"deployment {name} set to {args.replicas} replica(s)" + (f"; {given}" if given else ""))
     return 0
 
 

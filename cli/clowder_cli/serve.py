@@ -26,8 +26,10 @@ from clowder.client import Client
 from clowder_common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from clowder_common.keys import validate_name
 
-SPEC_KEYS = {"name", "image", "replicas"}
+SPEC_KEYS = {"name", "image", "replicas", "runtime"}
 IMAGE_KEYS = {"source", "configuration"}
+# Under `runtime:`, the deployment's own settings (they override image.configuration's slots, threads, ...).
+RUNTIME_KEYS = ("slots", "threads", "context_size", "batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,13 @@ class ServiceSpec:
     source: str
     configuration: resources_pb2.ImageConfiguration
     replicas: int
+    # runtime: settings the spec gives (the others stay unset on the deployment).
+    runtime: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def matches(self, deployment: resources_pb2.Deployment) -> bool:
+        """The deployment runs this spec already: same aimage, replicas and runtime settings."""
+        current = {k: getattr(deployment, k) for k in RUNTIME_KEYS if deployment.HasField(k)}
+        return (deployment.image, deployment.replicas, current) == (self.image_alias, self.replicas, self.runtime)
 
     @property
     def image_alias(self) -> str:
@@ -74,7 +83,18 @@ def load_spec(path: pathlib.Path) -> ServiceSpec:
     replicas = data.get("replicas", 1)
     if not isinstance(replicas, int) or replicas < 0:
         raise InvalidArgument(f"{path}: replicas must be a whole number >= 0", field="replicas")
-    return ServiceSpec(name, str(image["source"]), configuration, replicas)
+    runtime = data.get("runtime") or {}
+    if not isinstance(runtime, dict):
+        raise InvalidArgument(f"{path}: runtime must be a mapping of {', '.join(RUNTIME_KEYS)}", field="runtime")
+    unknown = set(runtime) - set(RUNTIME_KEYS)
+    if unknown:
+        raise InvalidArgument(f"{path}: unknown keys under runtime: {sorted(unknown)}; expected {list(RUNTIME_KEYS)}",
+                              field="runtime")
+    for key, value in runtime.items():
+        # Ranges (and the model's context) are the controller's to check; here only the type.
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidArgument(f"{path}: runtime.{key} must be a whole number >= 1", field=f"runtime.{key}")
+    return ServiceSpec(name, str(image["source"]), configuration, replicas, dict(runtime))
 
 
 def _ensure_image(control: Client, spec: ServiceSpec, console: Console) -> bool:
@@ -97,13 +117,13 @@ def _deployment(control: Client, name: str) -> resources_pb2.Deployment | None:
 def serve_up(control: Client, spec: ServiceSpec, console: Console) -> int:
     current = _deployment(control, spec.name)
     if current is not None:
-        if current.image == spec.image_alias and current.replicas == spec.replicas:
+        if spec.matches(current):
             console.print(f"service {spec.name} is up to date; nothing changed")
             return 0
         raise FailedPrecondition(f"service {spec.name} already runs a different spec; "
                                  "use `clowder serve update -f FILE` to roll it")
     _ensure_image(control, spec, console)
-    control.deployments.create(spec.name, spec.image_alias, spec.replicas)
+    control.deployments.create(spec.name, spec.image_alias, spec.replicas, **spec.runtime)
     console.print(f"service {spec.name} created: {spec.replicas} replica(s) of {spec.image_alias}")
     return 0
 
@@ -112,16 +132,22 @@ def serve_update(control: Client, spec: ServiceSpec, console: Console) -> int:
     current = _deployment(control, spec.name)
     if current is None:
         raise NotFound(f"service {spec.name} does not exist; `clowder serve up -f FILE` creates it")
-    if current.image == spec.image_alias and current.replicas == spec.replicas:
+    if spec.matches(current):
         console.print(f"service {spec.name} is up to date; nothing changed")
         return 0
     _ensure_image(control, spec, console)
-    control.deployments.scale(spec.name, spec.replicas, spec.image_alias)
+    # The spec is the whole truth: runtime settings it no longer gives are unset.
+    control.deployments.update(spec.name, replicas=spec.replicas, image=spec.image_alias, **spec.runtime,
+                               clear=[k for k in RUNTIME_KEYS if k not in spec.runtime])
     what = []
     if current.image != spec.image_alias:
         what.append(f"image {current.image} -> {spec.image_alias}")
     if current.replicas != spec.replicas:
         what.append(f"replicas {current.replicas} -> {spec.replicas}")
+    for key in RUNTIME_KEYS:
+        before = getattr(current, key) if current.HasField(key) else None
+        if before != spec.runtime.get(key):
+            what.append(f"{key} {before or '-'} -> {spec.runtime.get(key, '-')}")
     console.print(f"service {spec.name} updated: {', '.join(what)}")
     return 0
 

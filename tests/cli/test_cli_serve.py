@@ -123,3 +123,77 @@ def test_logs_print_each_replica_and_follow_new_lines(tmp_path):
     serve.follow_logs(tmp_path, "svc", out, follow=False)
     text = out.file.getvalue()
     assert "[r1] loaded" in text and "not mine" not in text
+
+
+RUNTIME_SPEC = """
+name: {name}
+image:
+  source: file:///models/smol.gguf
+  configuration: {{slots: 2, contextSize: 1024}}
+replicas: 0
+{runtime}
+"""
+
+
+def test_spec_runtime_settings_reach_the_deployment_and_are_applied_idempotently(control, tmp_path):
+    spec = serve.load_spec(write_spec(tmp_path, RUNTIME_SPEC.format(
+        name="svc-r", runtime="runtime: {slots: 8, threads: 1, batch_size: 128}")))
+    serve.serve_up(control, spec, quiet())
+    got = control.deployments.get("svc-r")
+    assert (got.slots, got.threads, got.batch_size, got.HasField("context_size")) == (8, 1, 128, False)
+    # The aimage keeps its own slots; the deployment's override them.
+    assert control.images.get(spec.image_alias).configuration.slots == 2
+    out = quiet()
+    serve.serve_up(control, spec, out)
+    assert "nothing changed" in out.file.getvalue()
+    # The spec is the whole truth: settings it drops are unset, new ones set; the aimage stays.
+    changed = serve.load_spec(write_spec(tmp_path, RUNTIME_SPEC.format(
+        name="svc-r", runtime="runtime: {slots: 16, context_size: 512}")))
+    assert changed.image_alias == spec.image_alias
+    out = quiet()
+    serve.serve_update(control, changed, out)
+    got = control.deployments.get("svc-r")
+    assert (got.slots, got.context_size, got.HasField("threads"), got.HasField("batch_size")) == (16, 512, False,
+                                                                                                  False)
+    assert "slots 8 -> 16" in out.file.getvalue()
+    # Ranges are the controller's to check, and it names the deployment's field.
+    bad = serve.load_spec(write_spec(tmp_path, RUNTIME_SPEC.format(name="svc-r", runtime="runtime: {threads: 999}")))
+    with pytest.raises(InvalidArgument) as err:
+        serve.serve_update(control, bad, quiet())
+    assert err.value.violations[0].field == "deployment.threads"
+
+
+@pytest.mark.parametrize("runtime, field", [
+    ("runtime: {slot: 8}", "runtime"),
+    ("runtime: [8]", "runtime"),
+    ("runtime: {slots: 0}", "runtime.slots"),
+    ("runtime: {threads: two}", "runtime.threads"),
+])
+def test_bad_runtime_sections_name_the_field(tmp_path, runtime, field):
+    with pytest.raises(InvalidArgument) as err:
+        serve.load_spec(write_spec(tmp_path, RUNTIME_SPEC.format(name="ok", runtime=runtime)))
+    assert err.value.violations[0].field == field
+
+
+def test_deploy_and_image_add_flags_set_the_runtime_settings(control):
+    from clowder_cli.main import build_parser, cmd_deploy, cmd_image
+
+    args = build_parser().parse_args(["image", "add", "flagged", "file:///models/smol.gguf", "--no-pull",
+                                      "--slots", "4", "--batch-size", "64", "--context-size", "1024"])
+    cmd_image(args, control, quiet())
+    configuration = control.images.get("flagged").configuration
+    assert (configuration.slots, configuration.batch_size, configuration.context_size) == (4, 64, 1024)
+    assert not configuration.HasField("threads")
+    cmd_deploy(build_parser().parse_args(["deploy", "flagged", "--replicas", "0", "--slots", "8", "--threads", "1"]),
+               control, quiet())
+    got = control.deployments.get("flagged")
+    assert (got.slots, got.threads, got.HasField("batch_size")) == (8, 1, False)
+    # Deploying again changes only what the flags name.
+    cmd_deploy(build_parser().parse_args(["deploy", "flagged", "--replicas", "0", "--context-size", "512"]),
+               control, quiet())
+    got = control.deployments.get("flagged")
+    assert (got.slots, got.threads, got.context_size) == (8, 1, 512)
+    with pytest.raises(InvalidArgument) as err:
+        cmd_deploy(build_parser().parse_args(["deploy", "flagged", "--replicas", "0", "--slots", "0"]), control,
+                   quiet())
+    assert err.value.violations[0].field == "deployment.slots"

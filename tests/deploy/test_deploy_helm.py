@@ -94,7 +94,34 @@ def test_single_member_etcd_and_node_port():
     assert "nodePort" in notes
 
 
+def controller_env(objects: list[dict]) -> dict[str, str]:
+    controller = by_kind(objects, "Deployment")["clowder-controller"]
+    return {e["name"]: e.get("value") for e in containers(controller)[0]["env"]}
+
+
+def test_runtime_values_become_the_controllers_runtime_defaults():
+    objects, _ = render({"runtime": {"slots": 16, "threads": 4, "contextSize": 4096, "batchSize": 512}})
+    validate_all(objects)
+    env = controller_env(objects)
+    assert {k: v for k, v in env.items() if k.startswith("CLOWDER_RUNTIME_")} == {
+        "CLOWDER_RUNTIME_SLOTS": "16", "CLOWDER_RUNTIME_THREADS": "4", "CLOWDER_RUNTIME_CONTEXT_SIZE": "4096",
+        "CLOWDER_RUNTIME_BATCH_SIZE": "512"}
+    # The controller reads exactly these (its config from the environment).
+    from clowder_common.config import load_config
+    from clowder_controller.config import ControllerConfig
+
+    config = load_config(ControllerConfig, env={k: v for k, v in env.items() if k.startswith("CLOWDER_RUNTIME_")})
+    assert (config.runtime_slots, config.runtime_threads, config.runtime_context_size,
+            config.runtime_batch_size) == (16, 4, 4096, 512)
+    # 0 (the default) passes nothing: the runtime's own defaults apply.
+    defaults, _ = render({"runtime": {"slots": 0}})
+    assert not [k for k in controller_env(defaults) if k.startswith("CLOWDER_RUNTIME_")]
+
+
 @pytest.mark.parametrize("values, mentions", [
+    ({"runtime": {"slots": 300}}, "slots"),
+    ({"runtime": {"threads": -1}}, "threads"),
+    ({"runtime": {"parallel": 8}}, "parallel"),
     ({"etcd": {"enabled": False}}, "endpoints"),
     ({"etcd": {"enabled": True}, "externalEtcd": {"endpoints": ["etcd:2379"]}}, "endpoints"),
     ({"etcd": {"enabled": True, "replicas": 2}}, "replicas"),

@@ -72,6 +72,14 @@ async def test_async_deployments_and_nodes(aclient, cluster):
     assert names == sorted(names) and {"idle", MODEL} <= set(names)
     scaled = await aclient.deployments.scale("idle", 0)
     assert scaled.replicas == 0
+    # Runtime settings: set at creation or later, only the named ones change, `clear` unsets.
+    tuned = await aclient.deployments.update("idle", slots=8, batch_size=128)
+    assert (tuned.slots, tuned.batch_size, tuned.replicas) == (8, 128, 0)
+    tuned = await aclient.deployments.update("idle", threads=1, clear=["batch_size"])
+    assert (tuned.slots, tuned.threads, tuned.HasField("batch_size")) == (8, 1, False)
+    with pytest.raises(InvalidArgument) as err:
+        await aclient.deployments.update("idle", slots=0)
+    assert err.value.violations[0].field == "deployment.slots"
     with pytest.raises(NotFound):
         await aclient.deployments.scale("ghost", 1)
     ready = await aclient.deployments.wait_ready(MODEL, timeout_s=30)

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import tenacity
-from google.protobuf import struct_pb2
+from google.protobuf import field_mask_pb2, struct_pb2
 
 from clowder.balancer.v1 import apikeys_pb2, inference_pb2
-from clowder.controller.v1 import resources_pb2
+from clowder.controller.v1 import controller_pb2, resources_pb2
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import Unavailable
 
@@ -268,8 +268,31 @@ def api_key_request(description: str, groups: Iterable[str]) -> apikeys_pb2.Crea
     return apikeys_pb2.CreateApiKeyRequest(description=description, groups=list(groups))
 
 
-def deployment(name: str, image: str | None, replicas: int) -> resources_pb2.Deployment:
-    return resources_pb2.Deployment(name=name, image=image or name, replicas=replicas)
+# Deployment fields that say how each replica runs llama.cpp; None leaves one unset (the aimage's applies).
+RUNTIME_SETTINGS = ("slots", "threads", "context_size", "batch_size")
+
+
+def deployment(name: str, image: str | None, replicas: int, settings: Mapping[str, int | None] | None = None
+               ) -> resources_pb2.Deployment:
+    given = {k: v for k, v in (settings or {}).items() if v is not None}
+    return resources_pb2.Deployment(name=name, image=image or name, replicas=replicas, **given)
+
+
+def update_request(name: str, replicas: int | None, image: str | None, settings: Mapping[str, int | None],
+                   clear: Iterable[str] = ()) -> controller_pb2.UpdateDeploymentRequest:
+    """An UpdateDeployment naming (in its mask) exactly the fields given, and the settings to unset."""
+    fields: dict[str, Any] = {k: v for k, v in settings.items() if v is not None}
+    if replicas is not None:
+        fields["replicas"] = replicas
+    if image:
+        fields["image"] = image
+    cleared = set(clear) - set(fields)
+    unknown = cleared - set(RUNTIME_SETTINGS)
+    if unknown:
+        raise ValueError(f"only runtime settings can be cleared ({', '.join(RUNTIME_SETTINGS)}), not {sorted(unknown)}")
+    return controller_pb2.UpdateDeploymentRequest(
+        deployment=resources_pb2.Deployment(name=name, **fields),
+        update_mask=field_mask_pb2.FieldMask(paths=sorted(set(fields) | cleared)))
 
 
 def image(alias: str, source_url: str, configuration: resources_pb2.ImageConfiguration | Mapping[str, Any] | None,

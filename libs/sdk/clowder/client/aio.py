@@ -19,7 +19,8 @@ from clowder_common.errors import ClowderError, DeadlineExceeded, Unavailable, f
 from clowder.client import _settings
 from clowder.client._shared import (Chunk, Collector, Completion, Embeddings, Message, Tool, ToolChoiceSpec,
                                     api_key_request, chat_request, chunk_of, completion_request, deployment,
-                                    embedding_request, embeddings_of, image, retrying_kwargs)
+                                    embedding_request, embeddings_of, image, retrying_kwargs,
+                                    update_request)
 
 PULL_TIMEOUT_S = 6 * 3600.0
 
@@ -105,8 +106,13 @@ class Deployments:
     def __init__(self, caller: _Caller, stub: controller_pb2_grpc.DeploymentServiceStub) -> None:
         self._call, self._stub = caller, stub
 
-    async def create(self, name: str, image: str | None = None, replicas: int = 1) -> resources_pb2.Deployment:
-        request = controller_pb2.CreateDeploymentRequest(deployment=deployment(name, image, replicas))
+    async def create(self, name: str, image: str | None = None, replicas: int = 1, *, slots: int | None = None,
+               threads: int | None = None, context_size: int | None = None, batch_size: int | None = None
+               ) -> resources_pb2.Deployment:
+        """`image` defaults to `name`. slots, threads, context_size and batch_size override the aimage's (None:
+        the aimage's, else the cluster's defaults)."""
+        settings = dict(slots=slots, threads=threads, context_size=context_size, batch_size=batch_size)
+        request = controller_pb2.CreateDeploymentRequest(deployment=deployment(name, image, replicas, settings))
         return (await self._call.unary(self._stub.CreateDeployment, request, idempotent=False)).deployment
 
     async def get(self, name: str) -> resources_pb2.Deployment:
@@ -130,6 +136,16 @@ class Deployments:
     async def scale(self, name: str, replicas: int, image: str | None = None) -> resources_pb2.Deployment:
         request = controller_pb2.UpdateDeploymentRequest(
             deployment=resources_pb2.Deployment(name=name, image=image or "", replicas=replicas))
+        return (await self._call.unary(self._stub.UpdateDeployment, request, idempotent=False)).deployment
+
+    async def update(self, name: str, *, replicas: int | None = None, image: str | None = None,
+               slots: int | None = None, threads: int | None = None, context_size: int | None = None,
+               batch_size: int | None = None, clear: Iterable[str] = ()) -> resources_pb2.Deployment:
+        """Change only the fields given (a new image or runtime setting rolls the replicas over); `clear` names
+        runtime settings to unset (the aimage's apply again)."""
+        request = update_request(name, replicas, image, dict(slots=slots, threads=threads,
+                                                              context_size=context_size, batch_size=batch_size),
+                                 clear)
         return (await self._call.unary(self._stub.UpdateDeployment, request, idempotent=False)).deployment
 
     async def delete(self, name: str) -> None:
