@@ -145,6 +145,22 @@ async def test_good_settings_are_kept_updated_by_mask_and_cleared(control):
     assert err.violations[0].field == "deployment.threads"
 
 
+async def test_threads_are_checked_against_the_nodes_when_they_change(control, state):
+    deployments, _ = control
+    await deployments.CreateDeployment(controller_pb2.CreateDeploymentRequest(
+        deployment=resources_pb2.Deployment(name="d", image="m", replicas=0, threads=2)), metadata=AUTH)
+    # The 2-CPU node is replaced by a 1-CPU one: scaling still works, asking for 2 threads again does not.
+    await state.put(state.key(keys.node("n1")), resources_pb2.Node(name="n1", storage_address="127.0.0.1:9", cpus=1))
+    scaled = await deployments.UpdateDeployment(controller_pb2.UpdateDeploymentRequest(
+        deployment=resources_pb2.Deployment(name="d", replicas=1)), metadata=AUTH)
+    assert scaled.deployment.replicas == 1 and scaled.deployment.threads == 2
+    err = await error_of(deployments.UpdateDeployment(controller_pb2.UpdateDeploymentRequest(
+        deployment=resources_pb2.Deployment(name="d", threads=2),
+        update_mask=field_mask_pb2.FieldMask(paths=["threads"])), metadata=AUTH))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.violations[0].field == "deployment.threads"
+    assert "at most 1" in err.violations[0].description
+
+
 async def test_bad_aimage_settings_are_refused_naming_the_field(control, model_path):
     _, images = control
 

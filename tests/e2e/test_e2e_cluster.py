@@ -179,6 +179,24 @@ def test_cli_shows_the_cluster(cluster):
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stdout
 
 
+def test_the_demo_runs_the_default_fast_configuration(cluster):
+    """What `make up` starts: 8 slots and llama.cpp on every core of this one-node machine."""
+    from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
+    from clowder_common.clients import sync_channel
+    from clowder_common.runtime_settings import DEFAULT_SLOTS
+
+    control = cluster.control()
+    try:
+        replica = control.deployments.replicas("smol")[0]
+    finally:
+        control.close()
+    with sync_channel(replica.endpoint) as channel:
+        stats = runtime_pb2_grpc.RuntimeServiceStub(channel).GetStats(runtime_pb2.GetStatsRequest(), timeout=10)
+    assert stats.slots == DEFAULT_SLOTS == 8
+    argv = pathlib.Path(f"/proc/{replica.pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[argv.index(b"--threads") + 1] == str(os.cpu_count()).encode()
+
+
 def test_killed_runtime_is_restarted_and_serves_again(cluster, client):
     control = cluster.control()
     try:

@@ -108,7 +108,9 @@ class DeploymentServicer(controller_pb2_grpc.DeploymentServiceServicer):
         if "image" in paths:
             validate_name(wanted.image, "deployment.image")
             await get_image(self._state, wanted.image)
-        node_cpus = await largest_node_cpus(self._state)
+        # Threads are checked against the nodes only when they change: nodes come and go, and a scale must not
+        # fail because the biggest node left since the threads were set.
+        node_cpus = await largest_node_cpus(self._state) if "threads" in paths else 0
         for _ in range(CAS_ATTEMPTS):
             current = await self._get(wanted.name)
             updated = resources_pb2.Deployment()
