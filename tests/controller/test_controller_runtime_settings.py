@@ -202,8 +202,9 @@ async def test_a_deployment_with_8_slots_serves_8_streams_at_once(etcd, etcd_pre
                 alias="smol", source_url=model_path.as_uri(),
                 configuration=resources_pb2.ImageConfiguration(slots=2, context_size=256))), metadata=AUTH)
             # One thread: 8 streams on 2 shared cores still run together; only their pace is slower.
-            await deployments.CreateDeployment(controller_pb2.CreateDeploymentRequest(deployment=resources_pb2.Deployment(
-                name="smol", image="smol", replicas=1, slots=8, threads=1, context_size=512)), metadata=AUTH)
+            await deployments.CreateDeployment(controller_pb2.CreateDeploymentRequest(
+                deployment=resources_pb2.Deployment(name="smol", image="smol", replicas=1, slots=8, threads=1,
+                                                    context_size=512)), metadata=AUTH)
 
         async def ready():
             items, _ = await state.list(state.key(keys.replicas_of("smol")), resources_pb2.Replica)

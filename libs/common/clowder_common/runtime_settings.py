@@ -6,7 +6,7 @@ Defaults, for the machines Clowder targets (CPUs, small to mid models):
   once per step), so throughput grows with concurrent streams: bench-runtime measured 1.74x batch 1 at
   batch 8 on 2 threads, and llama.cpp's own server is run with -np 8 for the same reason. With 4 slots
   (the old default) an 8-stream load queued half its requests. More slots cost KV memory linearly
-  (slots x context_size tokens; SmolLM2-135M: 23 KiB a token, so 8 x 2048 is 0.36 GiB) and gain less
+  (slots x context_size tokens; SmolLM2-135M: 23 KiB a token, so 8 x 2048 is 0.35 GiB) and gain less
   per step past 8 on 2 cores, so 8 it is; a deployment wanting 16 streams at once says slots: 16.
 - context_size 2048 per slot: what chat and completion requests in practice need; bigger only where the
   model was trained for it (checked against GGUF <arch>.context_length).

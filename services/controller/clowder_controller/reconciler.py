@@ -280,7 +280,8 @@ class Reconciler:
                  image: resources_pb2.Image | None) -> PlacementRequest:
         return PlacementRequest(
             deployment=deployment.name,
-            memory_bytes=estimate_memory(image, deployment, self._config.runtime_settings) if image is not None else deployment.memory_bytes,
+            memory_bytes=(estimate_memory(image, deployment, self._config.runtime_settings) if image is not None
+                          else deployment.memory_bytes),
             gpus=deployment.gpus,
             node_selector=dict(deployment.node_selector),
             digest=image.digest if image is not None else "",

@@ -14,7 +14,6 @@ from clowder_common.runtime_settings import (
 
 # What the storage service can pull an aimage from (peer:// is node to node, not for users).
 SUPPORTED_SCHEMES = ("file", "http", "https", "hf", "s3", "oci")
-MAX_CONTEXT = MAX_CONTEXT_SIZE
 
 
 def validate_source_url(url: str, field: str = "image.source_url") -> str:
@@ -55,9 +54,9 @@ def runtime_violations(message, prefix: str, *, context_size: int = 0, train_con
     context_set = message.HasField("context_size") if context_field.has_presence else bool(message.context_size)
     if context_set:
         context = message.context_size
-        if not MIN_CONTEXT_SIZE <= context <= MAX_CONTEXT:
-            violations.append(FieldViolation(f"{prefix}.context_size",
-                                             f"must be between {MIN_CONTEXT_SIZE} and {MAX_CONTEXT}, got {context}"))
+        if not MIN_CONTEXT_SIZE <= context <= MAX_CONTEXT_SIZE:
+            violations.append(FieldViolation(
+                f"{prefix}.context_size", f"must be between {MIN_CONTEXT_SIZE} and {MAX_CONTEXT_SIZE}, got {context}"))
         elif train_context and context > train_context:
             violations.append(FieldViolation(
                 f"{prefix}.context_size", f"must be at most {train_context}, the context the model was trained "

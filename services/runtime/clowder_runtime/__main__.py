@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context-size", type=int, help="context per slot in tokens (default: the image's, else 2048)")
     parser.add_argument("--max-waiting", type=int, help="queued requests allowed (default 64)")
     parser.add_argument("--slots", type=int, help="sequences batched together (default: the image's, else 8)")
-    parser.add_argument("--prefill-chunk", type=int, help="prompt tokens evaluated per step at most (default: the image's batch_size, else 256)")
+    parser.add_argument("--prefill-chunk", type=int,
+                        help="prompt tokens evaluated per step at most (default: the image's batch_size, else 256)")
     parser.add_argument("--idle-cache-tokens", type=int,
                         help="KV tokens idle slots keep for prefix reuse, all together (default 8192)")
     parser.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=PATH",
