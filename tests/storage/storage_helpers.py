@@ -60,6 +60,10 @@ class RangedSource:
         self.holds: dict[str, asyncio.Event] = {}
         # name -> gate: a response sends its first MiB, waits for the gate, then drops the connection (once).
         self.abort_gates: dict[str, asyncio.Event] = {}
+        # name -> seconds to wait after each MiB: slow enough to kill a puller mid-way.
+        self.pace_s: dict[str, float] = {}
+        # name -> body bytes written so far, counted as they go (a cut-off response counts what it sent).
+        self.served: dict[str, int] = collections.defaultdict(int)
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -112,7 +116,11 @@ class RangedSource:
             request.transport.abort()
             return response
         for i in range(0, len(body), 1 << 20):
-            await response.write(body[i:i + (1 << 20)])
+            piece = body[i:i + (1 << 20)]
+            await response.write(piece)
+            self.served[name] += len(piece)
+            if name in self.pace_s:
+                await asyncio.sleep(self.pace_s[name])
             if name in self.holds:
                 await asyncio.wait_for(self.holds[name].wait(), CALL_TIMEOUT)
         self.bytes_sent += len(body)

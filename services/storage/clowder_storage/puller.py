@@ -231,33 +231,57 @@ class Puller:
                     blob = await self._store.find(digest) if digest else None
                     if blob is not None and download.accepts(digest):
                         return _Outcome(blob, digest)
-                temp = await self._store.new_temp(self._max_blob)
-                transfer = Transfer(download.fetcher, download.url, self._options, self._store.run,
-                                    download.advance, opened, download.credential)
-                try:
-                    complete = await transfer.run(temp)
-                    download.resumes = transfer.resumes
-                    if not complete:
-                        await self._store.discard(temp)
-                        return _Outcome(found[0], found[0].digest)
-                    # No I/O: durability is the commit's business (see durability.py).
-                    temp.check_complete()
-                    actual = temp.digest
-                    if transfer.source_digest and actual != transfer.source_digest:
-                        raise DataLoss(
-                            f"content of {shown} does not match the digest its source published:"
-                            f" expected {transfer.source_digest}, got {actual}",
-                            metadata={"expected_digest": transfer.source_digest, "actual_digest": actual},
-                        )
-                    if not download.accepts(actual):
-                        await self._store.discard(temp)
-                        log.warning("pull of %s: content %s matches no expected digest; not stored", shown, actual)
-                        return _Outcome(None, actual)
-                    blob = await self._store.commit(temp)
-                except BaseException:
-                    # Shielded: a second cancel must not leave the partial file behind.
-                    await asyncio.shield(self._store.discard(temp))
-                    raise
+                # Kept across a restart only when a digest names it: it is what a resumed prefix is checked by.
+                keep_as = next((e for e in download.expectations if e), "")
+                for attempt in range(2):
+                    if keep_as and attempt == 0:
+                        temp = await self._store.resumable_temp(keep_as, download.url, self._max_blob)
+                    else:
+                        temp = await self._store.new_temp(self._max_blob)
+                    resumed_from = temp.partial.resumed_from if temp.partial is not None else 0
+                    # The kept prefix counts as done: progress and the space promised cover only what is left.
+                    download.advance(temp.size)
+                    transfer = Transfer(download.fetcher, download.url, self._options, self._store.run,
+                                        download.advance, opened, download.credential)
+                    try:
+                        complete = await transfer.run(temp)
+                        download.resumes = transfer.resumes
+                        if not complete:
+                            await self._store.discard(temp)
+                            return _Outcome(found[0], found[0].digest)
+                        # No I/O: durability is the commit's business (see durability.py).
+                        temp.check_complete()
+                        actual = temp.digest
+                        if resumed_from and actual != keep_as:
+                            # The prefix kept from before was wrong (altered on disk, or the source changed):
+                            # drop it and pull the whole blob once more.
+                            log.warning("pull of %s resumed at byte %d gave %s, not %s; discarding the kept"
+                                        " prefix and starting over", shown, resumed_from, actual, keep_as)
+                            await self._store.discard(temp)
+                            download.advance(-download.bytes_done)
+                            continue
+                        if transfer.source_digest and actual != transfer.source_digest:
+                            raise DataLoss(
+                                f"content of {shown} does not match the digest its source published:"
+                                f" expected {transfer.source_digest}, got {actual}",
+                                metadata={"expected_digest": transfer.source_digest, "actual_digest": actual},
+                            )
+                        if not download.accepts(actual):
+                            await self._store.discard(temp)
+                            log.warning("pull of %s: content %s matches no expected digest; not stored",
+                                        shown, actual)
+                            return _Outcome(None, actual)
+                        blob = await self._store.commit(temp)
+                        break
+                    except (asyncio.CancelledError, Unavailable):
+                        # Interrupted (shutdown, abandoned, source gone): what was verified stays for the next
+                        # pull of this digest; anything else is discarded. Shielded against a second cancel.
+                        await asyncio.shield(self._store.keep(temp))
+                        raise
+                    except BaseException:
+                        # Shielded: a second cancel must not leave the partial file behind.
+                        await asyncio.shield(self._store.discard(temp))
+                        raise
             log.info("pulled %s as %s (%d bytes, %d resumes)", shown, blob.digest, blob.size_bytes,
                      download.resumes)
             if self._on_stored is not None:

@@ -22,6 +22,7 @@ from typing import Callable, TypeVar
 from clowder_common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
 
 from clowder_storage.durability import Flusher, Journal, Recovered, fsync_dir, recover
+from clowder_storage.resume import Partial, Partials
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,10 @@ class TempBlob:
     Its methods block (file I/O, hashing); callers run them off the event loop.
     """
 
-    def __init__(self, path: pathlib.Path, limit_bytes: int = 0) -> None:
+    def __init__(self, path: pathlib.Path, limit_bytes: int = 0, partial: Partial | None = None) -> None:
         self.path = path
+        # Set when the bytes are kept across a restart (resume.py): checkpoints as the hash advances.
+        self.partial = partial
         # Bytes written (sequential) or the file's length (parts).
         self.size = 0
         # Largest size allowed (0: none): a source that sends more is cut off before it fills the disk.
@@ -74,8 +77,22 @@ class TempBlob:
         self._hash = hashlib.sha256()
         # Parts hash from memory when they extend the prefix, the hasher reads back otherwise: one at a time.
         self._hash_lock = threading.Lock()
-        # O_EXCL: a name collision must fail rather than mix two downloads.
-        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        # O_EXCL: a name collision must fail rather than mix two downloads (a kept partial is claimed first).
+        flags = os.O_RDWR | os.O_CREAT | (0 if partial is not None else os.O_EXCL)
+        self._fd: int | None = os.open(path, flags, 0o644)
+
+    def resume_from(self, durable: int) -> None:
+        """Take the first `durable` bytes already in the file: cut the untrusted tail, re-hash the prefix."""
+        assert self._fd is not None
+        os.ftruncate(self._fd, durable)
+        self._check_limit(durable)
+        self.size = durable
+        self.hash_through(durable)
+        os.lseek(self._fd, durable, os.SEEK_SET)
+
+    def _advanced(self, force: bool = False) -> None:
+        if self.partial is not None and self._fd is not None:
+            self.partial.checkpoint(self._fd, self.hashed, force)
 
     def _check_limit(self, end: int) -> None:
         if self.limit_bytes and end > self.limit_bytes:
@@ -92,6 +109,7 @@ class TempBlob:
         self._hash.update(chunk)
         self.size += len(chunk)
         self.hashed = self.size
+        self._advanced()
 
     def reset(self) -> None:
         """Start over (the source could not resume): drop the bytes and the hash state."""
@@ -100,6 +118,8 @@ class TempBlob:
         os.lseek(self._fd, 0, os.SEEK_SET)
         self._hash = hashlib.sha256()
         self.size = self.hashed = 0
+        if self.partial is not None:
+            self.partial.write_sidecar(0)
 
     def allocate(self, size: int) -> None:
         """Size the file for parts written in place; ENOSPC shows here rather than mid-way when possible."""
@@ -131,6 +151,7 @@ class TempBlob:
                 if offset == self.hashed:
                     self._hash.update(chunk)
                     self.hashed += len(chunk)
+            self._advanced()
 
     def hash_through(self, stop: int) -> None:
         """Hash bytes [hashed, stop) back from the file (the page cache, just written)."""
@@ -145,6 +166,7 @@ class TempBlob:
                     raise DataLoss("a part of the download is missing from the partial file")
                 self._hash.update(data)
                 self.hashed = start + len(data)
+        self._advanced()
 
     @property
     def digest(self) -> str:
@@ -175,7 +197,23 @@ class TempBlob:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+        if self.partial is not None:
+            self.partial.remove()
         self.path.unlink(missing_ok=True)
+
+    def keep(self) -> None:
+        """Leave a kept partial for the next pull of its digest (checkpointed now); others are discarded."""
+        if self.partial is None:
+            self.discard()
+            return
+        try:
+            if self._fd is not None:
+                self.partial.checkpoint(self._fd, self.hashed, force=True)
+        finally:
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
+            self.partial.keep()
 
 
 def _write(fd: int, view: memoryview, offset: int | None = None) -> int:
@@ -202,6 +240,7 @@ class BlobStore:
         self.journal = Journal(self.root, self.tmp_dir)
         self.flusher = Flusher(self.journal, self.blob_dir, self.quarantine_dir)
         self.recovered = Recovered(0, [])
+        self.partials = Partials(self.root)
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         """Run blocking work in the store's bounded executor."""
@@ -219,7 +258,9 @@ class BlobStore:
             _write_atomic(layout, json.dumps({"imageLayoutVersion": "1.0.0"}).encode(), self.tmp_dir)
         # Before anything is served: blobs a crash may have caught before their bytes reached the disk.
         self.recovered = recover(self.journal, self.blob_dir, self.quarantine_dir)
-        # Left-overs of a process that died mid-pull; only this service writes here.
+        # Kept partials (resume.py) survive; stale, torn or orphaned ones are collected.
+        self.partials.prepare()
+        # Left-overs of a process that died mid-pull (pulls without a digest to resume by); only we write here.
         for stale in self.tmp_dir.iterdir():
             log.info("removing stale partial download %s", stale.name)
             if stale.is_dir():
@@ -262,6 +303,38 @@ class BlobStore:
 
     def new_temp_sync(self, limit_bytes: int = 0) -> TempBlob:
         return TempBlob(self.tmp_dir / f"pull-{uuid.uuid4().hex}.partial", limit_bytes)
+
+    def resumable_temp_sync(self, digest: str, source: str, limit_bytes: int = 0) -> TempBlob:
+        """A temp kept across a restart for `digest`, holding the verified prefix of an earlier pull if any.
+
+        Falls back to a plain temp when another pull holds the digest's partial.
+        """
+        parse_digest(digest)
+        claimed = self.partials.claim(digest, source)
+        if claimed is None:
+            return self.new_temp_sync(limit_bytes)
+        partial, sidecar = claimed
+        try:
+            temp = TempBlob(partial.data_path, limit_bytes, partial)
+        except BaseException:
+            partial.keep()
+            raise
+        try:
+            if sidecar is not None and sidecar["durable"] > 0:
+                partial.total = sidecar["total"]
+                if sidecar["source_id"] == partial.source_id:
+                    partial.validator = sidecar["validator"]
+                temp.resume_from(sidecar["durable"])
+                partial.durable = partial.resumed_from = sidecar["durable"]
+                log.info("resuming the pull of %s from byte %d (prefix re-hashed from disk)", digest,
+                         partial.resumed_from)
+            else:
+                temp.resume_from(0)
+                partial.write_sidecar(0)
+        except BaseException:
+            temp.discard()
+            raise
+        return temp
 
     def put_bytes_sync(self, data: bytes, expected: str | None = None) -> BlobInfo:
         """Store a small blob (a manifest, a config) held in memory."""
@@ -391,6 +464,12 @@ class BlobStore:
 
     async def new_temp(self, limit_bytes: int = 0) -> TempBlob:
         return await self.run(self.new_temp_sync, limit_bytes)
+
+    async def resumable_temp(self, digest: str, source: str, limit_bytes: int = 0) -> TempBlob:
+        return await self.run(self.resumable_temp_sync, digest, source, limit_bytes)
+
+    async def keep(self, temp: TempBlob) -> None:
+        await self.run(temp.keep)
 
     async def write(self, temp: TempBlob, chunk: bytes) -> None:
         await self.run(temp.write, chunk)

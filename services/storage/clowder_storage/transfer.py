@@ -119,6 +119,10 @@ class Transfer:
     async def _sequential(self, temp: TempBlob) -> bool:
         first = True
         failures = 0
+        partial = temp.partial
+        if partial is not None and temp.size:
+            # A prefix kept from before a restart: ask its source (if it is the same) for the same version.
+            self._validator = partial.validator
         while True:
             start = temp.size
             if not first and self.total is not None and start >= self.total:
@@ -129,8 +133,20 @@ class Transfer:
                                               validator=self._validator) as opened:
                     if first:
                         first = False
+                        kept_total = partial.total if partial is not None else None
                         self.total, self.source_digest, self._validator = (
                             opened.total, opened.digest, opened.validator)
+                        if start and (opened.start != start
+                                      or (kept_total is not None and opened.total != kept_total)):
+                            # The kept prefix does not fit what the source serves now: start over (and
+                            # before any split, so parallel pieces never mix with old bytes).
+                            log.warning("source %s cannot resume the kept prefix at byte %d; starting over",
+                                        self._shown, start)
+                            await self._pipe.call(temp.reset)
+                            self._on_bytes(-start)
+                            start = 0
+                        if partial is not None:
+                            partial.total, partial.validator = opened.total, opened.validator
                         if not await self._on_opened(opened):
                             return False
                         if self._splittable(opened):
