@@ -238,3 +238,64 @@ async def test_a_deployment_with_8_slots_serves_8_streams_at_once(etcd, etcd_pre
             call.cancel()
         await controller.stop()
         await node.stop()
+
+
+def test_unset_threads_make_the_runtime_follow_its_node():
+    spec = dict(deployment="d", replica_id="r", node="n1", digest="sha256:00", storage_address="h:1",
+                configuration=resources_pb2.ImageConfiguration())
+    # Threads 1 is then only the start value (the controller's share); the runtime follows the node's runtimes.
+    assert RuntimeSpec(**spec, threads=1, node_cpus=2).settings_args() == ["--threads", "1", "--node-cpus", "2"]
+    assert RuntimeSpec(**spec, threads=2).settings_args() == ["--threads", "2"]
+
+
+async def test_a_replica_started_alone_gives_cores_back_when_a_second_joins(etcd, etcd_prefix, state, tmp_path,
+                                                                          model_path):
+    """bench-chaos (issue 11): the first replica kept every core after a scale-up, 3 threads on 2 cores."""
+    node_config = StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "n1"), node_name="n1",
+                                etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, lease_ttl_s=2)
+    node = await create_storage(node_config, TOKEN)
+    await node.start()
+    # No runtime_threads: nothing fixes the threads.
+    config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"),
+                              etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, resync_interval_s=0.5,
+                              runtime_stop_grace_s=3)
+    controller = await create_controller(config, TOKEN)
+    await controller.start()
+    logs = tmp_path / "controller" / "logs"
+    try:
+        cpus = (await state.get(state.key(keys.node("n1")), resources_pb2.Node)).value.cpus
+        await state.put(state.key(keys.image("smol")), resources_pb2.Image(
+            alias="smol", source_url=model_path.as_uri(),
+            configuration=resources_pb2.ImageConfiguration(slots=1, context_size=256)))
+
+        async def scale(replicas: int) -> list[resources_pb2.Replica]:
+            await state.put(state.key(keys.deployment("smol")),
+                            resources_pb2.Deployment(name="smol", image="smol", replicas=replicas))
+
+            async def ready():
+                items, _ = await state.list(state.key(keys.replicas_of("smol")), resources_pb2.Replica)
+                found = [i.value for i in items if i.value.state == resources_pb2.REPLICA_STATE_READY]
+                return found if len(found) == replicas == len(items) else None
+
+            return await wait_for(ready, 120, f"{replicas} ready replicas")
+
+        def log_of(replica: resources_pb2.Replica) -> str:
+            return (logs / f"runtime-smol-{replica.id}.log").read_text(errors="replace")
+
+        async def logged(replica: resources_pb2.Replica, text: str) -> bool:
+            return text in log_of(replica)
+
+        [first] = await scale(1)
+        await wait_for(lambda: logged(first, f"{cpus} cpus shared by 1 runtimes -> {cpus} threads"), 30,
+                       "the first replica on every core")
+        second = next(r for r in await scale(2) if r.id != first.id)
+        share = max(1, cpus // 2)
+        await wait_for(lambda: logged(first, f"{cpus} cpus shared by 2 runtimes -> {share} threads"), 30,
+                       "the first replica on its share")
+        await wait_for(lambda: logged(second, f"{cpus} cpus shared by 2 runtimes -> {share} threads"), 30,
+                       "the second replica on its share")
+        if cpus > 1:
+            assert f"llama.cpp threads {cpus} -> {share}" in log_of(first)
+    finally:
+        await controller.stop()
+        await node.stop()

@@ -12,8 +12,9 @@ Defaults, for the machines Clowder targets (CPUs, small to mid models):
   model was trained for it (checked against GGUF <arch>.context_length).
 - batch_size 256: prompt tokens evaluated per step; big enough that prefill runs at llama.cpp's batched
   speed, small enough that a long prompt stalls running streams for one short step only.
-- threads: the node's CPUs shared among the replicas placed on it (the controller's choice; a runtime
-  started by hand takes every CPU): llama.cpp threads beyond the cores stall each other.
+- threads: the node's CPUs shared among the runtimes on it, followed as their number changes (the runtime
+  watches the endpoints registered on its node; a runtime started by hand takes every CPU): llama.cpp
+  threads beyond the cores stall each other. Only an explicit setting fixes them.
 """
 
 from __future__ import annotations

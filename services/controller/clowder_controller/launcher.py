@@ -39,10 +39,15 @@ class RuntimeSpec:
     slots: int = 0
     context_size: int = 0
     batch_size: int = 0
+    # The node's CPUs when no setting fixes the threads: the runtime then follows the number of runtimes on
+    # the node (threads above is only its start value). 0: threads are fixed.
+    node_cpus: int = 0
 
     def settings_args(self) -> list[str]:
         """Runtime flags for the settings that are set (explicit flags win over --image-config's values)."""
         args = ["--threads", str(self.threads)]
+        if self.node_cpus:
+            args += ["--node-cpus", str(self.node_cpus)]
         for flag, value in (("--slots", self.slots), ("--context-size", self.context_size),
                             ("--prefill-chunk", self.batch_size)):
             if value:

@@ -566,6 +566,9 @@ class Reconciler:
             slots=settings.slots,
             context_size=settings.context_size,
             batch_size=settings.batch_size,
+            # No setting fixes the threads: the runtime follows the runtimes on its node (a replica started
+            # alone would otherwise keep every core after a second one joins it); _threads_for only starts it.
+            node_cpus=0 if settings.threads else (node.cpus or os.cpu_count() or 1),
         )
         pid = await self._launcher.start(spec)
         self._no_endpoint.pop(key, None)

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-config", metavar="JSON",
                         help="clowder.controller.v1.ImageConfiguration as protobuf JSON")
     parser.add_argument("--threads", type=int, help="llama.cpp threads (default: the image's, else every CPU)")
+    parser.add_argument("--node-cpus", type=int, metavar="N",
+                        help="share N CPUs with the runtimes registered on this node: threads follow their number "
+                             "(--threads is then the start value; not with an image that sets threads)")
     parser.add_argument("--context-size", type=int, help="context per slot in tokens (default: the image's, else 2048)")
     parser.add_argument("--max-waiting", type=int, help="queued requests allowed (default 64)")
     parser.add_argument("--slots", type=int, help="sequences batched together (default: the image's, else 8)")
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _CONFIG_FLAGS = (
     "listen", "advertise_host", "deployment", "replica_id", "node", "model_path", "digest", "storage_address",
-    "threads", "context_size", "max_waiting", "slots", "prefill_chunk", "idle_cache_tokens", "adapters",
+    "threads", "node_cpus", "context_size", "max_waiting", "slots", "prefill_chunk", "idle_cache_tokens", "adapters",
     "chat_template_file", "metrics_listen", "lease_ttl_s", "drain_grace_s", "port_file", "etcd_endpoints",
     "etcd_prefix",
 )

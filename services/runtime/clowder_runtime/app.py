@@ -16,6 +16,7 @@ from clowder.runtime.v1 import runtime_pb2
 from clowder_common.auth import TOKEN_ENV
 from clowder_common.errors import InvalidArgument
 from clowder_common.grpc_server import GrpcServer, create_grpc_server
+from clowder_common import keys
 from clowder_common.keys import validate_name
 from clowder_runtime.chat_template import check_template
 from clowder_runtime.config import RuntimeConfig
@@ -25,6 +26,7 @@ from clowder_common.runtime_settings import (
 from clowder_runtime.engine import LlamaEngine, LlamaSettings
 from clowder_runtime.metrics import MetricsServer
 from clowder_runtime.model_source import resolve_model_path
+from clowder_runtime.node_share import NodeShare
 from clowder_runtime.registration import EndpointRegistration
 from clowder_runtime.service import RuntimeServicer, registrar
 from clowder_runtime.validation import validate_image_config
@@ -46,6 +48,7 @@ class RuntimeApp:
         self.model_path: str | None = None
         self._server: GrpcServer | None = None
         self._registration: EndpointRegistration | None = None
+        self.node_share: NodeShare | None = None
         self.metrics: MetricsServer | None = None
         self._stop_task: asyncio.Future[None] | None = None
 
@@ -53,6 +56,12 @@ class RuntimeApp:
     def settings(self) -> RuntimeSettings:
         """Slots, threads, context and batch size: this runtime's flags, else the image's, else the defaults."""
         return runtime_settings(self.config, self.image_config)
+
+    @property
+    def follows_node(self) -> bool:
+        """Threads follow the runtimes on the node: asked for, and neither an image setting nor etcd lacking."""
+        return bool(self.config.node_cpus and self.config.etcd_endpoints
+                    and not of_message(self.image_config).threads)
 
     @property
     def context_size(self) -> int:
@@ -93,7 +102,7 @@ class RuntimeApp:
             LlamaSettings(
                 model_path=self.model_path,
                 context_size=settings.context_size,
-                threads=settings.threads,
+                threads=settings.threads or (cfg.node_cpus if self.follows_node else 0),
                 max_waiting=cfg.max_waiting,
                 slots=settings.slots,
                 prefill_chunk=settings.batch_size,
@@ -103,6 +112,14 @@ class RuntimeApp:
                 idle_cache_tokens=cfg.idle_cache_tokens,
             )
         )
+        if self.follows_node:
+            # Started before the model loads, so the context may already start on its share.
+            self.node_share = NodeShare(
+                cfg.etcd_endpoints, cfg.etcd_prefix, cfg.node,
+                keys.endpoint(cfg.deployment, cfg.replica_id),
+                cfg.node_cpus, self.engine.set_threads,
+            )
+            await self.node_share.start()
         # Loads on the engine's own thread; nothing is served or registered before it can generate.
         await self.engine.start()
         servicer = RuntimeServicer(self.engine, self.model_name, self.image_config)
@@ -151,6 +168,8 @@ class RuntimeApp:
             await self._server.stop(grace)
         if self.metrics is not None:
             await self.metrics.stop()
+        if self.node_share is not None:
+            await self.node_share.stop()
         if self.engine is not None:
             await self.engine.close(timeout=max(grace, 1.0))
         if self._server is not None and self.config.port_file:
@@ -174,7 +193,7 @@ async def create_runtime(
     if config.etcd_endpoints:
         validate_name(config.deployment, "deployment")
         validate_name(config.replica_id, "replica_id")
-    for name in ("threads", "context_size", "max_waiting", "idle_cache_tokens", "slots", "prefill_chunk"):
+    for name in ("threads", "node_cpus", "context_size", "max_waiting", "idle_cache_tokens", "slots", "prefill_chunk"):
         if getattr(config, name) < 0:
             raise InvalidArgument(f"{name} must not be negative", field=name)
     settings = runtime_settings(config, image_config)

@@ -33,6 +33,11 @@ class RuntimeConfig(EtcdConfig):
     # clowder_common.runtime_settings (which says why each default is what it is).
     # llama.cpp threads; 0: the image's, else every CPU.
     threads: int = 0
+    # CPUs of this node, shared with the other runtimes registered on it (the controller passes it when no
+    # setting fixes the threads): threads, unless the image sets them, then follow node_cpus // the runtimes
+    # registered on the node, this one included, and `threads` is only the start value (0: node_cpus).
+    # Needs etcd_endpoints. 0: threads stay as they start.
+    node_cpus: int = 0
     # Context window per slot in tokens; 0: the image's, else 2048. At most the model's training context.
     context_size: int = 0
     # Requests allowed to queue while every slot is busy; more get RESOURCE_EXHAUSTED.

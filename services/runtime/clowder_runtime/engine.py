@@ -132,6 +132,8 @@ class LlamaEngine:
             raise InvalidArgument("idle_cache_tokens must not be negative", field="idle_cache_tokens")
         self._settings = settings
         self._threads = settings.threads or os.cpu_count() or 1
+        # What set_threads asked for; the worker applies it between decode steps (it alone touches the context).
+        self._wanted_threads = self._threads
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Work] = collections.deque()
         self._slots = [_Slot(i) for i in range(settings.slots)]
@@ -164,6 +166,19 @@ class LlamaEngine:
     @property
     def slots(self) -> int:
         return self._settings.slots
+
+    def set_threads(self, threads: int) -> None:
+        """Run decode steps on `threads` llama.cpp threads from the next step on (any thread may call it).
+
+        The runtimes sharing a node's cores call it as their number changes: threads beyond the cores spin
+        at llama.cpp's barriers and stall each other. The embedding context keeps its count: it runs only
+        while an embedding request does, and is not where a whole node's streams are decoded."""
+        if not 1 <= threads <= runtime_settings.MAX_THREADS:
+            raise InvalidArgument(f"threads must be between 1 and {runtime_settings.MAX_THREADS}, got {threads}",
+                                  field="threads")
+        with self._cond:
+            self._wanted_threads = threads
+            self._cond.notify_all()
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -252,6 +267,7 @@ class LlamaEngine:
                 adapters=self.adapters,
                 running_adapters=tuple(sorted({s.work.job.adapter for s in busy if s.work})),
                 waiting_adapters=tuple(sorted({w.job.adapter for w in self._waiting})),
+                threads=self._threads,
             )
 
     def tokenize_prompt(self, prompt: str) -> list[int]:
@@ -402,11 +418,15 @@ class LlamaEngine:
         try:
             while True:
                 with self._cond:
-                    while not self._closing and not self._waiting and not any(s.work for s in self._slots):
+                    while (not self._closing and not self._waiting and not any(s.work for s in self._slots)
+                           and self._wanted_threads == self._threads):
                         self._cond.wait(_IDLE_WAIT_S)
                     if self._closing:
                         return
                     self._admit()
+                    wanted = self._wanted_threads
+                if wanted != self._threads:
+                    self._apply_threads(wanted)
                 try:
                     self._step()
                 except Exception:
@@ -431,6 +451,12 @@ class LlamaEngine:
             llama_cpp.llama_free(self._ctx)
             if model is not None:
                 model.close()
+
+    def _apply_threads(self, threads: int) -> None:
+        # Between steps, on the worker thread: no decode is using the context's thread pool.
+        llama_cpp.llama_set_n_threads(self._ctx, threads, threads)
+        log.info("llama.cpp threads %d -> %d", self._threads, threads)
+        self._threads = threads
 
     def _admit(self) -> None:
         """Move waiting work into free slots, reusing the longest cached prefix there is (under the lock)."""

@@ -167,6 +167,8 @@ class EngineStats:
     # Adapters of the running and of the waiting requests ("" is the base model).
     running_adapters: tuple[str, ...] = ()
     waiting_adapters: tuple[str, ...] = ()
+    # llama.cpp threads decode steps run on now (a runtime sharing its node's cores follows their number).
+    threads: int = 0
 
 
 class Engine(Protocol):

@@ -43,6 +43,7 @@ class EngineCollector(Collector):
         yield gauge("kv_cache_usage_perc", "Fraction (0..1) of KV cache cells held by running requests.",
                     s.kv_cache_usage)
         yield gauge("clowder_runtime_slots", "Sequence slots of the batch.", s.slots)
+        yield gauge("clowder_runtime_threads", "llama.cpp threads decode steps run on.", s.threads)
         yield gauge("clowder_runtime_cached_prefix_blocks",
                     "Distinct prefix blocks held in the KV cache (GetStats lists their hashes).",
                     len(s.prefix_block_hashes))
