@@ -1,16 +1,14 @@
-"""A pull interrupted by a storage restart resumes from what was verified, against real processes and sockets.
+"""A pull interrupted by a storage restart resumes from what was verified: real processes, sockets, SIGKILL."""
 
-A real `python -m clowder_storage` process pulls a large blob from a slow, byte-counting HTTP server; it is
-SIGKILLed mid-pull, a new process starts on the same data directory, and the second pull asks the server only
-for about the remainder. A kept prefix that was altered on disk is caught by the final digest and the pull
-starts over. Sidecars that are torn, and partials nobody comes back for, are dropped.
-"""
+# A real `python -m clowder_storage` process pulls a large blob from a slow, byte-counting HTTP server; it is
+# SIGKILLed mid-pull, a new process starts on the same data directory, and the second pull asks the server only
+# for about the remainder. A kept prefix that was altered on disk is caught by the final digest and the pull
+# starts over. Sidecars that are torn, and partials nobody comes back for, are dropped.
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import json
 import os
 import signal
@@ -46,11 +44,11 @@ async def source():
 
 
 class StorageProcess:
-    def __init__(self, tmp_path, etcd, prefix: str) -> None:
+    def __init__(self, tmp_path, etcd, prefix: str, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.log_path = tmp_path / f"storage-{self.port}.log"
         with open(self.log_path, "wb") as log_file:
-            self.proc = subprocess.Popen(storage_argv(self.port, tmp_path, etcd, prefix), stdout=log_file,
+            self.proc = subprocess.Popen([*storage_argv(self.port, tmp_path, etcd, prefix), *extra], stdout=log_file,
                                          stderr=subprocess.STDOUT, env={**env_without_token(), TOKEN_ENV: TOKEN})
 
     async def ready(self) -> None:
@@ -73,10 +71,11 @@ def sidecar_durable(path) -> int:
         return 0
 
 
-async def pull_and_kill(tmp_path, etcd, prefix, source: RangedSource, name: str, digest: str) -> int:
+async def pull_and_kill(tmp_path, etcd, prefix, source: RangedSource, name: str, digest: str,
+                        extra: tuple[str, ...] = ()) -> int:
     """Start a pull in a storage process, SIGKILL it once KILL_AFTER bytes are vouched for: the kept prefix."""
     sidecar = tmp_path / "store" / "partial" / f"{digest.split(':')[1]}.json"
-    first = StorageProcess(tmp_path, etcd, prefix)
+    first = StorageProcess(tmp_path, etcd, prefix, extra)
     try:
         await first.ready()
         async with aio_channel(f"127.0.0.1:{first.port}") as channel:
@@ -99,8 +98,9 @@ async def pull_and_kill(tmp_path, etcd, prefix, source: RangedSource, name: str,
     return kept
 
 
-async def pull_in_new_process(tmp_path, etcd, prefix, source, name, digest) -> tuple[StorageProcess, list]:
-    second = StorageProcess(tmp_path, etcd, prefix)
+async def pull_in_new_process(tmp_path, etcd, prefix, source, name, digest,
+                              extra: tuple[str, ...] = ()) -> tuple[StorageProcess, list]:
+    second = StorageProcess(tmp_path, etcd, prefix, extra)
     try:
         await second.ready()
         async with aio_channel(f"127.0.0.1:{second.port}") as channel:
@@ -140,6 +140,36 @@ async def test_sigkilled_pull_resumes_from_the_kept_prefix_in_a_new_process(tmp_
     # Nothing partial is left, and nothing partial was ever in the blob directory.
     assert os.listdir(tmp_path / "store" / "partial") == []
     assert os.listdir(tmp_path / "store" / "blobs" / "sha256") == [digest.split(":")[1]]
+
+
+async def test_sigkilled_parallel_pull_resumes_from_its_contiguous_prefix(tmp_path, etcd, etcd_prefix, source):
+    # Pieces over 4 connections: what survives a kill is the contiguous hashed prefix; pieces finished past
+    # it are fetched again (the sidecar vouches for one length, not a map of pieces).
+    config = tmp_path / "storage.yaml"
+    config.write_text(f"parallel_min_bytes: {8 * MIB}\nparallel_parts: 4\nparallel_part_min_bytes: {MIB}\n"
+                      f"parallel_part_max_bytes: {4 * MIB}\n")
+    extra = ("--config", str(config))
+    data = os.urandom(SIZE)
+    digest = digest_of(data)
+    source.blobs["big"] = data
+    # Four connections at once: slower each, so the whole still takes over a second.
+    source.pace_s["big"] = PACE_S * 4
+
+    kept = await pull_and_kill(tmp_path, etcd, etcd_prefix, source, "big", digest, extra)
+    first_log = "".join(p.read_text() for p in tmp_path.glob("storage-*.log"))
+    assert "as 8 pieces over 4 connections" in first_log
+    served_first = source.served["big"]
+    requests_before = len(source.requests)
+
+    second, messages = await pull_in_new_process(tmp_path, etcd, etcd_prefix, source, "big", digest, extra)
+    served_second = source.served["big"] - served_first
+
+    assert messages[-1].blob.digest == digest
+    assert stored_digest(tmp_path, digest) == digest
+    # The remainder after the prefix, in one ranged request (a resumed pull does not split again).
+    assert served_second == SIZE - kept
+    assert source.requests[requests_before:] == [("big", f"bytes={kept}-")]
+    assert os.listdir(tmp_path / "store" / "partial") == []
 
 
 async def test_altered_kept_prefix_is_caught_and_the_pull_starts_over(tmp_path, etcd, etcd_prefix, source):

@@ -1,15 +1,18 @@
-"""Partial downloads kept across a restart, so a pull interrupted by a crash resumes from what was verified.
+"""Partial downloads kept across a restart, so a pull interrupted by a crash resumes from what was verified."""
 
-A partial lives under <root>/partial/ as <key>.data (the bytes) and <key>.json (the sidecar: digest, source,
-expected size, validator, and `durable`, the length of the prefix that was flushed to disk before the sidecar
-said so). The sidecar is replaced atomically and carries a checksum of its own fields, so a torn or edited
-sidecar is detected and the partial dropped. Only `durable` bytes are trusted: a torn tail past it (power loss)
-is cut off. sha256 state cannot be saved, so a resumed pull re-hashes the prefix from disk (local reads are
-far cheaper than the network) and the whole digest is still checked at the end: a prefix that was wrong
-(tampered, or the source changed under the same name) fails that check, and the puller starts over once.
-Keyed by the expected digest: a pull without one has nothing to check a resumed prefix against, so it does
-not persist its partial.
-"""
+# A partial lives under <root>/partial/ as <key>.data (the bytes) and <key>.json (the sidecar: digest, source,
+# expected size, validator, and `durable`, the length of the prefix that was flushed to disk before the sidecar
+# said so). The sidecar is replaced atomically and carries a checksum of its own fields, so a torn or edited
+# sidecar is detected and the partial dropped. Only `durable` bytes are trusted: a torn tail past it (power loss)
+# is cut off. sha256 state cannot be saved, so a resumed pull re-hashes the prefix from disk (local reads are
+# far cheaper than the network) and the whole digest is still checked at the end: a prefix that was wrong
+# (tampered, or the source changed under the same name) fails that check, and the puller starts over once.
+# A pull split into parallel pieces keeps only its contiguous hashed prefix: pieces finished past the first
+# unfinished one are fetched again (one length in the sidecar, not a map of pieces), and the resumed pull
+# fetches the remainder as one sequential ranged request. Sources that ignore ranges, or whose size or
+# validator no longer match, start over from zero.
+# Keyed by the expected digest: a pull without one has nothing to check a resumed prefix against, so it does
+# not persist its partial.
 
 from __future__ import annotations
 
