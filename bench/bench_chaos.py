@@ -389,6 +389,9 @@ class FaultRun:
     waited_on: list[tuple[float, str]] = dataclasses.field(default_factory=list)
     # How long the probe that confirmed the heal took (it queues behind the load's streams).
     probe_s: float = 0.0
+    # The balancer's count of streams continued on another replica, around the fault (None: not read).
+    continued_before: int | None = None
+    continued_after: int | None = None
 
 
 class Chaos:
@@ -439,6 +442,19 @@ class Chaos:
             return await client.deployments.replicas(MODEL)
         except (ClowderError, asyncio.TimeoutError):
             return None
+
+    async def continued_streams(self) -> int | None:
+        """clowder_balancer_continuations_total{outcome="resumed"} summed over models; None when unreadable."""
+        assert self.http is not None
+        try:
+            async with self.http.get(f"{self.up.base_url}/metrics") as resp:
+                if resp.status != 200:
+                    return None
+                text = await resp.text()
+        except (asyncio.TimeoutError, aiohttp.ClientError):
+            return None
+        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("clowder_balancer_continuations_total{") and 'outcome="resumed"' in line))
 
     async def probe(self) -> bool:
         return not await self.probe_error()
@@ -584,7 +600,8 @@ def summarize(requests: list[Request], runs: list[FaultRun], t0: float) -> tuple
     groups = attribute(requests, runs)
     rows = []
     totals = {"requests": 0, "completed": 0, "broken_streams": 0, "failed_requests": 0,
-              "lost_on_killed_balancer": 0, "refused_while_balancer_down": 0}
+              "lost_on_killed_balancer": 0, "refused_while_balancer_down": 0,
+              "continued_streams": 0}
     for key, members in groups.items():
         run = runs[int(key.split(":")[0])] if key != "baseline" else None
         lost = refused = 0
@@ -624,6 +641,10 @@ def summarize(requests: list[Request], runs: list[FaultRun], t0: float) -> tuple
             if run.name == "balancer":
                 row["lost_on_killed_balancer"] = lost
                 row["refused_while_balancer_down"] = refused
+            if run.continued_before is not None and run.continued_after is not None:
+                # A restarted balancer counts from zero again.
+                before = run.continued_before if run.continued_after >= run.continued_before else 0
+                row["continued"] = run.continued_after - before
             row["waited_on"] = [list(step) for step in run.waited_on if step[1]]
         errors = sorted({r.error for r in broken + failed if r.error})
         if errors:
@@ -635,6 +656,7 @@ def summarize(requests: list[Request], runs: list[FaultRun], t0: float) -> tuple
         totals["failed_requests"] += row["failed"]
         totals["lost_on_killed_balancer"] += lost
         totals["refused_while_balancer_down"] += refused
+        totals["continued_streams"] += row.get("continued", 0)
     heals = [row["heal_s"] for row in rows if "heal_s" in row]
     totals["max_heal_s"] = None if (not heals or None in heals) else max(heals)
     totals["all_healed"] = all(row.get("healed", True) for row in rows)
@@ -654,6 +676,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             notes.append(f"heal from SIGSTOP {row['heal_from_inject_s']:.1f}s")
         if row.get("supervisor_restarts"):
             notes.append("restarted " + ", ".join(f"{k} x{v}" for k, v in row["supervisor_restarts"].items()))
+        if row.get("continued"):
+            notes.append(f"{row['continued']} stream(s) continued on another replica")
         if row["fault"] == "balancer":
             notes.append(f"lost in flight {row['lost_on_killed_balancer']}, "
                          f"refused while down {row['refused_while_balancer_down']} (allowed)")
@@ -704,6 +728,7 @@ async def run(up: UpProcess, args: argparse.Namespace, runs: list[FaultRun], on_
             runs.append(run)
             run.replicas_before = await chaos.replica_pids()
             run.restarts_before = supervisor_restarts(up.data_dir)
+            run.continued_before = await chaos.continued_streams()
             await chaos.inject(run, load)
             run.healed = await chaos.wait_healthy(run, args.heal_timeout_s)
             if run.healed is not None:
@@ -712,6 +737,7 @@ async def run(up: UpProcess, args: argparse.Namespace, runs: list[FaultRun], on_
             run.restarts_after = supervisor_restarts(up.data_dir)
             # The requests this fault caught finish before the next fault, so each is judged by one fault only.
             await load.drain(run.injected, DRAIN_TIMEOUT_S)
+            run.continued_after = await chaos.continued_streams()
             await asyncio.sleep(args.settle_s)
     finally:
         log(f"{chaos.elapsed()} stopping the load (requests in flight may finish)")
