@@ -214,13 +214,17 @@ class Reconciler:
     async def _watch_exits(self) -> None:
         """Wake a pass as soon as a started runtime has exited, instead of at the next resync: a dead
         replica's requests are already continuing elsewhere, but its replacement should start now."""
+        # Runtimes (replica key, pid) already reported: one that stays dead (its node within the lost-node
+        # grace, or backing off) must not wake a pass every second.
+        reported: set[tuple[str, str, int]] = set()
         while True:
             await asyncio.sleep(EXIT_POLL_S)
-            for replica in self._replicas.values():
-                if (replica.state in (STARTING, READY) and (replica.deployment, replica.id) not in self._busy
-                        and self._launcher.status(replica).state is RuntimeState.EXITED):
-                    self._wake.set()
-                    break
+            exited = {(r.deployment, r.id, r.pid) for r in self._replicas.values()
+                      if r.state in (STARTING, READY) and (r.deployment, r.id) not in self._busy
+                      and self._launcher.status(r).state is RuntimeState.EXITED}
+            if exited - reported:
+                self._wake.set()
+            reported = exited
 
     # -- one pass ----------------------------------------------------------------
 
