@@ -182,8 +182,8 @@ async def test_bad_aimage_settings_are_refused_naming_the_field(control, model_p
     assert (good.configuration.slots, good.configuration.threads) == (4, 2)
 
 
-async def test_a_deployment_with_8_slots_serves_8_streams_at_once(etcd, etcd_prefix, state, tmp_path, model_path):
-    """The aimage says 2 slots; the deployment's 8 win, reach the real runtime, and 8 streams run together."""
+async def start_node_and_controller(etcd, etcd_prefix, tmp_path):
+    """A storage node n1 and a controller on this etcd prefix, both started (stop them: controller, then node)."""
     node_config = StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "n1"), node_name="n1",
                                 etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, lease_ttl_s=2)
     node = await create_storage(node_config, TOKEN)
@@ -193,6 +193,12 @@ async def test_a_deployment_with_8_slots_serves_8_streams_at_once(etcd, etcd_pre
                               runtime_stop_grace_s=3)
     controller = await create_controller(config, TOKEN)
     await controller.start()
+    return node, controller
+
+
+async def test_a_deployment_with_8_slots_serves_8_streams_at_once(etcd, etcd_prefix, state, tmp_path, model_path):
+    """The aimage says 2 slots; the deployment's 8 win, reach the real runtime, and 8 streams run together."""
+    node, controller = await start_node_and_controller(etcd, etcd_prefix, tmp_path)
     calls = []
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{controller.port}") as channel:
@@ -251,16 +257,8 @@ def test_unset_threads_make_the_runtime_follow_its_node():
 async def test_a_replica_started_alone_gives_cores_back_when_a_second_joins(etcd, etcd_prefix, state, tmp_path,
                                                                           model_path):
     """bench-chaos (issue 11): the first replica kept every core after a scale-up, 3 threads on 2 cores."""
-    node_config = StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "n1"), node_name="n1",
-                                etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, lease_ttl_s=2)
-    node = await create_storage(node_config, TOKEN)
-    await node.start()
     # No runtime_threads: nothing fixes the threads.
-    config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"),
-                              etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, resync_interval_s=0.5,
-                              runtime_stop_grace_s=3)
-    controller = await create_controller(config, TOKEN)
-    await controller.start()
+    node, controller = await start_node_and_controller(etcd, etcd_prefix, tmp_path)
     logs = tmp_path / "controller" / "logs"
     try:
         cpus = (await state.get(state.key(keys.node("n1")), resources_pb2.Node)).value.cpus
