@@ -11,6 +11,7 @@ import re
 import secrets
 
 import grpc
+import pytest
 from aiohttp import web
 
 from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
@@ -135,6 +136,15 @@ class RangedSource:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+@pytest.fixture
+async def source():
+    """A started RangedSource (a fixture: import it by name into the test module that uses it)."""
+    src = RangedSource()
+    await src.start()
+    yield src
+    await src.stop()
 
 
 @contextlib.asynccontextmanager
