@@ -109,11 +109,16 @@ def stored_digest(tmp_path, digest: str) -> str:
     return digest_of(path.read_bytes())
 
 
-async def test_sigkilled_pull_resumes_from_the_kept_prefix_in_a_new_process(tmp_path, etcd, etcd_prefix, source):
+def offer_big(source: RangedSource, pace_s: float = PACE_S) -> str:
+    """SIZE random bytes served by `source` as "big", paced; their digest."""
     data = os.urandom(SIZE)
-    digest = digest_of(data)
     source.blobs["big"] = data
-    source.pace_s["big"] = PACE_S
+    source.pace_s["big"] = pace_s
+    return digest_of(data)
+
+
+async def test_sigkilled_pull_resumes_from_the_kept_prefix_in_a_new_process(tmp_path, etcd, etcd_prefix, source):
+    digest = offer_big(source)
 
     kept = await pull_and_kill(tmp_path, etcd, etcd_prefix, source, "big", digest)
     served_first = source.served["big"]
@@ -141,11 +146,8 @@ async def test_sigkilled_parallel_pull_resumes_from_its_contiguous_prefix(tmp_pa
     config.write_text(f"parallel_min_bytes: {8 * MIB}\nparallel_parts: 4\nparallel_part_min_bytes: {MIB}\n"
                       f"parallel_part_max_bytes: {4 * MIB}\n")
     extra = ("--config", str(config))
-    data = os.urandom(SIZE)
-    digest = digest_of(data)
-    source.blobs["big"] = data
     # Four connections at once: slower each, so the whole still takes over a second.
-    source.pace_s["big"] = PACE_S * 4
+    digest = offer_big(source, pace_s=PACE_S * 4)
 
     kept = await pull_and_kill(tmp_path, etcd, etcd_prefix, source, "big", digest, extra)
     first_log = "".join(p.read_text() for p in tmp_path.glob("storage-*.log"))
@@ -165,10 +167,7 @@ async def test_sigkilled_parallel_pull_resumes_from_its_contiguous_prefix(tmp_pa
 
 
 async def test_altered_kept_prefix_is_caught_and_the_pull_starts_over(tmp_path, etcd, etcd_prefix, source):
-    data = os.urandom(SIZE)
-    digest = digest_of(data)
-    source.blobs["big"] = data
-    source.pace_s["big"] = PACE_S
+    digest = offer_big(source)
 
     kept = await pull_and_kill(tmp_path, etcd, etcd_prefix, source, "big", digest)
     # Flip bytes inside the prefix the sidecar vouches for: only the whole digest can tell.
