@@ -8,8 +8,12 @@ import subprocess
 import sys
 import time
 
+import grpc
+import pytest
+
 from clowder.controller.v1 import resources_pb2
 from clowder_common.auth import TOKEN_ENV
+from clowder_common.errors import from_rpc_error
 from clowder_common.etcd import EtcdState
 from clowder_common.processes import free_port, spawn
 
@@ -23,6 +27,13 @@ async def wait_for(predicate, timeout, what):
             return value
         await asyncio.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def error_of(call):
+    """The ClowderError a gRPC call fails with (the test fails if it succeeds)."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    return from_rpc_error(err.value)
 
 
 def start_controller_process(endpoints: str, prefix: str, tmp_path: pathlib.Path, name: str, token: str,

@@ -9,9 +9,10 @@ from google.protobuf import field_mask_pb2
 from clowder.controller.v1 import controller_pb2, controller_pb2_grpc, resources_pb2
 from clowder_common import keys
 from clowder_common.auth import bearer_metadata
-from clowder_common.errors import from_rpc_error
 from clowder_controller.app import create_controller
 from clowder_controller.config import ControllerConfig
+
+from controller_helpers import error_of
 
 TOKEN = "fields-test-token"
 AUTH = bearer_metadata(TOKEN)
@@ -28,12 +29,6 @@ async def deployments(etcd, etcd_prefix, state, tmp_path):
     yield controller_pb2_grpc.DeploymentServiceStub(channel)
     await channel.close()
     await app.stop()
-
-
-async def error_of(call):
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call
-    return from_rpc_error(err.value)
 
 
 @pytest.mark.parametrize("fields, bad", [

@@ -13,7 +13,6 @@ from clowder.controller.v1 import controller_pb2, controller_pb2_grpc, resources
 from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 from clowder_common import keys
 from clowder_common.auth import bearer_metadata
-from clowder_common.errors import from_rpc_error
 from clowder_common.runtime_settings import DEFAULT_SLOTS, RuntimeSettings, resolve, with_defaults
 from clowder_controller.app import create_controller
 from clowder_controller.config import ControllerConfig
@@ -23,7 +22,7 @@ from clowder_controller.reconciler import template_hash
 from clowder_storage.app import create_storage
 from clowder_storage.config import StorageConfig
 
-from controller_helpers import wait_for
+from controller_helpers import error_of, wait_for
 
 TOKEN = "runtime-settings-test-token"
 AUTH = bearer_metadata(TOKEN)
@@ -92,12 +91,6 @@ async def control(etcd, etcd_prefix, state, tmp_path):
     yield (controller_pb2_grpc.DeploymentServiceStub(channel), controller_pb2_grpc.ImageServiceStub(channel))
     await channel.close()
     await app.stop()
-
-
-async def error_of(call):
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call
-    return from_rpc_error(err.value)
 
 
 @pytest.mark.parametrize("fields, field, says", [
