@@ -194,6 +194,17 @@ def ppid(pid: int) -> int:
     return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def kill_and_await_restart(cluster: UpCluster, name: str, old: dict, timeout: float = 60) -> tuple[float, dict]:
+    """SIGKILL component `name` (as `old` shows it); once running again, its first restart as a new process:
+    the time of the kill and the component's new state."""
+    os.kill(old["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    restarted = cluster.wait_component(name, lambda c: c["state"] == "running" and c["restarts"] == 1,
+                                       timeout=timeout)
+    assert restarted["restarts"] == 1 and restarted["pid"] != old["pid"]
+    return killed, restarted
+
+
 def test_status_shows_every_component_running(cluster):
     shown = cluster.cli("status", "--json")
     assert shown.returncode == 0, shown.stdout + shown.stderr
@@ -211,11 +222,7 @@ def test_controller_killed_is_restarted_and_the_runtime_keeps_serving(cluster, c
     assert ppid(before.pid) == controller["pid"]
     with Traffic(client) as traffic:
         traffic.wait_served(2, 0, timeout=60)
-        os.kill(controller["pid"], signal.SIGKILL)
-        killed = time.monotonic()
-        restarted = cluster.wait_component("controller", lambda c: c["state"] == "running" and c["restarts"] == 1,
-                                      timeout=60)
-        assert restarted["restarts"] == 1 and restarted["pid"] != controller["pid"]
+        killed, restarted = kill_and_await_restart(cluster, "controller", controller)
         assert restarted["last_exit_code"] == -signal.SIGKILL
         # The new controller leads once the old lease expires, sees the runtime running and keeps it.
         cluster.wait_log("controller.log", f"adopted runtime smol/{before.id} (pid {before.pid})", timeout=90)
@@ -317,11 +324,7 @@ def test_etcd_killed_is_restarted_with_its_data_and_serving_goes_on(cluster, cli
     etcd = cluster.component("etcd")
     with Traffic(client) as traffic:
         traffic.wait_served(2, 0, timeout=60)
-        os.kill(etcd["pid"], signal.SIGKILL)
-        killed = time.monotonic()
-        restarted = cluster.wait_component("etcd", lambda c: c["state"] == "running" and c["restarts"] == 1,
-                                      timeout=60)
-        assert restarted["restarts"] == 1 and restarted["pid"] != etcd["pid"]
+        killed, restarted = kill_and_await_restart(cluster, "etcd", etcd)
         traffic.wait_served(3, killed, timeout=60)
         time.sleep(5)  # everything re-registers and the reconciler has a look
         traffic.wait_served(2, time.monotonic(), timeout=60)
