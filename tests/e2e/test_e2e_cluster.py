@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import subprocess
-import sys
 import threading
 import time
 
@@ -14,69 +13,18 @@ import openai
 import pytest
 
 from clowder.controller.v1 import resources_pb2
-from clowder.client import Client
-from clowder_cli.control import open_control_plane
 from clowder_common.auth import read_admin_token
 from clowder_common.processes import free_port, pid_alive
 
+from cluster_helpers import up_cluster
+
 pytestmark = pytest.mark.e2e
-
-CLOWDER = [sys.executable, "-m", "clowder_cli.main"]
-
-
-class Cluster:
-    def __init__(self, data_dir: pathlib.Path, http_port: int) -> None:
-        self.data_dir = data_dir
-        self.http_port = http_port
-        self.output: list[str] = []
-        env = dict(os.environ)
-        env.pop("CLOWDER_ADMIN_TOKEN", None)  # exercise the generated, stored token
-        self.env = env
-        self.proc = subprocess.Popen(
-            [*CLOWDER, "--data-dir", str(data_dir), "up", "--demo", "--http-port", str(http_port),
-             "--internal-ports", "auto"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line.rstrip("\n"))
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(text in line for line in self.output):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"{text!r} not printed; output so far:\n" + "\n".join(self.output))
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*CLOWDER, "--data-dir", str(self.data_dir), *args], capture_output=True, text=True,
-                              timeout=60, env={**self.env, "COLUMNS": "200"})
-
-    def control(self) -> Client:
-        import json
-
-        info = json.loads((self.data_dir / "cluster.json").read_text())
-        return open_control_plane(info["controller"], read_admin_token(self.data_dir))
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("clowder")
-    cluster = Cluster(data_dir, free_port())
-    try:
-        cluster.wait_for("cluster up", timeout=300)
+    with up_cluster(tmp_path_factory.mktemp("clowder"), wide_console=False) as cluster:
         yield cluster
-    finally:
-        if cluster.proc.poll() is None:
-            cluster.proc.terminate()
-            cluster.proc.wait(60)
 
 
 @pytest.fixture(scope="module")

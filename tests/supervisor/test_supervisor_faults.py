@@ -14,7 +14,6 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -24,11 +23,8 @@ import pytest
 from rich.console import Console
 
 from clowder.controller.v1 import resources_pb2
-from clowder.client import Client
 from clowder.storage.v1 import storage_pb2
-from clowder_cli.control import open_control_plane
 from clowder_cli.up import pull_with_retry
-from clowder_common.auth import read_admin_token
 from clowder_common.errors import ClowderError
 from clowder_common.processes import SUPERVISOR_ENV, free_port, pid_alive
 
@@ -36,76 +32,11 @@ from clowder_common.processes import SUPERVISOR_ENV, free_port, pid_alive
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "storage"))
 from storage_helpers import RangedSource  # noqa: E402
 
+from cluster_helpers import UpCluster, up_cluster  # noqa: E402
+
 pytestmark = pytest.mark.e2e
 
-CLOWDER = [sys.executable, "-m", "clowder_cli.main"]
 READY = resources_pb2.REPLICA_STATE_READY
-
-
-class UpCluster:
-    """`clowder up --demo` as a user runs it, its console captured."""
-
-    def __init__(self, data_dir: pathlib.Path, http_port: int, demo: bool = True) -> None:
-        self.data_dir = data_dir
-        self.http_port = http_port
-        self.output: list[str] = []
-        self.env = {**os.environ, "COLUMNS": "200"}
-        self.env.pop("CLOWDER_ADMIN_TOKEN", None)
-        self.proc = subprocess.Popen(
-            [*CLOWDER, "--data-dir", str(data_dir), "up", *(["--demo"] if demo else []), "--http-port",
-             str(http_port), "--internal-ports", "auto"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=self.env)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line.rstrip("\n"))
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.output)
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if text in self.text:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"{text!r} not printed; output so far:\n{self.text}")
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*CLOWDER, "--data-dir", str(self.data_dir), *args], capture_output=True, text=True,
-                              timeout=90, env=self.env)
-
-    def control(self) -> Client:
-        info = json.loads((self.data_dir / "cluster.json").read_text())
-        return open_control_plane(info["controller"], read_admin_token(self.data_dir))
-
-    def state(self) -> dict:
-        return json.loads((self.data_dir / "supervisor.json").read_text())
-
-    def component(self, name: str) -> dict:
-        return self.state()["components"][name]
-
-    def wait_component(self, name: str, check, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        got = None
-        while time.monotonic() < deadline:
-            got = self.component(name)
-            if check(got):
-                return got
-            time.sleep(0.1)
-        raise AssertionError(f"{name} is {got}; output:\n{self.text}")
-
-    def wait_log(self, log: str, text: str, timeout: float) -> None:
-        path = self.data_dir / "logs" / log
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in path.read_text(errors="replace"):
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"{text!r} not in {path}")
 
 
 def smol_replica(cluster: UpCluster, timeout: float = 60) -> resources_pb2.Replica:
@@ -174,14 +105,8 @@ class Traffic:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = UpCluster(tmp_path_factory.mktemp("clowder"), free_port())
-    try:
-        cluster.wait_for("cluster up", timeout=300)
+    with up_cluster(tmp_path_factory.mktemp("clowder")) as cluster:
         yield cluster
-    finally:
-        if cluster.proc.poll() is None:
-            cluster.proc.terminate()
-            cluster.proc.wait(120)
 
 
 @pytest.fixture(scope="module")
