@@ -17,7 +17,7 @@ from clowder_common.errors import InvalidArgument
 from clowder_storage.images import MEDIA_ADAPTER, MEDIA_MODEL, TITLE, ImageStore, ImageView, LayerSpec
 from clowder_storage.puller import Progress, Pulled, Puller
 from clowder_storage.sources import NO_CREDENTIAL, Credential, resolve_secret_ref
-from clowder_storage.space import Space
+from clowder_storage.space import Space, validate_holder
 from clowder_storage.store import BlobInfo, BlobStore, parse_digest
 
 if TYPE_CHECKING:
@@ -140,6 +140,34 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                 yield storage_pb2.ReadBlobResponse(data=data, size_bytes=size)
         finally:
             await self._store.run(os.close, fd)
+
+    async def PutBlob(self, request_iterator: AsyncIterator[storage_pb2.PutBlobRequest],
+                      context: grpc.aio.ServicerContext) -> storage_pb2.PutBlobResponse:
+        temp = None
+        expected = holder = ""
+        try:
+            async for message in request_iterator:
+                if temp is None:
+                    # The first message says what the content must be and who keeps it.
+                    if message.expected_digest:
+                        parse_digest(message.expected_digest, "expected_digest")
+                        expected = message.expected_digest
+                    holder = validate_holder(message.holder) if message.holder else ""
+                    temp = await self._store.new_temp(message.max_bytes)
+                if message.data:
+                    await self._store.write(temp, message.data)
+            if temp is None:
+                temp = await self._store.new_temp()
+        except BaseException:
+            if temp is not None:
+                await self._store.discard(temp)
+            raise
+        info = await self._store.commit(temp, expected or None)
+        if holder:
+            _, space = self._need_images()
+            await space.pin(holder, [info.digest], 0)
+        self._changed()
+        return storage_pb2.PutBlobResponse(blob=blob_message(info))
 
     def _need_images(self) -> tuple[ImageStore, Space]:
         assert self._images is not None and self._space is not None, "images are wired by create_storage"

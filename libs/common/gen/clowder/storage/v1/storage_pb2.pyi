@@ -133,6 +133,24 @@ class ReadBlobResponse(_message.Message):
     size_bytes: int
     def __init__(self, data: _Optional[bytes] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
+class PutBlobRequest(_message.Message):
+    __slots__ = ("data", "expected_digest", "holder", "max_bytes")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    expected_digest: str
+    holder: str
+    max_bytes: int
+    def __init__(self, data: _Optional[bytes] = ..., expected_digest: _Optional[str] = ..., holder: _Optional[str] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class PutBlobResponse(_message.Message):
+    __slots__ = ("blob",)
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    blob: Blob
+    def __init__(self, blob: _Optional[_Union[Blob, _Mapping]] = ...) -> None: ...
+
 class LayerSource(_message.Message):
     __slots__ = ("kind", "source_url", "expected_digest", "credentials")
     KIND_FIELD_NUMBER: _ClassVar[int]

@@ -66,6 +66,11 @@ class StorageServiceStub:
                 request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ReadBlobRequest.SerializeToString,
                 response_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ReadBlobResponse.FromString,
                 _registered_method=True)
+        self.PutBlob = channel.stream_unary(
+                '/clowder.storage.v1.StorageService/PutBlob',
+                request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PutBlobRequest.SerializeToString,
+                response_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PutBlobResponse.FromString,
+                _registered_method=True)
         self.PullImage = channel.unary_stream(
                 '/clowder.storage.v1.StorageService/PullImage',
                 request_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PullImageRequest.SerializeToString,
@@ -168,6 +173,17 @@ class StorageServiceServicer:
         can pull it (peer://ADDRESS/sha256:<hex>) and resume after a break.
         NOT_FOUND if absent; OUT_OF_RANGE is never used: an offset at or past the
         end yields no data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutBlob(self, request_iterator, context):
+        """Stores bytes a client streams (batch files from the balancer), verified
+        like a pull; the blob is pinned for `holder` when one is given (on the
+        first message), so GC and eviction keep it until UnpinBlobs. Stored once
+        per digest. INVALID_ARGUMENT (bad digest or holder), DATA_LOSS
+        (expected_digest does not match), RESOURCE_EXHAUSTED (over max_bytes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -279,6 +295,11 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     servicer.ReadBlob,
                     request_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ReadBlobRequest.FromString,
                     response_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.ReadBlobResponse.SerializeToString,
+            ),
+            'PutBlob': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutBlob,
+                    request_deserializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PutBlobRequest.FromString,
+                    response_serializer=clowder_dot_storage_dot_v1_dot_storage__pb2.PutBlobResponse.SerializeToString,
             ),
             'PullImage': grpc.unary_stream_rpc_method_handler(
                     servicer.PullImage,
@@ -495,6 +516,33 @@ class StorageService:
             '/clowder.storage.v1.StorageService/ReadBlob',
             clowder_dot_storage_dot_v1_dot_storage__pb2.ReadBlobRequest.SerializeToString,
             clowder_dot_storage_dot_v1_dot_storage__pb2.ReadBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutBlob(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/clowder.storage.v1.StorageService/PutBlob',
+            clowder_dot_storage_dot_v1_dot_storage__pb2.PutBlobRequest.SerializeToString,
+            clowder_dot_storage_dot_v1_dot_storage__pb2.PutBlobResponse.FromString,
             options,
             channel_credentials,
             insecure,
