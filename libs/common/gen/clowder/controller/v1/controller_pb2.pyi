@@ -175,3 +175,83 @@ class GetNodeResponse(_message.Message):
     NODE_FIELD_NUMBER: _ClassVar[int]
     node: _resources_pb2.Node
     def __init__(self, node: _Optional[_Union[_resources_pb2.Node, _Mapping]] = ...) -> None: ...
+
+class ApplyServiceRequest(_message.Message):
+    __slots__ = ("template", "rollout", "weight", "spec")
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    template: _resources_pb2.Deployment
+    rollout: _resources_pb2.RolloutPolicy
+    weight: int
+    spec: str
+    def __init__(self, template: _Optional[_Union[_resources_pb2.Deployment, _Mapping]] = ..., rollout: _Optional[_Union[_resources_pb2.RolloutPolicy, _Mapping]] = ..., weight: _Optional[int] = ..., spec: _Optional[str] = ...) -> None: ...
+
+class ApplyServiceResponse(_message.Message):
+    __slots__ = ("service", "changed", "revision")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    service: _resources_pb2.Service
+    changed: bool
+    revision: int
+    def __init__(self, service: _Optional[_Union[_resources_pb2.Service, _Mapping]] = ..., changed: _Optional[bool] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class GetServiceRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetServiceResponse(_message.Message):
+    __slots__ = ("service",)
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    service: _resources_pb2.Service
+    def __init__(self, service: _Optional[_Union[_resources_pb2.Service, _Mapping]] = ...) -> None: ...
+
+class ListServicesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListServicesResponse(_message.Message):
+    __slots__ = ("services",)
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    services: _containers.RepeatedCompositeFieldContainer[_resources_pb2.Service]
+    def __init__(self, services: _Optional[_Iterable[_Union[_resources_pb2.Service, _Mapping]]] = ...) -> None: ...
+
+class PromoteServiceRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class PromoteServiceResponse(_message.Message):
+    __slots__ = ("service",)
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    service: _resources_pb2.Service
+    def __init__(self, service: _Optional[_Union[_resources_pb2.Service, _Mapping]] = ...) -> None: ...
+
+class RollbackServiceRequest(_message.Message):
+    __slots__ = ("name", "revision")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    revision: int
+    def __init__(self, name: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class RollbackServiceResponse(_message.Message):
+    __slots__ = ("service",)
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    service: _resources_pb2.Service
+    def __init__(self, service: _Optional[_Union[_resources_pb2.Service, _Mapping]] = ...) -> None: ...
+
+class DeleteServiceRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteServiceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

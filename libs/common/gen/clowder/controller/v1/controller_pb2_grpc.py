@@ -691,3 +691,305 @@ class NodeService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ServingServiceStub:
+    """Services: revisions of one model name, traffic splits and rollouts. Admin token required.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ApplyService = channel.unary_unary(
+                '/clowder.controller.v1.ServingService/ApplyService',
+                request_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.ApplyServiceRequest.SerializeToString,
+                response_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.ApplyServiceResponse.FromString,
+                _registered_method=True)
+        self.GetService = channel.unary_unary(
+                '/clowder.controller.v1.ServingService/GetService',
+                request_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.GetServiceRequest.SerializeToString,
+                response_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.GetServiceResponse.FromString,
+                _registered_method=True)
+        self.ListServices = channel.unary_unary(
+                '/clowder.controller.v1.ServingService/ListServices',
+                request_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.ListServicesRequest.SerializeToString,
+                response_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.ListServicesResponse.FromString,
+                _registered_method=True)
+        self.PromoteService = channel.unary_unary(
+                '/clowder.controller.v1.ServingService/PromoteService',
+                request_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.PromoteServiceRequest.SerializeToString,
+                response_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.PromoteServiceResponse.FromString,
+                _registered_method=True)
+        self.RollbackService = channel.unary_unary(
+                '/clowder.controller.v1.ServingService/RollbackService',
+                request_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.RollbackServiceRequest.SerializeToString,
+                response_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.RollbackServiceResponse.FromString,
+                _registered_method=True)
+        self.DeleteService = channel.unary_unary(
+                '/clowder.controller.v1.ServingService/DeleteService',
+                request_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.DeleteServiceRequest.SerializeToString,
+                response_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.DeleteServiceResponse.FromString,
+                _registered_method=True)
+
+
+class ServingServiceServicer:
+    """Services: revisions of one model name, traffic splits and rollouts. Admin token required.
+    """
+
+    def ApplyService(self, request, context):
+        """Applies a service spec: creates the service (revision 1), or makes a new revision when the template
+        differs from the stable one and starts moving traffic to it (rolling, canary, or a fixed split with
+        `weight`). An unchanged template changes nothing. INVALID_ARGUMENT for a bad template, policy or weight;
+        NOT_FOUND for an unknown image; FAILED_PRECONDITION while another rollout is in progress, or for a weight
+        with nothing new to split; ABORTED if the service changed concurrently.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetService(self, request, context):
+        """The service with its revisions, traffic, rollout state and per-revision figures. NOT_FOUND if absent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListServices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteService(self, request, context):
+        """All traffic to the candidate revision; the old one's replicas are removed. FAILED_PRECONDITION when no
+        second revision takes traffic (a service with one revision).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackService(self, request, context):
+        """All traffic back to the stable revision and the candidate's replicas removed; with `revision`, the
+        service rolls back to that older revision. NOT_FOUND for an unknown revision; FAILED_PRECONDITION for a
+        service with one revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteService(self, request, context):
+        """Removes the service and the deployments of its revisions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ServingServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ApplyService': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyService,
+                    request_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.ApplyServiceRequest.FromString,
+                    response_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.ApplyServiceResponse.SerializeToString,
+            ),
+            'GetService': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetService,
+                    request_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.GetServiceRequest.FromString,
+                    response_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.GetServiceResponse.SerializeToString,
+            ),
+            'ListServices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServices,
+                    request_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.ListServicesRequest.FromString,
+                    response_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.ListServicesResponse.SerializeToString,
+            ),
+            'PromoteService': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteService,
+                    request_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.PromoteServiceRequest.FromString,
+                    response_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.PromoteServiceResponse.SerializeToString,
+            ),
+            'RollbackService': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackService,
+                    request_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.RollbackServiceRequest.FromString,
+                    response_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.RollbackServiceResponse.SerializeToString,
+            ),
+            'DeleteService': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteService,
+                    request_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.DeleteServiceRequest.FromString,
+                    response_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.DeleteServiceResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'clowder.controller.v1.ServingService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('clowder.controller.v1.ServingService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ServingService:
+    """Services: revisions of one model name, traffic splits and rollouts. Admin token required.
+    """
+
+    @staticmethod
+    def ApplyService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.controller.v1.ServingService/ApplyService',
+            clowder_dot_controller_dot_v1_dot_controller__pb2.ApplyServiceRequest.SerializeToString,
+            clowder_dot_controller_dot_v1_dot_controller__pb2.ApplyServiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.controller.v1.ServingService/GetService',
+            clowder_dot_controller_dot_v1_dot_controller__pb2.GetServiceRequest.SerializeToString,
+            clowder_dot_controller_dot_v1_dot_controller__pb2.GetServiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.controller.v1.ServingService/ListServices',
+            clowder_dot_controller_dot_v1_dot_controller__pb2.ListServicesRequest.SerializeToString,
+            clowder_dot_controller_dot_v1_dot_controller__pb2.ListServicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.controller.v1.ServingService/PromoteService',
+            clowder_dot_controller_dot_v1_dot_controller__pb2.PromoteServiceRequest.SerializeToString,
+            clowder_dot_controller_dot_v1_dot_controller__pb2.PromoteServiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.controller.v1.ServingService/RollbackService',
+            clowder_dot_controller_dot_v1_dot_controller__pb2.RollbackServiceRequest.SerializeToString,
+            clowder_dot_controller_dot_v1_dot_controller__pb2.RollbackServiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.controller.v1.ServingService/DeleteService',
+            clowder_dot_controller_dot_v1_dot_controller__pb2.DeleteServiceRequest.SerializeToString,
+            clowder_dot_controller_dot_v1_dot_controller__pb2.DeleteServiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -19,12 +19,34 @@ class ReplicaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REPLICA_STATE_STARTING: _ClassVar[ReplicaState]
     REPLICA_STATE_READY: _ClassVar[ReplicaState]
     REPLICA_STATE_FAILED: _ClassVar[ReplicaState]
+
+class RolloutStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLLOUT_STRATEGY_UNSPECIFIED: _ClassVar[RolloutStrategy]
+    ROLLOUT_STRATEGY_ROLLING: _ClassVar[RolloutStrategy]
+    ROLLOUT_STRATEGY_CANARY: _ClassVar[RolloutStrategy]
+
+class RolloutState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLLOUT_STATE_UNSPECIFIED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_STABLE: _ClassVar[RolloutState]
+    ROLLOUT_STATE_PROGRESSING: _ClassVar[RolloutState]
+    ROLLOUT_STATE_FIXED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_ROLLED_BACK: _ClassVar[RolloutState]
 REPLICA_STATE_UNSPECIFIED: ReplicaState
 REPLICA_STATE_PENDING: ReplicaState
 REPLICA_STATE_PULLING: ReplicaState
 REPLICA_STATE_STARTING: ReplicaState
 REPLICA_STATE_READY: ReplicaState
 REPLICA_STATE_FAILED: ReplicaState
+ROLLOUT_STRATEGY_UNSPECIFIED: RolloutStrategy
+ROLLOUT_STRATEGY_ROLLING: RolloutStrategy
+ROLLOUT_STRATEGY_CANARY: RolloutStrategy
+ROLLOUT_STATE_UNSPECIFIED: RolloutState
+ROLLOUT_STATE_STABLE: RolloutState
+ROLLOUT_STATE_PROGRESSING: RolloutState
+ROLLOUT_STATE_FIXED: RolloutState
+ROLLOUT_STATE_ROLLED_BACK: RolloutState
 
 class MiddlewareSpec(_message.Message):
     __slots__ = ("name", "options")
@@ -231,3 +253,131 @@ class ControllerLeader(_message.Message):
     address: str
     acquire_time: _timestamp_pb2.Timestamp
     def __init__(self, identity: _Optional[str] = ..., address: _Optional[str] = ..., acquire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RolloutPolicy(_message.Message):
+    __slots__ = ("strategy", "steps", "interval_s", "max_error_rate", "max_ttft_ratio")
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TTFT_RATIO_FIELD_NUMBER: _ClassVar[int]
+    strategy: RolloutStrategy
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    interval_s: float
+    max_error_rate: float
+    max_ttft_ratio: float
+    def __init__(self, strategy: _Optional[_Union[RolloutStrategy, str]] = ..., steps: _Optional[_Iterable[int]] = ..., interval_s: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., max_ttft_ratio: _Optional[float] = ...) -> None: ...
+
+class Revision(_message.Message):
+    __slots__ = ("number", "deployment", "template", "create_time", "spec", "change")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    number: int
+    deployment: str
+    template: Deployment
+    create_time: _timestamp_pb2.Timestamp
+    spec: str
+    change: str
+    def __init__(self, number: _Optional[int] = ..., deployment: _Optional[str] = ..., template: _Optional[_Union[Deployment, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spec: _Optional[str] = ..., change: _Optional[str] = ...) -> None: ...
+
+class TrafficTarget(_message.Message):
+    __slots__ = ("revision", "percent")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    percent: int
+    def __init__(self, revision: _Optional[int] = ..., percent: _Optional[int] = ...) -> None: ...
+
+class RevisionCounters(_message.Message):
+    __slots__ = ("service", "revision", "requests", "errors", "ttft_buckets", "ttft_bounds", "ttft_count")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    revision: int
+    requests: int
+    errors: int
+    ttft_buckets: _containers.RepeatedScalarFieldContainer[int]
+    ttft_bounds: _containers.RepeatedScalarFieldContainer[float]
+    ttft_count: int
+    def __init__(self, service: _Optional[str] = ..., revision: _Optional[int] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., ttft_buckets: _Optional[_Iterable[int]] = ..., ttft_bounds: _Optional[_Iterable[float]] = ..., ttft_count: _Optional[int] = ...) -> None: ...
+
+class RolloutStatus(_message.Message):
+    __slots__ = ("state", "stable_revision", "candidate_revision", "step", "step_start_time", "start_time", "message", "policy", "baseline", "baseline_time")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STABLE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEP_START_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_TIME_FIELD_NUMBER: _ClassVar[int]
+    state: RolloutState
+    stable_revision: int
+    candidate_revision: int
+    step: int
+    step_start_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    message: str
+    policy: RolloutPolicy
+    baseline: _containers.RepeatedCompositeFieldContainer[RevisionCounters]
+    baseline_time: _timestamp_pb2.Timestamp
+    def __init__(self, state: _Optional[_Union[RolloutState, str]] = ..., stable_revision: _Optional[int] = ..., candidate_revision: _Optional[int] = ..., step: _Optional[int] = ..., step_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ..., policy: _Optional[_Union[RolloutPolicy, _Mapping]] = ..., baseline: _Optional[_Iterable[_Union[RevisionCounters, _Mapping]]] = ..., baseline_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RevisionMetrics(_message.Message):
+    __slots__ = ("revision", "requests", "errors", "request_rate", "error_rate", "p95_ttft_s", "window_s")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_RATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    P95_TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    requests: int
+    errors: int
+    request_rate: float
+    error_rate: float
+    p95_ttft_s: float
+    window_s: float
+    def __init__(self, revision: _Optional[int] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., request_rate: _Optional[float] = ..., error_rate: _Optional[float] = ..., p95_ttft_s: _Optional[float] = ..., window_s: _Optional[float] = ...) -> None: ...
+
+class Service(_message.Message):
+    __slots__ = ("name", "revisions", "traffic", "rollout", "create_time", "update_time", "events", "metrics")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    revisions: _containers.RepeatedCompositeFieldContainer[Revision]
+    traffic: _containers.RepeatedCompositeFieldContainer[TrafficTarget]
+    rollout: RolloutStatus
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    events: _containers.RepeatedCompositeFieldContainer[DeploymentEvent]
+    metrics: _containers.RepeatedCompositeFieldContainer[RevisionMetrics]
+    def __init__(self, name: _Optional[str] = ..., revisions: _Optional[_Iterable[_Union[Revision, _Mapping]]] = ..., traffic: _Optional[_Iterable[_Union[TrafficTarget, _Mapping]]] = ..., rollout: _Optional[_Union[RolloutStatus, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events: _Optional[_Iterable[_Union[DeploymentEvent, _Mapping]]] = ..., metrics: _Optional[_Iterable[_Union[RevisionMetrics, _Mapping]]] = ...) -> None: ...
+
+class RevisionTrafficReport(_message.Message):
+    __slots__ = ("balancer", "revisions", "report_time")
+    BALANCER_FIELD_NUMBER: _ClassVar[int]
+    REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_TIME_FIELD_NUMBER: _ClassVar[int]
+    balancer: str
+    revisions: _containers.RepeatedCompositeFieldContainer[RevisionCounters]
+    report_time: _timestamp_pb2.Timestamp
+    def __init__(self, balancer: _Optional[str] = ..., revisions: _Optional[_Iterable[_Union[RevisionCounters, _Mapping]]] = ..., report_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
