@@ -255,3 +255,17 @@ class DeleteServiceRequest(_message.Message):
 class DeleteServiceResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SetServiceTrafficRequest(_message.Message):
+    __slots__ = ("name", "traffic")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    traffic: _containers.RepeatedCompositeFieldContainer[_resources_pb2.TrafficTarget]
+    def __init__(self, name: _Optional[str] = ..., traffic: _Optional[_Iterable[_Union[_resources_pb2.TrafficTarget, _Mapping]]] = ...) -> None: ...
+
+class SetServiceTrafficResponse(_message.Message):
+    __slots__ = ("service",)
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    service: _resources_pb2.Service
+    def __init__(self, service: _Optional[_Union[_resources_pb2.Service, _Mapping]] = ...) -> None: ...

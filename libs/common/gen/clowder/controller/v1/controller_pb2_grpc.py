@@ -728,6 +728,11 @@ class ServingServiceStub:
                 request_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.RollbackServiceRequest.SerializeToString,
                 response_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.RollbackServiceResponse.FromString,
                 _registered_method=True)
+        self.SetServiceTraffic = channel.unary_unary(
+                '/clowder.controller.v1.ServingService/SetServiceTraffic',
+                request_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.SetServiceTrafficRequest.SerializeToString,
+                response_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.SetServiceTrafficResponse.FromString,
+                _registered_method=True)
         self.DeleteService = channel.unary_unary(
                 '/clowder.controller.v1.ServingService/DeleteService',
                 request_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.DeleteServiceRequest.SerializeToString,
@@ -780,6 +785,14 @@ class ServingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetServiceTraffic(self, request, context):
+        """Sets the split by hand (it then stays: FIXED). Every revision named must be live (stable or candidate)
+        and the percents must add up to 100. INVALID_ARGUMENT otherwise; NOT_FOUND for an unknown revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteService(self, request, context):
         """Removes the service and the deployments of its revisions.
         """
@@ -814,6 +827,11 @@ def add_ServingServiceServicer_to_server(servicer, server):
                     servicer.RollbackService,
                     request_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.RollbackServiceRequest.FromString,
                     response_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.RollbackServiceResponse.SerializeToString,
+            ),
+            'SetServiceTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetServiceTraffic,
+                    request_deserializer=clowder_dot_controller_dot_v1_dot_controller__pb2.SetServiceTrafficRequest.FromString,
+                    response_serializer=clowder_dot_controller_dot_v1_dot_controller__pb2.SetServiceTrafficResponse.SerializeToString,
             ),
             'DeleteService': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteService,
@@ -957,6 +975,33 @@ class ServingService:
             '/clowder.controller.v1.ServingService/RollbackService',
             clowder_dot_controller_dot_v1_dot_controller__pb2.RollbackServiceRequest.SerializeToString,
             clowder_dot_controller_dot_v1_dot_controller__pb2.RollbackServiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetServiceTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.controller.v1.ServingService/SetServiceTraffic',
+            clowder_dot_controller_dot_v1_dot_controller__pb2.SetServiceTrafficRequest.SerializeToString,
+            clowder_dot_controller_dot_v1_dot_controller__pb2.SetServiceTrafficResponse.FromString,
             options,
             channel_credentials,
             insecure,
