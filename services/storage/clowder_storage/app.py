@@ -15,7 +15,7 @@ from clowder_storage.config import StorageConfig
 from clowder_storage.hf import HfFetcher
 from clowder_storage.images import ImageStore
 from clowder_storage.oci import OciClient
-from clowder_storage.peer import PeerFetcher
+from clowder_storage.peer import PeerDirectory, PeerFetcher
 from clowder_storage.puller import Puller
 from clowder_storage.registration import NodeRegistration, count_gpus
 from clowder_storage.s3 import S3Fetcher
@@ -161,6 +161,8 @@ async def create_storage(config: StorageConfig, admin_token: str | None) -> Stor
                                     max_part_bytes=config.parallel_part_max_bytes),
             make_room=make_room,
             max_blob_bytes=config.max_blob_bytes,
+            peers=PeerDirectory(state, config.node_name, registration, peer) if config.peer_pulls else None,
+            origin_allowed=not config.peers_only,
         )
         images = ImageStore(store, puller)
         await images.prepare()

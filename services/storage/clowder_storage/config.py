@@ -73,6 +73,11 @@ class StorageConfig(EtcdConfig):
     # can read, which suits a laptop; on a shared node set it, so the admin API cannot pull /etc into the store.
     file_roots: tuple[str, ...] = ()
     insecure_registries: tuple[str, ...] = ()
+    # A pull named by digest first copies the blob from another node that holds it (nodes found in etcd), and
+    # only one node of the cluster reads a blob from its origin at a time: the others wait, then copy from it.
+    peer_pulls: bool = True
+    # Air-gapped node: blobs come only from peers (by digest), never from origins; needs peer_pulls.
+    peers_only: bool = False
     # Shortest gap between two progress messages of one pull.
     progress_interval_s: float = 0.2
     # How often the node record is rewritten with fresh free-space numbers, even without pulls.
@@ -101,6 +106,8 @@ class StorageConfig(EtcdConfig):
                                   field="high_watermark")
         if self.shutdown_grace_s < 0:
             raise InvalidArgument("config shutdown_grace_s must not be negative", field="shutdown_grace_s")
+        if self.peers_only and not self.peer_pulls:
+            raise InvalidArgument("config peers_only needs peer_pulls", field="peers_only")
         host, sep, port = self.listen.rpartition(":")
         if not sep or not port.isdigit() or not host:
             raise InvalidArgument(f"config listen {self.listen!r} is not host:port", field="listen")

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import urllib.parse
-from typing import AsyncIterator
+from typing import AsyncIterator, Protocol
 
 import grpc
 
+from clowder.controller.v1 import resources_pb2
 from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
+from clowder_common import keys
 from clowder_common.auth import bearer_metadata
 from clowder_common.clients import aio_channel
-from clowder_common.errors import InvalidArgument, Unavailable, from_rpc_error
+from clowder_common.errors import AlreadyExists, InvalidArgument, Unavailable, from_rpc_error
+from clowder_common.etcd import EtcdState
 
 from clowder_storage.sources import FIELD, NO_CREDENTIAL, Credential, Opened
 from clowder_storage.store import parse_digest
+
+# pulls/<sha256-hex...>: the node reading that blob from its origin right now (on that node's lease).
+PULLS = "pulls"
 
 
 def parse_peer(url: str) -> tuple[str, str]:
@@ -82,3 +89,84 @@ class PeerFetcher:
         while message is not None:
             yield message.data
             message = await self._next(call, address)
+
+
+class NodeLease(Protocol):
+    """What the peer directory needs of this node's registration (registration.NodeRegistration)."""
+
+    @property
+    def lease_id(self) -> int | None: ...
+
+    @property
+    def address(self) -> str: ...
+
+    async def publish(self) -> None: ...
+
+
+def pull_claim_key(state: EtcdState, digest: str) -> str:
+    return state.key(PULLS, digest.replace(":", "-"))
+
+
+class PeerDirectory:
+    """Where else in the cluster a blob is: the nodes that list it (nodes/<name>) and the one node that is
+    fetching it from its origin (pulls/<digest>, created on that node's lease so it vanishes with the node).
+
+    The claim is what makes the origin read once per blob per cluster: only the node that created it reads
+    the origin; every other node waits for it to go, then copies from a node that holds the blob.
+    """
+
+    def __init__(self, state: EtcdState, node_name: str, node: NodeLease, fetcher: PeerFetcher,
+                 poll_s: float = 0.25) -> None:
+        self._state = state
+        self._name = node_name
+        self._node = node
+        self.fetcher = fetcher
+        self._poll = poll_s
+
+    async def holders(self, digest: str) -> list[str]:
+        """peer:// URLs of the other live nodes that list `digest`, in random order to spread the load."""
+        nodes, _ = await self._state.list(self._state.key(keys.NODES), resources_pb2.Node)
+        urls = [f"peer://{n.value.storage_address}/{digest}" for n in nodes
+                if n.value.name != self._name and n.value.storage_address and digest in n.value.blob_digests]
+        random.shuffle(urls)
+        return urls
+
+    async def claim(self, digest: str) -> bool:
+        """Become the node that reads `digest` from its origin; False when another node already is."""
+        lease = self._node.lease_id
+        if lease is None:
+            # Not registered (etcd was away): a claim without a lease could outlive this node; read the origin.
+            return True
+        key = pull_claim_key(self._state, digest)
+        value = resources_pb2.Node(name=self._name, storage_address=self._node.address)
+        for _ in range(2):
+            try:
+                await self._state.create(key, value, lease=lease)
+                return True
+            except AlreadyExists:
+                held = await self._state.get(key, resources_pb2.Node)
+                if held is None:
+                    continue
+                if held.value.name != self._name:
+                    return False
+                # Our own claim from before a restart (same node name, older lease): this process takes over.
+                await self._state.delete(key, held.mod_revision)
+        return False
+
+    async def claimant(self, digest: str) -> str:
+        """Name of the node reading `digest` from its origin now, "" when none is."""
+        held = await self._state.get(pull_claim_key(self._state, digest), resources_pb2.Node)
+        return held.value.name if held is not None else ""
+
+    async def release(self, digest: str, stored: bool) -> None:
+        """Drop our claim; when the blob was stored, publish it first so waiters find it on this node."""
+        if stored:
+            with contextlib.suppress(Exception):
+                await self._node.publish()
+        key = pull_claim_key(self._state, digest)
+        held = await self._state.get(key, resources_pb2.Node)
+        if held is not None and held.value.name == self._name:
+            await self._state.delete(key, held.mod_revision)
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self._poll)

@@ -9,8 +9,9 @@ import logging
 import time
 from typing import AsyncIterator, Awaitable, Callable
 
-from clowder_common.errors import DataLoss, ResourceExhausted, Unavailable
+from clowder_common.errors import DataLoss, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
+from clowder_storage.peer import PeerDirectory
 from clowder_storage.sources import NO_CREDENTIAL, Credential, Fetcher, Opened, Sources, redact_url
 from clowder_storage.store import BlobInfo, BlobStore, parse_digest
 from clowder_storage.transfer import Transfer, TransferOptions
@@ -116,6 +117,8 @@ class Puller:
         options: TransferOptions | None = None,
         make_room: Callable[[int], Awaitable[None]] | None = None,
         max_blob_bytes: int = 0,
+        peers: PeerDirectory | None = None,
+        origin_allowed: bool = True,
     ) -> None:
         self._store = store
         self._sources = sources
@@ -127,6 +130,10 @@ class Puller:
         # Raises ResourceExhausted when the store's quota cannot take `n` more bytes (after evicting).
         self._make_room = make_room
         self._max_blob = max_blob_bytes
+        # With peers, a pull named by digest copies from another node that holds the blob before its origin.
+        self._peers = peers
+        # False on an air-gapped node: blobs come only from peers, never from their URLs.
+        self._origin_allowed = origin_allowed
         self._downloads: dict[str, Download] = {}
         self._closing = False
 
@@ -208,88 +215,160 @@ class Puller:
         try:
             async with self._slots:
                 download.running = True
-                download.started = time.monotonic()
-                download.meter = RateMeter()
-                found: list[BlobInfo] = []
-
-                async def opened(first: Opened) -> bool:
-                    if first.digest:
-                        # The source vouches for a digest we already hold: no byte needs to move.
-                        blob = await self._store.find(first.digest)
-                        if blob is not None and download.accepts(first.digest):
-                            found.append(blob)
-                            return False
-                    if first.total is not None:
-                        download.bytes_total = first.total
-                        await self._check_space(download, first.total)
-                    return True
-
-                vouched = getattr(download.fetcher, "vouched_digest", None)
-                if vouched is not None:
-                    # Asking costs a round trip; a blob we already hold costs none of its bytes.
-                    digest = await vouched(download.url, download.credential)
-                    blob = await self._store.find(digest) if digest else None
-                    if blob is not None and download.accepts(digest):
-                        return _Outcome(blob, digest)
-                # Kept across a restart only when a digest names it: it is what a resumed prefix is checked by.
-                keep_as = next((e for e in download.expectations if e), "")
-                for attempt in range(2):
-                    if keep_as and attempt == 0:
-                        temp = await self._store.resumable_temp(keep_as, download.url, self._max_blob)
-                    else:
-                        temp = await self._store.new_temp(self._max_blob)
-                    resumed_from = temp.partial.resumed_from if temp.partial is not None else 0
-                    # The kept prefix counts as done: progress and the space promised cover only what is left.
-                    download.advance(temp.size)
-                    transfer = Transfer(download.fetcher, download.url, self._options, self._store.run,
-                                        download.advance, opened, download.credential)
-                    try:
-                        complete = await transfer.run(temp)
-                        download.resumes = transfer.resumes
-                        if not complete:
-                            await self._store.discard(temp)
-                            return _Outcome(found[0], found[0].digest)
-                        # No I/O: durability is the commit's business (see durability.py).
-                        temp.check_complete()
-                        actual = temp.digest
-                        if resumed_from and actual != keep_as:
-                            # The prefix kept from before was wrong (altered on disk, or the source changed):
-                            # drop it and pull the whole blob once more.
-                            log.warning("pull of %s resumed at byte %d gave %s, not %s; discarding the kept"
-                                        " prefix and starting over", shown, resumed_from, actual, keep_as)
-                            await self._store.discard(temp)
-                            download.advance(-download.bytes_done)
-                            continue
-                        if transfer.source_digest and actual != transfer.source_digest:
-                            raise DataLoss(
-                                f"content of {shown} does not match the digest its source published:"
-                                f" expected {transfer.source_digest}, got {actual}",
-                                metadata={"expected_digest": transfer.source_digest, "actual_digest": actual},
-                            )
-                        if not download.accepts(actual):
-                            await self._store.discard(temp)
-                            log.warning("pull of %s: content %s matches no expected digest; not stored",
-                                        shown, actual)
-                            return _Outcome(None, actual)
-                        blob = await self._store.commit(temp)
-                        break
-                    except (asyncio.CancelledError, Unavailable):
-                        # Interrupted (shutdown, abandoned, source gone): what was verified stays for the next
-                        # pull of this digest; anything else is discarded. Shielded against a second cancel.
-                        await asyncio.shield(self._store.keep(temp))
-                        raise
-                    except BaseException:
-                        # Shielded: a second cancel must not leave the partial file behind.
-                        await asyncio.shield(self._store.discard(temp))
-                        raise
-            log.info("pulled %s as %s (%d bytes, %d resumes)", shown, blob.digest, blob.size_bytes,
-                     download.resumes)
-            if self._on_stored is not None:
-                self._on_stored()
-            return _Outcome(blob, actual)
+                # Named by digest, a blob can come from any node that holds it; without one, only from its URL.
+                digest = next((e for e in download.expectations if e), "")
+                if self._peers is not None and digest and download.fetcher is not self._peers.fetcher:
+                    outcome = await self._from_cluster(download, digest)
+                elif not self._origin_allowed:
+                    raise FailedPrecondition(
+                        f"this node pulls only from its peers (air-gapped) and a peer is found by digest:"
+                        f" pull {shown} with expected_digest", reason="PEERS_ONLY")
+                else:
+                    outcome = await self._fetch(download, download.fetcher, download.url, download.credential)
+            if outcome.blob is not None:
+                log.info("pulled %s as %s (%d bytes, %d resumes)", shown, outcome.blob.digest,
+                         outcome.blob.size_bytes, download.resumes)
+                if self._on_stored is not None:
+                    self._on_stored()
+            return outcome
         finally:
             if self._downloads.get(download.url) is download:
                 del self._downloads[download.url]
+
+    async def _from_cluster(self, download: Download, digest: str) -> _Outcome:
+        """Copy from a node that holds the blob; else read the origin if no other node is reading it; else
+        wait for the node that is, then copy from it (the claim is held on that node's lease, so the wait ends
+        when it finishes, fails or dies)."""
+        assert self._peers is not None
+        shown = redact_url(download.url)
+        waited_for = ""
+        while True:
+            try:
+                holders = await self._peers.holders(digest)
+            except Unavailable as exc:
+                if not self._origin_allowed:
+                    raise
+                # etcd away: nobody can be asked, and the origin still works.
+                log.warning("cannot look for peers holding %s (%s); reading %s", digest, exc, shown)
+                return await self._fetch(download, download.fetcher, download.url, download.credential)
+            for url in holders:
+                try:
+                    outcome = await self._fetch(download, self._peers.fetcher, url, NO_CREDENTIAL, resumable=False)
+                except (Unavailable, NotFound, DataLoss) as exc:
+                    # A peer that went away, evicted the blob or sent other bytes: the next one, or the origin.
+                    log.warning("pull of %s from %s failed (%s); trying elsewhere", digest, redact_url(url), exc)
+                    download.advance(-download.bytes_done)
+                    continue
+                if outcome.blob is not None:
+                    log.info("pulled %s from peer %s instead of %s", digest, redact_url(url), shown)
+                    return outcome
+                log.warning("peer %s sent content %s for %s; trying elsewhere", redact_url(url),
+                            outcome.actual_digest, digest)
+                download.advance(-download.bytes_done)
+            if self._origin_allowed and await self._peers.claim(digest):
+                stored = False
+                try:
+                    outcome = await self._fetch(download, download.fetcher, download.url, download.credential)
+                    stored = outcome.blob is not None
+                    return outcome
+                finally:
+                    # Shielded: a cancelled pull must still let the waiting nodes go (else they wait for the TTL).
+                    await asyncio.shield(self._release(digest, stored))
+            claimant = await self._peers.claimant(digest)
+            if not claimant and not self._origin_allowed:
+                raise Unavailable(
+                    f"no peer holds {digest} and this node pulls only from its peers (air-gapped)",
+                    reason="NO_PEER_HOLDS_BLOB", retry_after=5.0)
+            if claimant and claimant != waited_for:
+                log.info("%s is being read from its origin by node %s; copying from it once it is done",
+                         digest, claimant)
+                waited_for = claimant
+            await self._peers.wait()
+
+    async def _release(self, digest: str, stored: bool) -> None:
+        assert self._peers is not None
+        try:
+            await self._peers.release(digest, stored)
+        except Exception as exc:  # etcd away: the claim goes with our lease, or when we release it next time
+            log.warning("could not release the origin claim on %s: %s", digest, exc)
+
+    async def _fetch(self, download: Download, fetcher: Fetcher, url: str, credential: Credential,
+                     resumable: bool = True) -> _Outcome:
+        """One source into the store; the outcome names the stored blob (None: nobody wanted the content)."""
+        shown = redact_url(url)
+        download.started = time.monotonic()
+        download.meter = RateMeter()
+        found: list[BlobInfo] = []
+
+        async def opened(first: Opened) -> bool:
+            if first.digest:
+                # The source vouches for a digest we already hold: no byte needs to move.
+                blob = await self._store.find(first.digest)
+                if blob is not None and download.accepts(first.digest):
+                    found.append(blob)
+                    return False
+            if first.total is not None:
+                download.bytes_total = first.total
+                await self._check_space(download, first.total)
+            return True
+
+        vouched = getattr(fetcher, "vouched_digest", None)
+        if vouched is not None:
+            # Asking costs a round trip; a blob we already hold costs none of its bytes.
+            digest = await vouched(url, credential)
+            blob = await self._store.find(digest) if digest else None
+            if blob is not None and download.accepts(digest):
+                return _Outcome(blob, digest)
+        # Kept across a restart only when a digest names it: it is what a resumed prefix is checked by.
+        keep_as = next((e for e in download.expectations if e), "")
+        for attempt in range(2):
+            if keep_as and attempt == 0 and resumable:
+                temp = await self._store.resumable_temp(keep_as, url, self._max_blob)
+            else:
+                temp = await self._store.new_temp(self._max_blob)
+            resumed_from = temp.partial.resumed_from if temp.partial is not None else 0
+            # The kept prefix counts as done: progress and the space promised cover only what is left.
+            download.advance(temp.size)
+            transfer = Transfer(fetcher, url, self._options, self._store.run, download.advance, opened, credential)
+            try:
+                complete = await transfer.run(temp)
+                download.resumes = transfer.resumes
+                if not complete:
+                    await self._store.discard(temp)
+                    return _Outcome(found[0], found[0].digest)
+                # No I/O: durability is the commit's business (see durability.py).
+                temp.check_complete()
+                actual = temp.digest
+                if resumed_from and actual != keep_as:
+                    # The prefix kept from before was wrong (altered on disk, or the source changed):
+                    # drop it and pull the whole blob once more.
+                    log.warning("pull of %s resumed at byte %d gave %s, not %s; discarding the kept"
+                                " prefix and starting over", shown, resumed_from, actual, keep_as)
+                    await self._store.discard(temp)
+                    download.advance(-download.bytes_done)
+                    continue
+                if transfer.source_digest and actual != transfer.source_digest:
+                    raise DataLoss(
+                        f"content of {shown} does not match the digest its source published:"
+                        f" expected {transfer.source_digest}, got {actual}",
+                        metadata={"expected_digest": transfer.source_digest, "actual_digest": actual},
+                    )
+                if not download.accepts(actual):
+                    await self._store.discard(temp)
+                    log.warning("pull of %s: content %s matches no expected digest; not stored", shown, actual)
+                    return _Outcome(None, actual)
+                blob = await self._store.commit(temp)
+                return _Outcome(blob, actual)
+            except (asyncio.CancelledError, Unavailable):
+                # Interrupted (shutdown, abandoned, source gone): what was verified stays for the next
+                # pull of this digest; anything else is discarded. Shielded against a second cancel.
+                await asyncio.shield(self._store.keep(temp))
+                raise
+            except BaseException:
+                # Shielded: a second cancel must not leave the partial file behind.
+                await asyncio.shield(self._store.discard(temp))
+                raise
+        raise AssertionError("unreachable: the second attempt never resumes")
 
     async def _check_space(self, download: Download, size: int) -> None:
         if self._max_blob and size > self._max_blob:

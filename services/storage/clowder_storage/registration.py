@@ -94,6 +94,19 @@ class NodeRegistration:
             run_periodically(self._refresh, self._refresh_s, self._changed, f"refreshing node {self._name}"),
             name="node-refresh")
 
+    @property
+    def lease_id(self) -> int | None:
+        """The lease this node's keys live on; None while not registered."""
+        return self._keeper.lease_id
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    async def publish(self) -> None:
+        """Write the node record now (its blob list included), not at the next refresh."""
+        await self._refresh()
+
     def store_changed(self) -> None:
         """Free space moved (pull or delete): publish the new number soon, without blocking the caller."""
         self._changed.set()

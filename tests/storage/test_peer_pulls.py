@@ -1,0 +1,134 @@
+"""One download per cluster: three storage processes on loopback share blobs; an origin HTTP server counts what
+it serves (each blob once), a silent peer sends pulls back to the origin, an air-gapped node copies only from
+peers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+import grpc
+
+from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
+from clowder_common.auth import TOKEN_ENV
+from clowder_common.clients import aio_channel
+from clowder_common.processes import async_wait_for_port, free_port
+
+from storage_helpers import TOKEN, digest_of, md, pull, rpc_error, source  # noqa: F401 - source is a fixture
+from test_storage_process import wait_serving
+
+START_TIMEOUT = 30
+
+
+class Node:
+    """One `python -m clowder_storage` process and a stub to it."""
+
+    def __init__(self, name: str, proc: subprocess.Popen, port: int, log_path) -> None:
+        self.name = name
+        self.proc = proc
+        self.port = port
+        self.log_path = log_path
+        self.channel = aio_channel(f"127.0.0.1:{port}")
+        self.stub = storage_pb2_grpc.StorageServiceStub(self.channel)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.asynccontextmanager
+async def storage_nodes(tmp_path, etcd, prefix: str, names: list[str], env: dict[str, dict[str, str]] | None = None):
+    nodes: list[Node] = []
+    try:
+        for name in names:
+            port = free_port()
+            log_path = tmp_path / f"{name}.log"
+            extra = {TOKEN_ENV: TOKEN, "CLOWDER_HTTP_READ_TIMEOUT_S": "3", **(env or {}).get(name, {})}
+            with open(log_path, "wb") as log_file:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "clowder_storage", "--listen", f"127.0.0.1:{port}",
+                     "--data-dir", str(tmp_path / name), "--node-name", name, "--etcd-endpoints", etcd.endpoint,
+                     "--etcd-prefix", prefix, "--lease-ttl-s", "5"],
+                    stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **extra})
+            nodes.append(Node(name, proc, port, log_path))
+        for node in nodes:
+            await async_wait_for_port("127.0.0.1", node.port, timeout=START_TIMEOUT)
+            await wait_serving(node.port, timeout=START_TIMEOUT)
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.channel.close()
+            with contextlib.suppress(ProcessLookupError):
+                node.proc.send_signal(signal.SIGCONT)
+                node.proc.kill()
+            await asyncio.to_thread(node.proc.wait, 10)
+
+
+async def stored_digest(node: Node, url: str, digest: str) -> str:
+    messages = await pull(node.stub, url, digest)
+    return messages[-1].blob.digest
+
+
+async def test_three_nodes_read_each_blob_from_the_origin_once(tmp_path, etcd, etcd_prefix, source):
+    first = os.urandom(6 << 20)
+    second = os.urandom(3 << 20)
+    source.blobs["first"] = first
+    source.blobs["second"] = second
+    # Slow enough that all three pulls of "first" overlap: the later two must wait and copy, not read the origin.
+    source.pace_s["first"] = 0.15
+    async with storage_nodes(tmp_path, etcd, etcd_prefix, ["node-a", "node-b", "node-c"]) as nodes:
+        digests = await asyncio.gather(*(stored_digest(n, source.url("first"), digest_of(first)) for n in nodes))
+        assert digests == [digest_of(first)] * 3
+        assert source.served["first"] == len(first)
+        assert [r for r in source.requests if r[0] == "first"] == [("first", "")]
+        assert sum("from peer" in n.log() for n in nodes) == 2
+
+        # One after another: the first node reads the origin, the next ones copy from a node that holds it.
+        for node in nodes:
+            assert await stored_digest(node, source.url("second"), digest_of(second)) == digest_of(second)
+        assert source.served["second"] == len(second)
+        assert len([r for r in source.requests if r[0] == "second"]) == 1
+
+        # Every copy is the real content, readable from each node.
+        for node in nodes:
+            data = b""
+            async for chunk in node.stub.ReadBlob(storage_pb2.ReadBlobRequest(digest=digest_of(second)),
+                                                  metadata=md(), timeout=30):
+                data += chunk.data
+            assert data == second
+
+
+async def test_a_silent_peer_sends_the_pull_back_to_the_origin(tmp_path, etcd, etcd_prefix, source):
+    data = os.urandom(1 << 20)
+    source.blobs["blob"] = data
+    async with storage_nodes(tmp_path, etcd, etcd_prefix, ["node-a", "node-b"]) as (a, b):
+        assert await stored_digest(a, source.url("blob"), digest_of(data)) == digest_of(data)
+        # Stopped, not dead: its node record stays and its port accepts connections, but nothing answers.
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert await stored_digest(b, source.url("blob"), digest_of(data)) == digest_of(data)
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        assert source.served["blob"] == 2 * len(data)
+        assert "trying elsewhere" in b.log()
+
+
+async def test_an_air_gapped_node_pulls_only_from_peers(tmp_path, etcd, etcd_prefix, source):
+    data = os.urandom(1 << 20)
+    source.blobs["blob"] = data
+    env = {"node-c": {"CLOWDER_PEERS_ONLY": "true"}}
+    async with storage_nodes(tmp_path, etcd, etcd_prefix, ["node-a", "node-c"], env) as (a, c):
+        err = await rpc_error(pull(c.stub, source.url("blob"), digest_of(data)))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert "air-gapped" in err.details()
+        # Without a digest no peer can be asked, and the origin is off limits.
+        err = await rpc_error(pull(c.stub, source.url("blob")))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert source.served["blob"] == 0
+
+        assert await stored_digest(a, source.url("blob"), digest_of(data)) == digest_of(data)
+        assert await stored_digest(c, source.url("blob"), digest_of(data)) == digest_of(data)
+        assert source.served["blob"] == len(data)
