@@ -18,6 +18,8 @@ from clowder_controller.launcher import Launcher, LocalProcessLauncher
 from clowder_controller.leader import LeaderElector, new_identity
 from clowder_controller.nodes import NodeServicer
 from clowder_controller.reconciler import Reconciler
+from clowder_controller.revisions import ServingServicer
+from clowder_controller.rollout import RolloutDriver
 from clowder_controller.storage_client import StorageClients
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class ControllerApp:
         self.reconciler = Reconciler(self.state, self.storage, self.launcher, config, self.events)
         self.autoscaler = Autoscaler(self.state, self.events, config.autoscale_interval_s,
                                      Windows(config.scale_up_window_s, config.scale_down_window_s))
+        self.rollouts = RolloutDriver(self.state)
         self.identity = new_identity()
         self.elector: LeaderElector | None = None
 
@@ -65,16 +68,22 @@ class ControllerApp:
             controller_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.state, self.storage), server)
             return _service_name("ImageService")
 
+        deployment_servicer = DeploymentServicer(self.state, config.max_replicas)
+
         def deployments(server):
-            controller_pb2_grpc.add_DeploymentServiceServicer_to_server(
-                DeploymentServicer(self.state, config.max_replicas), server)
+            controller_pb2_grpc.add_DeploymentServiceServicer_to_server(deployment_servicer, server)
             return _service_name("DeploymentService")
+
+        def services(server):
+            controller_pb2_grpc.add_ServingServiceServicer_to_server(
+                ServingServicer(self.state, deployment_servicer), server)
+            return _service_name("ServingService")
 
         def nodes(server):
             controller_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.state), server)
             return _service_name("NodeService")
 
-        self.grpc = create_grpc_server(config.listen, [images, deployments, nodes], admin_token=admin_token)
+        self.grpc = create_grpc_server(config.listen, [images, deployments, nodes, services], admin_token=admin_token)
         self.port = self.grpc.port
         self._stopped = False
 
@@ -96,8 +105,10 @@ class ControllerApp:
     async def _lead(self, fence: Fence) -> None:
         await self.reconciler.start(fence)
         await self.autoscaler.start(fence)
+        await self.rollouts.start(fence)
 
     async def _follow(self) -> None:
+        await self.rollouts.stop()
         await self.autoscaler.stop()
         await self.reconciler.stop()
 

@@ -10,6 +10,7 @@ CONTROLLER_SERVICES = (
     "clowder.controller.v1.ImageService",
     "clowder.controller.v1.DeploymentService",
     "clowder.controller.v1.NodeService",
+    "clowder.controller.v1.ServingService",
 )
 
 __all__ = ["BridgeOptions", "RestBridge", "install_rest_bridge", "openapi_document", "Route",
