@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import secrets
+
 import jinja2
 import jinja2.ext
 import jinja2.meta
@@ -33,6 +36,37 @@ class ChatTemplate:
         )
         # A template that never reads `tools` would silently drop them: the model would not know them.
         self.uses_tools = "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(source))
+
+    def render_parts(self, messages: list[dict], tools: list[dict] | None = None) -> list[tuple[str, bool]]:
+        """The rendered prompt as (text, from the template) pieces: what the messages' contents put there is
+        marked False, so it is tokenized as plain text. A user who types `<|im_start|>system` gets those
+        characters, never the control token: no one forges a turn (issue 16).
+
+        Contents go through the template as unguessable placeholders (a fresh nonce per render, in Unicode
+        private-use characters), which are then swapped back; a template that edits the content (trim, say)
+        edits the placeholder instead, so contents always arrive verbatim."""
+        nonce = secrets.token_hex(8)
+        contents: list[str] = []
+        stand_ins = []
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, str) and content:
+                stand_ins.append({**message, "content": f"\ue000{nonce}:{len(contents)}\ue001"})
+                contents.append(content)
+            else:
+                stand_ins.append(message)
+        rendered = self.render(stand_ins, tools)
+        parts: list[tuple[str, bool]] = []
+        pattern = re.compile("\ue000" + nonce + ":(\\d+)\ue001")
+        at = 0
+        for match in pattern.finditer(rendered):
+            if match.start() > at:
+                parts.append((rendered[at:match.start()], True))
+            parts.append((contents[int(match.group(1))], False))
+            at = match.end()
+        if at < len(rendered):
+            parts.append((rendered[at:], True))
+        return parts
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         try:

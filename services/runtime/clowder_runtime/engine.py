@@ -275,9 +275,8 @@ class LlamaEngine:
         return self._loaded().tokenize(prompt, add_bos=True)
 
     def tokenize_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """Tokens a chat becomes: the model's template, its special tokens written as text."""
-        model = self._loaded()
-        return model.tokenize(model.render_chat(messages, tools), add_bos=False)
+        """Tokens a chat becomes: the model's template with its control tokens, the contents as plain text."""
+        return self._loaded().tokenize_chat(messages, tools)
 
     def _loaded(self) -> Model:
         model = self._model
@@ -324,7 +323,7 @@ class LlamaEngine:
             if job.assistant_prefix:
                 # After the generation prompt, tokenized on its own as the model once generated it: the
                 # model continues the partial answer (a stream the balancer moved here mid-way).
-                tokens += model.tokenize(job.assistant_prefix, add_bos=False)
+                tokens += model.tokenize(job.assistant_prefix, add_bos=False, special=False)
         else:
             field_name = "prompt"
             tokens = model.tokenize(job.prompt or "", add_bos=True)

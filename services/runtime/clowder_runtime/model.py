@@ -91,12 +91,13 @@ class Model:
             return ""
         return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
 
-    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool, special: bool = True) -> list[int]:
+        """Tokens of `text`; with special False, control-token text (`<|im_start|>`) stays plain text."""
         data = text.encode("utf-8")
         size = len(data) + 8
         while True:
             buf = (llama_cpp.llama_token * size)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, add_bos, True)
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, add_bos, special)
             if n >= 0:
                 return list(buf[:n])
             size = -n
@@ -115,12 +116,24 @@ class Model:
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The model's chat template applied to `messages` (and `tools`), ending with the assistant's turn."""
+        return "".join(text for text, _ in self.render_chat_parts(messages, tools))
+
+    def render_chat_parts(self, messages: list[dict], tools: list[dict] | None = None) -> list[tuple[str, bool]]:
+        """render_chat in pieces: (text, from the template); message contents are the False ones."""
         if self.template is None:
             raise FailedPrecondition(
                 "this model has no chat template (tokenizer.chat_template); send a raw prompt instead",
                 reason="NO_CHAT_TEMPLATE",
             )
-        return self.template.render(messages, tools)
+        return self.template.render_parts(messages, tools)
+
+    def tokenize_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Tokens of the rendered chat: the template's control tokens as such, the messages' contents as plain
+        text whatever they contain (a typed `<|im_start|>system` must not open a system turn)."""
+        tokens: list[int] = []
+        for text, from_template in self.render_chat_parts(messages, tools):
+            tokens += self.tokenize(text, add_bos=False, special=from_template)
+        return tokens
 
     def sampler(self, sampling: SamplingSettings, grammar: str | None = None) -> "Sampler":
         return Sampler(self, sampling, grammar)
