@@ -11,6 +11,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from clowder_common.errors import Unavailable
 from clowder_common.interceptors import ErrorInterceptor
+from clowder_common.security import Tls
 
 # Long streams (token generation, pulls) need HTTP/2 keepalive to notice dead peers.
 SERVER_OPTIONS = (
@@ -52,15 +53,19 @@ def create_grpc_server(
     admin_token: str | None = None,
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     tracer_provider=None,
+    service_token: str | None = None,
+    tls: Tls | None = None,
 ) -> GrpcServer:
     """Bind `address` ("host:port", port 0 for any) and add the servicers.
 
     Each `register` callable adds one servicer and returns its full service name
-    (for health and reflection). Spans go to `tracer_provider`, else the global one.
+    (for health and reflection). Spans go to `tracer_provider`, else the global one. With `service_token`,
+    calls need the cluster's service credential (see ErrorInterceptor); with `tls` holding a certificate and
+    key, the port speaks TLS only, so a plaintext client cannot connect.
     """
     server = grpc.aio.server(
         # Tracing outermost, so a span records the status the error interceptor chose.
-        interceptors=[aio_server_interceptor(tracer_provider=tracer_provider), *extra_interceptors, ErrorInterceptor(admin_token)],
+        interceptors=[aio_server_interceptor(tracer_provider=tracer_provider), *extra_interceptors, ErrorInterceptor(admin_token, service_token)],
         options=SERVER_OPTIONS,
     )
     names = [reg(server) for reg in register]
@@ -69,7 +74,8 @@ def create_grpc_server(
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(address)
+    credentials = tls.server_credentials() if tls is not None else None
+    port = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
     if port == 0:
         raise Unavailable(f"cannot bind gRPC address {address}")
     return GrpcServer(server, port, health_servicer, names)

@@ -1,4 +1,4 @@
-"""Server interceptors: domain errors to gRPC status (one place), and the admin bearer token."""
+"""Server interceptors: domain errors to gRPC status (one place), the admin bearer token, the service credential."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import grpc
 from grpc_status import rpc_status
 
 from clowder_common.errors import ClowderError, Internal, Unauthenticated
+from clowder_common.security import SERVICE_TOKEN_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -110,25 +111,56 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Callable[[Any], Aw
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps ClowderError to its status with details; anything else becomes a bare INTERNAL.
 
-    With `admin_token`, every non-public method also needs `authorization: Bearer <token>`.
+    With `admin_token`, every non-public method also needs `authorization: Bearer <token>`. With
+    `service_token` (runtimes, storage), every non-public method needs the cluster's service credential in
+    `x-clowder-service-token`; with both, either one lets a call in (an operator's tools hold the admin token).
     """
 
-    def __init__(self, admin_token: str | None = None) -> None:
+    def __init__(self, admin_token: str | None = None, service_token: str | None = None) -> None:
         self._token = admin_token.encode() if admin_token else None
+        self._service = service_token.encode() if service_token else None
 
-    async def _check_token(self, context: grpc.aio.ServicerContext) -> None:
-        assert self._token is not None
-        presented = ""
+    @staticmethod
+    def _presented(context: grpc.aio.ServicerContext, name: str) -> str:
         for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                presented = value if isinstance(value, str) else value.decode()
-                break
-        scheme, _, token = presented.partition(" ")
+            if key == name:
+                return value if isinstance(value, str) else value.decode()
+        return ""
+
+    def _admin_error(self, context: grpc.aio.ServicerContext) -> Unauthenticated | None:
+        """None when the call carries the admin token, else why not."""
+        assert self._token is not None
+        scheme, _, token = self._presented(context, "authorization").partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise Unauthenticated("missing bearer token: send 'authorization: Bearer <admin token>'")
+            return Unauthenticated("missing bearer token: send 'authorization: Bearer <admin token>'")
         # Constant-time comparison so response timing does not leak the token.
         if not hmac.compare_digest(token.encode(), self._token):
-            raise Unauthenticated("invalid bearer token", reason="INVALID_TOKEN")
+            return Unauthenticated("invalid bearer token", reason="INVALID_TOKEN")
+        return None
+
+    def _service_error(self, context: grpc.aio.ServicerContext) -> Unauthenticated | None:
+        assert self._service is not None
+        presented = self._presented(context, SERVICE_TOKEN_HEADER)
+        if not presented:
+            return Unauthenticated(
+                f"missing service credential: only cluster components may call this service; they send"
+                f" '{SERVICE_TOKEN_HEADER}'", reason="MISSING_SERVICE_CREDENTIAL")
+        if not hmac.compare_digest(presented.encode(), self._service):
+            return Unauthenticated("invalid service credential", reason="INVALID_SERVICE_CREDENTIAL")
+        return None
+
+    async def _check_token(self, context: grpc.aio.ServicerContext) -> None:
+        service = self._service_error(context) if self._service is not None else None
+        if self._service is not None and service is None:
+            return
+        admin = self._admin_error(context) if self._token is not None else None
+        if self._token is not None and admin is None:
+            return
+        # Name the credential the caller tried, so the message points at what to fix.
+        if service is not None and (admin is None or not self._presented(context, "authorization")):
+            raise service
+        assert admin is not None
+        raise admin
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -136,6 +168,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         guard = None
-        if self._token is not None and not method.startswith(PUBLIC_SERVICES):
+        if (self._token is not None or self._service is not None) and not method.startswith(PUBLIC_SERVICES):
             guard = self._check_token
         return _wrap(handler, method, guard)

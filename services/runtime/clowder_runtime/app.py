@@ -16,6 +16,7 @@ from clowder.runtime.v1 import runtime_pb2
 from clowder_common.auth import TOKEN_ENV
 from clowder_common.errors import InvalidArgument
 from clowder_common.grpc_server import GrpcServer, create_grpc_server
+from clowder_common.security import NO_SECURITY, ClusterSecurity, load_security
 from clowder_common import keys
 from clowder_common.keys import validate_name
 from clowder_runtime.chat_template import check_template
@@ -40,8 +41,10 @@ class RuntimeApp:
     """One replica. `start()` returns once it serves (and is registered, with etcd configured)."""
 
     def __init__(self, config: RuntimeConfig, image_config: resources_pb2.ImageConfiguration,
-                 admin_token: str | None) -> None:
+                 admin_token: str | None, security: ClusterSecurity = NO_SECURITY) -> None:
         self.config = config
+        # With a service credential, only cluster components (the balancer) may call this replica.
+        self._security = security
         self.image_config = image_config
         self._admin_token = admin_token
         self.engine: LlamaEngine | None = None
@@ -96,7 +99,8 @@ class RuntimeApp:
 
     async def _start(self) -> None:
         cfg = self.config
-        self.model_path = await resolve_model_path(cfg.model_path, cfg.digest, cfg.storage_address, self._admin_token)
+        self.model_path = await resolve_model_path(cfg.model_path, cfg.digest, cfg.storage_address, self._admin_token,
+                                                   security=self._security)
         settings = self.settings
         self.engine = LlamaEngine(
             LlamaSettings(
@@ -123,7 +127,8 @@ class RuntimeApp:
         # Loads on the engine's own thread; nothing is served or registered before it can generate.
         await self.engine.start()
         servicer = RuntimeServicer(self.engine, self.model_name, self.image_config)
-        self._server = create_grpc_server(cfg.listen, [registrar(servicer)])
+        self._server = create_grpc_server(cfg.listen, [registrar(servicer)],
+                                          service_token=self._security.service_token, tls=self._security.tls)
         await self._server.start()
         if cfg.metrics_listen:
             self.metrics = MetricsServer(cfg.metrics_listen, self.engine.stats, self.model_name)
@@ -182,11 +187,13 @@ async def create_runtime(
     image_config: resources_pb2.ImageConfiguration | None = None,
     *,
     admin_token: str | None = None,
+    security: ClusterSecurity | None = None,
 ) -> RuntimeApp:
     """Check the configuration and build the app; `start()` does the slow parts.
 
     `admin_token` is sent to the storage service when the model is given by
-    digest; it defaults to the CLOWDER_ADMIN_TOKEN environment variable.
+    digest; it defaults to the CLOWDER_ADMIN_TOKEN environment variable. `security` (the service credential
+    that callers must present, and TLS) defaults to what the config and CLOWDER_SERVICE_TOKEN say.
     """
     image_config = image_config if image_config is not None else resources_pb2.ImageConfiguration()
     validate_image_config(image_config)
@@ -216,7 +223,12 @@ async def create_runtime(
         raise InvalidArgument("lease_ttl_s must be at least 1", field="lease_ttl_s")
     if admin_token is None:
         admin_token = os.environ.get(TOKEN_ENV) or None
-    return RuntimeApp(config, image_config, admin_token)
+    if security is None:
+        security = load_security(config)
+    if security.service_token is None:
+        # A runtime started by hand (development, benchmarks); the controller always hands one over.
+        log.warning("no service credential configured: anyone who reaches this runtime's port can call it")
+    return RuntimeApp(config, image_config, admin_token, security)
 
 
 def runtime_settings(config: RuntimeConfig, image_config: resources_pb2.ImageConfiguration) -> RuntimeSettings:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clowder_common.config import EtcdConfig
+from clowder_common.security import SecurityConfig
 
 
 @dataclass(frozen=True)
-class RuntimeConfig(EtcdConfig):
+class RuntimeConfig(EtcdConfig, SecurityConfig):
     """One replica of one deployment.
 
     Unlike the other services, `etcd_endpoints` defaults to empty: a runtime

@@ -10,6 +10,7 @@ from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
 
 from clowder_common.auth import bearer_metadata
 from clowder_common.clients import aio_channel
+from clowder_common.security import NO_SECURITY, ClusterSecurity
 from clowder_common.errors import FailedPrecondition, InvalidArgument, from_rpc_error
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -22,6 +23,7 @@ async def resolve_model_path(
     storage_address: str,
     admin_token: str | None,
     timeout: float = STORAGE_CALL_TIMEOUT_S,
+    security: ClusterSecurity = NO_SECURITY,
 ) -> str:
     """The local file to load; the storage service's errors come back with their code and details."""
     if model_path:
@@ -29,7 +31,7 @@ async def resolve_model_path(
     elif digest and storage_address:
         if not DIGEST_RE.match(digest):
             raise InvalidArgument(f"digest {digest[:80]!r} is not 'sha256:<64 lowercase hex>'", field="digest")
-        async with aio_channel(storage_address) as channel:
+        async with aio_channel(storage_address, security) as channel:
             stub = storage_pb2_grpc.StorageServiceStub(channel)
             try:
                 reply = await stub.GetBlobPath(

@@ -10,6 +10,7 @@ import socket
 
 from clowder_common.etcd import EtcdState
 from clowder_common.grpc_server import GrpcServer, create_grpc_server
+from clowder_common.security import ClusterSecurity, load_security
 
 from clowder_storage.config import StorageConfig
 from clowder_storage.hf import HfFetcher
@@ -117,17 +118,20 @@ class StorageApp:
         log.info("storage stopped")
 
 
-async def create_storage(config: StorageConfig, admin_token: str | None) -> StorageApp:
+async def create_storage(config: StorageConfig, admin_token: str | None,
+                         security: ClusterSecurity | None = None) -> StorageApp:
     """Build the service and bind its port (`config.listen`, port 0 for any); nothing is served before start().
 
-    With `admin_token`, every StorageService call needs "authorization: Bearer <token>".
+    With `admin_token`, every StorageService call needs "authorization: Bearer <token>", unless it carries the
+    cluster's service credential (`security`, by default read as the config and CLOWDER_SERVICE_TOKEN say).
     """
+    security = security if security is not None else load_security(config)
     executor = concurrent.futures.ThreadPoolExecutor(config.io_threads, thread_name_prefix="storage-io")
     try:
         store = BlobStore(config.data_dir, executor, config.background_flush_min_bytes)
         await store.prepare()
         http = HttpFetcher(config.http_connect_timeout_s, config.http_read_timeout_s, config.http_total_timeout_s)
-        peer = PeerFetcher(admin_token, config.http_read_timeout_s)
+        peer = PeerFetcher(admin_token, config.http_read_timeout_s, security)
         sources = Sources([
             FileFetcher(store.run, config.file_roots), http, HfFetcher(http, config.hf_endpoint), peer,
             S3Fetcher(store.run, config.s3_endpoint, config.s3_region, config.http_connect_timeout_s,
@@ -175,7 +179,8 @@ async def create_storage(config: StorageConfig, admin_token: str | None) -> Stor
         sources.register(oci)
         servicer = StorageServicer(store, puller, on_change=registration.store_changed, images=images, space=space,
                                    oci=oci)
-        server = create_grpc_server(config.listen, [registrar(servicer)], admin_token=admin_token)
+        server = create_grpc_server(config.listen, [registrar(servicer)], admin_token=admin_token,
+                                    service_token=security.service_token, tls=security.tls)
     except BaseException:
         executor.shutdown(wait=False, cancel_futures=True)
         raise

@@ -8,10 +8,11 @@ import os
 from clowder_common.config import EtcdConfig
 from clowder_common.errors import InvalidArgument
 from clowder_common.keys import validate_name
+from clowder_common.security import SecurityConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class StorageConfig(EtcdConfig):
+class StorageConfig(EtcdConfig, SecurityConfig):
     """Every field can come from YAML, from CLOWDER_<FIELD>, or from a command-line flag."""
 
     # gRPC listen address; port 0 picks a free one.

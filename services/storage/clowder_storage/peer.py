@@ -17,6 +17,7 @@ from clowder_common.auth import bearer_metadata
 from clowder_common.clients import aio_channel
 from clowder_common.errors import AlreadyExists, InvalidArgument, Unavailable, from_rpc_error
 from clowder_common.etcd import EtcdState
+from clowder_common.security import NO_SECURITY, ClusterSecurity
 
 from clowder_storage.sources import FIELD, NO_CREDENTIAL, Credential, Opened
 from clowder_storage.store import parse_digest
@@ -35,12 +36,15 @@ def parse_peer(url: str) -> tuple[str, str]:
 
 
 class PeerFetcher:
-    """Reads from another node's StorageService with the cluster's admin token; resumes by offset."""
+    """Reads from another node's StorageService as a cluster component; resumes by offset."""
 
     schemes = ("peer",)
 
-    def __init__(self, admin_token: str | None, read_timeout_s: float) -> None:
+    def __init__(self, admin_token: str | None, read_timeout_s: float,
+                 security: ClusterSecurity = NO_SECURITY) -> None:
         self._metadata = bearer_metadata(admin_token)
+        # The service credential and TLS of a cluster component, like every other caller of a node's storage.
+        self._security = security
         self._timeout = read_timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -50,7 +54,7 @@ class PeerFetcher:
     def _stub(self, address: str) -> storage_pb2_grpc.StorageServiceStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = aio_channel(address)
+            channel = self._channels[address] = aio_channel(address, self._security)
         return storage_pb2_grpc.StorageServiceStub(channel)
 
     async def close(self) -> None:

@@ -1,0 +1,186 @@
+"""The cluster's service credential and TLS settings: what runtimes and storage demand, and what components send.
+
+The service credential is a per-cluster secret every component gets by file or environment (never by a
+command-line flag, which `ps` would show). Runtimes and storage refuse calls that lack it, so nobody who merely
+reaches their ports skips the balancer's keys, limits and audit, or the controller's admin token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import os
+import pathlib
+import secrets
+from typing import Mapping
+
+import grpc
+
+from clowder_common.errors import InvalidArgument
+
+SERVICE_TOKEN_ENV = "CLOWDER_SERVICE_TOKEN"
+SERVICE_TOKEN_FILE = "service-token"
+# A header of its own, apart from `authorization`, which already carries the admin token on storage calls.
+SERVICE_TOKEN_HEADER = "x-clowder-service-token"
+
+
+@dataclasses.dataclass(frozen=True)
+class SecurityConfig:
+    """Fields every service's config carries (YAML, CLOWDER_<FIELD>, or the chart's Secrets as files)."""
+
+    # File holding the cluster's service credential (CLOWDER_SERVICE_TOKEN wins when set). Runtimes and
+    # storage refuse calls without it once they have one; the other components send it to them.
+    service_token_file: str = ""
+    # This service's certificate and key (PEM): with both, it serves gRPC over TLS only, and presents them as
+    # its client certificate when calling other components (mutual TLS).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # CA bundle (PEM) that signed the cluster's certificates: with it, calls to other components use TLS and
+    # verify them; a TLS server also demands client certificates it signed when tls_client_auth is set.
+    tls_ca_file: str = ""
+    tls_client_auth: bool = False
+    # etcd over TLS: the CA that signed etcd's certificate, and this component's client certificate and key.
+    etcd_ca_file: str = ""
+    etcd_cert_file: str = ""
+    etcd_key_file: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tls:
+    """PEM bytes read once at start; empty when a part is not configured."""
+
+    cert: bytes = b""
+    key: bytes = b""
+    ca: bytes = b""
+    client_auth: bool = False
+
+    def __repr__(self) -> str:
+        # The key never reaches a log line or a traceback.
+        return f"Tls(cert={bool(self.cert)}, key=<redacted>, ca={bool(self.ca)}, client_auth={self.client_auth})"
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        if not (self.cert and self.key):
+            return None
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca or None,
+                                           require_client_auth=self.client_auth)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.ca:
+            return None
+        # Our certificate doubles as the client certificate, so a server that demands one gets it.
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key or None,
+                                            certificate_chain=self.cert or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSecurity:
+    """What one component knows: the service credential (None: not configured) and its TLS material."""
+
+    service_token: str | None = None
+    tls: Tls = Tls()
+    # etcd's own TLS material (CA, client certificate, key).
+    etcd_tls: Tls = Tls()
+
+    def __repr__(self) -> str:
+        return f"ClusterSecurity(service_token={'<set>' if self.service_token else None}, tls={self.tls!r})"
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata that identifies a cluster component."""
+        return ((SERVICE_TOKEN_HEADER, self.service_token),) if self.service_token else ()
+
+    def environment(self) -> dict[str, str]:
+        """What a child component (a runtime the controller starts) needs to be one of us, by environment."""
+        env = {SERVICE_TOKEN_ENV: self.service_token} if self.service_token else {}
+        return env
+
+    def accepts(self, presented: str) -> bool:
+        # Constant-time: response timing must not leak the credential.
+        return bool(self.service_token) and hmac.compare_digest(presented.encode(), self.service_token.encode())
+
+
+NO_SECURITY = ClusterSecurity()
+
+
+def _read(path: str, field: str) -> bytes:
+    if not path:
+        return b""
+    try:
+        return pathlib.Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"config {field}: cannot read {path}: {exc.strerror}", field=field) from None
+
+
+def load_security(config: SecurityConfig, env: Mapping[str, str] | None = None) -> ClusterSecurity:
+    """Read the credential (environment, else file) and the PEM files named in `config`."""
+    env = os.environ if env is None else env
+    token = env.get(SERVICE_TOKEN_ENV, "").strip()
+    if not token and config.service_token_file:
+        token = _read(config.service_token_file, "service_token_file").decode().strip()
+        if not token:
+            raise InvalidArgument(f"config service_token_file: {config.service_token_file} is empty",
+                                  field="service_token_file")
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        raise InvalidArgument("config tls_cert_file and tls_key_file go together", field="tls_cert_file")
+    if config.tls_client_auth and not (config.tls_ca_file and config.tls_cert_file):
+        raise InvalidArgument("config tls_client_auth needs tls_ca_file, tls_cert_file and tls_key_file",
+                              field="tls_client_auth")
+    if bool(config.etcd_cert_file) != bool(config.etcd_key_file):
+        raise InvalidArgument("config etcd_cert_file and etcd_key_file go together", field="etcd_cert_file")
+    tls = Tls(_read(config.tls_cert_file, "tls_cert_file"), _read(config.tls_key_file, "tls_key_file"),
+              _read(config.tls_ca_file, "tls_ca_file"), config.tls_client_auth)
+    etcd_tls = Tls(_read(config.etcd_cert_file, "etcd_cert_file"), _read(config.etcd_key_file, "etcd_key_file"),
+                   _read(config.etcd_ca_file, "etcd_ca_file"))
+    if (etcd_tls.cert or etcd_tls.key) and not etcd_tls.ca:
+        raise InvalidArgument("config etcd_cert_file needs etcd_ca_file", field="etcd_ca_file")
+    return ClusterSecurity(token or None, tls, etcd_tls)
+
+
+def service_token_path(data_dir: str | os.PathLike[str]) -> pathlib.Path:
+    return pathlib.Path(data_dir) / SERVICE_TOKEN_FILE
+
+
+def ensure_service_token(data_dir: str | os.PathLike[str]) -> str:
+    """The cluster's service credential: the environment's, else the stored one, else a new one stored 0600."""
+    from_env = os.environ.get(SERVICE_TOKEN_ENV, "").strip()
+    if from_env:
+        return from_env
+    path = service_token_path(data_dir)
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    # O_EXCL + mode 0600 at creation: never readable by others, not even briefly.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return token
+
+
+class _AddMetadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
+                   grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+    """Adds fixed metadata (the service credential) to every call on a channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._metadata)
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def client_interceptors(security: ClusterSecurity) -> list[grpc.aio.ClientInterceptor]:
+    metadata = security.metadata()
+    return [_AddMetadata(metadata)] if metadata else []
