@@ -24,7 +24,7 @@ install: system-deps $(DEPS_STAMP) $(BUF) ## install everything that is missing
 	@echo "installed: $(VENV), etcd $$(etcd --version | head -1 | awk '{print $$3}'), buf $$($(BUF) --version)"
 
 .PHONY: system-deps
-system-deps: ## Debian packages when missing: etcd-server, docker-registry (OCI tests), curl, npm (buf), iproute2 (multi-node test)
+system-deps: ## Debian packages when missing: etcd-server, docker-registry (OCI tests), curl, npm (buf), iproute2 (multi-node test), chromium and chromium-driver (console tests)
 	@missing=""; \
 	command -v etcd >/dev/null || missing="$$missing etcd-server"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
@@ -32,6 +32,8 @@ system-deps: ## Debian packages when missing: etcd-server, docker-registry (OCI 
 	command -v docker-registry >/dev/null || missing="$$missing docker-registry"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt-get install$$missing"; \
 	  $(SUDO) apt-get update -qq; \

@@ -15,6 +15,7 @@ from clowder_balancer.apikeys import SERVICE_NAME as API_KEY_SERVICE
 from clowder_balancer.apikeys import ApiKeyServicer, ApiKeyStore
 from clowder_balancer.channels import ChannelPool
 from clowder_balancer.config import BalancerConfig, split_host_port
+from clowder_balancer.console import install_console
 from clowder_balancer.discovery import Discovery
 from clowder_balancer.grpc_api import InferenceServicer
 from clowder_balancer.http_api import HttpApi
@@ -23,6 +24,10 @@ from clowder_balancer.metrics import Metrics
 from clowder_balancer.picker import Picker
 from clowder_balancer.pipeline import Pipeline
 from clowder_balancer.router import Router
+from clowder_balancer.tenancy.fairness import FairQueue
+from clowder_balancer.tenancy.gate import Tenancy, TenancySettings
+from clowder_balancer.tenancy.quota import QuotaLimiter
+from clowder_balancer.tenancy.usage import UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +51,27 @@ class BalancerApp:
         self.router.on_waiting = self.load_reporter.poke
         self._http_host, self._http_port_wanted = split_host_port(config.http_listen, "http_listen")
         self.api_keys = ApiKeyStore(self.state)
-        self.pipeline = Pipeline(self.router, self.discovery)
+        self.tenancy = Tenancy(
+            QuotaLimiter(self.state, config.quota_etcd_timeout_s, config.quota_local_fallback_s),
+            UsageMeter(self.state, self.metrics.registry, config.usage_flush_interval_s),
+            FairQueue(self._model_slots, self.metrics.registry, config.queue_max_per_model, config.queue_timeout_s),
+            TenancySettings(config.completion_estimate_tokens))
+        self.pipeline = Pipeline(self.router, self.discovery, self.tenancy)
         self._http = HttpApi(self.router, self.discovery, self.metrics, config.max_body_bytes, config.session_header,
                              self.pipeline, self.api_keys, config.require_api_keys)
         self._servicer = InferenceServicer(self.router, self.discovery, self.metrics, config.session_header,
                                            self.pipeline, self.api_keys, config.require_api_keys)
-        self._api_key_servicer = ApiKeyServicer(self.api_keys, admin_token)
+        self._api_key_servicer = ApiKeyServicer(self.api_keys, admin_token, self.tenancy.meter)
+        self._admin_token = admin_token
         self._runner: web.AppRunner | None = None
         self._grpc: GrpcServer | None = None
         self.http_port = 0
         self.grpc_port = 0
         self._stop_task: asyncio.Task | None = None
+
+    def _model_slots(self, model: str) -> int:
+        """Slots of the model's ready replicas, as their stats say (0: not known, the fair queue stays open)."""
+        return sum(self.router.stats.get(e.address).slots for e in self.discovery.endpoints(model))
 
     def _endpoints_changed(self) -> None:
         # Registered ones only: a fallback endpoint (see Discovery.fallback_endpoints) gets a channel per use,
@@ -80,6 +95,7 @@ class BalancerApp:
         await self.api_keys.start()
         await self.router.stats.start()
         await self.load_reporter.start()
+        await self.tenancy.start()
         # No server-wide admin token: inference takes user keys; ApiKeyService checks the admin token itself.
         self._grpc = create_grpc_server(self.config.grpc_listen,
                                         [self._servicer.register, self._api_key_servicer.register],
@@ -94,6 +110,8 @@ class BalancerApp:
         targets = {API_KEY_SERVICE: f"{own}:{self.grpc_port}"}
         if self.config.controller_address:
             targets.update(dict.fromkeys(CONTROLLER_SERVICES, self.config.controller_address))
+        # The web console, and its one route under /api/v1, go before the bridge's /api/v1 catch-all.
+        install_console(http_app, self.discovery, self.channels, self._admin_token)
         install_rest_bridge(http_app, "/api/v1", targets=targets)
         self._runner = web.AppRunner(
             http_app,
@@ -128,6 +146,7 @@ class BalancerApp:
             if isinstance(result, Exception):
                 log.warning("error while draining: %s", result)
         await self.pipeline.drain()
+        await self.tenancy.stop()
         await self.load_reporter.stop()
         await self.router.stats.stop()
         await self.channels.close()
