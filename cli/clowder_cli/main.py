@@ -16,6 +16,7 @@ from clowder_cli import describe as describe_command
 from clowder_cli import paths
 from clowder_cli.formatting import STATE_NAMES, human_bytes
 from clowder_cli import storage_commands
+from clowder_cli import usage_commands
 from clowder.client import Client
 from clowder_cli.control import describe, open_control_plane
 from clowder_cli.up import pull_with_retry, run_down, run_status, run_up
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     describe_command.add_parser(sub)
     storage_commands.add_parsers(sub, image)
     apikey_commands.add_parser(sub)
+    usage_commands.add_parser(sub)
     return parser
 
 
@@ -221,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             return storage_commands.run(args, data_dir, console, lambda: connect(args, data_dir))
         if apikey_commands.handles(args):
             return apikey_commands.run(args, data_dir, console)
+        if usage_commands.handles(args):
+            return usage_commands.run(args, data_dir, console)
         control = connect(args, data_dir)
         try:
             if args.command == "image":

@@ -8,6 +8,7 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
@@ -26,7 +27,35 @@ MAX_PAGE = 1000
 MAX_DESCRIPTION = 200
 MAX_GROUPS = 64
 
+class UsageReader(Protocol):
+    async def query(self, request: apikeys_pb2.GetUsageRequest) -> apikeys_pb2.GetUsageResponse: ...
+
+
 SERVICE_NAME = apikeys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A key's cluster-wide limits (0: none) and priority class, as plain values (the hot path reads them)."""
+
+    rpm: int = 0
+    tpm: int = 0
+    budget_tokens: int = 0
+    budget_period: int = apikeys_pb2.BUDGET_PERIOD_DAY
+    priority: int = apikeys_pb2.PRIORITY_CLASS_STANDARD
+
+    @classmethod
+    def of(cls, limits: apikeys_pb2.KeyLimits) -> "Limits":
+        return cls(limits.requests_per_minute, limits.tokens_per_minute, limits.budget_tokens,
+                   limits.budget_period or apikeys_pb2.BUDGET_PERIOD_DAY,
+                   limits.priority or apikeys_pb2.PRIORITY_CLASS_STANDARD)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.rpm or self.tpm or self.budget_tokens)
+
+
+NO_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -35,6 +64,7 @@ class Principal:
 
     key_id: str = ""
     groups: frozenset[str] = frozenset()
+    limits: Limits = NO_LIMITS
 
     @property
     def anonymous(self) -> bool:
@@ -60,6 +90,20 @@ def bearer(value: str | None) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
+def validate_limits(limits: apikeys_pb2.KeyLimits, field: str = "limits") -> None:
+    if limits.budget_period not in apikeys_pb2.BudgetPeriod.values():
+        raise InvalidArgument("budget_period must be DAY or MONTH", field=f"{field}.budget_period")
+    if limits.priority not in apikeys_pb2.PriorityClass.values():
+        raise InvalidArgument("priority must be CRITICAL, STANDARD or SHEDDABLE", field=f"{field}.priority")
+
+
+def _validate_groups(groups: list[str]) -> None:
+    if len(groups) > MAX_GROUPS:
+        raise InvalidArgument(f"a key takes at most {MAX_GROUPS} groups", field="groups")
+    for i, group in enumerate(groups):
+        validate_name(group, f"groups[{i}]")
+
+
 def _validate_id(key_id: str) -> str:
     if not _ID_RE.match(key_id or ""):
         raise InvalidArgument(f"id {key_id!r} is not an API key id (12 hex digits)", field="id")
@@ -80,16 +124,16 @@ class ApiKeyStore:
     async def stop(self) -> None:
         await self.cache.stop()
 
-    async def create(self, description: str, groups: list[str]) -> tuple[apikeys_pb2.ApiKey, str]:
+    async def create(self, description: str, groups: list[str],
+                     limits: apikeys_pb2.KeyLimits | None = None) -> tuple[apikeys_pb2.ApiKey, str]:
         if len(description) > MAX_DESCRIPTION:
             raise InvalidArgument(f"description takes at most {MAX_DESCRIPTION} characters", field="description")
-        if len(groups) > MAX_GROUPS:
-            raise InvalidArgument(f"a key takes at most {MAX_GROUPS} groups", field="groups")
-        for i, group in enumerate(groups):
-            validate_name(group, f"groups[{i}]")
+        _validate_groups(groups)
+        if limits is not None:
+            validate_limits(limits)
         key_id = secrets.token_hex(6)
         secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
-        api_key = apikeys_pb2.ApiKey(id=key_id, description=description, groups=sorted(set(groups)))
+        api_key = apikeys_pb2.ApiKey(id=key_id, description=description, groups=sorted(set(groups)), limits=limits)
         api_key.create_time.GetCurrentTime()
         stored = apikeys_pb2.StoredApiKey(api_key=api_key, secret_sha256=hash_secret(secret))
         try:
@@ -104,6 +148,42 @@ class ApiKeyStore:
         if found is None:
             raise NotFound(f"API key '{key_id}' does not exist", reason="API_KEY_NOT_FOUND", metadata={"id": key_id})
         return found.value.api_key
+
+    async def update(self, request: apikeys_pb2.UpdateApiKeyRequest) -> apikeys_pb2.ApiKey:
+        """Apply the masked fields of `request` (all when the mask is empty), compare-and-swap on the record."""
+        key = self._prefix + _validate_id(request.id)
+        mask = list(request.update_mask) or ["description", "groups", "limits"]
+        for path in mask:
+            head, _, tail = path.partition(".")
+            if head not in ("description", "groups", "limits") or (
+                    tail and (head != "limits" or tail not in apikeys_pb2.KeyLimits.DESCRIPTOR.fields_by_name)):
+                raise InvalidArgument(f"update_mask: {path!r} is not a field that can be changed", field="update_mask")
+        if "description" in mask and len(request.description) > MAX_DESCRIPTION:
+            raise InvalidArgument(f"description takes at most {MAX_DESCRIPTION} characters", field="description")
+        if "groups" in mask:
+            _validate_groups(list(request.groups))
+        validate_limits(request.limits)
+        while True:
+            found = await self._state.get(key, apikeys_pb2.StoredApiKey)
+            if found is None:
+                raise NotFound(f"API key '{request.id}' does not exist", reason="API_KEY_NOT_FOUND",
+                               metadata={"id": request.id})
+            stored = found.value
+            api_key = stored.api_key
+            for path in mask:
+                head, _, tail = path.partition(".")
+                if head == "description":
+                    api_key.description = request.description
+                elif head == "groups":
+                    del api_key.groups[:]
+                    api_key.groups.extend(sorted(set(request.groups)))
+                elif tail:
+                    setattr(api_key.limits, tail, getattr(request.limits, tail))
+                else:
+                    api_key.limits.CopyFrom(request.limits)
+            if await self._state.update(key, stored, found.mod_revision):
+                return api_key
+            # Another admin changed the key meanwhile: apply our fields to theirs.
 
     async def list(self, page_size: int, page_token: str) -> tuple[list[apikeys_pb2.ApiKey], str]:
         if page_token and not _ID_RE.match(page_token):
@@ -140,15 +220,16 @@ class ApiKeyStore:
         # compare_digest on the hashes: timing says nothing about how much of the secret matched.
         if stored is None or not hmac.compare_digest(stored.secret_sha256, hash_secret(secret)):
             raise Unauthenticated("invalid API key", reason="INVALID_API_KEY")
-        return Principal(key_id, frozenset(stored.api_key.groups))
+        return Principal(key_id, frozenset(stored.api_key.groups), Limits.of(stored.api_key.limits))
 
 
 class ApiKeyServicer(apikeys_pb2_grpc.ApiKeyServiceServicer):
     """ApiKeyService; every method checks the admin token itself, because the inference service on the
     same server must stay callable with user keys (the server-wide admin token would lock users out)."""
 
-    def __init__(self, store: ApiKeyStore, admin_token: str | None) -> None:
+    def __init__(self, store: ApiKeyStore, admin_token: str | None, usage: UsageReader | None = None) -> None:
         self._store = store
+        self._usage = usage
         self._token = admin_token.encode() if admin_token else None
 
     def register(self, server: grpc.aio.Server) -> str:
@@ -168,7 +249,8 @@ class ApiKeyServicer(apikeys_pb2_grpc.ApiKeyServiceServicer):
 
     async def CreateApiKey(self, request, context) -> apikeys_pb2.CreateApiKeyResponse:
         self._check_admin(context)
-        api_key, key = await self._store.create(request.description, list(request.groups))
+        api_key, key = await self._store.create(request.description, list(request.groups),
+                                                request.limits if request.HasField("limits") else None)
         return apikeys_pb2.CreateApiKeyResponse(api_key=api_key, key=key)
 
     async def GetApiKey(self, request, context) -> apikeys_pb2.GetApiKeyResponse:
@@ -179,6 +261,16 @@ class ApiKeyServicer(apikeys_pb2_grpc.ApiKeyServiceServicer):
         self._check_admin(context)
         page, token = await self._store.list(request.page_size, request.page_token)
         return apikeys_pb2.ListApiKeysResponse(api_keys=page, next_page_token=token)
+
+    async def UpdateApiKey(self, request, context) -> apikeys_pb2.UpdateApiKeyResponse:
+        self._check_admin(context)
+        return apikeys_pb2.UpdateApiKeyResponse(api_key=await self._store.update(request))
+
+    async def GetUsage(self, request, context) -> apikeys_pb2.GetUsageResponse:
+        self._check_admin(context)
+        if self._usage is None:
+            raise FailedPrecondition("this balancer does not record usage", reason="NO_USAGE")
+        return await self._usage.query(request)
 
     async def DeleteApiKey(self, request, context) -> apikeys_pb2.DeleteApiKeyResponse:
         self._check_admin(context)

@@ -70,6 +70,16 @@ class BalancerConfig(EtcdConfig):
     # Load reports to etcd (load/<name>): interval and lease TTL.
     load_report_interval_s: float = 1.0
     load_lease_ttl_s: int = 5
+    # Tenants (tenancy/): usage sums go to etcd this often (a killed balancer loses at most one interval).
+    usage_flush_interval_s: float = 2.0
+    # Per-key limits wait this long for etcd, then count on this balancer alone for quota_local_fallback_s.
+    quota_etcd_timeout_s: float = 1.0
+    quota_local_fallback_s: float = 5.0
+    # Tokens a request without max_tokens is expected to generate per choice (limit and budget reservations).
+    completion_estimate_tokens: int = 256
+    # Requests waiting per model while its replicas' slots are all busy, and for how long at most (503 after).
+    queue_max_per_model: int = 256
+    queue_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         for field in ("http_listen", "grpc_listen"):

@@ -17,6 +17,7 @@ from clowder_balancer.middleware.base import RequestContext, Stage
 from clowder_balancer.middleware.chain import Chains
 from clowder_balancer.openai_api import finish_reason_name
 from clowder_balancer.router import Router
+from clowder_balancer.tenancy.gate import Tenancy, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,11 @@ MAX_KEPT_OUTPUT = 64 * 1024
 
 
 class Pipeline:
-    def __init__(self, router: Router, discovery: Discovery) -> None:
+    def __init__(self, router: Router, discovery: Discovery, tenancy: Tenancy | None = None) -> None:
         self._router = router
         self._discovery = discovery
+        # Limits, budgets, fair queueing and usage (tenancy/); None: none of them (in-process tests).
+        self._tenancy = tenancy
         self.chains = Chains()
 
     def _stages(self, model: str) -> list[Stage]:
@@ -44,9 +47,12 @@ class Pipeline:
         ctx.request = request
         kept = 0
         finished = 0
+        ticket: Ticket | None = None
         try:
             for stage in stages:
                 await stage.before(ctx, request)
+            if self._tenancy is not None:
+                ticket = await self._tenancy.admit(ctx, request, n)
             filters = [[f for f in (s.output_filter(ctx) for s in stages) if f is not None] for _ in range(n)]
             if filters[0] and request.sampling.logprobs:
                 # Token texts would show what the filters hold back from the text.
@@ -91,6 +97,8 @@ class Pipeline:
                                 [f for f in (s.output_filter(ctx) for s in stages) if f is not None],
                                 call.arguments, True)
                         message = replaced
+                    if ticket is not None:
+                        ticket.sent(index, message)
                     yield index, message
             ctx.status = 200
         except ClowderError as err:
@@ -104,16 +112,23 @@ class Pipeline:
             ctx.status = ctx.status or 500
             raise
         finally:
+            if ticket is not None:
+                ticket.close()
             self._after(ctx, stages)
 
     async def embed(self, ctx: RequestContext, request: runtime_pb2.EmbedRequest) -> runtime_pb2.EmbedResponse:
         """The runtime's embeddings for `request`, after the model's middleware (stages that apply to inputs)."""
         stages = self._stages(ctx.model)
         ctx.request = request
+        ticket: Ticket | None = None
         try:
             for stage in stages:
                 await stage.before_embed(ctx, request)
+            if self._tenancy is not None:
+                ticket = await self._tenancy.admit_embed(ctx, request)
             response = await self._router.embed(ctx.model, request)
+            if ticket is not None:
+                ticket.embedded(response.prompt_tokens)
             ctx.prompt_tokens = response.prompt_tokens
             ctx.status = 200
             return response
@@ -127,6 +142,8 @@ class Pipeline:
             ctx.status = 500
             raise
         finally:
+            if ticket is not None:
+                ticket.close()
             self._after(ctx, stages)
 
     @staticmethod

@@ -30,6 +30,8 @@ class RuntimeStats:
     # Distinct prefix blocks the runtime says its KV cache holds, and tokens per block (0: not reported).
     prefix_blocks: int = 0
     prefix_block_tokens: int = 0
+    # Sequence slots (0: not reported yet); the fair queue's capacity.
+    slots: int = 0
 
     @property
     def reachable(self) -> bool:
@@ -90,5 +92,6 @@ class StatsPoller:
         stats.adapters = frozenset(reply.adapters)
         stats.prefix_blocks = len(set(reply.prefix_block_hashes))
         stats.prefix_block_tokens = reply.prefix_block_tokens
+        stats.slots = reply.slots
         if self._on_stats is not None:
             self._on_stats(address, stats)

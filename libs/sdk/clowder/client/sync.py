@@ -189,10 +189,22 @@ class ApiKeys:
     def __init__(self, caller: _Caller, stub: apikeys_pb2_grpc.ApiKeyServiceStub) -> None:
         self._call, self._stub = caller, stub
 
-    def create(self, description: str = "", groups: Iterable[str] = ()) -> tuple[apikeys_pb2.ApiKey, str]:
+    def create(self, description: str = "", groups: Iterable[str] = (),
+               limits: apikeys_pb2.KeyLimits | None = None) -> tuple[apikeys_pb2.ApiKey, str]:
         """The new key's record and its secret, which is shown only this once."""
-        reply = self._call.unary(self._stub.CreateApiKey, api_key_request(description, groups), idempotent=False)
+        request = api_key_request(description, groups)
+        if limits is not None:
+            request.limits.CopyFrom(limits)
+        reply = self._call.unary(self._stub.CreateApiKey, request, idempotent=False)
         return reply.api_key, reply.key
+
+    def update(self, request: apikeys_pb2.UpdateApiKeyRequest) -> apikeys_pb2.ApiKey:
+        """Change the fields named in request.update_mask (all of them when it is empty)."""
+        return self._call.unary(self._stub.UpdateApiKey, request, idempotent=True).api_key
+
+    def usage(self, request: apikeys_pb2.GetUsageRequest) -> apikeys_pb2.GetUsageResponse:
+        """Tokens per key, model and day, narrowed by the request's filters."""
+        return self._call.unary(self._stub.GetUsage, request, idempotent=True)
 
     def get(self, key_id: str) -> apikeys_pb2.ApiKey:
         return self._call.unary(self._stub.GetApiKey, apikeys_pb2.GetApiKeyRequest(id=key_id),

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!clowder/balancer/v1/apikeys.proto\x12\x13\x63lowder.balancer.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"j\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06groups\x18\x03 \x03(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\x0cStoredApiKey\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.clowder.balancer.v1.ApiKey\x12\x15\n\rsecret_sha256\x18\x02 \x01(\t\":\n\x13\x43reateApiKeyRequest\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\"Q\n\x14\x43reateApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.clowder.balancer.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x1e\n\x10GetApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x11GetApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.clowder.balancer.v1.ApiKey\";\n\x12ListApiKeysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x13ListApiKeysResponse\x12-\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1b.clowder.balancer.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x13\x44\x65leteApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteApiKeyResponse2\x89\x04\n\rApiKeyService\x12\x7f\n\x0c\x43reateApiKey\x12(.clowder.balancer.v1.CreateApiKeyRequest\x1a).clowder.balancer.v1.CreateApiKeyResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/api/v1/apikeys:\x01*\x12x\n\tGetApiKey\x12%.clowder.balancer.v1.GetApiKeyRequest\x1a&.clowder.balancer.v1.GetApiKeyResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/api/v1/apikeys/{id}\x12y\n\x0bListApiKeys\x12\'.clowder.balancer.v1.ListApiKeysRequest\x1a(.clowder.balancer.v1.ListApiKeysResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/v1/apikeys\x12\x81\x01\n\x0c\x44\x65leteApiKey\x12(.clowder.balancer.v1.DeleteApiKeyRequest\x1a).clowder.balancer.v1.DeleteApiKeyResponse\"\x1c\x82\xd3\xe4\x93\x02\x16*\x14/api/v1/apikeys/{id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!clowder/balancer/v1/apikeys.proto\x12\x13\x63lowder.balancer.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9a\x01\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06groups\x18\x03 \x03(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x06limits\x18\x05 \x01(\x0b\x32\x1e.clowder.balancer.v1.KeyLimits\"\xca\x01\n\tKeyLimits\x12\x1b\n\x13requests_per_minute\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_minute\x18\x02 \x01(\x04\x12\x15\n\rbudget_tokens\x18\x03 \x01(\x04\x12\x38\n\rbudget_period\x18\x04 \x01(\x0e\x32!.clowder.balancer.v1.BudgetPeriod\x12\x34\n\x08priority\x18\x05 \x01(\x0e\x32\".clowder.balancer.v1.PriorityClass\"S\n\x0cStoredApiKey\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.clowder.balancer.v1.ApiKey\x12\x15\n\rsecret_sha256\x18\x02 \x01(\t\"j\n\x13\x43reateApiKeyRequest\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\x12.\n\x06limits\x18\x03 \x01(\x0b\x32\x1e.clowder.balancer.v1.KeyLimits\"Q\n\x14\x43reateApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.clowder.balancer.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x1e\n\x10GetApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x11GetApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.clowder.balancer.v1.ApiKey\";\n\x12ListApiKeysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x13ListApiKeysResponse\x12-\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1b.clowder.balancer.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8b\x01\n\x13UpdateApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06groups\x18\x03 \x03(\t\x12.\n\x06limits\x18\x04 \x01(\x0b\x32\x1e.clowder.balancer.v1.KeyLimits\x12\x13\n\x0bupdate_mask\x18\x05 \x03(\t\"D\n\x14UpdateApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.clowder.balancer.v1.ApiKey\"!\n\x13\x44\x65leteApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteApiKeyResponse\"b\n\x0fGetUsageRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nstart_date\x18\x04 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x05 \x01(\t\"\xa9\x01\n\x0bUsageRecord\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61te\x18\x03 \x01(\t\x12\x0e\n\x06groups\x18\x04 \x03(\t\x12\x10\n\x08requests\x18\x05 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x07 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\x04\"\xa7\x01\n\x10GetUsageResponse\x12\x31\n\x07records\x18\x01 \x03(\x0b\x32 .clowder.balancer.v1.UsageRecord\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x04\x12\x10\n\x08requests\x18\x05 \x01(\x04\"{\n\nQuotaState\x12\x14\n\x0crequests_tat\x18\x01 \x01(\x01\x12\x12\n\ntokens_tat\x18\x02 \x01(\x01\x12\x15\n\rbudget_period\x18\x03 \x01(\t\x12\x13\n\x0b\x62udget_used\x18\x04 \x01(\x04\x12\x17\n\x0f\x62udget_reserved\x18\x05 \x01(\x04*]\n\x0c\x42udgetPeriod\x12\x1d\n\x19\x42UDGET_PERIOD_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42UDGET_PERIOD_DAY\x10\x01\x12\x17\n\x13\x42UDGET_PERIOD_MONTH\x10\x02*\x87\x01\n\rPriorityClass\x12\x1e\n\x1aPRIORITY_CLASS_UNSPECIFIED\x10\x00\x12\x1b\n\x17PRIORITY_CLASS_CRITICAL\x10\x01\x12\x1b\n\x17PRIORITY_CLASS_STANDARD\x10\x02\x12\x1c\n\x18PRIORITY_CLASS_SHEDDABLE\x10\x03\x32\x80\x06\n\rApiKeyService\x12\x7f\n\x0c\x43reateApiKey\x12(.clowder.balancer.v1.CreateApiKeyRequest\x1a).clowder.balancer.v1.CreateApiKeyResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/api/v1/apikeys:\x01*\x12x\n\tGetApiKey\x12%.clowder.balancer.v1.GetApiKeyRequest\x1a&.clowder.balancer.v1.GetApiKeyResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/api/v1/apikeys/{id}\x12y\n\x0bListApiKeys\x12\'.clowder.balancer.v1.ListApiKeysRequest\x1a(.clowder.balancer.v1.ListApiKeysResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/v1/apikeys\x12\x84\x01\n\x0cUpdateApiKey\x12(.clowder.balancer.v1.UpdateApiKeyRequest\x1a).clowder.balancer.v1.UpdateApiKeyResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x32\x14/api/v1/apikeys/{id}:\x01*\x12\x81\x01\n\x0c\x44\x65leteApiKey\x12(.clowder.balancer.v1.DeleteApiKeyRequest\x1a).clowder.balancer.v1.DeleteApiKeyResponse\"\x1c\x82\xd3\xe4\x93\x02\x16*\x14/api/v1/apikeys/{id}\x12n\n\x08GetUsage\x12$.clowder.balancer.v1.GetUsageRequest\x1a%.clowder.balancer.v1.GetUsageResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/api/v1/usageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,28 +39,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APIKEYSERVICE'].methods_by_name['GetApiKey']._serialized_options = b'\202\323\344\223\002\026\022\024/api/v1/apikeys/{id}'
   _globals['_APIKEYSERVICE'].methods_by_name['ListApiKeys']._loaded_options = None
   _globals['_APIKEYSERVICE'].methods_by_name['ListApiKeys']._serialized_options = b'\202\323\344\223\002\021\022\017/api/v1/apikeys'
+  _globals['_APIKEYSERVICE'].methods_by_name['UpdateApiKey']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['UpdateApiKey']._serialized_options = b'\202\323\344\223\002\0312\024/api/v1/apikeys/{id}:\001*'
   _globals['_APIKEYSERVICE'].methods_by_name['DeleteApiKey']._loaded_options = None
   _globals['_APIKEYSERVICE'].methods_by_name['DeleteApiKey']._serialized_options = b'\202\323\344\223\002\026*\024/api/v1/apikeys/{id}'
-  _globals['_APIKEY']._serialized_start=121
-  _globals['_APIKEY']._serialized_end=227
-  _globals['_STOREDAPIKEY']._serialized_start=229
-  _globals['_STOREDAPIKEY']._serialized_end=312
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=314
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=372
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=374
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=455
-  _globals['_GETAPIKEYREQUEST']._serialized_start=457
-  _globals['_GETAPIKEYREQUEST']._serialized_end=487
-  _globals['_GETAPIKEYRESPONSE']._serialized_start=489
-  _globals['_GETAPIKEYRESPONSE']._serialized_end=554
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=556
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=615
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=617
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=710
-  _globals['_DELETEAPIKEYREQUEST']._serialized_start=712
-  _globals['_DELETEAPIKEYREQUEST']._serialized_end=745
-  _globals['_DELETEAPIKEYRESPONSE']._serialized_start=747
-  _globals['_DELETEAPIKEYRESPONSE']._serialized_end=769
-  _globals['_APIKEYSERVICE']._serialized_start=772
-  _globals['_APIKEYSERVICE']._serialized_end=1293
+  _globals['_APIKEYSERVICE'].methods_by_name['GetUsage']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['GetUsage']._serialized_options = b'\202\323\344\223\002\017\022\r/api/v1/usage'
+  _globals['_BUDGETPERIOD']._serialized_start=1852
+  _globals['_BUDGETPERIOD']._serialized_end=1945
+  _globals['_PRIORITYCLASS']._serialized_start=1948
+  _globals['_PRIORITYCLASS']._serialized_end=2083
+  _globals['_APIKEY']._serialized_start=122
+  _globals['_APIKEY']._serialized_end=276
+  _globals['_KEYLIMITS']._serialized_start=279
+  _globals['_KEYLIMITS']._serialized_end=481
+  _globals['_STOREDAPIKEY']._serialized_start=483
+  _globals['_STOREDAPIKEY']._serialized_end=566
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=568
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=674
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=676
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=757
+  _globals['_GETAPIKEYREQUEST']._serialized_start=759
+  _globals['_GETAPIKEYREQUEST']._serialized_end=789
+  _globals['_GETAPIKEYRESPONSE']._serialized_start=791
+  _globals['_GETAPIKEYRESPONSE']._serialized_end=856
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=858
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=917
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=919
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1012
+  _globals['_UPDATEAPIKEYREQUEST']._serialized_start=1015
+  _globals['_UPDATEAPIKEYREQUEST']._serialized_end=1154
+  _globals['_UPDATEAPIKEYRESPONSE']._serialized_start=1156
+  _globals['_UPDATEAPIKEYRESPONSE']._serialized_end=1224
+  _globals['_DELETEAPIKEYREQUEST']._serialized_start=1226
+  _globals['_DELETEAPIKEYREQUEST']._serialized_end=1259
+  _globals['_DELETEAPIKEYRESPONSE']._serialized_start=1261
+  _globals['_DELETEAPIKEYRESPONSE']._serialized_end=1283
+  _globals['_GETUSAGEREQUEST']._serialized_start=1285
+  _globals['_GETUSAGEREQUEST']._serialized_end=1383
+  _globals['_USAGERECORD']._serialized_start=1386
+  _globals['_USAGERECORD']._serialized_end=1555
+  _globals['_GETUSAGERESPONSE']._serialized_start=1558
+  _globals['_GETUSAGERESPONSE']._serialized_end=1725
+  _globals['_QUOTASTATE']._serialized_start=1727
+  _globals['_QUOTASTATE']._serialized_end=1850
+  _globals['_APIKEYSERVICE']._serialized_start=2086
+  _globals['_APIKEYSERVICE']._serialized_end=2854
 # @@protoc_insertion_point(module_scope)

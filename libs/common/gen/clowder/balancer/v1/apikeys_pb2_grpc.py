@@ -54,10 +54,20 @@ class ApiKeyServiceStub:
                 request_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.ListApiKeysRequest.SerializeToString,
                 response_deserializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.ListApiKeysResponse.FromString,
                 _registered_method=True)
+        self.UpdateApiKey = channel.unary_unary(
+                '/clowder.balancer.v1.ApiKeyService/UpdateApiKey',
+                request_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.UpdateApiKeyRequest.SerializeToString,
+                response_deserializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.UpdateApiKeyResponse.FromString,
+                _registered_method=True)
         self.DeleteApiKey = channel.unary_unary(
                 '/clowder.balancer.v1.ApiKeyService/DeleteApiKey',
                 request_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.DeleteApiKeyRequest.SerializeToString,
                 response_deserializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.DeleteApiKeyResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/clowder.balancer.v1.ApiKeyService/GetUsage',
+                request_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
 
 
@@ -90,8 +100,25 @@ class ApiKeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateApiKey(self, request, context):
+        """Changes a key's description, groups and limits (the fields named in update_mask; all of them when it
+        is empty). NOT_FOUND if no key has this id; INVALID_ARGUMENT for a bad group name or limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteApiKey(self, request, context):
         """Revokes the key at once on every balancer. NOT_FOUND if no key has this id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """Tokens used per key, model and day (UTC), as recorded by every balancer; filters narrow it down.
+        A balancer flushes what it counted every few seconds (usage_flush_interval_s), so the latest
+        requests may show a little later. INVALID_ARGUMENT for a bad date.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,10 +142,20 @@ def add_ApiKeyServiceServicer_to_server(servicer, server):
                     request_deserializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.ListApiKeysRequest.FromString,
                     response_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.ListApiKeysResponse.SerializeToString,
             ),
+            'UpdateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateApiKey,
+                    request_deserializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.UpdateApiKeyRequest.FromString,
+                    response_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.UpdateApiKeyResponse.SerializeToString,
+            ),
             'DeleteApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteApiKey,
                     request_deserializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.DeleteApiKeyRequest.FromString,
                     response_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.DeleteApiKeyResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.GetUsageRequest.FromString,
+                    response_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +255,33 @@ class ApiKeyService:
             _registered_method=True)
 
     @staticmethod
+    def UpdateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.balancer.v1.ApiKeyService/UpdateApiKey',
+            clowder_dot_balancer_dot_v1_dot_apikeys__pb2.UpdateApiKeyRequest.SerializeToString,
+            clowder_dot_balancer_dot_v1_dot_apikeys__pb2.UpdateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def DeleteApiKey(request,
             target,
             options=(),
@@ -234,6 +298,33 @@ class ApiKeyService:
             '/clowder.balancer.v1.ApiKeyService/DeleteApiKey',
             clowder_dot_balancer_dot_v1_dot_apikeys__pb2.DeleteApiKeyRequest.SerializeToString,
             clowder_dot_balancer_dot_v1_dot_apikeys__pb2.DeleteApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.balancer.v1.ApiKeyService/GetUsage',
+            clowder_dot_balancer_dot_v1_dot_apikeys__pb2.GetUsageRequest.SerializeToString,
+            clowder_dot_balancer_dot_v1_dot_apikeys__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
