@@ -513,4 +513,8 @@ def error_from(err: ClowderError, embeddings: bool = False) -> tuple[int, dict[s
         else:
             # The runtime names fields of its GenerateRequest; the client only knows the flat OpenAI names.
             param = _RUNTIME_FIELDS.get(param, param.removeprefix("sampling."))
-    return status, error_body(status, err.message, param, err.reason.lower() if err.reason else None)
+    body = error_body(status, err.message, param, err.reason.lower() if err.reason else None)
+    if err.reason == "INSUFFICIENT_QUOTA":
+        # OpenAI's shape for a used-up budget: its own type, not rate_limit_error (clients treat it as final).
+        body["error"]["type"] = "insufficient_quota"
+    return status, body
