@@ -13,6 +13,8 @@ from clowder_common.rest import CONTROLLER_SERVICES, install_rest_bridge
 
 from clowder_balancer.apikeys import SERVICE_NAME as API_KEY_SERVICE
 from clowder_balancer.apikeys import ApiKeyServicer, ApiKeyStore
+from clowder_balancer.batch.feature import Batches
+from clowder_balancer.batch.service import BatchSettings
 from clowder_balancer.channels import ChannelPool
 from clowder_balancer.config import BalancerConfig, split_host_port
 from clowder_balancer.console import install_console
@@ -61,6 +63,11 @@ class BalancerApp:
                              self.pipeline, self.api_keys, config.require_api_keys)
         self._servicer = InferenceServicer(self.router, self.discovery, self.metrics, config.session_header,
                                            self.pipeline, self.api_keys, config.require_api_keys)
+        self.batches = Batches(
+            BatchSettings(config.batch_max_file_bytes, config.batch_chunk_lines, config.batch_max_in_flight,
+                          config.batch_reserve_slots, config.batch_claim_ttl_s),
+            self.state, self.pipeline, self.discovery, self.router, self.api_keys, self.metrics, admin_token,
+            config.name, config.require_api_keys)
         self._api_key_servicer = ApiKeyServicer(self.api_keys, admin_token, self.tenancy.meter)
         self._admin_token = admin_token
         self._runner: web.AppRunner | None = None
@@ -98,12 +105,14 @@ class BalancerApp:
         await self.tenancy.start()
         # No server-wide admin token: inference takes user keys; ApiKeyService checks the admin token itself.
         self._grpc = create_grpc_server(self.config.grpc_listen,
-                                        [self._servicer.register, self._api_key_servicer.register],
+                                        [self._servicer.register, self._api_key_servicer.register,
+                                         self.batches.register],
                                         tracer_provider=self._tracer_provider)
         await self._grpc.start()
         self.grpc_port = self._grpc.port
         # handler_cancellation: a client that hangs up cancels its handler, and so its runtime call.
         http_app = self._http.application()
+        self.batches.install(http_app)
         # The REST bridge (grpc-gateway style) turns /api/v1/* into calls on the control-plane gRPC services.
         grpc_host = split_host_port(self.config.grpc_listen, "grpc_listen")[0]
         own = "127.0.0.1" if grpc_host in ("0.0.0.0", "::", "") else grpc_host
@@ -120,6 +129,8 @@ class BalancerApp:
             access_log=None,
         )
         await self._runner.setup()
+        # Batch work starts with the HTTP face up, so a batch created here is also run here.
+        await self.batches.start()
         site = web.TCPSite(self._runner, self._http_host, self._http_port_wanted)
         await site.start()
         self.http_port = self._runner.addresses[0][1]
@@ -145,6 +156,7 @@ class BalancerApp:
         for result in results:
             if isinstance(result, Exception):
                 log.warning("error while draining: %s", result)
+        await self.batches.stop()
         await self.pipeline.drain()
         await self.tenancy.stop()
         await self.load_reporter.stop()

@@ -80,6 +80,15 @@ class BalancerConfig(EtcdConfig):
     # Requests waiting per model while its replicas' slots are all busy, and for how long at most (503 after).
     queue_max_per_model: int = 256
     queue_timeout_s: float = 60.0
+    # Batch jobs (/v1/files, /v1/batches, batch/): the largest input file (held in memory while stored), lines a
+    # balancer claims at a time, invocations one balancer runs at once, slots per deployment batch work leaves
+    # to interactive requests, and the TTL of the lease its claims hang on (a dead balancer's chunks are free
+    # again this long after it died).
+    batch_max_file_bytes: int = 100 * 1024 * 1024
+    batch_chunk_lines: int = 16
+    batch_max_in_flight: int = 16
+    batch_reserve_slots: int = 1
+    batch_claim_ttl_s: int = 5
 
     def __post_init__(self) -> None:
         for field in ("http_listen", "grpc_listen"):
@@ -105,6 +114,13 @@ class BalancerConfig(EtcdConfig):
             raise InvalidArgument("load_lease_ttl_s must be at least 2", field="load_lease_ttl_s")
         if not self.session_header or self.session_header != self.session_header.lower():
             raise InvalidArgument("session_header must be a non-empty lowercase header name", field="session_header")
+        for field in ("batch_max_file_bytes", "batch_chunk_lines", "batch_max_in_flight"):
+            if getattr(self, field) < 1:
+                raise InvalidArgument(f"{field} must be at least 1", field=field)
+        if self.batch_reserve_slots < 0:
+            raise InvalidArgument("batch_reserve_slots must not be negative", field="batch_reserve_slots")
+        if self.batch_claim_ttl_s < 2:
+            raise InvalidArgument("batch_claim_ttl_s must be at least 2", field="batch_claim_ttl_s")
         if self.max_body_bytes < 1024:
             raise InvalidArgument("max_body_bytes must be at least 1024", field="max_body_bytes")
 
