@@ -60,3 +60,17 @@ LOAD = "load/"
 
 def load(balancer: str) -> str:
     return LOAD + balancer
+
+
+# A service's revisions and traffic split (controller.v1.Service), and each balancer's per-revision counters
+# (controller.v1.RevisionTrafficReport, under the balancer's lease).
+SERVICES = "services/"
+REVSTATS = "revstats/"
+
+
+def service(name: str) -> str:
+    return SERVICES + name
+
+
+def revstats(balancer: str) -> str:
+    return REVSTATS + balancer

@@ -26,6 +26,7 @@ from clowder_balancer.metrics import Metrics
 from clowder_balancer.picker import Picker
 from clowder_balancer.pipeline import Pipeline
 from clowder_balancer.router import Router
+from clowder_balancer.traffic_split import RevisionReporter, ServiceDirectory, TrafficSplit
 from clowder_balancer.tenancy.fairness import FairQueue
 from clowder_balancer.tenancy.gate import Tenancy, TenancySettings
 from clowder_balancer.tenancy.quota import QuotaLimiter
@@ -43,10 +44,16 @@ class BalancerApp:
         self.state = EtcdState(config.etcd_endpoints, config.etcd_prefix)
         self.metrics = Metrics()
         self.channels = ChannelPool()
+        # Services (revisions and their traffic split): see traffic_split.py.
+        self.services = ServiceDirectory(self.state)
         self.discovery = Discovery(self.state, on_endpoints_change=self._endpoints_changed,
-                                   grace_s=config.endpoint_grace_s)
+                                   grace_s=config.endpoint_grace_s, services=self.services)
+        self.traffic = TrafficSplit(self.services, lambda d: bool(self.discovery.registered_endpoints(d)),
+                                    self.metrics.registry)
+        self.revision_reporter = RevisionReporter(self.state, self.traffic, config.name,
+                                                  config.load_report_interval_s, config.load_lease_ttl_s)
         self.router = Router(config, self.discovery, self.channels, self.metrics, picker,
-                             tracer_provider=tracer_provider)
+                             tracer_provider=tracer_provider, traffic=self.traffic)
         self._tracer_provider = tracer_provider
         self.load_reporter = LoadReporter(self.state, self.router.tracker, config.name,
                                           config.load_report_interval_s, config.load_lease_ttl_s)
@@ -98,10 +105,12 @@ class BalancerApp:
         await self.state.connect()
         # Serve even if the caches are not loaded yet: /healthz says 503 and requests get UNAVAILABLE
         # until they are, which beats refusing connections while etcd is slow.
+        await self.services.start()
         await self.discovery.start()
         await self.api_keys.start()
         await self.router.stats.start()
         await self.load_reporter.start()
+        await self.revision_reporter.start()
         await self.tenancy.start()
         # No server-wide admin token: inference takes user keys; ApiKeyService checks the admin token itself.
         self._grpc = create_grpc_server(self.config.grpc_listen,
@@ -160,9 +169,11 @@ class BalancerApp:
         await self.pipeline.drain()
         await self.tenancy.stop()
         await self.load_reporter.stop()
+        await self.revision_reporter.stop()
         await self.router.stats.stop()
         await self.channels.close()
         await self.discovery.stop()
+        await self.services.stop()
         await self.api_keys.stop()
         await self.state.close()
         log.info("stopped")

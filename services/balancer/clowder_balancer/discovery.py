@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Callable, Collection
+from typing import Callable, Collection, Protocol
 
 from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2
@@ -32,6 +32,19 @@ class ReadyEndpoint:
 _NO_CONFIGURATION = resources_pb2.ImageConfiguration()
 
 
+class Services(Protocol):
+    """Model names that are services (traffic_split.ServiceDirectory): they route to their revisions'
+    deployments, which are listed under the service's name instead of their own."""
+
+    def has(self, name: str) -> bool: ...
+
+    def runs_revision(self, deployment: str) -> bool: ...
+
+    def listed(self) -> list[tuple[str, int, list[str]]]: ...
+
+    def stable_deployment(self, name: str) -> str: ...
+
+
 def model_not_found(name: str) -> NotFound:
     return NotFound(f"The model '{name}' does not exist", reason="MODEL_NOT_FOUND", metadata={"model": name})
 
@@ -40,7 +53,8 @@ class Discovery:
     """Two prefix caches: a model exists while its deployment does; its endpoints are its ready replicas."""
 
     def __init__(self, state: EtcdState, on_endpoints_change: Callable[[], None] | None = None,
-                 grace_s: float = 0.0) -> None:
+                 grace_s: float = 0.0, services: Services | None = None) -> None:
+        self._services = services
         self._deployments_prefix = state.key(keys.DEPLOYMENTS)
         self._endpoints_prefix = state.key(keys.ENDPOINTS)
         self._images_prefix = state.key(keys.IMAGES)
@@ -84,6 +98,9 @@ class Discovery:
     def image_configuration(self, name: str) -> resources_pb2.ImageConfiguration:
         """The configuration of the aimage deployment `name` serves (empty when unknown)."""
         deployment = self._deployments.items.get(self._deployments_prefix + name)
+        if deployment is None and self._services is not None and self._services.has(name):
+            # A service's middleware: its stable revision's (each revision's runtime applies its own settings).
+            deployment = self._deployments.items.get(self._deployments_prefix + self._services.stable_deployment(name))
         if deployment is None:
             return _NO_CONFIGURATION
         image = self._images.items.get(self._images_prefix + (deployment.image or name))
@@ -96,7 +113,8 @@ class Discovery:
 
     def has_model(self, name: str) -> bool:
         self._check_ready()
-        return self._deployments_prefix + name in self._deployments.items
+        return self._deployments_prefix + name in self._deployments.items or (
+            self._services is not None and self._services.has(name))
 
     def addresses(self) -> set[str]:
         """Addresses of registered endpoints and of those still in their grace period (stats are polled)."""
@@ -156,10 +174,15 @@ class Discovery:
         out = []
         for key, dep in sorted(self._deployments.items.items()):
             name = key.removeprefix(self._deployments_prefix)
-            if "/" in name:
+            if "/" in name or (self._services is not None and self._services.runs_revision(name)):
                 continue
             created = dep.create_time.seconds if dep.HasField("create_time") else 0
             out.append(ModelInfo(name, created, len(self.registered_endpoints(name))))
+        if self._services is not None:
+            for name, created, deployments in self._services.listed():
+                ready = sum(len(self.registered_endpoints(d)) for d in deployments)
+                out.append(ModelInfo(name, created, ready))
+            out.sort(key=lambda m: m.name)
         return out
 
     async def wait_for_endpoints(

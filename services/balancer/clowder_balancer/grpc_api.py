@@ -15,7 +15,7 @@ from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import HTTP_STATUS, ClowderError, InvalidArgument
 
-from clowder_balancer import logcontext, request_ids
+from clowder_balancer import logcontext, request_ids, traffic_split
 from clowder_balancer.apikeys import ApiKeyStore, Principal, bearer
 from clowder_balancer.discovery import Discovery
 from clowder_balancer.metrics import CLIENT_CLOSED, UNKNOWN_MODEL, Metrics
@@ -192,6 +192,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         rid = _request_id(context)
         generate.request_id = rid
         logcontext.REQUEST_ID.set(rid)
+        traffic_split.begin(_metadata(context, traffic_split.REVISION_HEADER))
         await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
         model_label = UNKNOWN_MODEL
         status = 500
@@ -215,5 +216,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             log.info("request_id=%s model=%s cancelled by the client", rid, model)
             raise
         finally:
+            # The revision is chosen after the initial metadata left: it travels in the trailing metadata.
+            context.set_trailing_metadata(tuple(traffic_split.response_headers().items()))
             self._metrics.request_done(model_label, "grpc", status)
 

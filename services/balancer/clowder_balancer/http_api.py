@@ -15,7 +15,7 @@ from aiohttp import web
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import HTTP_STATUS, ClowderError
 
-from clowder_balancer import logcontext, openai_api, request_ids
+from clowder_balancer import logcontext, openai_api, request_ids, traffic_split
 from clowder_balancer.apikeys import ApiKeyStore, Principal, bearer
 from clowder_balancer.discovery import Discovery, model_not_found
 from clowder_balancer.metrics import CLIENT_CLOSED, UNKNOWN_MODEL, Metrics
@@ -78,6 +78,7 @@ class HttpApi:
         request[REQUEST_ID] = rid
         # Each aiohttp request runs in its own task: setting the variable here scopes it to this request.
         logcontext.REQUEST_ID.set(rid)
+        traffic_split.begin(request.headers.get(traffic_split.REVISION_HEADER))
         started = time.monotonic()
         try:
             response = await handler(request)
@@ -96,6 +97,7 @@ class HttpApi:
             response = json_error(500, f"internal error (incident {incident})", code="internal")
         if not response.prepared:
             response.headers[REQUEST_ID_HEADER] = rid
+            response.headers.update(traffic_split.response_headers())
         level = logging.DEBUG if request.path in ("/healthz", "/metrics") else logging.INFO
         log.log(level, "request_id=%s %s %s status=%s duration_s=%.3f replica=%s", rid, request.method, request.path,
                 response.status, time.monotonic() - started, logcontext.REPLICA.get() or "-")
@@ -212,7 +214,8 @@ class HttpApi:
         rid = request[REQUEST_ID]
         # Waiting for the first message before sending headers lets a 404/503/400 be a real HTTP error.
         index, message = await anext(stream)
-        response = _SseResponse(status=200, headers={**_SSE_HEADERS, REQUEST_ID_HEADER: rid})
+        response = _SseResponse(status=200, headers={**_SSE_HEADERS, REQUEST_ID_HEADER: rid,
+                                                     **traffic_split.response_headers()})
         await response.prepare(request)
         chunks = _ChunkWriter(parsed, _completion_id(parsed.kind), int(time.time()))
         try:

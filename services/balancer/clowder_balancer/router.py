@@ -32,6 +32,7 @@ from clowder_balancer.routing.prefix_index import block_hashes, render_chat
 from clowder_balancer.routing.profiles import scheduler_for
 from clowder_balancer.routing.scheduler import Scheduler
 from clowder_balancer.stats import StatsPoller
+from clowder_balancer.traffic_split import TrafficSplit
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,11 @@ class Router:
         scheduler: Scheduler | None = None,
         tracker: LoadTracker | None = None,
         tracer_provider: trace.TracerProvider | None = None,
+        traffic: TrafficSplit | None = None,
     ) -> None:
         self._config = config
+        # Services: a request for a service's name goes to the revision the split chooses (None: no services).
+        self._traffic = traffic
         self._discovery = discovery
         self._channels = channels
         self._metrics = metrics
@@ -178,7 +182,18 @@ class Router:
             self.on_waiting()
             return await self._discovery.wait_for_endpoints(model, deadline - time.monotonic(), exclude=tried)
 
-    async def generate(
+    def generate(
+        self, model: str, request: runtime_pb2.GenerateRequest, session: str = "", route: RouteRequest | None = None,
+        prefer: str = "", on_choice: Callable[[str], None] | None = None,
+    ) -> AsyncIterator[runtime_pb2.GenerateResponse]:
+        """_generate's messages; a service's name first goes to the revision its traffic split chooses."""
+        target = self._traffic.choose(model, session) if self._traffic is not None else None
+        if target is None:
+            return self._generate(model, request, session, route, prefer, on_choice)
+        return self._traffic.observe(target, self._generate(target.deployment, request, session, route, prefer,
+                                                             on_choice))
+
+    async def _generate(
         self, model: str, request: runtime_pb2.GenerateRequest, session: str = "", route: RouteRequest | None = None,
         prefer: str = "", on_choice: Callable[[str], None] | None = None,
     ) -> AsyncIterator[runtime_pb2.GenerateResponse]:
@@ -299,6 +314,13 @@ class Router:
         raise tries.last_error
 
     async def embed(self, model: str, request: runtime_pb2.EmbedRequest) -> runtime_pb2.EmbedResponse:
+        """_embed's answer; a service's name first goes to the revision its traffic split chooses."""
+        target = self._traffic.choose(model) if self._traffic is not None else None
+        if target is None:
+            return await self._embed(model, request)
+        return await self._traffic.observe_call(target, self._embed(target.deployment, request))
+
+    async def _embed(self, model: str, request: runtime_pb2.EmbedRequest) -> runtime_pb2.EmbedResponse:
         """Embeddings of all of `request.inputs`, in order: batches of at most EMBED_BATCH inputs (what one
         runtime call takes), each on the least loaded ready replica, so a big request spreads over replicas."""
         if len(request.inputs) <= EMBED_BATCH:

@@ -23,9 +23,9 @@ from clowder_controller.events import events_key, new_event
 
 log = logging.getLogger(__name__)
 
-SERVICES = "services/"
+SERVICES = keys.SERVICES
 # Per-revision counters each balancer publishes (RevisionTrafficReport), under its lease.
-REVSTATS = "revstats/"
+REVSTATS = keys.REVSTATS
 MAX_SERVICE_EVENTS = 20
 CAS_ATTEMPTS = 5
 DEFAULT_STEPS = (10, 50, 100)
@@ -44,11 +44,7 @@ CANARY = resources_pb2.ROLLOUT_STRATEGY_CANARY
 
 
 def service_key(name: str) -> str:
-    return SERVICES + name
-
-
-def revstats_key(balancer: str) -> str:
-    return REVSTATS + balancer
+    return keys.service(name)
 
 
 def revision_deployment(service: str, number: int) -> str:
