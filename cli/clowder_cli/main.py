@@ -70,8 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = sub.add_parser("serve", help="run a service declared in a YAML spec")
     serve_sub = serve_parser.add_subparsers(dest="serve_command", required=True)
     for verb, text in (("up", "create the service (unchanged spec: no change)"),
-                       ("update", "apply a changed spec (new image: rolling update)")):
+                       ("update", "apply a changed spec: a new revision (rolling, canary, or --weight)")):
         serve_sub.add_parser(verb, help=text).add_argument("-f", "--file", type=pathlib.Path, required=True)
+    serve_sub.choices["update"].add_argument("--weight", type=int, metavar="PERCENT",
+                                             help="the new revision takes this share of the traffic, and stays")
+    from clowder_cli.serve import add_revision_commands
+
+    add_revision_commands(serve_sub)
     for verb, text in (("status", "the service's replicas"), ("down", "stop and remove the service")):
         serve_sub.add_parser(verb, help=text).add_argument("name")
     logs = serve_sub.add_parser("logs", help="logs of the service's runtimes on this machine")
@@ -170,8 +175,11 @@ def cmd_serve(args, control: Client, console: Console, data_dir: pathlib.Path) -
 
     if args.serve_command in ("up", "update"):
         spec = serve.load_spec(args.file)
-        apply = serve.serve_up if args.serve_command == "up" else serve.serve_update
-        return apply(control, spec, console)
+        if args.serve_command == "up":
+            return serve.serve_up(control, spec, console)
+        return serve.serve_update(control, spec, console, weight=args.weight)
+    if args.serve_command in serve.REVISION_COMMANDS:
+        return serve.run_revision_command(args, control, console)
     if args.serve_command == "status":
         return serve.serve_status(control, args.name, console)
     if args.serve_command == "down":
