@@ -40,9 +40,10 @@ class Ticket:
     """One admitted request: its reservation, its queue slot, and the usage its client has been sent."""
 
     def __init__(self, tenancy: "Tenancy", ctx: RequestContext, reservation: Reservation | None,
-                 slot: str | None) -> None:
+                 slot: str | None, guessed_prompt: int = 0) -> None:
         self._tenancy = tenancy
         self._ctx = ctx
+        self._guessed_prompt = guessed_prompt
         self._reservation = reservation
         self._slot = slot
         # Per choice, the usage of the last message relayed (counts are cumulative over a stream).
@@ -66,6 +67,8 @@ class Ticket:
         first = self._usage[min(self._usage)] if self._usage else runtime_pb2.Usage()
         completion = sum(u.completion_tokens for u in self._usage.values())
         principal = self._ctx.principal
+        if self._usage and self._guessed_prompt and first.prompt_tokens:
+            self._tenancy.learn_overhead(self._ctx.model, first.prompt_tokens - self._guessed_prompt)
         if self._usage:
             # n choices of one prompt: the prompt counts once (what the client's usage field says).
             self._tenancy.meter.record(principal.key_id, principal.groups, self._ctx.model, first.prompt_tokens,
@@ -82,6 +85,13 @@ class Tenancy:
         self.queue = queue
         self._settings = settings
         self._settling: set[asyncio.Task] = set()
+        # Per model, how many tokens the real prompts had beyond chars/4 (the chat template's markers and
+        # default system prompt): learned from settled requests, so reservations come close to the real size.
+        self._overhead: dict[str, float] = {}
+
+    def learn_overhead(self, model: str, missed: int) -> None:
+        # Up at once, down slowly: an estimate that runs short is what lets a budget be overshot.
+        self._overhead[model] = max(float(missed), 0.9 * self._overhead.get(model, 0.0), 0.0)
 
     async def admit(self, ctx: RequestContext, request: runtime_pb2.GenerateRequest, n: int = 1) -> Ticket:
         """Reserve the caller's limits (ResourceExhausted when over one), cap max_tokens to its budget, then
@@ -89,8 +99,10 @@ class Tenancy:
         principal = ctx.principal
         reservation = None
         limits = principal.limits
+        guessed = 0
         if limits.any:
-            prompt = prompt_estimate(request)
+            guessed = prompt_estimate(request)
+            prompt = guessed + round(self._overhead.get(ctx.model, 0.0))
             per_choice = request.sampling.max_tokens or self._settings.completion_estimate_tokens
             reservation = await self.limiter.reserve(principal.key_id, limits, prompt + per_choice * n, prompt)
             if reservation.max_completion is not None:
@@ -104,7 +116,7 @@ class Tenancy:
             if reservation is not None:
                 self.settle_later(reservation, 0)
             raise
-        return Ticket(self, ctx, reservation, ctx.model)
+        return Ticket(self, ctx, reservation, ctx.model, guessed)
 
     async def admit_embed(self, ctx: RequestContext, request: runtime_pb2.EmbedRequest) -> Ticket:
         """Embeddings count against the same limits and usage; they are short, so they skip the queue."""
