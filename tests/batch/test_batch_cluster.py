@@ -1,0 +1,212 @@
+"""Batch jobs on a real cluster (`clowder up --demo`: etcd, storage, controller, balancer, a runtime with the
+bundled model) driven by the official openai client: upload, create, poll, download; cancel; validation;
+the balancer and the runtime SIGKILLed mid-batch with no result lost or duplicated.
+
+One cluster for the module; each test runs its own batch. Lines ask for few tokens, so a batch takes seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import time
+
+import grpc
+import openai
+import pytest
+
+from clowder.balancer.v1 import batch_pb2, batch_pb2_grpc
+from clowder.controller.v1 import resources_pb2
+from clowder_common.errors import ClowderError
+
+from batch_helpers import chat_lines, custom_ids, ended, jsonl, lines_of, poll, upload
+from cluster_helpers import UpCluster, up_cluster
+
+pytestmark = pytest.mark.e2e
+
+# Small chunks, so a batch of a few dozen lines is spread over many claims; a small file limit to test it.
+SETTINGS = {"CLOWDER_BATCH_CHUNK_LINES": "4", "CLOWDER_BATCH_MAX_FILE_BYTES": str(64 * 1024)}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    saved = {k: os.environ.get(k) for k in SETTINGS}
+    os.environ.update(SETTINGS)
+    try:
+        with up_cluster(tmp_path_factory.mktemp("clowder"), wide_console=False) as cluster:
+            yield cluster
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{cluster.http_port}/v1", api_key="unused", timeout=60,
+                         max_retries=0)
+
+
+def smol_replica(cluster: UpCluster, timeout: float = 60) -> resources_pb2.Replica:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        control = cluster.control()
+        try:
+            replicas = list(control.deployments.replicas("smol"))
+            if len(replicas) == 1 and replicas[0].state == resources_pb2.REPLICA_STATE_READY:
+                return replicas[0]
+            last = replicas
+        except ClowderError as err:
+            last = err
+        finally:
+            control.close()
+        time.sleep(0.3)
+    raise AssertionError(f"smol has no ready replica: {last}")
+
+
+def test_batch_runs_every_line_once_and_reports_unknown_models_in_the_error_file(client):
+    lines = chat_lines(9) + chat_lines(1, model="no-such-model", prefix="ghost")
+    source = upload(client, lines)
+    assert (source.object, source.purpose, source.bytes, source.filename) == ("file", "batch", len(jsonl(lines)),
+                                                                             "input.jsonl")
+    assert client.files.retrieve(source.id).id == source.id
+    assert client.files.content(source.id).content == jsonl(lines)
+
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"team": "tests"})
+    assert batch.status in ("validating", "in_progress") and batch.metadata == {"team": "tests"}
+    assert batch.request_counts.total in (0, 10)
+    done = ended(client, batch.id)
+    assert done.status == "completed", done
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (10, 9, 1)
+    assert done.in_progress_at and done.finalizing_at and done.completed_at and done.output_file_id
+
+    output = lines_of(client, done.output_file_id)
+    assert sorted(custom_ids(output)) == sorted(f"req-{i}" for i in range(9))
+    for line in output:
+        assert line["id"].startswith("batch_req_") and line["error"] is None
+        response = line["response"]
+        assert response["status_code"] == 200 and response["request_id"]
+        body = response["body"]
+        assert body["object"] == "chat.completion" and body["model"] == "smol"
+        assert body["choices"][0]["message"]["content"] and 0 < body["usage"]["completion_tokens"] <= 8
+
+    errors = lines_of(client, done.error_file_id)
+    assert custom_ids(errors) == ["ghost-0"]
+    response = errors[0]["response"]
+    assert response["status_code"] == 404 and errors[0]["error"] is None
+    assert response["body"]["error"]["code"] == "model_not_found"
+
+    out_file = client.files.retrieve(done.output_file_id)
+    assert out_file.purpose == "batch_output" and out_file.bytes == len(client.files.content(out_file.id).content)
+    assert batch.id in [b.id for b in client.batches.list(limit=100).data]
+    assert {source.id, done.output_file_id, done.error_file_id} <= {f.id for f in client.files.list().data}
+
+    deleted = client.files.delete(source.id)
+    assert deleted.deleted and deleted.id == source.id
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(source.id)
+
+
+def test_malformed_input_fails_the_batch_with_errors_per_line(client):
+    good = chat_lines(2)
+    duplicate = dict(good[0])
+    wrong_url = {**chat_lines(1, prefix="url")[0], "url": "/v1/completions"}
+    no_model = {"custom_id": "nomodel", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}}
+    content = jsonl(good + [duplicate, wrong_url, no_model]) + b"{not json\n"
+    source = client.files.create(file=("bad.jsonl", content), purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    failed = poll(client, batch.id, lambda b: b.status == "failed", 30, "failed")
+    found = {(e.line, e.code, e.param) for e in failed.errors.data}
+    assert found == {(3, "duplicate_custom_id", "custom_id"), (4, "mismatched_url", "url"),
+                     (5, "missing_required_parameter", "body.model"), (6, "invalid_json_line", None)}
+    assert failed.failed_at and failed.output_file_id is None and failed.request_counts.completed == 0
+
+
+def test_requests_that_are_wrong_as_a_whole_get_400_or_404(client):
+    source = upload(client, chat_lines(1))
+    with pytest.raises(openai.BadRequestError) as err:
+        client.batches.create(input_file_id=source.id, endpoint="/v1/images", completion_window="24h")
+    assert err.value.body["param"] == "endpoint"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="1h")
+    assert err.value.body["param"] == "completion_window"
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-missing", endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_missing")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("big.jsonl", b"x" * (64 * 1024 + 1)), purpose="batch")
+    assert err.value.body["code"] == "file_too_large"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("a.jsonl", b"{}"), purpose="fine-tune")
+    assert err.value.body["param"] == "purpose"
+
+
+def test_cancel_midway_keeps_finished_results_and_runs_nothing_more(client):
+    total = 40
+    source = upload(client, chat_lines(total, max_tokens=48))
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    poll(client, batch.id, lambda b: b.request_counts.completed >= 1, 120, "partly done")
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
+    done = ended(client, batch.id)
+    assert done.status == "cancelled" and done.cancelled_at
+    output = lines_of(client, done.output_file_id)
+    ids = custom_ids(output)
+    assert 1 <= len(ids) < total and len(set(ids)) == len(ids)
+    assert all(line["response"]["status_code"] == 200 for line in output)
+    assert done.request_counts.completed == len(ids) and done.request_counts.total == total
+    with pytest.raises(openai.BadRequestError):
+        client.batches.cancel(batch.id)
+
+
+def _all_answered_once(client, done, total: int) -> None:
+    assert done.status == "completed", done
+    output, errors = lines_of(client, done.output_file_id), lines_of(client, done.error_file_id)
+    assert errors == [], errors[:3]
+    counts = collections.Counter(custom_ids(output))
+    assert counts == collections.Counter(f"req-{i}" for i in range(total)), counts
+    assert (done.request_counts.completed, done.request_counts.failed) == (total, 0)
+
+
+def test_balancer_killed_mid_batch_resumes_with_nothing_lost_or_duplicated(cluster, client):
+    total = 24
+    source = upload(client, chat_lines(total, max_tokens=32))
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    poll(client, batch.id, lambda b: 1 <= b.request_counts.completed, 120, "partly done")
+    old = cluster.component("balancer")
+    os.kill(old["pid"], signal.SIGKILL)
+    cluster.wait_component("balancer", lambda c: c["state"] == "running" and c["pid"] != old["pid"], timeout=90)
+    _all_answered_once(client, ended(client, batch.id), total)
+
+
+def test_runtime_killed_mid_batch_resumes_with_nothing_lost_or_duplicated(cluster, client):
+    total = 24
+    before = smol_replica(cluster)
+    source = upload(client, chat_lines(total, max_tokens=32))
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    poll(client, batch.id, lambda b: 1 <= b.request_counts.completed, 120, "partly done")
+    os.kill(before.pid, signal.SIGKILL)
+    _all_answered_once(client, ended(client, batch.id), total)
+    assert smol_replica(cluster).pid != before.pid
+
+
+def test_grpc_batch_service_serves_the_same_objects(cluster, client):
+    source = upload(client, chat_lines(1))
+    info = json.loads((cluster.data_dir / "cluster.json").read_text())
+    with grpc.insecure_channel(info["balancer_grpc"]) as channel:
+        stub = batch_pb2_grpc.BatchServiceStub(channel)
+        assert stub.GetFile(batch_pb2.GetFileRequest(id=source.id), timeout=10).file.bytes == source.bytes
+        created = stub.CreateBatch(batch_pb2.CreateBatchRequest(input_file_id=source.id,
+                                                                endpoint="/v1/chat/completions"), timeout=10).batch
+        assert client.batches.retrieve(created.id).input_file_id == source.id
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetBatch(batch_pb2.GetBatchRequest(id="batch_missing"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert ended(client, created.id).status == "completed"
