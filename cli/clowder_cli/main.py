@@ -12,6 +12,7 @@ from rich.table import Table
 
 from clowder.controller.v1 import resources_pb2
 from clowder_cli import apikey_commands
+from clowder_cli import batch_commands
 from clowder_cli import describe as describe_command
 from clowder_cli import paths
 from clowder_cli.formatting import STATE_NAMES, human_bytes
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     describe_command.add_parser(sub)
     storage_commands.add_parsers(sub, image)
     apikey_commands.add_parser(sub)
+    batch_commands.add_parser(sub)
     usage_commands.add_parser(sub)
     return parser
 
@@ -231,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             return storage_commands.run(args, data_dir, console, lambda: connect(args, data_dir))
         if apikey_commands.handles(args):
             return apikey_commands.run(args, data_dir, console)
+        if batch_commands.handles(args):
+            return batch_commands.run(args, data_dir, console)
         if usage_commands.handles(args):
             return usage_commands.run(args, data_dir, console)
         control = connect(args, data_dir)

@@ -210,3 +210,31 @@ def test_grpc_batch_service_serves_the_same_objects(cluster, client):
             stub.GetBatch(batch_pb2.GetBatchRequest(id="batch_missing"), timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert ended(client, created.id).status == "completed"
+
+
+def test_sdk_and_cli_run_a_batch_and_print_its_results(cluster, tmp_path):
+    from clowder.client import Client
+
+    info = json.loads((cluster.data_dir / "cluster.json").read_text())
+    with Client(controller=info["controller"], balancer=info["balancer_grpc"], timeout_s=30) as sdk:
+        uploaded = sdk.batches.upload(jsonl(chat_lines(2, prefix="sdk")), filename="sdk.jsonl")
+        created = sdk.batches.create(uploaded.id, metadata={"via": "sdk"})
+        done = sdk.batches.wait(created.id, timeout_s=120, poll_s=0.5)
+        assert done.status == batch_pb2.BATCH_STATUS_COMPLETED and done.metadata["via"] == "sdk"
+        output, errors = sdk.batches.results(created.id)
+        assert sorted(custom_ids(output)) == ["sdk-0", "sdk-1"] and errors == []
+        assert created.id in [b.id for b in sdk.batches.list()]
+
+    source = tmp_path / "cli.jsonl"
+    source.write_bytes(jsonl(chat_lines(2, prefix="cli")))
+    made = cluster.cli("batch", "create", str(source), "--wait")
+    assert made.returncode == 0, made.stderr
+    assert "completed" in made.stdout and "2 completed, 0 failed" in made.stdout
+    batch_id = made.stdout.split("batch ", 1)[1].split(":", 1)[0]
+    assert batch_id in cluster.cli("batch", "ls").stdout
+    printed = cluster.cli("batch", "results", batch_id)
+    assert printed.returncode == 0, printed.stderr
+    assert sorted(custom_ids([json.loads(line) for line in printed.stdout.splitlines()])) == ["cli-0", "cli-1"]
+    assert "has no error file" in cluster.cli("batch", "results", batch_id, "--errors").stderr
+    refused = cluster.cli("batch", "cancel", batch_id)
+    assert refused.returncode != 0 and "Cannot cancel" in refused.stdout + refused.stderr

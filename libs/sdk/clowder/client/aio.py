@@ -16,6 +16,8 @@ from clowder_common.auth import bearer_metadata
 from clowder_common.clients import aio_channel
 from clowder_common.errors import ClowderError, DeadlineExceeded, Unavailable, from_rpc_error
 
+from clowder.balancer.v1 import batch_pb2_grpc
+from clowder.client.batches import AsyncBatches
 from clowder.client import _settings
 from clowder.client._shared import (Chunk, Collector, Completion, Embeddings, Message, Tool, ToolChoiceSpec,
                                     api_key_request, chat_request, chunk_of, completion_request, deployment,
@@ -232,6 +234,8 @@ class AsyncClient:
         self.nodes = Nodes(control, controller_pb2_grpc.NodeServiceStub(self._control_channel))
         # API keys live with the balancers, behind the admin token.
         self.api_keys = ApiKeys(control, apikeys_pb2_grpc.ApiKeyServiceStub(self._inference_channel))
+        # Batch jobs (files and batches) run under the client's API key.
+        self.batches = AsyncBatches(self._inference, batch_pb2_grpc.BatchServiceStub(self._inference_channel))
 
     async def models(self) -> list[inference_pb2.Model]:
         reply = await self._inference.unary(self._stub.ListModels, inference_pb2.ListModelsRequest(),
