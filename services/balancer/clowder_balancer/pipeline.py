@@ -31,7 +31,7 @@ class Pipeline:
         self._discovery = discovery
         # Limits, budgets, fair queueing and usage (tenancy/); None: none of them (in-process tests).
         self._tenancy = tenancy
-        self.chains = Chains()
+        self.chains = Chains(tenancy.limiter if tenancy is not None else None)
 
     def _stages(self, model: str) -> list[Stage]:
         if not self._discovery.has_model(model):

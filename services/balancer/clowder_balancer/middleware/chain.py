@@ -17,6 +17,7 @@ from clowder_balancer.middleware.blocklist import BlocklistStage
 from clowder_balancer.middleware.rate_limit import RateLimitStage
 from clowder_balancer.middleware.system_prompt import SystemPromptStage
 from clowder_balancer.middleware.webhook import WebhookStage
+from clowder_balancer.tenancy.quota import QuotaLimiter
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ STAGES: dict[str, Callable[[Mapping], Stage]] = {
 }
 
 
-def build_stages(configuration: resources_pb2.ImageConfiguration) -> list[Stage]:
+def build_stages(configuration: resources_pb2.ImageConfiguration, limiter: QuotaLimiter | None = None
+                 ) -> list[Stage]:
     """allowed_groups first (nothing else should run for a caller who may not), then the listed stages in order."""
     stages: list[Stage] = []
     if configuration.allowed_groups:
@@ -39,14 +41,17 @@ def build_stages(configuration: resources_pb2.ImageConfiguration) -> list[Stage]
         factory = STAGES.get(spec.name)
         if factory is None:
             raise bad_option(spec.name, f"unknown stage; known: {', '.join(sorted(STAGES))}")
-        stages.append(factory(json_format.MessageToDict(spec.options)))
+        options = json_format.MessageToDict(spec.options)
+        # Rate limits count across all balancers through the balancer's limiter (etcd).
+        stages.append(RateLimitStage(options, limiter) if spec.name == "rate-limit" else factory(options))
     return stages
 
 
 class Chains:
     """Stages per model, rebuilt only when the model's configuration changes."""
 
-    def __init__(self) -> None:
+    def __init__(self, limiter: QuotaLimiter | None = None) -> None:
+        self._limiter = limiter
         self._built: dict[str, tuple[bytes, list[Stage] | ClowderError]] = {}
         self._seen: dict[str, tuple[resources_pb2.ImageConfiguration, list[Stage]]] = {}
 
@@ -60,7 +65,7 @@ class Chains:
         cached = self._built.get(model)
         if cached is None or cached[0] != fingerprint:
             try:
-                built: list[Stage] | ClowderError = build_stages(configuration)
+                built: list[Stage] | ClowderError = build_stages(configuration, self._limiter)
             except ClowderError as err:
                 log.error("model %s has a bad middleware configuration: %s", model, err.message)
                 built = err

@@ -1,87 +1,82 @@
-"""Rate limits per API key: requests and tokens (prompt + completion) per minute, over a sliding window."""
+"""Rate limits per caller of one model: requests and tokens (prompt + completion) per minute, counted across
+all balancers together in etcd (the same records and tolerance as a key's own limits: tenancy/quota.py)."""
 
 from __future__ import annotations
 
-import collections
+import asyncio
+import logging
 import time
 from typing import Any, Callable, Mapping
 
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import ResourceExhausted
 
+from clowder_balancer.apikeys import Limits
 from clowder_balancer.middleware.base import BaseStage, RequestContext, bad_option, number
+from clowder_balancer.tenancy.quota import QuotaLimiter, Reservation
 
-WINDOW_S = 60.0
-# Distinct callers tracked; the least recently seen are forgotten first (keys come and go).
-MAX_CALLERS = 100_000
-
-
-class _Window:
-    def __init__(self) -> None:
-        self.requests: collections.deque[float] = collections.deque()
-        self.tokens: collections.deque[tuple[float, int]] = collections.deque()
-        self.token_sum = 0
-
-    def expire(self, now: float) -> None:
-        while self.requests and self.requests[0] <= now - WINDOW_S:
-            self.requests.popleft()
-        while self.tokens and self.tokens[0][0] <= now - WINDOW_S:
-            self.token_sum -= self.tokens.popleft()[1]
+log = logging.getLogger(__name__)
 
 
 class RateLimitStage(BaseStage):
     """Options: requests_per_minute, tokens_per_minute (either may be absent). Tokens are known only once a
-    request finishes, so a caller over its token budget is refused from its next request on."""
+    request finishes, so a caller over its token limit is refused from its next request on.
+
+    Counted in etcd under quota/stage/<model>/<caller> when the balancer gives a limiter; without one (unit
+    tests) in this process only. When etcd does not answer, the limiter counts locally (see quota.py)."""
 
     name = "rate-limit"
 
-    def __init__(self, options: Mapping[str, Any], clock: Callable[[], float] = time.monotonic) -> None:
-        self.rpm = number(options, "requests_per_minute", self.name, None, 1)
-        self.tpm = number(options, "tokens_per_minute", self.name, None, 1)
-        if self.rpm is None and self.tpm is None:
+    def __init__(self, options: Mapping[str, Any], limiter: QuotaLimiter | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        rpm = number(options, "requests_per_minute", self.name, None, 1)
+        tpm = number(options, "tokens_per_minute", self.name, None, 1)
+        if rpm is None and tpm is None:
             raise bad_option(self.name, "set requests_per_minute and/or tokens_per_minute")
-        self._clock = clock
-        self._windows: collections.OrderedDict[str, _Window] = collections.OrderedDict()
-
-    def _window(self, caller: str) -> _Window:
-        window = self._windows.get(caller)
-        if window is None:
-            window = self._windows[caller] = _Window()
-            while len(self._windows) > MAX_CALLERS:
-                self._windows.popitem(last=False)
-        self._windows.move_to_end(caller)
-        return window
+        self.rpm, self.tpm = rpm, tpm
+        self._limits = Limits(rpm=int(rpm or 0), tpm=int(tpm or 0))
+        self._limiter = limiter or QuotaLimiter(None, clock=clock)
+        # Reservations of requests under way, until after() settles them (keyed by their context).
+        self._held: dict[int, Reservation] = {}
+        self._settling: set[asyncio.Task] = set()
 
     @staticmethod
-    def _caller(ctx: RequestContext) -> str:
-        return ctx.principal.key_id or "anonymous"
+    def _record(ctx: RequestContext) -> str:
+        return f"stage/{ctx.model}/{ctx.principal.key_id or 'anonymous'}"
 
     async def before(self, ctx: RequestContext, request: runtime_pb2.GenerateRequest) -> None:
-        self._admit(ctx)
+        await self._admit(ctx)
 
     async def before_embed(self, ctx: RequestContext, request: runtime_pb2.EmbedRequest) -> None:
         # Embedding tokens count against the same budget: they cost the replica a prompt evaluation each.
-        self._admit(ctx)
+        await self._admit(ctx)
 
-    def _admit(self, ctx: RequestContext) -> None:
-        now = self._clock()
-        window = self._window(self._caller(ctx))
-        window.expire(now)
-        if self.rpm is not None and len(window.requests) >= self.rpm:
-            raise ResourceExhausted(
-                f"rate limit of {self.rpm:g} requests per minute reached", reason="RATE_LIMIT_REQUESTS",
-                retry_after=max(1.0, window.requests[0] + WINDOW_S - now),
-            )
-        if self.tpm is not None and window.token_sum >= self.tpm:
-            raise ResourceExhausted(
-                f"rate limit of {self.tpm:g} tokens per minute reached", reason="RATE_LIMIT_TOKENS",
-                retry_after=max(1.0, window.tokens[0][0] + WINDOW_S - now),
-            )
-        window.requests.append(now)
+    async def _admit(self, ctx: RequestContext) -> None:
+        try:
+            # Nothing reserved for tokens: they count once known (the stage's documented behaviour).
+            self._held[id(ctx)] = await self._limiter.reserve(self._record(ctx), self._limits, 0, 0)
+        except ResourceExhausted as err:
+            raise ResourceExhausted(err.message.replace("this API key", "this caller of the model"),
+                                    reason=err.reason, retry_after=err.retry_after) from None
 
     def after(self, ctx: RequestContext) -> None:
+        reservation = self._held.pop(id(ctx), None)
         used = ctx.prompt_tokens + ctx.completion_tokens
-        if used and self.tpm is not None:
-            window = self._window(self._caller(ctx))
-            window.tokens.append((self._clock(), used))
-            window.token_sum += used
+        if reservation is None or not used or self.tpm is None:
+            return
+        if reservation.local:
+            self._limiter.settle_local(reservation, used)
+            return
+        task = asyncio.create_task(self._settle(reservation, used), name="rate-limit-settle")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, reservation: Reservation, used: int) -> None:
+        try:
+            await self._limiter.settle(reservation, used)
+        except Exception:  # a lost settlement costs accuracy, never a request
+            log.exception("rate-limit: settling %s failed", reservation.key_id)
+
+    async def drain(self) -> None:
+        if self._settling:
+            await asyncio.wait(list(self._settling), timeout=5.0)

@@ -35,7 +35,7 @@ from clowder_balancer.tenancy.cas import swap
 
 log = logging.getLogger(__name__)
 
-QUOTA = "quota/"
+QUOTA = "quota"
 WINDOW_S = 60.0
 # Distinct keys counted locally during an etcd outage (least recently used forgotten first).
 MAX_LOCAL = 100_000
@@ -138,8 +138,9 @@ def settle(state: apikeys_pb2.QuotaState, reservation: Reservation, used: int) -
 class QuotaLimiter:
     """Admits and settles requests of keys with limits; keys without any cost nothing."""
 
-    def __init__(self, state: EtcdState, etcd_timeout_s: float = 1.0, local_fallback_s: float = 5.0,
+    def __init__(self, state: EtcdState | None, etcd_timeout_s: float = 1.0, local_fallback_s: float = 5.0,
                  clock: Callable[[], float] = time.time) -> None:
+        """Without `state`, every count is local (a single balancer, or unit tests)."""
         self._state = state
         self._timeout = etcd_timeout_s
         self._fallback_s = local_fallback_s
@@ -150,11 +151,12 @@ class QuotaLimiter:
         self._remote_after = 0.0
 
     def _key(self, key_id: str) -> str:
+        assert self._state is not None
         return self._state.key(QUOTA, key_id)
 
     @property
     def local(self) -> bool:
-        return self._clock() < self._remote_after
+        return self._state is None or self._clock() < self._remote_after
 
     def _went_local(self, what: str, exc: Exception) -> None:
         if not self.local:
@@ -176,6 +178,7 @@ class QuotaLimiter:
         now = self._clock()
         if not self.local:
             try:
+                assert self._state is not None
                 await self._sync(key_id)
                 max_completion, reserved = await swap(
                     self._state, self._key(key_id), apikeys_pb2.QuotaState,
@@ -195,11 +198,16 @@ class QuotaLimiter:
     async def settle(self, reservation: Reservation, used: int) -> None:
         if not reservation.local and not self.local:
             try:
+                assert self._state is not None
                 await swap(self._state, self._key(reservation.key_id), apikeys_pb2.QuotaState,
                            lambda s: settle(s, reservation, used), self._timeout)
                 return
             except Unavailable as exc:
                 self._went_local("settle", exc)
+        self.settle_local(reservation, used)
+
+    def settle_local(self, reservation: Reservation, used: int) -> None:
+        """Settle in memory only: a reservation made locally (etcd unreachable or not used)."""
         settle(self._local_state(reservation.key_id), reservation, used)
         if reservation.limits.budget_tokens:
             _, period, tokens = self._unsynced.get(reservation.key_id, (reservation.limits, reservation.period, 0))
@@ -219,6 +227,7 @@ class QuotaLimiter:
             elif not state.budget_period or state.budget_period < period:
                 state.budget_period, state.budget_used, state.budget_reserved = period, tokens, 0
         try:
+            assert self._state is not None
             await swap(self._state, self._key(key_id), apikeys_pb2.QuotaState, add, self._timeout)
         except Unavailable:
             self._unsynced[key_id] = pending

@@ -27,7 +27,7 @@ from clowder_balancer.tenancy.cas import swap
 
 log = logging.getLogger(__name__)
 
-USAGE = "usage/"
+USAGE = "usage"
 # Key name of requests without an API key.
 ANONYMOUS = "_anonymous"
 # (day, key, model) sums kept while etcd does not answer; beyond this the oldest are dropped (and logged).
@@ -136,7 +136,7 @@ class UsageMeter:
             if value and not _DATE.match(value):
                 raise InvalidArgument(f"{name} must be YYYY-MM-DD", field=name)
         start, end = request.start_date, request.end_date or today(self._clock())
-        items, _ = await self._state.list(self._state.key(USAGE), apikeys_pb2.UsageRecord)
+        items, _ = await self._state.list(self._state.key(USAGE, ""), apikeys_pb2.UsageRecord)
         response = apikeys_pb2.GetUsageResponse()
         for item in items:
             record = item.value
