@@ -48,8 +48,8 @@ def wait_until(driver: webdriver.Chrome, check, timeout: float, what: str):
         screenshot(driver, f"failed-{int(time.time())}")
         errors = driver.find_elements("css selector", "[role=alert]")
         shown = [e.text for e in errors if e.text]
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}; page errors: {shown}; "
-                             f"browser log: {browser_errors(driver)}") from exc
+        raise AssertionError(f"no {what} within {timeout}s ({type(exc).__name__}: {exc}); page errors: {shown}; "
+                             f"url: {driver.current_url}; browser log: {browser_errors(driver)}") from exc
 
 
 def screenshot(driver: webdriver.Chrome, name: str) -> pathlib.Path:

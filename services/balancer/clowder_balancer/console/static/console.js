@@ -11,6 +11,8 @@ const RETRY_MAX_MS = 15000;
 const HISTORY_MS = 5 * 60 * 1000;
 // Rates (requests/s, tokens/s, TTFT) are taken over this much of the history, to smooth 2 s readings.
 const RATE_WINDOW_MS = 10000;
+// One API call (not a stream: pulls and chats take as long as they take).
+const CALL_TIMEOUT_MS = 8000;
 const MODEL_LAYER_MEDIA_TYPE = 'application/vnd.clowder.model.layer.v1+gguf';
 
 const state = {
@@ -166,8 +168,10 @@ async function errorText(response) {
 
 // fetch with the admin token (unless auth is false). Network failures mark the connection lost; a 401 on an
 // admin call means the token is no longer accepted, which ends the session.
-async function request(method, path, {body, auth = true, headers = {}, signal} = {}) {
+async function request(method, path, {body, auth = true, headers = {}, signal, timeoutMs = CALL_TIMEOUT_MS} = {}) {
   const h2 = {...headers};
+  // A balancer that accepts connections but never answers (stopped, wedged) counts as lost too.
+  if (!signal && timeoutMs) signal = AbortSignal.timeout(timeoutMs);
   if (auth) h2.Authorization = `Bearer ${state.token}`;
   if (body !== undefined) h2['Content-Type'] = 'application/json';
   let response;
@@ -313,13 +317,14 @@ function clusterTtft() {
 
 function chart(title, points, unit, cls) {
   const width = 460, height = 150, left = 40, bottom = 20, top = 10;
-  const max = Math.max(1, ...points.map(p => p.v));
+  const peak = Math.max(0, ...points.map(p => p.v));
+  const max = Math.max(1, peak);  // the scale: an idle chart still has one
   const now = Date.now();
   const x = t => left + (width - left - 5) * (1 - (now - t) / HISTORY_MS);
   const y = v => top + (height - top - bottom) * (1 - v / max);
   const last = points.length ? points[points.length - 1].v : 0;
   const svg = s('svg', {width, height, viewBox: `0 0 ${width} ${height}`, role: 'img',
-                         'aria-label': `${title}: ${fmtRate(last, unit)} now, at most ${fmtRate(max, unit)} in the last 5 minutes`});
+                         'aria-label': `${title}: ${fmtRate(last, unit)} now, at most ${fmtRate(peak, unit)} in the last 5 minutes`});
   for (const v of [0, max / 2, max]) {
     svg.append(s('line', {class: 'grid', x1: left, x2: width - 5, y1: y(v), y2: y(v)}));
     svg.append(s('text', {x: 2, y: y(v) + 4}, fmtRate(v)));
@@ -583,7 +588,8 @@ async function pull(alias) {
   state.pulls.set(alias, entry);
   renderPulls();
   try {
-    const response = await request('POST', `/api/v1/images/${encodeURIComponent(alias)}:pull`, {body: {}});
+    const response = await request('POST', `/api/v1/images/${encodeURIComponent(alias)}:pull`,
+                                   {body: {}, timeoutMs: 0});
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = '';
