@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
-from clowder_common.errors import HTTP_STATUS, ClowderError, FailedPrecondition, InvalidArgument, NotFound
+from clowder_common.errors import ClowderError, FailedPrecondition, InvalidArgument, NotFound
 from clowder_common.etcd import EtcdState, LeaseKeeper, PrefixCache
 from clowder_common.tasks import cancel_and_wait, run_periodically
 
@@ -179,8 +179,8 @@ class TrafficSplit:
         self._counts: dict[tuple[str, int], _Counts] = {}
         self._requests = Counter(
             "clowder_balancer_revision_requests",
-            "Requests for a service by the revision that served them and outcome (ok; error: failed on the"
-            " server's side; rejected: the client's mistake).",
+            "Requests for a service by the revision chosen for them and outcome (ok, error: failed after the"
+            " revision was chosen, cancelled: the client left first).",
             ["model", "revision", "outcome"], registry=registry)
         self._ttft = Histogram(
             "clowder_balancer_revision_time_to_first_token_seconds",
@@ -290,8 +290,10 @@ class TrafficSplit:
                         outcome = "ok"
                     yield item
             outcome = "ok"
-        except ClowderError as err:
-            outcome = "error" if HTTP_STATUS.get(err.code, 500) >= 500 else "rejected"
+        except ClowderError:
+            # Any failure once the revision was chosen counts, a 4xx too: the request passed the balancer's own
+            # checks, and a revision that rejects what the stable one serves (a smaller context, say) is broken.
+            outcome = "error"
             raise
         except (asyncio.CancelledError, GeneratorExit):
             raise
@@ -308,8 +310,8 @@ class TrafficSplit:
             result = await call
             outcome = "ok"
             return result
-        except ClowderError as err:
-            outcome = "error" if HTTP_STATUS.get(err.code, 500) >= 500 else "rejected"
+        except ClowderError:
+            outcome = "error"
             raise
         except asyncio.CancelledError:
             raise

@@ -175,17 +175,19 @@ def split(service: resources_pb2.Service, candidate_percent: int) -> None:
     service.traffic.add(revision=rollout.candidate_revision, percent=candidate_percent)
 
 
-def promote(service: resources_pb2.Service, why: str) -> None:
+def promote(service: resources_pb2.Service, why: str, totals: dict) -> None:
     candidate = service.rollout.candidate_revision
     before = service.rollout.stable_revision
     set_stable(service, candidate, STABLE, f"revision {candidate} promoted: {why}")
+    set_baseline(service, totals)
     add_event(service, "promoted", f"all traffic to revision {candidate} (was {before}): {why}")
 
 
-def roll_back(service: resources_pb2.Service, why: str) -> None:
+def roll_back(service: resources_pb2.Service, why: str, totals: dict) -> None:
     candidate = service.rollout.candidate_revision
     stable = service.rollout.stable_revision
     set_stable(service, stable, ROLLED_BACK, f"revision {candidate} rolled back: {why}")
+    set_baseline(service, totals)
     add_event(service, "rolled-back", f"all traffic to revision {stable}, revision {candidate} removed: {why}")
 
 
@@ -406,6 +408,7 @@ class ServingServicer(controller_pb2_grpc.ServingServiceServicer):
         first.template.CopyFrom(template_of(template, name))
         first.change = "created"
         set_stable(service, 1, STABLE, "revision 1 serves all traffic")
+        set_baseline(service, await read_totals(self._state))
         add_event(service, "created", f"revision 1: {template.replicas} replica(s) of {template.image}")
         await self._create(first.template)
         if not await self._save(None, service):
@@ -445,6 +448,7 @@ class ServingServicer(controller_pb2_grpc.ServingServiceServicer):
             new.template.CopyFrom(template_of(template, stable.deployment))
             await self._roll(stable.deployment, new.template)
             set_stable(service, number, STABLE, f"rolled to revision {number}")
+            set_baseline(service, await read_totals(self._state))
             add_event(service, "rolled", f"revision {number} rolls over deployment {stable.deployment}: {new.change}")
         else:
             new.deployment = revision_deployment(name, number)
@@ -499,7 +503,7 @@ class ServingServicer(controller_pb2_grpc.ServingServiceServicer):
                 raise FailedPrecondition(
                     f"service {service.name!r} has one revision serving ({service.rollout.stable_revision}): "
                     "nothing to promote", reason="ONE_REVISION")
-            promote(service, "by hand")
+            promote(service, "by hand", await read_totals(self._state))
 
         return controller_pb2.PromoteServiceResponse(service=await self._change(request.name, mutate))
 
@@ -514,7 +518,7 @@ class ServingServicer(controller_pb2_grpc.ServingServiceServicer):
                     raise FailedPrecondition(
                         f"service {service.name!r} is moving to revision {rollout.candidate_revision}: roll that "
                         f"back first (to revision {rollout.stable_revision})", reason="ROLLOUT_IN_PROGRESS")
-                roll_back(service, "by hand")
+                roll_back(service, "by hand", await read_totals(self._state))
                 return
             stable = known_revision(service, rollout.stable_revision)
             if not wanted:
@@ -532,6 +536,7 @@ class ServingServicer(controller_pb2_grpc.ServingServiceServicer):
             target.template.name = stable.deployment
             await self._roll(stable.deployment, target.template)
             set_stable(service, wanted, ROLLED_BACK, f"rolled back from revision {stable.number} to {wanted} by hand")
+            set_baseline(service, await read_totals(self._state))
             add_event(service, "rolled-back", f"revision {wanted} rolls over deployment {stable.deployment} "
                       f"(was revision {stable.number}), by hand")
 

@@ -124,13 +124,13 @@ class RolloutDriver:
         number = rollout.candidate_revision
         candidate = find_revision(service, number)
         if candidate is None:
-            revisions.roll_back(service, f"revision {number} is not in the record")
+            revisions.roll_back(service, f"revision {number} is not in the record", totals)
             return True
         replicas = [r for r in self._replicas.values() if r.deployment == candidate.deployment]
         failed = next((r for r in replicas if r.state == resources_pb2.REPLICA_STATE_FAILED or r.restarts > 0), None)
         if failed is not None:
             why = failed.message or "its runtime exited"
-            revisions.roll_back(service, f"revision {number} failed: replica {failed.id}: {why}")
+            revisions.roll_back(service, f"revision {number} failed: replica {failed.id}: {why}", totals)
             return True
         ready = sum(1 for r in replicas if r.state == resources_pb2.REPLICA_STATE_READY)
         now = time.time()
@@ -142,21 +142,21 @@ class RolloutDriver:
             began = rollout.start_time.ToNanoseconds() / 1e9 if rollout.HasField("start_time") else now
             if now - began > ready_deadline(policy):
                 revisions.roll_back(service, f"revision {number} was not ready after {now - began:.0f}s "
-                                             f"({ready}/{wanted} replicas)")
+                                             f"({ready}/{wanted} replicas)", totals)
                 return True
             return False
         if ready == 0:
-            revisions.roll_back(service, f"revision {number} has no ready replica")
+            revisions.roll_back(service, f"revision {number} has no ready replica", totals)
             return True
         broken = judge(service, totals)
         if broken:
-            revisions.roll_back(service, broken)
+            revisions.roll_back(service, broken, totals)
             return True
         if now - rollout.step_start_time.ToNanoseconds() / 1e9 < policy.interval_s:
             return False
         following = rollout.step + 1
         if following >= len(policy.steps) or policy.steps[following] >= 100:
-            revisions.promote(service, f"{len(policy.steps) - 1} step(s) passed within the limits")
+            revisions.promote(service, f"{len(policy.steps) - 1} step(s) passed within the limits", totals)
             return True
         self._begin_step(service, following, totals)
         return True
