@@ -16,6 +16,7 @@ from clowder.client import Client
 from clowder_cli.control import open_control_plane
 from clowder_common.auth import read_admin_token
 from clowder_common.processes import free_port
+from clowder_common.security import SERVICE_TOKEN_ENV, ClusterSecurity, service_token_path
 
 CLOWDER = [sys.executable, "-m", "clowder_cli.main"]
 
@@ -29,6 +30,7 @@ class UpCluster:
         self.output: list[str] = []
         self.env = dict(os.environ)
         self.env.pop("CLOWDER_ADMIN_TOKEN", None)  # exercise the generated, stored token
+        self.env.pop(SERVICE_TOKEN_ENV, None)  # and the generated service credential
         # The CLI's tables are read at 200 columns; wide_console gives `clowder up`'s own console that width too.
         up_env = {**self.env, "COLUMNS": "200"} if wide_console else self.env
         self.proc = subprocess.Popen(
@@ -63,6 +65,13 @@ class UpCluster:
     def control(self) -> Client:
         info = json.loads((self.data_dir / "cluster.json").read_text())
         return open_control_plane(info["controller"], read_admin_token(self.data_dir))
+
+    def security(self) -> ClusterSecurity:
+        """How a test calls a runtime or storage of this cluster directly: as a component, with the service
+        credential `clowder up` generated (data dir, mode 0600)."""
+        path = service_token_path(self.data_dir)
+        assert path.stat().st_mode & 0o777 == 0o600
+        return ClusterSecurity(path.read_text().strip())
 
     def state(self) -> dict:
         return json.loads((self.data_dir / "supervisor.json").read_text())

@@ -22,6 +22,7 @@ from clowder_cli.control import open_control_plane
 from clowder_cli.progress import show_pull
 from clowder_cli.supervisor import STOPPED, STOPPING, Component, Supervisor
 from clowder_common.auth import TOKEN_ENV, ensure_admin_token
+from clowder_common.security import SERVICE_TOKEN_ENV, ensure_service_token
 from clowder_common.errors import ClowderError, FailedPrecondition, NotFound, Unavailable
 from clowder_common.etcd_server import start_etcd
 from clowder_common.processes import (SUPERVISOR_ENV, become_subreaper, child_pids, free_port, pid_alive,
@@ -96,6 +97,8 @@ class LocalCluster:
         os.chmod(self.data_dir, 0o700)
         self.logs.mkdir(exist_ok=True)
         self.token = ensure_admin_token(self.data_dir)
+        # One per cluster (0600 in the data dir): runtimes and storage take calls only from its holders.
+        self.service_token = ensure_service_token(self.data_dir)
         self.console.print(f"[dim]data dir {self.data_dir}, logs in {self.logs}[/dim]")
         # Runtimes orphaned by a killed controller re-parent to us, so we can stop and reap them.
         if not become_subreaper():
@@ -137,7 +140,7 @@ class LocalCluster:
 
     def _service(self, name: str, port: int, args: list[str], grace: float = 10) -> None:
         # Runtimes inherit CLOWDER_SUPERVISOR_PID from the controller and stop once we are gone.
-        env = {TOKEN_ENV: self.token, SUPERVISOR_ENV: str(os.getpid())}
+        env = {TOKEN_ENV: self.token, SERVICE_TOKEN_ENV: self.service_token, SUPERVISOR_ENV: str(os.getpid())}
 
         def launch() -> subprocess.Popen:
             with open(self.logs / f"{name}.log", "ab") as log_file:

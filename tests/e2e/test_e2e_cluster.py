@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 
+import grpc
 import openai
 import pytest
 
@@ -139,6 +140,11 @@ def test_the_demo_runs_the_default_fast_configuration(cluster):
     finally:
         control.close()
     with sync_channel(replica.endpoint) as channel:
+        # The runtime takes calls only from cluster components: the front door cannot be walked around.
+        with pytest.raises(grpc.RpcError) as refused:
+            runtime_pb2_grpc.RuntimeServiceStub(channel).GetStats(runtime_pb2.GetStatsRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with sync_channel(replica.endpoint, cluster.security()) as channel:
         stats = runtime_pb2_grpc.RuntimeServiceStub(channel).GetStats(runtime_pb2.GetStatsRequest(), timeout=10)
     assert stats.slots == DEFAULT_SLOTS == 8
     argv = pathlib.Path(f"/proc/{replica.pid}/cmdline").read_bytes().split(b"\0")

@@ -130,7 +130,13 @@ async def test_storage_takes_the_service_credential_or_the_admin_token(tmp_path,
             # The operator's admin token still works (clowder storage ...).
             await stub.ListBlobs(request, timeout=5, metadata=bearer_metadata(admin))
         async with aio_channel(address, ClusterSecurity(service)) as channel:
-            await storage_pb2_grpc.StorageServiceStub(channel).ListBlobs(request, timeout=5)
+            stub = storage_pb2_grpc.StorageServiceStub(channel)
+            await stub.ListBlobs(request, timeout=5)
+            # Streaming calls carry it too: past the door, the blob is simply not there.
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in stub.ReadBlob(storage_pb2.ReadBlobRequest(digest="sha256:" + "0" * 64), timeout=5):
+                    pass
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await app.stop()
 

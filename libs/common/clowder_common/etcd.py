@@ -18,9 +18,13 @@ from typing import AsyncIterator, Awaitable, Callable, Generic, Iterable, TypeVa
 
 import aetcd
 import aetcd.exceptions
+import aetcd.rpc
+import aetcd.watcher
+import grpc
 from google.protobuf.message import DecodeError, Message
 
 from clowder_common.errors import AlreadyExists, FailedPrecondition, Unavailable
+from clowder_common.security import Tls
 from clowder_common.tasks import bounded, cancel_and_wait, wait_event
 
 log = logging.getLogger(__name__)
@@ -163,14 +167,41 @@ async def _close_client(client: aetcd.Client) -> None:
         log.debug("closing the etcd client: %s", closing.exception())
 
 
+class _TlsClient(aetcd.Client):
+    """aetcd's client over TLS (aetcd itself dials only in plaintext): the same stubs on a secure channel.
+
+    `server_name` is the name etcd's certificate is checked against: the target names addresses, not a host.
+    """
+
+    def __init__(self, *args, credentials: grpc.ChannelCredentials, server_name: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._credentials = credentials
+        self._options = {**self._options, "grpc.ssl_target_name_override": server_name}
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}", self._credentials,
+                                               options=list(self._options.items()))
+        self.kvstub = aetcd.rpc.KVStub(self.channel)
+        self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+        self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+        self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(aetcd.rpc.WatchStub(self.channel), timeout=self._timeout,
+                                              metadata=self.metadata)
+        self._connected.set()
+
+
 class EtcdState:
     """A connection to etcd, scoped to Clowder's key prefix."""
 
-    def __init__(self, endpoints: Iterable[str], prefix: str = "/clowder/") -> None:
+    def __init__(self, endpoints: Iterable[str], prefix: str = "/clowder/", tls: Tls | None = None) -> None:
         self._endpoints = [e.strip() for e in endpoints if e.strip()]
         if not self._endpoints:
             raise ValueError("no etcd endpoints given")
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        # With a CA: TLS to etcd, presenting the client certificate when one is given (etcd --client-cert-auth).
+        self._tls = tls if tls is not None and tls.ca else None
         self._client: aetcd.Client | None = None
 
     @property
@@ -188,7 +219,14 @@ class EtcdState:
         target = await grpc_target(self._endpoints)
         # aetcd builds its target as f"{host}:{port}": hand it the multi-address target split at its last colon.
         host, _, port = target.rpartition(":")
-        client = aetcd.Client(host=host, port=int(port), timeout=CALL_TIMEOUT_S, options=dict(CHANNEL_OPTIONS))
+        if self._tls is not None:
+            credentials = self._tls.channel_credentials()
+            assert credentials is not None
+            client: aetcd.Client = _TlsClient(
+                host=host, port=int(port), timeout=CALL_TIMEOUT_S, options=dict(CHANNEL_OPTIONS),
+                credentials=credentials, server_name=_split_endpoint(self._endpoints[0])[0])
+        else:
+            client = aetcd.Client(host=host, port=int(port), timeout=CALL_TIMEOUT_S, options=dict(CHANNEL_OPTIONS))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CALL_TIMEOUT_S
         while True:

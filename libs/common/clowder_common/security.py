@@ -12,6 +12,8 @@ import hmac
 import os
 import pathlib
 import secrets
+import ssl
+import tempfile
 from typing import Mapping
 
 import grpc
@@ -64,6 +66,20 @@ class Tls:
         return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca or None,
                                            require_client_auth=self.client_auth)
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For an HTTP server (the balancer's OpenAI API): TLS with our certificate, None without one."""
+        if not (self.cert and self.key):
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        # The ssl module loads certificates from files only: a private temporary directory, gone at once.
+        with tempfile.TemporaryDirectory() as directory:
+            cert, key = pathlib.Path(directory) / "cert.pem", pathlib.Path(directory) / "key.pem"
+            cert.write_bytes(self.cert)
+            key.touch(0o600)
+            key.write_bytes(self.key)
+            context.load_cert_chain(cert, key)
+        return context
+
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         if not self.ca:
             return None
@@ -87,11 +103,6 @@ class ClusterSecurity:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Call metadata that identifies a cluster component."""
         return ((SERVICE_TOKEN_HEADER, self.service_token),) if self.service_token else ()
-
-    def environment(self) -> dict[str, str]:
-        """What a child component (a runtime the controller starts) needs to be one of us, by environment."""
-        env = {SERVICE_TOKEN_ENV: self.service_token} if self.service_token else {}
-        return env
 
     def accepts(self, presented: str) -> bool:
         # Constant-time: response timing must not leak the credential.
@@ -156,31 +167,63 @@ def ensure_service_token(data_dir: str | os.PathLike[str]) -> str:
     return token
 
 
-class _AddMetadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                   grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    """Adds fixed metadata (the service credential) to every call on a channel."""
+def _with_metadata(details: grpc.aio.ClientCallDetails,
+                   metadata: tuple[tuple[str, str], ...]) -> grpc.aio.ClientCallDetails:
+    merged = grpc.aio.Metadata(*(details.metadata or ()), *metadata)
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, merged, details.credentials,
+                                      details.wait_for_ready)
 
+
+# One class per call kind: grpc.aio files an interceptor under the first kind it is an instance of only.
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self._metadata = metadata
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._metadata)
-        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
-                                          details.wait_for_ready)
-
     async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(self._details(client_call_details), request)
+        return await continuation(_with_metadata(client_call_details, self._metadata), request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
 
     async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(self._details(client_call_details), request)
+        return await continuation(_with_metadata(client_call_details, self._metadata), request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
 
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return await continuation(self._details(client_call_details), request_iterator)
+        return await continuation(_with_metadata(client_call_details, self._metadata), request_iterator)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
 
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return await continuation(self._details(client_call_details), request_iterator)
+        return await continuation(_with_metadata(client_call_details, self._metadata), request_iterator)
 
 
 def client_interceptors(security: ClusterSecurity) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that add the service credential to every call of every kind on an aio channel."""
     metadata = security.metadata()
-    return [_AddMetadata(metadata)] if metadata else []
+    if not metadata:
+        return []
+    return [_UnaryUnary(metadata), _UnaryStream(metadata), _StreamUnary(metadata), _StreamStream(metadata)]
+
+
+def child_environment(config: SecurityConfig, security: ClusterSecurity) -> dict[str, str]:
+    """Environment that makes a child process (a runtime the controller starts on this machine) a cluster
+    component like its parent: the credential itself, and the paths of the same TLS and etcd PEM files."""
+    env = {SERVICE_TOKEN_ENV: security.service_token} if security.service_token else {}
+    for field in ("tls_cert_file", "tls_key_file", "tls_ca_file", "etcd_ca_file", "etcd_cert_file",
+                  "etcd_key_file"):
+        path = getattr(config, field)
+        if path:
+            env[f"CLOWDER_{field.upper()}"] = os.path.abspath(os.path.expanduser(path))
+    if config.tls_client_auth:
+        env["CLOWDER_TLS_CLIENT_AUTH"] = "true"
+    return env

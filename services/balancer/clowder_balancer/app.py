@@ -10,6 +10,8 @@ from aiohttp import web
 from clowder_common.etcd import EtcdState
 from clowder_common.grpc_server import GrpcServer, create_grpc_server
 from clowder_common.rest import CONTROLLER_SERVICES, install_rest_bridge
+from clowder_common.rest.bridge import BridgeOptions
+from clowder_common.security import load_security
 
 from clowder_balancer.apikeys import SERVICE_NAME as API_KEY_SERVICE
 from clowder_balancer.apikeys import ApiKeyServicer, ApiKeyStore
@@ -41,9 +43,10 @@ class BalancerApp:
     def __init__(self, config: BalancerConfig, picker: Picker | None = None, admin_token: str | None = None,
                  tracer_provider=None) -> None:
         self.config = config
-        self.state = EtcdState(config.etcd_endpoints, config.etcd_prefix)
+        self.security = load_security(config)
+        self.state = EtcdState(config.etcd_endpoints, config.etcd_prefix, self.security.etcd_tls)
         self.metrics = Metrics()
-        self.channels = ChannelPool()
+        self.channels = ChannelPool(self.security)
         # Services (revisions and their traffic split): see traffic_split.py.
         self.services = ServiceDirectory(self.state)
         self.discovery = Discovery(self.state, on_endpoints_change=self._endpoints_changed,
@@ -63,7 +66,8 @@ class BalancerApp:
         self.tenancy = Tenancy(
             QuotaLimiter(self.state, config.quota_etcd_timeout_s, config.quota_local_fallback_s),
             UsageMeter(self.state, self.metrics.registry, config.usage_flush_interval_s),
-            FairQueue(self._model_slots, self.metrics.registry, config.queue_max_per_model, config.queue_timeout_s),
+            FairQueue(self._model_slots, self.metrics.registry, config.queue_max_per_model, config.queue_timeout_s,
+                      config.queue_idle_tenant_window_s),
             TenancySettings(config.completion_estimate_tokens))
         self.pipeline = Pipeline(self.router, self.discovery, self.tenancy)
         self._http = HttpApi(self.router, self.discovery, self.metrics, config.max_body_bytes, config.session_header,
@@ -116,7 +120,7 @@ class BalancerApp:
         self._grpc = create_grpc_server(self.config.grpc_listen,
                                         [self._servicer.register, self._api_key_servicer.register,
                                          self.batches.register],
-                                        tracer_provider=self._tracer_provider)
+                                        tracer_provider=self._tracer_provider, tls=self.security.tls)
         await self._grpc.start()
         self.grpc_port = self._grpc.port
         # handler_cancellation: a client that hangs up cancels its handler, and so its runtime call.
@@ -130,7 +134,7 @@ class BalancerApp:
             targets.update(dict.fromkeys(CONTROLLER_SERVICES, self.config.controller_address))
         # The web console, and its one route under /api/v1, go before the bridge's /api/v1 catch-all.
         install_console(http_app, self.discovery, self.channels, self._admin_token)
-        install_rest_bridge(http_app, "/api/v1", targets=targets)
+        install_rest_bridge(http_app, "/api/v1", targets=targets, options=BridgeOptions(security=self.security))
         self._runner = web.AppRunner(
             http_app,
             handler_cancellation=True,
@@ -140,7 +144,8 @@ class BalancerApp:
         await self._runner.setup()
         # Batch work starts with the HTTP face up, so a batch created here is also run here.
         await self.batches.start()
-        site = web.TCPSite(self._runner, self._http_host, self._http_port_wanted)
+        site = web.TCPSite(self._runner, self._http_host, self._http_port_wanted,
+                           ssl_context=self.security.tls.ssl_context())
         await site.start()
         self.http_port = self._runner.addresses[0][1]
         log.info("serving on %s:%d (http; grpc on port %d)", self._http_host, self.http_port, self.grpc_port)

@@ -12,6 +12,7 @@ import grpc
 
 from clowder.runtime.v1 import runtime_pb2_grpc
 from clowder_common.clients import aio_channel
+from clowder_common.security import NO_SECURITY, ClusterSecurity
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,9 @@ class _Entry:
 
 
 class ChannelPool:
-    def __init__(self) -> None:
+    def __init__(self, security: ClusterSecurity = NO_SECURITY) -> None:
+        # Runtimes take calls only from cluster components: the service credential (and TLS) on every channel.
+        self._security = security
         self._entries: dict[str, _Entry] = {}
         # Addresses some endpoint currently registers; None until the first sync (keep everything).
         self._live: set[str] | None = None
@@ -41,7 +44,7 @@ class ChannelPool:
         """A stub on the shared channel to `address`, held open while the block runs."""
         entry = self._entries.get(address)
         if entry is None:
-            channel = aio_channel(address)
+            channel = aio_channel(address, self._security)
             entry = _Entry(channel, runtime_pb2_grpc.RuntimeServiceStub(channel))
             self._entries[address] = entry
         entry.users += 1

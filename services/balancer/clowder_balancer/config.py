@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from clowder_common.config import EtcdConfig
 from clowder_common.errors import InvalidArgument
+from clowder_common.security import SecurityConfig
 
 
 @dataclass(frozen=True)
-class BalancerConfig(EtcdConfig):
+class BalancerConfig(EtcdConfig, SecurityConfig):
     # OpenAI-compatible HTTP API (host:port; port 0 picks a free one).
     http_listen: str = "127.0.0.1:3090"
     # gRPC InferenceService (host:port; port 0 picks a free one).
@@ -80,6 +81,8 @@ class BalancerConfig(EtcdConfig):
     # Requests waiting per model while its replicas' slots are all busy, and for how long at most (503 after).
     queue_max_per_model: int = 256
     queue_timeout_s: float = 60.0
+    # A tenant seen this recently with nothing running keeps one slot free for its next request (fairness/).
+    queue_idle_tenant_window_s: float = 10.0
     # Batch jobs (/v1/files, /v1/batches, batch/): the largest input file (held in memory while stored), lines a
     # balancer claims at a time, invocations one balancer runs at once, slots per deployment batch work leaves
     # to interactive requests, and the TTL of the lease its claims hang on (a dead balancer's chunks are free

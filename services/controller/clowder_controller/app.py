@@ -8,6 +8,7 @@ import pathlib
 from clowder.controller.v1 import controller_pb2, controller_pb2_grpc
 from clowder_common.etcd import EtcdState, Fence
 from clowder_common.grpc_server import create_grpc_server
+from clowder_common.security import NO_SECURITY, ClusterSecurity, child_environment, load_security
 from clowder_controller.autoscaler import Autoscaler, Windows
 from clowder_controller.config import ControllerConfig
 from clowder_controller.deployments import DeploymentServicer
@@ -29,7 +30,7 @@ def _service_name(name: str) -> str:
     return controller_pb2.DESCRIPTOR.services_by_name[name].full_name
 
 
-def default_launcher(config: ControllerConfig, admin_token: str) -> Launcher:
+def default_launcher(config: ControllerConfig, admin_token: str, security: ClusterSecurity = NO_SECURITY) -> Launcher:
     if config.launcher == "kubernetes":
         from kubernetes import client
         from kubernetes import config as kube_config
@@ -47,15 +48,18 @@ def default_launcher(config: ControllerConfig, admin_token: str) -> Launcher:
     if config.launcher != "local":
         raise ValueError(f"launcher must be 'local' or 'kubernetes', not {config.launcher!r}")
     return LocalProcessLauncher(config.etcd_endpoints, config.etcd_prefix, config.runtime_listen,
-                                pathlib.Path(config.data_dir) / "logs", admin_token, config.node_exec)
+                                pathlib.Path(config.data_dir) / "logs", admin_token, config.node_exec,
+                                child_env=child_environment(config, security))
 
 
 class ControllerApp:
     def __init__(self, config: ControllerConfig, admin_token: str, launcher: Launcher | None = None) -> None:
         self.config = config
-        self.state = EtcdState(config.etcd_endpoints, config.etcd_prefix)
-        self.storage = StorageClients(admin_token)
-        self.launcher = launcher or default_launcher(config, admin_token)
+        # The credential and TLS material runtimes and storage demand of the cluster's components.
+        self.security = load_security(config)
+        self.state = EtcdState(config.etcd_endpoints, config.etcd_prefix, self.security.etcd_tls)
+        self.storage = StorageClients(admin_token, self.security)
+        self.launcher = launcher or default_launcher(config, admin_token, self.security)
         self.events = EventRecorder(self.state)
         self.reconciler = Reconciler(self.state, self.storage, self.launcher, config, self.events)
         self.autoscaler = Autoscaler(self.state, self.events, config.autoscale_interval_s,
@@ -83,7 +87,8 @@ class ControllerApp:
             controller_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.state), server)
             return _service_name("NodeService")
 
-        self.grpc = create_grpc_server(config.listen, [images, deployments, nodes, services], admin_token=admin_token)
+        self.grpc = create_grpc_server(config.listen, [images, deployments, nodes, services], admin_token=admin_token,
+                                       tls=self.security.tls)
         self.port = self.grpc.port
         self._stopped = False
 

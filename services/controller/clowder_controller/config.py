@@ -6,11 +6,12 @@ import dataclasses
 import os
 
 from clowder_common.config import EtcdConfig
+from clowder_common.security import SecurityConfig
 from clowder_common.runtime_settings import RuntimeSettings
 
 
 @dataclasses.dataclass(frozen=True)
-class ControllerConfig(EtcdConfig):
+class ControllerConfig(EtcdConfig, SecurityConfig):
     # gRPC address of the control-plane API (ImageService, DeploymentService, NodeService).
     listen: str = "127.0.0.1:3092"
     # Runtime logs go under <data_dir>/logs.

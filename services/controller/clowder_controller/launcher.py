@@ -126,12 +126,15 @@ class LocalProcessLauncher:
     """
 
     def __init__(self, etcd_endpoints: tuple[str, ...], etcd_prefix: str, listen: str, log_dir: pathlib.Path,
-                 admin_token: str | None, node_exec: Mapping[str, str] | None = None) -> None:
+                 admin_token: str | None, node_exec: Mapping[str, str] | None = None,
+                 child_env: Mapping[str, str] | None = None) -> None:
         self._etcd_endpoints = etcd_endpoints
         self._etcd_prefix = etcd_prefix
         self._listen = listen
         self._log_dir = log_dir
         self._admin_token = admin_token
+        # The service credential and TLS paths (security.child_environment): by environment, never argv.
+        self._child_env = dict(child_env or {})
         self._node_exec = check_node_exec(node_exec or {})
         self._children: dict[str, subprocess.Popen] = {}
         # Runtimes an earlier controller started that still run: replica id -> pid.
@@ -171,6 +174,7 @@ class LocalProcessLauncher:
             log.warning("stopping a stray runtime for %s/%s (pid %d)", spec.deployment, spec.replica_id, pid)
             await _terminate(pid, None, 0)
         env = {TOKEN_ENV: self._admin_token} if self._admin_token else {}
+        env.update(self._child_env)
         with open(self.log_path(spec.deployment, spec.replica_id), "ab") as log_file:
             # Not tied to the controller's life (no PDEATHSIG): see the class docstring.
             proc = spawn(self._argv(spec), log_file, env=env, die_with_parent=False)

@@ -13,6 +13,7 @@ from clowder.controller.v1 import resources_pb2
 from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
 from clowder_common.auth import bearer_metadata
 from clowder_common.clients import aio_channel
+from clowder_common.security import NO_SECURITY, ClusterSecurity
 from clowder_common.errors import DataLoss, from_rpc_error
 
 # A pull of tens of gigabytes on a slow link is legitimately long; a hung one is not forever.
@@ -24,14 +25,15 @@ MODEL_MEDIA_TYPE = "application/vnd.clowder.model.layer.v1+gguf"
 class StorageClients:
     """One channel per storage address, reused across calls."""
 
-    def __init__(self, admin_token: str | None) -> None:
+    def __init__(self, admin_token: str | None, security: ClusterSecurity = NO_SECURITY) -> None:
         self._metadata = bearer_metadata(admin_token)
+        self._security = security
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> storage_pb2_grpc.StorageServiceStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = aio_channel(address)
+            channel = self._channels[address] = aio_channel(address, self._security)
         return storage_pb2_grpc.StorageServiceStub(channel)
 
     async def pull(self, address: str, source_url: str, expected_digest: str = "") -> AsyncIterator[

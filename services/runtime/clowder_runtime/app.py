@@ -121,7 +121,7 @@ class RuntimeApp:
             self.node_share = NodeShare(
                 cfg.etcd_endpoints, cfg.etcd_prefix, cfg.node,
                 keys.endpoint(cfg.deployment, cfg.replica_id),
-                cfg.node_cpus, self.engine.set_threads,
+                cfg.node_cpus, self.engine.set_threads, etcd_tls=self._security.etcd_tls,
             )
             await self.node_share.start()
         # Loads on the engine's own thread; nothing is served or registered before it can generate.
@@ -147,6 +147,7 @@ class RuntimeApp:
                     image_digest=cfg.digest,
                 ),
                 cfg.lease_ttl_s,
+                etcd_tls=self._security.etcd_tls,
             )
             await self._registration.start()
         log.info("runtime ready model=%s address=%s registered=%s", self.model_name, self.address,

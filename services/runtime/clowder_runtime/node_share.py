@@ -16,6 +16,7 @@ from clowder.runtime.v1 import runtime_pb2
 
 from clowder_common import keys
 from clowder_common.errors import Unavailable
+from clowder_common.security import Tls
 from clowder_common.etcd import EtcdState, PrefixCache
 from clowder_common.runtime_settings import MAX_THREADS
 from clowder_common.tasks import cancel_and_wait
@@ -45,9 +46,9 @@ class NodeShare:
     """
 
     def __init__(self, endpoints: tuple[str, ...], prefix: str, node: str, endpoint_key: str, node_cpus: int,
-                 apply: Callable[[int], None]) -> None:
+                 apply: Callable[[int], None], etcd_tls: Tls | None = None) -> None:
         """`endpoint_key`: this runtime's endpoint under the prefix (keys.endpoint)."""
-        self._state = EtcdState(endpoints, prefix)
+        self._state = EtcdState(endpoints, prefix, etcd_tls)
         self._node = node
         self._own_key = self._state.key(endpoint_key)
         self._node_cpus = node_cpus

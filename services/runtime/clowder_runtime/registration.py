@@ -9,6 +9,7 @@ from clowder.runtime.v1 import runtime_pb2
 
 from clowder_common import keys
 from clowder_common.errors import Unavailable
+from clowder_common.security import Tls
 from clowder_common.etcd import EtcdState, LeaseKeeper
 from clowder_common.tasks import cancel_and_wait
 
@@ -25,8 +26,9 @@ class EndpointRegistration:
     because etcd is away would turn a control-plane blip into a restart. It registers once etcd answers.
     """
 
-    def __init__(self, endpoints: tuple[str, ...], prefix: str, endpoint: runtime_pb2.Endpoint, ttl_s: int) -> None:
-        self._state = EtcdState(endpoints, prefix)
+    def __init__(self, endpoints: tuple[str, ...], prefix: str, endpoint: runtime_pb2.Endpoint, ttl_s: int,
+                 etcd_tls: Tls | None = None) -> None:
+        self._state = EtcdState(endpoints, prefix, etcd_tls)
         self._endpoint = endpoint
         self._ttl_s = ttl_s
         self._keeper: LeaseKeeper | None = None

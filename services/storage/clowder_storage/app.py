@@ -137,7 +137,7 @@ async def create_storage(config: StorageConfig, admin_token: str | None,
             S3Fetcher(store.run, config.s3_endpoint, config.s3_region, config.http_connect_timeout_s,
                       config.http_read_timeout_s),
         ])
-        state = EtcdState(config.etcd_endpoints, config.etcd_prefix)
+        state = EtcdState(config.etcd_endpoints, config.etcd_prefix, security.etcd_tls)
         registration = NodeRegistration(
             state, store, config.node_name, config.labels, config.lease_ttl_s, config.node_refresh_s,
             gpus=config.gpus if config.gpus >= 0 else count_gpus(),

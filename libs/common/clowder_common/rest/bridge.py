@@ -15,6 +15,7 @@ from google.protobuf import descriptor
 from google.rpc import error_details_pb2, status_pb2
 
 from clowder_common.clients import aio_channel
+from clowder_common.security import NO_SECURITY, ClusterSecurity
 from clowder_common.errors import HTTP_STATUS, ClowderError
 from clowder_common.rest import transcode
 from clowder_common.rest.routes import Route, resolve_services, routes_of
@@ -34,6 +35,8 @@ class BridgeOptions:
     unary_timeout_s: float = 30.0
     # Deadline of one server-streaming call (a pull of a large model takes a while).
     stream_timeout_s: float = 6 * 3600.0
+    # TLS towards the bridged services, when they serve it.
+    security: ClusterSecurity = NO_SECURITY
 
 
 def grpc_code(number: int) -> grpc.StatusCode:
@@ -74,13 +77,14 @@ def call_metadata(request: web.Request) -> tuple[tuple[str, str], ...]:
 class Channels:
     """One channel per gRPC address, opened on first use inside the running loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: ClusterSecurity = NO_SECURITY) -> None:
+        self._security = security
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = aio_channel(address)
+            channel = self._channels[address] = aio_channel(address, self._security)
         return channel
 
     async def close(self) -> None:
@@ -98,7 +102,7 @@ class RestBridge:
         self.services = list(services)
         self.options = options
         self.routes = routes_of(self.services)
-        self.channels = Channels()
+        self.channels = Channels(options.security)
         for route in self.routes:
             if not route.template.text.startswith(self.prefix + "/"):
                 raise ValueError(f"{route.method.full_name}: {route.template.text} is outside {self.prefix}/")
