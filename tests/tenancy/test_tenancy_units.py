@@ -67,7 +67,7 @@ async def _run(queue: FairQueue, model: str, tenant: str, priority: int, order: 
     await queue.acquire(model, tenant, priority)
     order.append(tenant)
     await hold.wait()
-    queue.release(model)
+    queue.release(model, tenant)
 
 
 async def test_tenants_take_turns_and_higher_classes_go_first():
@@ -121,5 +121,26 @@ async def test_a_request_that_gives_up_waiting_leaves_no_trace():
     cancelled.cancel()
     await asyncio.sleep(0.01)
     assert queue.depth("m") == 0
-    queue.release("m")
+    queue.release("m", "a")
     await asyncio.wait_for(queue.acquire("m", "d", STANDARD), 1)
+
+
+async def test_a_slot_is_kept_for_a_light_tenant_seen_lately_and_freed_when_it_stays_away():
+    queue = FairQueue(lambda model: 2, CollectorRegistry(), max_queue=100, timeout_s=10, idle_window_s=0.5)
+    # Alone, a tenant uses every slot.
+    await queue.acquire("m", "a", STANDARD)
+    await asyncio.wait_for(queue.acquire("m", "a", STANDARD), 1)
+    queue.release("m", "a")
+    queue.release("m", "a")
+    # b came and went: while it may come back, a flood from a leaves it one slot.
+    await queue.acquire("m", "b", STANDARD)
+    queue.release("m", "b")
+    await queue.acquire("m", "a", STANDARD)
+    flooding = asyncio.create_task(queue.acquire("m", "a", STANDARD))
+    await asyncio.sleep(0.05)
+    assert not flooding.done() and queue.depth("m") == 1
+    await asyncio.wait_for(queue.acquire("m", "b", STANDARD), 0.1)  # at once: its slot was free
+    queue.release("m", "b")
+    # b stays away: after the window the kept slot goes to a's queued request.
+    await asyncio.wait_for(flooding, 2)
+    assert queue.depth("m") == 0

@@ -3,7 +3,10 @@ higher priority classes go first, and within a class the keys take turns (round 
 burst cannot starve another.
 
 Saturated means this balancer already runs as many requests of the model as its ready replicas have slots
-(from their GetStats). Replicas whose slots are not known yet (no stats) do not limit anything: the queue
+(from their GetStats). A light tenant must not wait for a flooder's request to finish either: a tenant
+seen in the last idle_window_s that has nothing running or queued keeps one slot free for its next request
+(at most capacity - 1 slots are kept so, and only while others want them), so a victim's request usually
+finds a free slot rather than the flooder's backlog. A tenant alone uses every slot. Replicas whose slots are not known yet (no stats) do not limit anything: the queue
 only forms once capacity is known. Each balancer keeps its own queue over its own requests; with several
 balancers each may fill the replicas' slots, and the runtimes queue the excess in arrival order.
 """
@@ -55,9 +58,14 @@ class _Class:
             self.turns.append(waiter.tenant)
         queue.append(waiter)
 
-    def pop(self) -> _Waiter | None:
-        while self.turns:
-            tenant = self.turns.popleft()
+    def pop(self, allowed: Callable[[str], bool]) -> _Waiter | None:
+        """The next tenant's oldest request, skipping tenants not `allowed` a slot now."""
+        for _ in range(len(self.turns)):
+            tenant = self.turns[0]
+            if not allowed(tenant):
+                self.turns.rotate(-1)
+                continue
+            self.turns.popleft()
             queue = self.queues[tenant]
             waiter = queue.popleft()
             if queue:
@@ -91,6 +99,14 @@ class _Model:
     running: int = 0
     waiting: int = 0
     classes: dict[int, _Class] = field(default_factory=lambda: {rank: _Class() for rank in range(3)})
+    # Requests running per tenant, and when each tenant last arrived or finished (monotonic).
+    by_tenant: collections.Counter[str] = field(default_factory=collections.Counter)
+    seen: dict[str, float] = field(default_factory=dict)
+    # A later dispatch, for when slots kept for idle tenants stop being kept.
+    timer: asyncio.TimerHandle | None = None
+
+    def queued(self, tenant: str) -> bool:
+        return any(tenant in c.queues for c in self.classes.values())
 
 
 class FairQueue:
@@ -98,8 +114,11 @@ class FairQueue:
     now (0: unknown, no limit)."""
 
     def __init__(self, capacity: Callable[[str], int], registry: CollectorRegistry, max_queue: int = 256,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, idle_window_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._capacity = capacity
+        self._idle_window = idle_window_s
+        self._clock = clock
         self._max = max_queue
         self._timeout = timeout_s
         self._models: dict[str, _Model] = {}
@@ -123,17 +142,40 @@ class FairQueue:
         rank = _RANK.get(priority, 1)
         label = CLASSES.get(priority, "standard")
         started = time.monotonic()
+        state.seen[tenant] = self._clock()
         capacity = self._capacity(model)
-        if capacity <= 0 or (state.running < capacity and state.waiting == 0):
-            state.running += 1
+        # A free slot while others wait is one kept for tenants with nothing running: such a tenant takes it.
+        light = not state.by_tenant.get(tenant) and not state.queued(tenant)
+        if capacity <= 0 or (state.running < capacity and light) or (
+                state.waiting == 0 and self._may_run(state, tenant, capacity)):
+            self._grant(state, tenant)
         else:
             await self._wait_turn(model, state, tenant, rank, label)
         self._wait.labels(model, label).observe(time.monotonic() - started)
 
-    def release(self, model: str) -> None:
+    def release(self, model: str, tenant: str) -> None:
         state = self._models[model]
         state.running -= 1
+        state.by_tenant[tenant] -= 1
+        if state.by_tenant[tenant] <= 0:
+            del state.by_tenant[tenant]
+        state.seen[tenant] = self._clock()
         self._dispatch(model, state)
+
+    @staticmethod
+    def _grant(state: _Model, tenant: str) -> None:
+        state.running += 1
+        state.by_tenant[tenant] += 1
+
+    def _kept(self, state: _Model, tenant: str, capacity: int) -> int:
+        """Slots kept free for other tenants seen lately that have nothing running or queued."""
+        horizon = self._clock() - self._idle_window
+        idle = sum(1 for other, at in state.seen.items()
+                   if other != tenant and at >= horizon and not state.by_tenant.get(other) and not state.queued(other))
+        return min(idle, capacity - 1)
+
+    def _may_run(self, state: _Model, tenant: str, capacity: int) -> bool:
+        return capacity <= 0 or state.running < capacity - self._kept(state, tenant, capacity)
 
     async def _wait_turn(self, model: str, state: _Model, tenant: str, rank: int, label: str) -> None:
         if state.waiting >= self._max:
@@ -151,6 +193,8 @@ class FairQueue:
         state.classes[rank].push(waiter)
         state.waiting += 1
         self._depth.labels(model, label).inc()
+        # Others may be queued behind a slot kept for this tenant: now it is here, it may take it.
+        self._dispatch(model, state)
         try:
             await asyncio.wait_for(asyncio.shield(waiter.granted), self._timeout)
         except asyncio.CancelledError:
@@ -169,8 +213,7 @@ class FairQueue:
     def _give_up(self, model: str, state: _Model, waiter: _Waiter) -> None:
         if waiter.granted.done() and not waiter.granted.cancelled():
             # Granted just as we left: pass the slot on.
-            state.running -= 1
-            self._dispatch(model, state)
+            self.release(model, waiter.tenant)
             return
         state.classes[waiter.rank].remove(waiter)
         state.waiting -= 1
@@ -185,10 +228,30 @@ class FairQueue:
 
     def _dispatch(self, model: str, state: _Model) -> None:
         capacity = self._capacity(model)
+        self._forget_idle(state)
+
+        def allowed(tenant: str) -> bool:
+            return self._may_run(state, tenant, capacity)
+
         while state.waiting and (capacity <= 0 or state.running < capacity):
-            waiter = next((w for w in (state.classes[r].pop() for r in range(3)) if w is not None), None)
+            waiter = next((w for w in (state.classes[r].pop(allowed) for r in range(3)) if w is not None), None)
             if waiter is None:
+                # Free slots are kept for idle tenants: look again when the first of them stops counting.
+                idle = [at for t, at in state.seen.items() if not state.by_tenant.get(t) and not state.queued(t)]
+                if state.timer is None and idle:
+                    wake = min(idle) + self._idle_window - self._clock() + 0.01
+                    state.timer = asyncio.get_running_loop().call_later(max(0.01, wake), self._redispatch, model)
                 break
             state.waiting -= 1
-            state.running += 1
+            self._grant(state, waiter.tenant)
             waiter.granted.set_result(None)
+
+    def _redispatch(self, model: str) -> None:
+        state = self._models[model]
+        state.timer = None
+        self._dispatch(model, state)
+
+    def _forget_idle(self, state: _Model) -> None:
+        horizon = self._clock() - self._idle_window
+        for tenant in [t for t, at in state.seen.items() if at < horizon and not state.by_tenant.get(t)]:
+            del state.seen[tenant]

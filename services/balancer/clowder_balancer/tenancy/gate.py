@@ -63,7 +63,7 @@ class Ticket:
             return
         self._closed = True
         if self._slot is not None:
-            self._tenancy.queue.release(self._slot)
+            self._tenancy.queue.release(self._slot, self._ctx.principal.key_id or ANONYMOUS)
         first = self._usage[min(self._usage)] if self._usage else runtime_pb2.Usage()
         completion = sum(u.completion_tokens for u in self._usage.values())
         principal = self._ctx.principal
