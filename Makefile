@@ -32,7 +32,7 @@ system-deps: ## Debian packages when missing: etcd-server, docker-registry (OCI 
 	command -v docker-registry >/dev/null || missing="$$missing docker-registry"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
-	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromium >/dev/null || missing="$$missing chromium fonts-liberation"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt-get install$$missing"; \

@@ -314,6 +314,37 @@ def test_api_errors_are_shown_in_the_page(signed_in, base):
     browser.get_log("browser")  # drained: the fixture checks the log is clean
 
 
+def test_add_pull_deploy_undeploy_and_remove_an_image(signed_in, base):
+    browser = signed_in
+    browser.get(f"{base}/console/#/images")
+    smol = wait_until(browser, lambda d: [r for r in _rows(d, "images-body") if r[0] == "smol"], 30, "smol's image")
+    source = smol[0][1]
+    browser.find_element(By.ID, "image-alias").send_keys("smol-copy")
+    browser.find_element(By.ID, "image-source").send_keys(source)
+    assert browser.find_element(By.ID, "image-pull").is_selected()  # "Pull now" is the default
+    browser.find_element(By.CSS_SELECTOR, "#image-form button[type=submit]").click()
+    # The same bytes as smol's layer: the store has them, so the pull ends quickly (with its progress bar).
+    wait_until(browser, lambda d: "done" in _text(d, "#pulls"), 120, "the pull done")
+    assert browser.find_element(By.ID, "pull-smol-copy").tag_name == "progress"
+    row = wait_until(browser, lambda d: [r for r in _rows(d, "images-body") if r[0] == "smol-copy"
+                                         and r[2].startswith("sha256:")], 30, "smol-copy pulled")
+    assert row[0][2] == smol[0][2]  # the same layer digest
+    screenshot(browser, "images-pulled")
+    browser.find_element(By.CSS_SELECTOR, "button[aria-label='Deploy smol-copy']").click()
+    wait_until(browser, lambda d: _text(d, "#page-title") == "Deployment smol-copy", 30, "the new deployment")
+    wait_until(browser, lambda d: _rows(d, "replicas-body"), 60, "its replica")
+    browser.find_element(By.ID, "undeploy").click()
+    browser.find_element(By.ID, "undeploy-yes").click()
+    wait_until(browser, lambda d: d.current_url.endswith("#/overview"), 90, "back on the overview")
+    wait_until(browser, lambda d: [r[0] for r in _rows(d, "deployments-body")] == ["smol"], 30, "smol-copy gone")
+    browser.get(f"{base}/console/#/images")
+    wait_until(browser, lambda d: [r for r in _rows(d, "images-body") if r[0] == "smol-copy"], 30, "smol-copy's row")
+    browser.find_element(By.CSS_SELECTOR, "button[aria-label='Remove smol-copy']").click()
+    browser.find_element(By.CSS_SELECTOR, "button[aria-label='Really remove smol-copy']").click()
+    wait_until(browser, lambda d: [r[0] for r in _rows(d, "images-body")] == ["smol"], 30, "smol-copy removed")
+    assert _alert(browser, "images-error") == ""
+
+
 def test_lost_connection_is_shown_and_retried(signed_in, cluster):
     browser = signed_in
     wait_until(browser, lambda d: _rows(d, "nodes-body"), 30, "the overview's data")

@@ -11,8 +11,10 @@ const RETRY_MAX_MS = 15000;
 const HISTORY_MS = 5 * 60 * 1000;
 // Rates (requests/s, tokens/s, TTFT) are taken over this much of the history, to smooth 2 s readings.
 const RATE_WINDOW_MS = 10000;
-// One API call (not a stream: pulls and chats take as long as they take).
+// One read (not a stream: pulls and chats take as long as they take). A change (scale, undeploy: the controller
+// stops replicas before it answers) gets longer, so a slow success is not shown as a lost connection.
 const CALL_TIMEOUT_MS = 8000;
+const ACTION_TIMEOUT_MS = 60000;
 const MODEL_LAYER_MEDIA_TYPE = 'application/vnd.clowder.model.layer.v1+gguf';
 
 const state = {
@@ -168,7 +170,8 @@ async function errorText(response) {
 
 // fetch with the admin token (unless auth is false). Network failures mark the connection lost; a 401 on an
 // admin call means the token is no longer accepted, which ends the session.
-async function request(method, path, {body, auth = true, headers = {}, signal, timeoutMs = CALL_TIMEOUT_MS} = {}) {
+async function request(method, path, {body, auth = true, headers = {}, signal,
+                                      timeoutMs = method === 'GET' ? CALL_TIMEOUT_MS : ACTION_TIMEOUT_MS} = {}) {
   const h2 = {...headers};
   // A balancer that accepts connections but never answers (stopped, wedged) counts as lost too.
   if (!signal && timeoutMs) signal = AbortSignal.timeout(timeoutMs);
@@ -653,7 +656,9 @@ const playgroundPage = {
     const temperature = h('input', {id: 'pg-temperature', type: 'number', min: '0', max: '2', step: '0.1', value: '0.7'});
     const maxTokens = h('input', {id: 'pg-max-tokens', type: 'number', min: '1', max: '8192', step: '1', value: '128'});
     const key = h('input', {id: 'pg-key', type: 'password', autocomplete: 'off', value: state.playgroundKey,
-                            oninput: e => { state.playgroundKey = e.target.value.trim(); }});
+                            oninput: e => { state.playgroundKey = e.target.value.trim(); },
+                            // With keys required, the model list itself needs the key.
+                            onchange: () => this.loadModels()});
     const prompt = h('textarea', {id: 'pg-prompt', rows: '3', placeholder: 'Ask something… (Ctrl+Enter sends)'});
     const send = h('button', {type: 'submit', id: 'pg-send'}, 'Send');
     const stop = h('button', {type: 'button', id: 'pg-stop', class: 'secondary', disabled: true,
@@ -693,6 +698,7 @@ const playgroundPage = {
       select.replaceChildren(...(data || []).map(m => h('option', {value: m.id, text: m.id})));
       if (!data || !data.length) select.append(h('option', {value: '', text: 'no model deployed'}));
       if (current) select.value = current;
+      showError('pg-error', null);
     } catch (err) { showError('pg-error', err); }
   },
   renderTranscript() {
