@@ -42,6 +42,7 @@ def default_launcher(config: ControllerConfig, admin_token: str, security: Clust
         settings = KubernetesSettings(
             namespace=config.kubernetes_namespace, runtime_image=config.kubernetes_runtime_image,
             store_path=config.kubernetes_store_path, token_secret=config.kubernetes_token_secret,
+            service_token_secret=config.kubernetes_service_token_secret,
             owner_configmap=config.kubernetes_owner_configmap,
         )
         return KubernetesLauncher(client.ApiClient(), settings, config.etcd_endpoints, config.etcd_prefix)

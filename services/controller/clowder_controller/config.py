@@ -66,6 +66,8 @@ class ControllerConfig(EtcdConfig, SecurityConfig):
     kubernetes_store_path: str = "/var/lib/clowder/storage"
     # Secret with the admin token (key "token") and the ConfigMap that owns runtime pods.
     kubernetes_token_secret: str = "clowder-admin-token"
+    # Secret with the cluster's service credential (key "token") that runtime pods demand of their callers.
+    kubernetes_service_token_secret: str = "clowder-service-token"
     kubernetes_owner_configmap: str = "clowder-controller"
 
     @property

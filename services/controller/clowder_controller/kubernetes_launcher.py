@@ -22,6 +22,7 @@ from google.protobuf import json_format
 
 from clowder.controller.v1 import resources_pb2
 from clowder_common.auth import TOKEN_ENV
+from clowder_common.security import SERVICE_TOKEN_ENV
 from clowder_controller.launcher import RuntimeSpec, RuntimeState, RuntimeStatus
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class KubernetesSettings:
     # Secret holding the admin token under `token_key`: never inlined in the pod spec.
     token_secret: str = "clowder-admin-token"
     token_key: str = "token"
+    # Secret holding the cluster's service credential: a runtime takes calls only from holders (the balancers).
+    service_token_secret: str = "clowder-service-token"
     # ConfigMap owned by the controller's install; pods are owned by it, so uninstalling removes them.
     owner_configmap: str = "clowder-controller"
     # Pod listing interval for status().
@@ -121,6 +124,8 @@ def build_pod(spec: RuntimeSpec, settings: KubernetesSettings, etcd_endpoints: t
                     {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                     {"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": settings.token_secret,
                                                                        "key": settings.token_key}}},
+                    {"name": SERVICE_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": settings.service_token_secret,
+                                                                               "key": "token"}}},
                 ],
                 "resources": {"requests": {"cpu": str(spec.threads)}},
                 # Ready once the runtime's gRPC health says SERVING (model loaded).
