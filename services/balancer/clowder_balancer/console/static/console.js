@@ -1023,8 +1023,15 @@ function start() {
 
 // `#token=...` signs a script's browser in once: the token leaves the address bar (and so the history) at once.
 function takeFragmentToken() {
-  const token = decodeURIComponent(location.hash.slice('#token='.length));
+  const raw = location.hash.slice('#token='.length);
   history.replaceState(null, '', location.pathname + location.search + '#/overview');
+  let token;
+  try {
+    token = decodeURIComponent(raw);
+  } catch (_) {
+    signOut('The token in the address is not valid URL encoding.');
+    return;
+  }
   signIn(token).catch(err => signOut(err.message));
 }
 
