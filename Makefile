@@ -105,6 +105,10 @@ bench-controller: install ## controller: scheduling decision time and convergenc
 bench-routing: install ## balancer: TTFT by routing profile, balancer overhead, streamed requests/s
 	$(PY) bench/bench_routing.py
 
+.PHONY: bench-fairness
+bench-fairness: install ## tenants: victim's TTFT p50 with a flooder / alone (fair queue), rate-limit overshoot across 2 balancers
+	$(PY) bench/bench_fairness.py $(BENCH_ARGS)
+
 .PHONY: bench-chaos
 bench-chaos: install ## faults on a schedule under streaming load: broken/failed requests and time to heal per fault
 	$(PY) bench/bench_chaos.py $(BENCH_ARGS)
