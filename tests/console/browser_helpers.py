@@ -23,11 +23,13 @@ def start_chromium(profile_dir: pathlib.Path) -> webdriver.Chrome:
     """A headless chromium on its own profile. A missing browser fails here: the Makefile installs it."""
     for path in (CHROMIUM, CHROMEDRIVER):
         if not shutil.which(path):
-            raise AssertionError(f"{path} is missing: `make system-deps` installs Debian's chromium and chromium-driver")
+            raise AssertionError(f"{path} is missing: `make system-deps` installs Debian's chromium and "
+                                 "chromium-driver")
     # Selenium must not fetch a driver or browser of its own (there is no network here, and CI has none either).
     os.environ["SE_OFFLINE"] = "true"
     options = Options()
     options.binary_location = CHROMIUM
+    # --no-sandbox: CI runs as root, where chromium refuses its sandbox; the page is our own console on loopback.
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1280,1000", f"--user-data-dir={profile_dir}", "--no-first-run",
                 "--disable-extensions", "--disable-background-networking", "--disable-sync"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import urllib.error
@@ -238,9 +239,13 @@ def test_playground_streams_a_reply(signed_in, base):
     screenshot(browser, "playground")
     # The tokens just generated show in the deployment's load chart (the history survives page changes).
     browser.get(f"{base}/console/#/deployment/smol")
-    wait_until(browser, lambda d: "at most 0.0 " not in (d.execute_script(
-        "const s = document.querySelectorAll('#charts svg')[1]; return s ? s.getAttribute('aria-label') : 'at most 0.0 '")),
-        30, "tokens/s in the chart")
+    tokens_chart = "const s = document.querySelectorAll('#charts svg')[1]; return s ? s.getAttribute('aria-label') : ''"
+
+    def peak(d) -> float:
+        found = re.search(r"at most ([\d.]+)", d.execute_script(tokens_chart))
+        return float(found.group(1)) if found else 0.0
+
+    wait_until(browser, lambda d: peak(d) > 0, 30, "tokens/s in the chart")
     screenshot(browser, "deployment-chart")
 
 
@@ -351,9 +356,8 @@ def test_lost_connection_is_shown_and_retried(signed_in, cluster):
     balancer = cluster.component("balancer")["pid"]
     os.kill(balancer, signal.SIGSTOP)  # accepts connections, answers nothing: a hung balancer
     try:
-        banner = wait_until(browser, lambda d: "lost" in _text(d, "#connection") and d.find_element(By.ID, "connection"),
-                            40, "the lost-connection banner")
-        assert "retrying" in banner.text
+        wait_until(browser, lambda d: "lost" in _text(d, "#connection"), 40, "the lost-connection banner")
+        assert "retrying" in _text(browser, "#connection")
         # The last data stays on screen: a lost connection never blanks the page.
         assert _rows(browser, "nodes-body")[0][0] == "local"
         screenshot(browser, "connection-lost")
