@@ -200,6 +200,10 @@ async def test_every_annotated_rpc_is_served_and_covered_here():
         "DeploymentService_ListDeployments", "DeploymentService_UpdateDeployment",
         "DeploymentService_DeleteDeployment", "DeploymentService_ListReplicas", "NodeService_ListNodes",
         "NodeService_GetNode",
+        # test_rest_services.py
+        "ServingService_ApplyService", "ServingService_GetService", "ServingService_ListServices",
+        "ServingService_PromoteService", "ServingService_RollbackService", "ServingService_SetServiceTraffic",
+        "ServingService_DeleteService",
     }
     assert {r.operation_id for r in routes} == exercised
 

@@ -1,0 +1,58 @@
+"""ServingService through the REST bridge, against the real controller (replicas 0: no runtime is started)."""
+
+from __future__ import annotations
+
+from rest_helpers import call, eventually
+
+
+async def test_services_apply_split_promote_rollback_and_delete(api, http):
+    for alias in ("web-a", "web-b"):
+        status, body = await call(http, "POST", f"{api}/api/v1/images",
+                                  json={"alias": alias, "sourceUrl": "file:///models/none.gguf"})
+        assert status == 200, body
+    status, body = await call(http, "POST", f"{api}/api/v1/services",
+                              json={"template": {"name": "web", "image": "web-a", "replicas": 0}})
+    assert status == 200 and body["changed"] and body["revision"] == 1, body
+    status, body = await call(http, "GET", f"{api}/api/v1/services/web")
+    assert status == 200 and body["service"]["traffic"] == [{"revision": 1, "percent": 100}]
+    assert body["service"]["metrics"][0]["revision"] == 1
+    status, body = await call(http, "GET", f"{api}/api/v1/services")
+    assert [s["name"] for s in body["services"]] == ["web"]
+
+    status, body = await call(http, "POST", f"{api}/api/v1/services",
+                              json={"template": {"name": "web", "image": "web-b", "replicas": 0}, "weight": 30})
+    assert status == 200 and body["revision"] == 2, body
+    assert body["service"]["rollout"]["state"] == "ROLLOUT_STATE_FIXED"
+    assert body["service"]["traffic"] == [{"revision": 1, "percent": 70}, {"revision": 2, "percent": 30}]
+    status, body = await call(http, "GET", f"{api}/api/v1/deployments/web-r2")
+    assert status == 200 and body["deployment"]["image"] == "web-b"
+
+    status, body = await call(http, "POST", f"{api}/api/v1/services/web:setTraffic",
+                              json={"traffic": [{"revision": 1, "percent": 50}, {"revision": 2, "percent": 40}]})
+    assert status == 400 and "add up to 90" in body["message"]
+    status, body = await call(http, "POST", f"{api}/api/v1/services/web:rollback", json={"revision": 9})
+    assert status == 404 and "no revision 9" in body["message"]
+    status, body = await call(http, "POST", f"{api}/api/v1/services/web:setTraffic",
+                              json={"traffic": [{"revision": 1, "percent": 50}, {"revision": 2, "percent": 50}]})
+    assert status == 200 and body["service"]["traffic"][1] == {"revision": 2, "percent": 50}
+
+    status, body = await call(http, "POST", f"{api}/api/v1/services/web:promote", json={})
+    assert status == 200 and body["service"]["rollout"]["stableRevision"] == 2
+    status, _ = await call(http, "GET", f"{api}/api/v1/deployments/web")
+    assert status == 404  # revision 1's deployment went with the promotion
+
+    status, body = await call(http, "POST", f"{api}/api/v1/services/web:rollback", json={})
+    assert status == 200 and body["service"]["rollout"]["state"] == "ROLLOUT_STATE_ROLLED_BACK"
+    assert body["service"]["rollout"]["stableRevision"] == 1
+    status, body = await call(http, "GET", f"{api}/api/v1/deployments/web-r2")
+    assert body["deployment"]["image"] == "web-a"  # revision 1 rolled over the live deployment
+
+    status, body = await call(http, "DELETE", f"{api}/api/v1/services/web")
+    assert status == 200
+    status, _ = await call(http, "GET", f"{api}/api/v1/services/web")
+    assert status == 404
+
+    async def deployment_gone():
+        return (await call(http, "GET", f"{api}/api/v1/deployments/web-r2"))[0] == 404
+
+    await eventually(deployment_gone, 10, "the service's deployment deleted")
