@@ -21,7 +21,7 @@ from clowder.storage.v1 import storage_pb2
 from clowder_cli.control import open_control_plane
 from clowder_cli.progress import show_pull
 from clowder_cli.supervisor import STOPPED, STOPPING, Component, Supervisor
-from clowder_common.auth import TOKEN_ENV, ensure_admin_token
+from clowder_common.auth import TOKEN_ENV, ensure_admin_token, token_path
 from clowder_common.security import SERVICE_TOKEN_ENV, ensure_service_token
 from clowder_common.errors import ClowderError, FailedPrecondition, NotFound, Unavailable
 from clowder_common.etcd_server import start_etcd
@@ -280,6 +280,8 @@ def run_up(data_dir: pathlib.Path, http_port: int, internal_ports: str, demo: bo
                 deploy_demo(control, console, http_port)
             finally:
                 control.close()
+        console.print(f"web console on http://127.0.0.1:{http_port}/console/ (sign in with the admin token: "
+                      f"{TOKEN_ENV} or {token_path(data_dir)})", soft_wrap=True, highlight=False)
         console.print(f"cluster up; OpenAI API on http://127.0.0.1:{http_port}/v1 — Ctrl-C or `clowder down` stops it",
                       soft_wrap=True)
         code = cluster.wait()

@@ -109,6 +109,10 @@ def test_wrong_token_is_refused(browser, base):
     screenshot(browser, "signin-refused")
 
 
+def test_clowder_up_prints_where_the_console_is(cluster, base):
+    assert f"web console on {base}/console/" in cluster.text
+
+
 def test_fragment_token_signs_in_and_leaves_the_address_bar(browser, base, token):
     browser.get(f"{base}/console/#token={token}")
     wait_until(browser, lambda d: _text(d, "#page-title") == "Overview", 30, "the overview")
