@@ -84,7 +84,7 @@ async def test_three_nodes_read_each_blob_from_the_origin_once(tmp_path, etcd, e
         assert digests == [digest_of(first)] * 3
         assert source.served["first"] == len(first)
         assert [r for r in source.requests if r[0] == "first"] == [("first", "")]
-        assert sum("from peer" in n.log() for n in nodes) == 2
+        assert sum("(chained)" in n.log() for n in nodes) == 2
 
         # One after another: the first node reads the origin, the next ones copy from a node that holds it.
         for node in nodes:
@@ -99,6 +99,48 @@ async def test_three_nodes_read_each_blob_from_the_origin_once(tmp_path, etcd, e
                                                   metadata=md(), timeout=30):
                 data += chunk.data
             assert data == second
+
+
+async def test_concurrent_pulls_chain_from_the_first_while_it_downloads(tmp_path, etcd, etcd_prefix, source):
+    data = os.urandom(4 << 20)
+    source.blobs["blob"] = data
+    # The origin sends its first MiB, then holds: whatever the other nodes get meanwhile came through the first.
+    gate = source.holds["blob"] = asyncio.Event()
+    url, digest = source.url("blob"), digest_of(data)
+    async with storage_nodes(tmp_path, etcd, etcd_prefix, ["node-a", "node-b", "node-c"]) as nodes:
+        first = asyncio.ensure_future(pull(nodes[0].stub, url, digest))
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while source.served["blob"] < 1 << 20:
+                assert asyncio.get_running_loop().time() < deadline, "the origin was never asked"
+                await asyncio.sleep(0.05)
+
+            # Nodes that got the first MiB while the origin held it back; the gate opens once both did.
+            reached: set[str] = set()
+
+            async def follow(node: Node) -> list:
+                seen = []
+                request = storage_pb2.PullBlobRequest(source_url=url, expected_digest=digest)
+                async for message in node.stub.PullBlob(request, metadata=md(), timeout=60):
+                    seen.append(message)
+                    if message.progress.bytes_done >= 1 << 20 and not gate.is_set():
+                        reached.add(node.name)
+                        if len(reached) == 2:
+                            gate.set()
+                return seen
+
+            followers = await asyncio.wait_for(asyncio.gather(*(follow(n) for n in nodes[1:])), 60)
+            assert await asyncio.wait_for(first, 60)
+        finally:
+            gate.set()
+            first.cancel()
+        # The followers got bytes while the origin held: they read the first node's growing download.
+        assert reached == {"node-b", "node-c"}
+        for seen in followers:
+            assert seen[-1].blob.digest == digest
+        assert source.served["blob"] == len(data)
+        assert len([r for r in source.requests if r[0] == "blob"]) == 1
+        assert sum("(chained)" in n.log() for n in nodes[1:]) == 2
 
 
 async def test_a_silent_peer_sends_the_pull_back_to_the_origin(tmp_path, etcd, etcd_prefix, source):

@@ -157,10 +157,13 @@ class PeerDirectory:
                 await self._state.delete(key, held.mod_revision)
         return False
 
-    async def claimant(self, digest: str) -> str:
-        """Name of the node reading `digest` from its origin now, "" when none is."""
+    async def claimant(self, digest: str) -> tuple[str, str]:
+        """(name, peer:// URL) of the node reading `digest` from its origin now; ("", "") when none is."""
         held = await self._state.get(pull_claim_key(self._state, digest), resources_pb2.Node)
-        return held.value.name if held is not None else ""
+        if held is None or held.value.name == self._name:
+            return "", ""
+        address = held.value.storage_address
+        return held.value.name, f"peer://{address}/{digest}" if address else ""
 
     async def release(self, digest: str, stored: bool) -> None:
         """Drop our claim; when the blob was stored, publish it first so waiters find it on this node."""

@@ -6,17 +6,21 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import os
 import time
 from typing import AsyncIterator, Awaitable, Callable
 
 from clowder_common.errors import DataLoss, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
 from clowder_storage.peer import PeerDirectory
-from clowder_storage.sources import NO_CREDENTIAL, Credential, Fetcher, Opened, Sources, redact_url
-from clowder_storage.store import BlobInfo, BlobStore, parse_digest
+from clowder_storage.sources import CHUNK_BYTES, NO_CREDENTIAL, Credential, Fetcher, Opened, Sources, redact_url
+from clowder_storage.store import BlobInfo, BlobStore, TempBlob, parse_digest
 from clowder_storage.transfer import Transfer, TransferOptions
 
 log = logging.getLogger(__name__)
+
+# How often a reader of a growing blob looks for new bytes.
+GROWING_POLL_S = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,10 @@ class Download:
         # Set once nobody waits any more: a newcomer must start afresh rather than join a dying task.
         self.abandoned = False
         self.task: asyncio.Task[_Outcome] | None = None
+        # The file being written and its source, while a transfer runs: other nodes may read its verified
+        # (hashed) prefix as it grows (see Puller.read_growing).
+        self.temp: TempBlob | None = None
+        self.from_peer = False
 
     def advance(self, n: int) -> None:
         self.bytes_done += n
@@ -237,8 +245,8 @@ class Puller:
 
     async def _from_cluster(self, download: Download, digest: str) -> _Outcome:
         """Copy from a node that holds the blob; else read the origin if no other node is reading it; else
-        wait for the node that is, then copy from it (the claim is held on that node's lease, so the wait ends
-        when it finishes, fails or dies)."""
+        chain from the node that is: read its download as it grows (the claim is held on that node's lease, so
+        a dead claimant's claim goes; a failed chain starts this loop over)."""
         assert self._peers is not None
         shown = redact_url(download.url)
         waited_for = ""
@@ -274,15 +282,25 @@ class Puller:
                 finally:
                     # Shielded: a cancelled pull must still let the waiting nodes go (else they wait for the TTL).
                     await asyncio.shield(self._release(digest, stored))
-            claimant = await self._peers.claimant(digest)
+            claimant, url = await self._peers.claimant(digest)
             if not claimant and not self._origin_allowed:
                 raise Unavailable(
                     f"no peer holds {digest} and this node pulls only from its peers (air-gapped)",
                     reason="NO_PEER_HOLDS_BLOB", retry_after=5.0)
-            if claimant and claimant != waited_for:
-                log.info("%s is being read from its origin by node %s; copying from it once it is done",
-                         digest, claimant)
-                waited_for = claimant
+            if url:
+                if claimant != waited_for:
+                    log.info("%s is being read from its origin by node %s; chaining from its download",
+                             digest, claimant)
+                    waited_for = claimant
+                try:
+                    outcome = await self._fetch(download, self._peers.fetcher, url, NO_CREDENTIAL, resumable=False)
+                    if outcome.blob is not None:
+                        log.info("pulled %s from peer %s instead of %s (chained)", digest, redact_url(url), shown)
+                        return outcome
+                except (Unavailable, NotFound, DataLoss) as exc:
+                    # The claimant failed, died, or finished between two looks: look again.
+                    log.warning("chaining %s from %s failed (%s); looking again", digest, redact_url(url), exc)
+                download.advance(-download.bytes_done)
             await self._peers.wait()
 
     async def _release(self, digest: str, stored: bool) -> None:
@@ -327,9 +345,13 @@ class Puller:
             else:
                 temp = await self._store.new_temp(self._max_blob)
             resumed_from = temp.partial.resumed_from if temp.partial is not None else 0
+            download.temp, download.from_peer = temp, fetcher is (self._peers.fetcher if self._peers else None)
             # The kept prefix counts as done: progress and the space promised cover only what is left.
             download.advance(temp.size)
-            transfer = Transfer(fetcher, url, self._options, self._store.run, download.advance, opened, credential)
+            # A peer's copy may still be growing behind its own download: one stream in order, not pieces that
+            # would wait for bytes the peer does not have yet.
+            options = self._options if resumable else dataclasses.replace(self._options, parallel_parts=1)
+            transfer = Transfer(fetcher, url, options, self._store.run, download.advance, opened, credential)
             try:
                 complete = await transfer.run(temp)
                 download.resumes = transfer.resumes
@@ -369,6 +391,62 @@ class Puller:
                 await asyncio.shield(self._store.discard(temp))
                 raise
         raise AssertionError("unreachable: the second attempt never resumes")
+
+    def growing(self, digest: str) -> Download | None:
+        """The download reading `digest` from its origin on this node now, if any (what chained peers read)."""
+        for download in self._downloads.values():
+            if digest in download.expectations and not download.abandoned and not download.from_peer:
+                return download
+        return None
+
+    async def read_growing(self, digest: str, offset: int, length: int, wait_s: float,
+                           heartbeat_s: float = 1.0) -> AsyncIterator[tuple[bytes, int]]:
+        """(bytes, total size) of `digest` from `offset` while its download here still runs: only the hashed
+        prefix, which is on disk, is served; the reader verifies the whole blob by digest as always.
+
+        Raises NotFound when no download of `digest` runs here, Unavailable when it fails or does not start
+        writing within `wait_s`. Empty chunks every `heartbeat_s` tell a waiting reader the stream is alive.
+        """
+        download = self.growing(digest)
+        if download is None:
+            raise NotFound(f"blob {digest} not found", reason="BLOB_NOT_FOUND")
+        assert download.task is not None
+        deadline = time.monotonic() + wait_s
+        while download.temp is None or not download.bytes_total:
+            if download.task.done() or time.monotonic() > deadline:
+                raise Unavailable(f"the pull of {digest} on this node has not started writing", retry_after=1.0)
+            await asyncio.sleep(GROWING_POLL_S)
+        temp, total = download.temp, download.bytes_total
+        fd = await self._store.run(os.open, temp.path, os.O_RDONLY)
+        try:
+            position = min(offset, total)
+            stop = total if not length else min(total, position + length)
+            quiet_since = time.monotonic()
+            while position < stop:
+                available = temp.hashed
+                if download.temp is not temp or available < position:
+                    # Started over (the source changed) or moved on: what was sent may not be the blob.
+                    raise Unavailable(f"the pull of {digest} on this node started over", retry_after=1.0)
+                if available > position:
+                    data = await self._store.run(os.pread, fd, min(CHUNK_BYTES, available - position,
+                                                                   stop - position), position)
+                    if not data:
+                        raise Unavailable(f"the pull of {digest} on this node lost its file", retry_after=1.0)
+                    position += len(data)
+                    quiet_since = time.monotonic()
+                    yield data, total
+                    continue
+                if download.task.done():
+                    failed = download.task.cancelled() or download.task.exception() is not None
+                    if failed or temp.hashed < stop:
+                        raise Unavailable(f"the pull of {digest} on this node failed", retry_after=1.0)
+                    continue
+                if time.monotonic() - quiet_since >= heartbeat_s:
+                    quiet_since = time.monotonic()
+                    yield b"", total
+                await asyncio.sleep(GROWING_POLL_S)
+        finally:
+            await self._store.run(os.close, fd)
 
     async def _check_space(self, download: Download, size: int) -> None:
         if self._max_blob and size > self._max_blob:

@@ -12,7 +12,7 @@ from google.protobuf import timestamp_pb2
 
 from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
 
-from clowder_common.errors import InvalidArgument
+from clowder_common.errors import InvalidArgument, NotFound
 
 from clowder_storage.images import MEDIA_ADAPTER, MEDIA_MODEL, TITLE, ImageStore, ImageView, LayerSpec
 from clowder_storage.puller import Progress, Pulled, Puller
@@ -78,8 +78,10 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 
     def __init__(self, store: BlobStore, puller: Puller, on_change: Callable[[], None] | None = None,
                  images: ImageStore | None = None, space: Space | None = None,
-                 oci: "OciClient | None" = None) -> None:
+                 oci: "OciClient | None" = None, growing_wait_s: float = 10.0) -> None:
         self._store = store
+        # ReadBlob of a blob still being pulled here waits this long for its first bytes (0: NOT_FOUND at once).
+        self._growing_wait_s = growing_wait_s
         self._puller = puller
         self._on_change = on_change
         self._images = images
@@ -126,7 +128,20 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 
     async def ReadBlob(self, request: storage_pb2.ReadBlobRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[storage_pb2.ReadBlobResponse]:
-        path = await self._store.path(request.digest)
+        try:
+            path = await self._store.path(request.digest)
+        except NotFound:
+            if self._growing_wait_s <= 0:
+                raise
+            # Not stored yet, but perhaps being pulled here: another node chains from this download.
+            try:
+                async for data, total in self._puller.read_growing(request.digest, request.offset, request.length,
+                                                                   self._growing_wait_s):
+                    yield storage_pb2.ReadBlobResponse(data=data, size_bytes=total)
+                return
+            except NotFound:
+                # Finished between the two looks: it is stored now (or gone, and this raises NotFound).
+                path = await self._store.path(request.digest)
         fd = await self._store.run(os.open, path, os.O_RDONLY)
         try:
             size = (await self._store.run(os.fstat, fd)).st_size
