@@ -11,7 +11,7 @@ from clowder_balancer.metrics import TTFT_BUCKETS
 from clowder_balancer.traffic_split import Weighted, pick, session_point
 from clowder_common.errors import InvalidArgument
 from clowder_controller import revisions
-from clowder_controller.rollout import MIN_REQUESTS, judge
+from clowder_controller.rollout import MIN_REQUESTS, MIN_TTFT_SAMPLES, judge
 
 
 def counters(service: str, revision: int, requests: int, errors: int, ttfts: list[float]):
@@ -92,6 +92,12 @@ def test_judge_breaks_on_error_rate_and_ttft_ratio_only_with_enough_requests():
     assert "time to first token" in judge(service, {**base, ("svc", 2): counters("svc", 2, 20, 0, slow)})
     few = MIN_REQUESTS - 1
     assert judge(service, {**base, ("svc", 2): counters("svc", 2, few, few, [0.4] * few)}) == ""
+    # Time to first token: only at the end of a step, and only on enough first tokens.
+    assert judge(service, {**base, ("svc", 2): counters("svc", 2, 20, 0, slow)}, step_done=False) == ""
+    some = MIN_TTFT_SAMPLES - 1
+    assert judge(service, {**base, ("svc", 2): counters("svc", 2, some, 0, [0.4] * some)}) == ""
+    # Errors count at once, mid-step.
+    assert "error rate" in judge(service, {**base, ("svc", 2): counters("svc", 2, 20, 5, fast)}, step_done=False)
     # Counted from the window's baseline: errors before the step began do not count.
     revisions.set_baseline(service, {("svc", 2): counters("svc", 2, 20, 5, fast)})
     assert judge(service, {**base, ("svc", 2): counters("svc", 2, 40, 5, fast * 2)}) == ""

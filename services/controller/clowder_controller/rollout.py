@@ -22,8 +22,12 @@ from clowder_controller.revisions import PROGRESSING, find_revision
 
 log = logging.getLogger(__name__)
 
-# Requests a revision needs in a window before its error rate or time to first token is judged.
+# Requests the candidate needs in a step before its error rate is judged (at any moment of the step: a broken
+# revision goes as soon as this many requests show it).
 MIN_REQUESTS = 5
+# First tokens each revision needs before the p95 ratio is judged, at the end of a step only: a p95 of a few
+# samples is their maximum, and a replica's first requests are slow while its caches are cold.
+MIN_TTFT_SAMPLES = 20
 # A candidate that is not ready this long after the rollout began is rolled back (at least; see _deadline).
 READY_DEADLINE_S = 300.0
 
@@ -32,8 +36,9 @@ def ready_deadline(policy: resources_pb2.RolloutPolicy) -> float:
     return max(READY_DEADLINE_S, 5 * policy.interval_s)
 
 
-def judge(service: resources_pb2.Service, totals) -> str:
-    """Why the candidate breaks a limit in the current window; empty when it does not."""
+def judge(service: resources_pb2.Service, totals, step_done: bool = True) -> str:
+    """Why the candidate breaks a limit in the current window; empty when it does not. The time to first token is
+    judged only once the step is done (`step_done`), on the whole step."""
     rollout = service.rollout
     policy = rollout.policy
     candidate = revisions.window(service, totals, rollout.candidate_revision)
@@ -42,8 +47,10 @@ def judge(service: resources_pb2.Service, totals) -> str:
         if rate > policy.max_error_rate:
             return (f"error rate {rate:.0%} of revision {rollout.candidate_revision} ({candidate.errors} of "
                     f"{candidate.requests} requests) is above {policy.max_error_rate:.0%}")
+    if not step_done:
+        return ""
     stable = revisions.window(service, totals, rollout.stable_revision)
-    if candidate.ttft_count >= MIN_REQUESTS and stable.ttft_count >= MIN_REQUESTS:
+    if candidate.ttft_count >= MIN_TTFT_SAMPLES and stable.ttft_count >= MIN_TTFT_SAMPLES:
         mine, theirs = revisions.quantile(candidate), revisions.quantile(stable)
         if theirs > 0 and mine / theirs > policy.max_ttft_ratio:
             return (f"p95 time to first token of revision {rollout.candidate_revision} ({mine:.3f}s) is "
@@ -148,11 +155,12 @@ class RolloutDriver:
         if ready == 0:
             revisions.roll_back(service, f"revision {number} has no ready replica", totals)
             return True
-        broken = judge(service, totals)
+        step_done = now - rollout.step_start_time.ToNanoseconds() / 1e9 >= policy.interval_s
+        broken = judge(service, totals, step_done)
         if broken:
             revisions.roll_back(service, broken, totals)
             return True
-        if now - rollout.step_start_time.ToNanoseconds() / 1e9 < policy.interval_s:
+        if not step_done:
             return False
         following = rollout.step + 1
         if following >= len(policy.steps) or policy.steps[following] >= 100:
