@@ -25,7 +25,9 @@ log = logging.getLogger("clowder_runtime")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m clowder_runtime",
-        description="Serve one GGUF model over gRPC (clowder.runtime.v1.RuntimeService).",
+        description="Serve one GGUF model over gRPC (clowder.runtime.v1.RuntimeService). With the cluster's service "
+        "credential in CLOWDER_SERVICE_TOKEN (or the file in CLOWDER_SERVICE_TOKEN_FILE), only callers presenting it "
+        "are served; CLOWDER_TLS_CERT_FILE/KEY_FILE/CA_FILE turn on TLS.",
     )
     parser.add_argument("--config", metavar="FILE", help="YAML config file (flags override it)")
     parser.add_argument("--listen", help="gRPC address host:port (default 127.0.0.1:0)")

@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m clowder_storage",
         description="Content-addressed model store of one node. Needs the admin token in "
-        f"{TOKEN_ENV}. Precedence: defaults < --config file < CLOWDER_<FIELD> environment < flags.",
+        f"{TOKEN_ENV}; callers present it, or the cluster's service credential (CLOWDER_SERVICE_TOKEN or "
+        "CLOWDER_SERVICE_TOKEN_FILE). Pulls by digest copy from peer nodes first (CLOWDER_PEER_PULLS; "
+        "CLOWDER_PEERS_ONLY=true for an air-gapped node). "
+        "Precedence: defaults < --config file < CLOWDER_<FIELD> environment < flags.",
     )
     parser.add_argument("--config", metavar="FILE", help="YAML file with StorageConfig fields")
     parser.add_argument("--listen", help="gRPC address host:port (default 127.0.0.1:3093)")
