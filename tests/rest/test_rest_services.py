@@ -56,3 +56,34 @@ async def test_services_apply_split_promote_rollback_and_delete(api, http):
         return (await call(http, "GET", f"{api}/api/v1/deployments/web-r2"))[0] == 404
 
     await eventually(deployment_gone, 10, "the service's deployment deleted")
+
+
+async def test_the_async_sdk_applies_and_refuses_with_nothing_changed(controller):
+    from clowder.client import AsyncClient
+    from clowder.controller.v1 import resources_pb2
+    from clowder_common.errors import FailedPrecondition, InvalidArgument
+
+    from rest_helpers import TOKEN
+
+    async with AsyncClient(controller=f"127.0.0.1:{controller.port}", admin_token=TOKEN) as client:
+        await client.images.create("sdk-a", "file:///models/none.gguf")
+        created = await client.services.apply(resources_pb2.Deployment(name="sdk", image="sdk-a", replicas=0))
+        assert created.changed and created.revision == 1
+        again = await client.services.apply(resources_pb2.Deployment(name="sdk", image="sdk-a", replicas=0))
+        assert not again.changed
+        before = await client.services.get("sdk")
+        try:
+            await client.services.promote("sdk")
+            raise AssertionError("promote of a service with one revision succeeded")
+        except FailedPrecondition as err:
+            assert "one revision" in err.message
+        try:
+            await client.services.apply(resources_pb2.Deployment(name="sdk", image="sdk-a", replicas=0),
+                                        resources_pb2.RolloutPolicy(steps=[60, 30]))
+            raise AssertionError("steps that go down were accepted")
+        except InvalidArgument as err:
+            assert err.violations[0].field == "rollout.steps[1]"
+        after = await client.services.get("sdk")
+        assert (after.update_time, len(after.revisions)) == (before.update_time, 1)
+        assert [s.name for s in await client.services.list()] == ["sdk"]
+        await client.services.delete("sdk")

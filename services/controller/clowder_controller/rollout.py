@@ -99,7 +99,7 @@ class RolloutDriver:
                 log.warning("rollout of service %s: %s; the next pass tries again", service.name, exc)
 
     async def _drive(self, key: str, service: resources_pb2.Service, totals) -> None:
-        await self._keep_deployments(service)
+        await self._keep_deployments(key, service)
         if service.rollout.state != PROGRESSING or not service.rollout.candidate_revision:
             return
         updated = resources_pb2.Service()
@@ -110,14 +110,19 @@ class RolloutDriver:
             if current is None or current.value != service:
                 return  # changed meanwhile (promote by hand, a new apply): decide again on what it is now
             if await self._state.update(key, updated, current.mod_revision, fence=self._fence):
-                await self._keep_deployments(updated)
+                await self._keep_deployments(key, updated)
 
-    async def _keep_deployments(self, service: resources_pb2.Service) -> None:
+    async def _keep_deployments(self, key: str, service: resources_pb2.Service) -> None:
         """Live revisions have their deployment (a crash between two writes may have left one missing); retired
         ones have none."""
         present = {d.name for d in self._deployments.values()}
         for name, revision in revisions.live_deployments(service).items():
             if name not in present:
+                # The two caches watch apart: a deployment the API just removed (promote, delete) may be gone here
+                # while the record here is older. Only the record as etcd has it now may bring one back.
+                fresh = await self._state.get(key, resources_pb2.Service)
+                if fresh is None or name not in revisions.live_deployments(fresh.value):
+                    continue
                 log.warning("service %s: deployment %s of live revision %d is missing; creating it", service.name,
                             name, revision.number)
                 await revisions.create_deployment(self._state, revision.template, fence=self._fence)

@@ -171,6 +171,46 @@ class Deployments:
             await asyncio.sleep(poll_s)
 
 
+class Services:
+    """Services: revisions of one model name, their traffic split and rollouts (ServingService)."""
+
+    def __init__(self, caller: _Caller, stub: controller_pb2_grpc.ServingServiceStub) -> None:
+        self._call, self._stub = caller, stub
+
+    async def apply(self, template: resources_pb2.Deployment, rollout: resources_pb2.RolloutPolicy | None = None,
+                    *, weight: int | None = None, spec: str = "") -> controller_pb2.ApplyServiceResponse:
+        """Create the service, or make a new revision of a changed template and start moving traffic to it."""
+        request = controller_pb2.ApplyServiceRequest(template=template, rollout=rollout, weight=weight, spec=spec)
+        return await self._call.unary(self._stub.ApplyService, request, idempotent=False)
+
+    async def get(self, name: str) -> resources_pb2.Service:
+        """With each live revision's request rate, error rate and p95 time to first token (metrics)."""
+        return (await self._call.unary(self._stub.GetService, controller_pb2.GetServiceRequest(name=name),
+                                       idempotent=True)).service
+
+    async def list(self) -> list[resources_pb2.Service]:
+        reply = await self._call.unary(self._stub.ListServices, controller_pb2.ListServicesRequest(), idempotent=True)
+        return list(reply.services)
+
+    async def promote(self, name: str) -> resources_pb2.Service:
+        return (await self._call.unary(self._stub.PromoteService, controller_pb2.PromoteServiceRequest(name=name),
+                                       idempotent=False)).service
+
+    async def rollback(self, name: str, revision: int = 0) -> resources_pb2.Service:
+        request = controller_pb2.RollbackServiceRequest(name=name, revision=revision)
+        return (await self._call.unary(self._stub.RollbackService, request, idempotent=False)).service
+
+    async def set_traffic(self, name: str, percents: dict[int, int]) -> resources_pb2.Service:
+        """`percents`: revision number -> percent of the traffic (adding up to 100)."""
+        request = controller_pb2.SetServiceTrafficRequest(name=name, traffic=[
+            resources_pb2.TrafficTarget(revision=r, percent=p) for r, p in percents.items()])
+        return (await self._call.unary(self._stub.SetServiceTraffic, request, idempotent=False)).service
+
+    async def delete(self, name: str) -> None:
+        await self._call.unary(self._stub.DeleteService, controller_pb2.DeleteServiceRequest(name=name),
+                               idempotent=False)
+
+
 class Nodes:
     def __init__(self, caller: _Caller, stub: controller_pb2_grpc.NodeServiceStub) -> None:
         self._call, self._stub = caller, stub
@@ -232,6 +272,7 @@ class AsyncClient:
         self.images = Images(control, controller_pb2_grpc.ImageServiceStub(self._control_channel))
         self.deployments = Deployments(control, controller_pb2_grpc.DeploymentServiceStub(self._control_channel))
         self.nodes = Nodes(control, controller_pb2_grpc.NodeServiceStub(self._control_channel))
+        self.services = Services(control, controller_pb2_grpc.ServingServiceStub(self._control_channel))
         # API keys live with the balancers, behind the admin token.
         self.api_keys = ApiKeys(control, apikeys_pb2_grpc.ApiKeyServiceStub(self._inference_channel))
         # Batch jobs (files and batches) run under the client's API key.
