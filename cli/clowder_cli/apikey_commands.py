@@ -1,5 +1,4 @@
-"""`clowder apikey create|update|ls|revoke`: user API keys for the OpenAI API, managed on a balancer with the admin
-token."""
+"""`clowder apikey create|update|group-limits|ls|revoke`: user API keys and their limits, with the admin token."""
 
 from __future__ import annotations
 
@@ -36,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="group the key belongs to (repeatable; replaces the key's groups)")
     update.add_argument("--description", default=None, help="who or what uses the key")
     _limit_flags(update)
+    group = verbs.add_parser("group-limits", help="set a group's limits (all its keys together), or list them all")
+    group.add_argument("group", nargs="?", help="the group to set (none: list every group's limits)")
+    _limit_flags(group)
     verbs.add_parser("ls", help="list keys (never their secrets)")
     revoke = verbs.add_parser("revoke", help="revoke a key at once")
     revoke.add_argument("id")
@@ -133,6 +135,21 @@ def run(args: argparse.Namespace, data_dir: pathlib.Path, console: Console) -> i
             record = client.api_keys.update(request)
             console.print(f"API key {record.id} updated: {describe_limits(record.limits)}, "
                           f"priority {describe_priority(record.limits)}", highlight=False)
+            return 0
+        if args.apikey_command == "group-limits":
+            limits, paths = _limits(args)
+            if args.group:
+                if not paths:
+                    raise InvalidArgument("give the group's limits: --rpm, --tpm, --budget-tokens, --budget-period,"
+                                          " --priority (all 0 removes them)")
+                record = client.api_keys.set_group_limits(args.group, limits)
+                console.print(f"group {record.group}: {describe_limits(record.limits)}, "
+                              f"priority {describe_priority(record.limits)}", highlight=False)
+                return 0
+            table = Table("GROUP", "LIMITS", "PRIORITY")
+            for record in client.api_keys.list_group_limits():
+                table.add_row(record.group, describe_limits(record.limits), describe_priority(record.limits))
+            console.print(table)
             return 0
         if args.apikey_command == "ls":
             table = Table("ID", "GROUPS", "DESCRIPTION", "LIMITS", "PRIORITY", "CREATED")

@@ -117,8 +117,7 @@ async def test_rate_limit_requests_per_minute_per_key() -> None:
         await stage.before(ctx("a"), chat(("user", "hi")))
     with pytest.raises(ResourceExhausted) as info:
         await stage.before(ctx("a"), chat(("user", "hi")))
-    # A sliding minute (GCRA): the next request fits one interval (60 s / 2) after the first.
-    assert info.value.reason == "RATE_LIMIT_EXCEEDED" and 29 <= info.value.retry_after <= 30
+    assert info.value.reason == "RATE_LIMIT_EXCEEDED" and 59 <= info.value.retry_after <= 60
     await stage.before(ctx("b"), chat(("user", "hi")))  # another key has its own budget
     clock.now += 60.5
     await stage.before(ctx("a"), chat(("user", "hi")))  # the window slid

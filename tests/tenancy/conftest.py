@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
-import sys
 import uuid
 
 import aiohttp
@@ -14,21 +12,17 @@ from clowder_common.etcd import EtcdState
 
 from clowder_balancer.app import create_balancer
 
-# The balancer tests' helpers (config, records, a real runtime process) serve these tests as they are.
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "balancer"))
-from balancer_helpers import balancer_config, put_deployment, runtime_processes, wait_until  # noqa: E402
-
-ADMIN = "admin-token-for-tenancy-tests"
-MODEL = "d"
-# Few slots, so a burst saturates the replica and the fair queue decides who goes next.
-SLOTS = 2
+# Not `from tenancy_helpers import ...`: other folders' tests do `from conftest import ADMIN`, and must never
+# get this folder's names by accident when several conftest modules are loaded.
+import tenancy_helpers as helpers
+from balancer_helpers import balancer_config, put_deployment, runtime_processes, wait_until
 
 
 @pytest.fixture(scope="module")
 async def cluster_state(etcd):
     state = EtcdState([etcd.endpoint], f"/test-tenancy-{uuid.uuid4().hex[:8]}/")
     await state.connect()
-    await put_deployment(state, MODEL, replicas=1)
+    await put_deployment(state, helpers.MODEL, replicas=1)
     yield state
     await state.delete_prefix(state.prefix)
     await state.close()
@@ -37,8 +31,8 @@ async def cluster_state(etcd):
 @pytest.fixture(scope="module")
 async def replica(etcd, cluster_state, model_path, tmp_path_factory):
     work = tmp_path_factory.mktemp("runtime")
-    async with runtime_processes(cluster_state, etcd.endpoint, MODEL, ["r1"], model_path, work,
-                                 extra_args=["--slots", str(SLOTS), "--context-size", "512"]) as started:
+    async with runtime_processes(cluster_state, etcd.endpoint, helpers.MODEL, ["r1"], model_path, work,
+                                 extra_args=["--slots", str(helpers.SLOTS), "--context-size", "512"]) as started:
         yield started[0]
 
 
@@ -49,12 +43,14 @@ async def balancers(etcd, cluster_state, replica):
         app = await create_balancer(balancer_config(etcd.endpoint, cluster_state.prefix, name=name,
                                                     ready_timeout_s=10, stats_interval_s=0.2,
                                                     usage_flush_interval_s=0.3, controller_address=""),
-                                    admin_token=ADMIN)
+                                    admin_token=helpers.ADMIN)
         await app.start()
         apps.append(app)
     for app in apps:
-        await wait_until(lambda a=app: len(a.discovery.endpoints(MODEL)) == 1, timeout=20, what="the endpoint")
-        await wait_until(lambda a=app: a._model_slots(MODEL) == SLOTS, timeout=20, what="the replica's slots")
+        await wait_until(lambda a=app: len(a.discovery.endpoints(helpers.MODEL)) == 1, timeout=20,
+                         what="the endpoint")
+        await wait_until(lambda a=app: a._model_slots(helpers.MODEL) == helpers.SLOTS, timeout=20,
+                         what="the replica's slots")
     yield apps
     for app in apps:
         await app.stop()
@@ -69,9 +65,9 @@ async def http():
 @pytest.fixture
 def make_key(balancers):
     """A new key with these limits, known to both balancers."""
-    async def make(priority: int = 0, **limits) -> tuple[str, str]:
+    async def make(priority: int = 0, groups: tuple[str, ...] = ("team",), **limits) -> tuple[str, str]:
         record, secret = await balancers[0].api_keys.create(
-            f"tenancy test {uuid.uuid4().hex[:6]}", ["team"], apikeys_pb2.KeyLimits(priority=priority, **limits))
+            f"tenancy test {uuid.uuid4().hex[:6]}", list(groups), apikeys_pb2.KeyLimits(priority=priority, **limits))
         for app in balancers:
             await wait_until(lambda a=app: a.api_keys.cache.items.get(a.api_keys._prefix + record.id) is not None,
                              timeout=10, what="the key on every balancer")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 
 from clowder.balancer.v1 import apikeys_pb2
+from clowder_cli.main import main as clowder_main
 
-from conftest import ADMIN, MODEL
+from tenancy_helpers import ADMIN, MODEL
 from balancer_helpers import sse_events, wait_until
 
 CHAT = [{"role": "user", "content": "Say hello."}]
@@ -139,3 +141,55 @@ async def test_under_saturation_a_small_tenant_is_not_starved_by_a_burst(balance
     assert a_before <= 10, done
     text = app.metrics.render().decode()
     assert "clowder_balancer_queue_wait_seconds_count" in text and "clowder_balancer_queue_depth" in text
+
+
+async def test_a_groups_limit_holds_all_its_keys_together_across_both_balancers(balancers, http, make_key):
+    group = f"g{uuid.uuid4().hex[:6]}"
+    async with http.put(_url(balancers[0], f"/api/v1/grouplimits/{group}"),
+                        json={"limits": {"requestsPerMinute": 4, "priority": "PRIORITY_CLASS_CRITICAL"}},
+                        headers={"Authorization": f"Bearer {ADMIN}"}) as response:
+        assert response.status == 200, await response.text()
+    for app in balancers:
+        await wait_until(lambda a=app: a.tenancy.groups.limits(group).rpm == 4, what="the group's limits")
+    first = await make_key(groups=[group])
+    second = await make_key(groups=[group])
+    results = await asyncio.gather(*(_chat(http, balancers[i % 2], (first, second)[i // 2 % 2][1])
+                                     for i in range(12)))
+    statuses = [status for status, _, _ in results]
+    assert statuses.count(200) == 4 and statuses.count(429) == 8, statuses
+    # The group's class is its keys' (they set none of their own).
+    principal = balancers[0].api_keys.authenticate(first[1], required=True)
+    assert balancers[0].tenancy.priority(principal) == apikeys_pb2.PRIORITY_CLASS_CRITICAL
+    async with http.get(_url(balancers[1], "/api/v1/grouplimits"),
+                        headers={"Authorization": f"Bearer {ADMIN}"}) as response:
+        listed = {g["group"]: g["limits"] for g in (await response.json())["groupLimits"]}
+    assert listed[group]["requestsPerMinute"] == 4
+
+
+async def test_cli_sets_limits_and_reads_usage(balancers, http, make_key, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("CLOWDER_ADMIN_TOKEN", ADMIN)
+    key_id, secret = await make_key()
+    base = ["--data-dir", str(tmp_path)]
+    address = f"127.0.0.1:{balancers[0].grpc_port}"
+
+    def cli(*args: str) -> int:
+        return clowder_main([*base, *args])
+
+    # The CLI is synchronous: run it off the loop the balancers serve on.
+    assert await asyncio.to_thread(cli, "apikey", "--balancer", address, "update", key_id, "--rpm", "2",
+                                   "--budget-tokens", "5000", "--budget-period", "month", "--priority",
+                                   "sheddable") == 0
+    assert "2 rpm, 5000 tokens/month" in capsys.readouterr().out
+    for app in balancers:
+        await wait_until(lambda a=app: a.api_keys.authenticate(secret, required=True).limits.rpm == 2,
+                         what="the new limits everywhere")
+    statuses = [(await _chat(http, balancers[i % 2], secret))[0] for i in range(3)]
+    assert statuses == [200, 200, 429]
+    assert await asyncio.to_thread(cli, "apikey", "--balancer", address, "ls") == 0
+    assert "sheddable" in capsys.readouterr().out
+
+    async def counted() -> bool:
+        reply = await asyncio.to_thread(cli, "usage", "--balancer", address, "--key", key_id, "--json")
+        out = capsys.readouterr().out
+        return reply == 0 and json.loads(out)["requests"] in ("2", 2)
+    await wait_until(counted, timeout=15, what="usage of the two requests")

@@ -20,7 +20,7 @@ from clowder_common.etcd_server import start_etcd
 
 from clowder_balancer.app import create_balancer
 
-from conftest import ADMIN
+from tenancy_helpers import ADMIN
 from balancer_helpers import balancer_config, put_deployment, runtime_processes, wait_until
 
 MODEL = "o"

@@ -19,17 +19,29 @@ CRITICAL, STANDARD, SHEDDABLE = (apikeys_pb2.PRIORITY_CLASS_CRITICAL, apikeys_pb
 NOW = 1_800_000_000.0
 
 
-def test_requests_per_minute_is_a_sliding_minute():
+def test_requests_per_minute_are_never_more_than_the_limit_in_any_minute():
     state, limits = apikeys_pb2.QuotaState(), Limits(rpm=10)
-    for _ in range(10):
-        admit(state, limits, NOW, 1, 1)
+    for i in range(10):
+        admit(state, limits, NOW + i, 1, 1)
     with pytest.raises(_Refused) as refused:
-        admit(state, limits, NOW + 1, 1, 1)
-    assert refused.value.error.reason == "RATE_LIMIT_EXCEEDED" and refused.value.error.retry_after >= 1
-    # One request's worth (6 s at 10 rpm) later, exactly one more gets in.
-    admit(state, limits, NOW + 6, 1, 1)
+        admit(state, limits, NOW + 30, 1, 1)
+    assert refused.value.error.reason == "RATE_LIMIT_EXCEEDED" and 29 <= refused.value.error.retry_after <= 30
+    # A minute after the first, one more; not two.
+    admit(state, limits, NOW + 60.5, 1, 1)
     with pytest.raises(_Refused):
-        admit(state, limits, NOW + 6.5, 1, 1)
+        admit(state, limits, NOW + 60.6, 1, 1)
+    assert len(state.request_times) == 10
+
+
+def test_high_request_limits_are_a_bucket_refilled_over_the_minute():
+    state, limits = apikeys_pb2.QuotaState(), Limits(rpm=1200)
+    for _ in range(1200):
+        admit(state, limits, NOW, 1, 1)
+    with pytest.raises(_Refused):
+        admit(state, limits, NOW + 0.01, 1, 1)
+    # One request's worth (60 s / 1200) later, one more gets in; no list of times is kept.
+    admit(state, limits, NOW + 0.05, 1, 1)
+    assert not state.request_times
 
 
 def test_tokens_per_minute_count_the_estimate_then_the_real_use():

@@ -27,8 +27,14 @@ MAX_PAGE = 1000
 MAX_DESCRIPTION = 200
 MAX_GROUPS = 64
 
-class UsageReader(Protocol):
-    async def query(self, request: apikeys_pb2.GetUsageRequest) -> apikeys_pb2.GetUsageResponse: ...
+class TenantAdmin(Protocol):
+    """Usage and group limits (tenancy/), for ApiKeyService."""
+
+    async def usage(self, request: apikeys_pb2.GetUsageRequest) -> apikeys_pb2.GetUsageResponse: ...
+
+    async def set_group_limits(self, group: str, limits: apikeys_pb2.KeyLimits) -> apikeys_pb2.GroupLimits: ...
+
+    async def list_group_limits(self) -> list[apikeys_pb2.GroupLimits]: ...
 
 
 SERVICE_NAME = apikeys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name
@@ -42,13 +48,13 @@ class Limits:
     tpm: int = 0
     budget_tokens: int = 0
     budget_period: int = apikeys_pb2.BUDGET_PERIOD_DAY
-    priority: int = apikeys_pb2.PRIORITY_CLASS_STANDARD
+    # PRIORITY_CLASS_UNSPECIFIED: the key's groups' class, else standard.
+    priority: int = apikeys_pb2.PRIORITY_CLASS_UNSPECIFIED
 
     @classmethod
     def of(cls, limits: apikeys_pb2.KeyLimits) -> "Limits":
         return cls(limits.requests_per_minute, limits.tokens_per_minute, limits.budget_tokens,
-                   limits.budget_period or apikeys_pb2.BUDGET_PERIOD_DAY,
-                   limits.priority or apikeys_pb2.PRIORITY_CLASS_STANDARD)
+                   limits.budget_period or apikeys_pb2.BUDGET_PERIOD_DAY, limits.priority)
 
     @property
     def any(self) -> bool:
@@ -227,9 +233,9 @@ class ApiKeyServicer(apikeys_pb2_grpc.ApiKeyServiceServicer):
     """ApiKeyService; every method checks the admin token itself, because the inference service on the
     same server must stay callable with user keys (the server-wide admin token would lock users out)."""
 
-    def __init__(self, store: ApiKeyStore, admin_token: str | None, usage: UsageReader | None = None) -> None:
+    def __init__(self, store: ApiKeyStore, admin_token: str | None, tenants: TenantAdmin | None = None) -> None:
         self._store = store
-        self._usage = usage
+        self._tenants = tenants
         self._token = admin_token.encode() if admin_token else None
 
     def register(self, server: grpc.aio.Server) -> str:
@@ -266,11 +272,24 @@ class ApiKeyServicer(apikeys_pb2_grpc.ApiKeyServiceServicer):
         self._check_admin(context)
         return apikeys_pb2.UpdateApiKeyResponse(api_key=await self._store.update(request))
 
+    def _tenancy(self) -> TenantAdmin:
+        if self._tenants is None:
+            raise FailedPrecondition("this balancer runs without usage metering and group limits",
+                                     reason="NO_TENANCY")
+        return self._tenants
+
     async def GetUsage(self, request, context) -> apikeys_pb2.GetUsageResponse:
         self._check_admin(context)
-        if self._usage is None:
-            raise FailedPrecondition("this balancer does not record usage", reason="NO_USAGE")
-        return await self._usage.query(request)
+        return await self._tenancy().usage(request)
+
+    async def SetGroupLimits(self, request, context) -> apikeys_pb2.SetGroupLimitsResponse:
+        self._check_admin(context)
+        return apikeys_pb2.SetGroupLimitsResponse(
+            group_limits=await self._tenancy().set_group_limits(request.group, request.limits))
+
+    async def ListGroupLimits(self, request, context) -> apikeys_pb2.ListGroupLimitsResponse:
+        self._check_admin(context)
+        return apikeys_pb2.ListGroupLimitsResponse(group_limits=await self._tenancy().list_group_limits())
 
     async def DeleteApiKey(self, request, context) -> apikeys_pb2.DeleteApiKeyResponse:
         self._check_admin(context)

@@ -31,6 +31,7 @@ from clowder_balancer.router import Router
 from clowder_balancer.traffic_split import RevisionReporter, ServiceDirectory, TrafficSplit
 from clowder_balancer.tenancy.fairness import FairQueue
 from clowder_balancer.tenancy.gate import Tenancy, TenancySettings
+from clowder_balancer.tenancy.groups import GroupLimitsStore
 from clowder_balancer.tenancy.quota import QuotaLimiter
 from clowder_balancer.tenancy.usage import UsageMeter
 
@@ -68,7 +69,7 @@ class BalancerApp:
             UsageMeter(self.state, self.metrics.registry, config.usage_flush_interval_s),
             FairQueue(self._model_slots, self.metrics.registry, config.queue_max_per_model, config.queue_timeout_s,
                       config.queue_idle_tenant_window_s),
-            TenancySettings(config.completion_estimate_tokens))
+            GroupLimitsStore(self.state), TenancySettings(config.completion_estimate_tokens))
         self.pipeline = Pipeline(self.router, self.discovery, self.tenancy)
         self._http = HttpApi(self.router, self.discovery, self.metrics, config.max_body_bytes, config.session_header,
                              self.pipeline, self.api_keys, config.require_api_keys)
@@ -79,7 +80,7 @@ class BalancerApp:
                           config.batch_reserve_slots, config.batch_claim_ttl_s),
             self.state, self.pipeline, self.discovery, self.router, self.api_keys, self.metrics, admin_token,
             config.name, config.require_api_keys)
-        self._api_key_servicer = ApiKeyServicer(self.api_keys, admin_token, self.tenancy.meter)
+        self._api_key_servicer = ApiKeyServicer(self.api_keys, admin_token, self.tenancy)
         self._admin_token = admin_token
         self._runner: web.AppRunner | None = None
         self._grpc: GrpcServer | None = None

@@ -247,6 +247,15 @@ class ApiKeys:
         """Tokens per key, model and day, narrowed by the request's filters."""
         return self._call.unary(self._stub.GetUsage, request, idempotent=True)
 
+    def set_group_limits(self, group: str, limits: apikeys_pb2.KeyLimits) -> apikeys_pb2.GroupLimits:
+        """Limits of every key of `group` together (all zero: none)."""
+        return self._call.unary(self._stub.SetGroupLimits, apikeys_pb2.SetGroupLimitsRequest(
+            group=group, limits=limits), idempotent=True).group_limits
+
+    def list_group_limits(self) -> list[apikeys_pb2.GroupLimits]:
+        return list(self._call.unary(self._stub.ListGroupLimits, apikeys_pb2.ListGroupLimitsRequest(),
+                                     idempotent=True).group_limits)
+
     def get(self, key_id: str) -> apikeys_pb2.ApiKey:
         return self._call.unary(self._stub.GetApiKey, apikeys_pb2.GetApiKeyRequest(id=key_id),
                                 idempotent=True).api_key

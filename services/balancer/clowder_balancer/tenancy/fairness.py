@@ -1,15 +1,4 @@
-"""Fair admission per model: when the model's replicas are saturated, requests wait in a bounded queue;
-higher priority classes go first, and within a class the keys take turns (round robin), so one tenant's
-burst cannot starve another.
-
-Saturated means this balancer already runs as many requests of the model as its ready replicas have slots
-(from their GetStats). A light tenant must not wait for a flooder's request to finish either: a tenant
-seen in the last idle_window_s that has nothing running or queued keeps one slot free for its next request
-(at most capacity - 1 slots are kept so, and only while others want them), so a victim's request usually
-finds a free slot rather than the flooder's backlog. A tenant alone uses every slot. Replicas whose slots are not known yet (no stats) do not limit anything: the queue
-only forms once capacity is known. Each balancer keeps its own queue over its own requests; with several
-balancers each may fill the replicas' slots, and the runtimes queue the excess in arrival order.
-"""
+"""Fair admission per model: a bounded queue by priority class, tenants taking turns, when replicas are saturated."""
 
 from __future__ import annotations
 
@@ -111,7 +100,21 @@ class _Model:
 
 class FairQueue:
     """Slots per model, granted in priority then round-robin order. `capacity(model)` is the model's slots
-    now (0: unknown, no limit)."""
+    now (0: unknown, no limit).
+
+    Fair admission per model: when the model's replicas are saturated, requests wait in a bounded queue;
+    higher priority classes go first, and within a class the keys take turns (round robin), so one tenant's
+    burst cannot starve another.
+
+    Saturated means this balancer already runs as many requests of the model as its ready replicas have slots
+    (from their GetStats). A light tenant must not wait for a flooder's request to finish either: a tenant
+    seen in the last idle_window_s that has nothing running or queued keeps one slot free for its next request
+    (at most capacity - 1 slots are kept so, and only while others want them), so a victim's request usually
+    finds a free slot rather than the flooder's backlog. A tenant alone uses every slot. Replicas whose slots
+    are not known yet (no stats) do not limit anything: the queue only forms once capacity is known. Each
+    balancer keeps its own queue over its own requests; with several balancers each may fill the replicas'
+    slots, and the runtimes queue the excess in arrival order.
+    """
 
     def __init__(self, capacity: Callable[[str], int], registry: CollectorRegistry, max_queue: int = 256,
                  timeout_s: float = 60.0, idle_window_s: float = 10.0,

@@ -6,10 +6,13 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from clowder.balancer.v1 import apikeys_pb2
 from clowder.runtime.v1 import runtime_pb2
 
+from clowder_balancer.apikeys import Limits, Principal
 from clowder_balancer.middleware.base import RequestContext
 from clowder_balancer.tenancy.fairness import FairQueue
+from clowder_balancer.tenancy.groups import GroupLimitsStore
 from clowder_balancer.tenancy.quota import QuotaLimiter, Reservation
 from clowder_balancer.tenancy.usage import ANONYMOUS, UsageMeter
 
@@ -37,14 +40,14 @@ class TenancySettings:
 
 
 class Ticket:
-    """One admitted request: its reservation, its queue slot, and the usage its client has been sent."""
+    """One admitted request: its reservations, its queue slot, and the usage its client has been sent."""
 
-    def __init__(self, tenancy: "Tenancy", ctx: RequestContext, reservation: Reservation | None,
+    def __init__(self, tenancy: "Tenancy", ctx: RequestContext, reservations: list[Reservation],
                  slot: str | None, guessed_prompt: int = 0) -> None:
         self._tenancy = tenancy
         self._ctx = ctx
         self._guessed_prompt = guessed_prompt
-        self._reservation = reservation
+        self._reservations = reservations
         self._slot = slot
         # Per choice, the usage of the last message relayed (counts are cumulative over a stream).
         self._usage: dict[int, runtime_pb2.Usage] = {}
@@ -58,7 +61,7 @@ class Ticket:
         self._usage[0] = runtime_pb2.Usage(prompt_tokens=prompt_tokens)
 
     def close(self) -> None:
-        """The request is over (any outcome): free the slot, count usage, settle the reservation. Never blocks."""
+        """The request is over (any outcome): free the slot, count usage, settle the reservations. Never blocks."""
         if self._closed:
             return
         self._closed = True
@@ -73,16 +76,17 @@ class Ticket:
             # n choices of one prompt: the prompt counts once (what the client's usage field says).
             self._tenancy.meter.record(principal.key_id, principal.groups, self._ctx.model, first.prompt_tokens,
                                        first.cached_prompt_tokens, completion)
-        if self._reservation is not None:
-            self._tenancy.settle_later(self._reservation, first.prompt_tokens + completion)
+        for reservation in self._reservations:
+            self._tenancy.settle_later(reservation, first.prompt_tokens + completion)
 
 
 class Tenancy:
-    def __init__(self, limiter: QuotaLimiter, meter: UsageMeter, queue: FairQueue,
+    def __init__(self, limiter: QuotaLimiter, meter: UsageMeter, queue: FairQueue, groups: GroupLimitsStore,
                  settings: TenancySettings = TenancySettings()) -> None:
         self.limiter = limiter
         self.meter = meter
         self.queue = queue
+        self.groups = groups
         self._settings = settings
         self._settling: set[asyncio.Task] = set()
         # Per model, how many tokens the real prompts had beyond chars/4 (the chat template's markers and
@@ -93,38 +97,68 @@ class Tenancy:
         # Up at once, down slowly: an estimate that runs short is what lets a budget be overshot.
         self._overhead[model] = max(float(missed), 0.9 * self._overhead.get(model, 0.0), 0.0)
 
+    def _holders(self, principal: Principal) -> list[tuple[str, Limits]]:
+        """Whose limits a request of `principal` counts against: its groups' (quota/group/<name>) and its own."""
+        holders = [(f"group/{group}", self.groups.limits(group)) for group in sorted(principal.groups)]
+        holders = [(name, limits) for name, limits in holders if limits.any]
+        if principal.limits.any:
+            holders.append((principal.key_id, principal.limits))
+        return holders
+
+    def priority(self, principal: Principal) -> int:
+        """The key's own class, else the most favoured of its groups' classes, else standard."""
+        if principal.limits.priority:
+            return principal.limits.priority
+        classes = [self.groups.limits(g).priority for g in principal.groups]
+        return min((c for c in classes if c), default=apikeys_pb2.PRIORITY_CLASS_STANDARD)
+
+    async def _reserve(self, holders: list[tuple[str, Limits]], estimate: int, prompt: int) -> list[Reservation]:
+        reservations: list[Reservation] = []
+        try:
+            for name, limits in holders:
+                reservations.append(await self.limiter.reserve(name, limits, estimate, prompt))
+        except BaseException:
+            # Refused by one: what the others reserved goes back (their request counts stay: documented).
+            for reservation in reservations:
+                self.settle_later(reservation, 0)
+            raise
+        return reservations
+
     async def admit(self, ctx: RequestContext, request: runtime_pb2.GenerateRequest, n: int = 1) -> Ticket:
-        """Reserve the caller's limits (ResourceExhausted when over one), cap max_tokens to its budget, then
-        wait for a slot of the model (bounded). The ticket must be closed when the request ends."""
+        """Reserve the caller's limits and its groups' (ResourceExhausted when over one), cap max_tokens to the
+        budgets left, then wait for a slot of the model (bounded). The ticket must be closed when the request
+        ends."""
         principal = ctx.principal
-        reservation = None
-        limits = principal.limits
+        reservations: list[Reservation] = []
+        holders = self._holders(principal)
         guessed = 0
-        if limits.any:
+        if holders:
             guessed = prompt_estimate(request)
             prompt = guessed + round(self._overhead.get(ctx.model, 0.0))
             per_choice = request.sampling.max_tokens or self._settings.completion_estimate_tokens
-            reservation = await self.limiter.reserve(principal.key_id, limits, prompt + per_choice * n, prompt)
-            if reservation.max_completion is not None:
-                allowed = max(1, reservation.max_completion // n)
+            reservations = await self._reserve(holders, prompt + per_choice * n, prompt)
+            caps = [r.max_completion for r in reservations if r.max_completion is not None]
+            if caps:
+                allowed = max(1, min(caps) // n)
                 if not request.sampling.max_tokens or request.sampling.max_tokens > allowed:
                     # The budget's remainder, not a 429 later: the answer is cut short (finish_reason length).
                     request.sampling.max_tokens = allowed
         try:
-            await self.queue.acquire(ctx.model, principal.key_id or ANONYMOUS, limits.priority)
+            await self.queue.acquire(ctx.model, principal.key_id or ANONYMOUS, self.priority(principal))
         except BaseException:
-            if reservation is not None:
+            for reservation in reservations:
                 self.settle_later(reservation, 0)
             raise
-        return Ticket(self, ctx, reservation, ctx.model, guessed)
+        return Ticket(self, ctx, reservations, ctx.model, guessed)
 
     async def admit_embed(self, ctx: RequestContext, request: runtime_pb2.EmbedRequest) -> Ticket:
         """Embeddings count against the same limits and usage; they are short, so they skip the queue."""
-        reservation = None
-        if ctx.principal.limits.any:
+        reservations: list[Reservation] = []
+        holders = self._holders(ctx.principal)
+        if holders:
             prompt = sum(len(text) for text in request.inputs) // CHARS_PER_TOKEN + len(request.inputs)
-            reservation = await self.limiter.reserve(ctx.principal.key_id, ctx.principal.limits, prompt, prompt)
-        return Ticket(self, ctx, reservation, None)
+            reservations = await self._reserve(holders, prompt, prompt)
+        return Ticket(self, ctx, reservations, None)
 
     def settle_later(self, reservation: Reservation, used: int) -> None:
         task = asyncio.create_task(self._settle(reservation, used), name="quota-settle")
@@ -135,9 +169,21 @@ class Tenancy:
         try:
             await self.limiter.settle(reservation, used)
         except Exception:  # a lost settlement costs accuracy, never a request
-            log.exception("quota: settling key %s failed", reservation.key_id)
+            log.exception("quota: settling %s failed", reservation.key_id)
+
+    # -- ApiKeyService's tenant calls (apikeys.TenantAdmin) --------------------------------------------
+
+    async def usage(self, request: apikeys_pb2.GetUsageRequest) -> apikeys_pb2.GetUsageResponse:
+        return await self.meter.query(request)
+
+    async def set_group_limits(self, group: str, limits: apikeys_pb2.KeyLimits) -> apikeys_pb2.GroupLimits:
+        return await self.groups.set(group, limits)
+
+    async def list_group_limits(self) -> list[apikeys_pb2.GroupLimits]:
+        return await self.groups.list()
 
     async def start(self) -> None:
+        await self.groups.start()
         await self.meter.start()
 
     async def stop(self) -> None:
@@ -145,3 +191,4 @@ class Tenancy:
         if self._settling:
             await asyncio.wait(list(self._settling), timeout=5.0)
         await self.meter.stop()
+        await self.groups.stop()

@@ -1,22 +1,4 @@
-"""Cluster-wide per-key limits: requests and tokens per minute (GCRA) and a token budget per day or month.
-
-Every balancer changes one record per key, quota/<key id>, by compare-and-swap, so admissions on all
-balancers are counted together: reserve before the call (a request, and an estimate of its tokens), settle
-after (the tokens the client was sent replace the estimate).
-
-Tolerance, while etcd answers:
-- requests per minute: exact (every admission is one successful swap);
-- tokens per minute: a request is admitted while the key is under its limit, so the minute can end over it
-  by the estimates of the requests admitted last, corrected to their real size when they settle;
-- budget: admission needs used + reserved < budget, and a request's max_tokens is cut to what the budget has
-  left (less its prompt's estimate), so the budget is overshot at most by the error of the prompt estimates
-  of requests running together (about chars/4 per prompt). A balancer that dies mid-request leaves its
-  reservation counted until the period ends (never more than the requests it had running).
-When etcd does not answer within quota_etcd_timeout_s, each balancer counts on its own (the same algorithms
-in memory) for quota_local_fallback_s before asking etcd again: serving goes on (issue 11), and a key may
-then get up to N times its per-minute limits through N balancers; budget use counted locally is added to
-etcd's record once it answers again.
-"""
+"""Cluster-wide limits of keys, groups and rate-limit stages: requests and tokens per minute, token budgets."""
 
 from __future__ import annotations
 
@@ -37,6 +19,9 @@ log = logging.getLogger(__name__)
 
 QUOTA = "quota"
 WINDOW_S = 60.0
+# Up to this many requests per minute, each admission's time is kept: no more than the limit in any minute.
+# Above it, a bucket of the limit refilled over the minute (GCRA): one number instead of a long list.
+MAX_LOGGED_RPM = 1000
 # Distinct keys counted locally during an etcd outage (least recently used forgotten first).
 MAX_LOCAL = 100_000
 
@@ -84,7 +69,14 @@ def admit(state: apikeys_pb2.QuotaState, limits: Limits, now: float, estimate: i
     """Reserve one request of about `estimate` tokens in `state`, or raise _Refused; returns the most tokens
     the request may generate within the budget (None without a budget) and the budget tokens reserved.
     Pure: runs once per CAS round."""
-    if limits.rpm:
+    recent: list[float] | None = None
+    if limits.rpm and limits.rpm <= MAX_LOGGED_RPM:
+        recent = [t for t in state.request_times if t > now - WINDOW_S]
+        if len(recent) >= limits.rpm:
+            raise _Refused(ResourceExhausted(
+                f"rate limit of {limits.rpm} requests per minute reached for this API key",
+                reason="RATE_LIMIT_EXCEEDED", retry_after=max(1.0, min(recent) + WINDOW_S - now)))
+    elif limits.rpm:
         interval = WINDOW_S / limits.rpm
         tat = max(state.requests_tat, now)
         # Up to rpm requests back to back, then one per interval: a sliding minute, not a fixed one.
@@ -113,7 +105,10 @@ def admit(state: apikeys_pb2.QuotaState, limits: Limits, now: float, estimate: i
         max_completion = max(1, left - prompt_estimate)
         reserved = min(estimate, left)
         state.budget_reserved += reserved
-    if limits.rpm:
+    if recent is not None:
+        del state.request_times[:]
+        state.request_times.extend([*recent, now])
+    elif limits.rpm:
         state.requests_tat = max(state.requests_tat, now) + WINDOW_S / limits.rpm
     if limits.tpm:
         state.tokens_tat = max(state.tokens_tat, now) + estimate * WINDOW_S / limits.tpm
@@ -136,7 +131,28 @@ def settle(state: apikeys_pb2.QuotaState, reservation: Reservation, used: int) -
 
 
 class QuotaLimiter:
-    """Admits and settles requests of keys with limits; keys without any cost nothing."""
+    """Admits and settles requests of keys with limits; keys without any cost nothing.
+
+    Requests and tokens per minute, and a token budget per day or month, per holder: a key (quota/<key id>),
+    a group (quota/group/<name>) or a rate-limit stage's caller (quota/stage/<model>/<caller>).
+    Every balancer changes one record per holder by compare-and-swap, so admissions on all
+    balancers are counted together: reserve before the call (a request, and an estimate of its tokens), settle
+    after (the tokens the client was sent replace the estimate).
+
+    Tolerance, while etcd answers:
+    - requests per minute: exact (every admission is one successful swap): up to 1000 rpm no more than the limit
+      in any minute (admission times are kept); above, a bucket of the limit refilled continuously (GCRA);
+    - tokens per minute: a request is admitted while the key is under its limit, so the minute can end over it
+      by the estimates of the requests admitted last, corrected to their real size when they settle;
+    - budget: admission needs used + reserved < budget, and a request's max_tokens is cut to what the budget has
+      left (less its prompt's estimate), so the budget is overshot at most by the error of the prompt estimates
+      of requests running together (about chars/4 per prompt). A balancer that dies mid-request leaves its
+      reservation counted until the period ends (never more than the requests it had running).
+    When etcd does not answer within quota_etcd_timeout_s, each balancer counts on its own (the same algorithms
+    in memory) for quota_local_fallback_s before asking etcd again: serving goes on (issue 11), and a key may
+    then get up to N times its per-minute limits through N balancers; budget use counted locally is added to
+    etcd's record once it answers again.
+    """
 
     def __init__(self, state: EtcdState | None, etcd_timeout_s: float = 1.0, local_fallback_s: float = 5.0,
                  clock: Callable[[], float] = time.time) -> None:

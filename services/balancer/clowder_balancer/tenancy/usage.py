@@ -1,10 +1,4 @@
-"""Usage metering: tokens the clients were sent, per key, model and day, summed per balancer and flushed to etcd.
-
-Each balancer adds up its requests in memory and every usage_flush_interval_s adds the sums to
-usage/<YYYY-MM-DD>/<key>/<model> by compare-and-swap (so any number of balancers write the same records).
-A balancer that is killed loses at most what it counted since its last flush (one interval); a flush that
-fails (etcd down) keeps the sums and retries at the next interval, up to MAX_PENDING records.
-"""
+"""Usage metering: tokens the clients were sent, per key, model and day, summed per balancer, flushed to etcd."""
 
 from __future__ import annotations
 
@@ -49,7 +43,14 @@ def today(now: float) -> str:
 
 
 class UsageMeter:
-    """Counts requests as they end; flushes to etcd in the background; answers GetUsage from etcd."""
+    """Counts requests as they end; flushes to etcd in the background; answers GetUsage from etcd.
+
+    Usage metering: tokens the clients were sent, per key, model and day, summed per balancer and flushed to etcd.
+    Each balancer adds up its requests in memory and every usage_flush_interval_s adds the sums to
+    usage/<YYYY-MM-DD>/<key>/<model> by compare-and-swap (so any number of balancers write the same records).
+    A balancer that is killed loses at most what it counted since its last flush (one interval); a flush that
+    fails (etcd down) keeps the sums and retries at the next interval, up to MAX_PENDING records.
+    """
 
     def __init__(self, state: EtcdState, registry: CollectorRegistry, flush_interval_s: float = 2.0,
                  etcd_timeout_s: float = 2.0, clock: Callable[[], float] = time.time) -> None:

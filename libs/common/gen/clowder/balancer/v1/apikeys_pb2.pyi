@@ -192,15 +192,49 @@ class GetUsageResponse(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[UsageRecord, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class QuotaState(_message.Message):
-    __slots__ = ("requests_tat", "tokens_tat", "budget_period", "budget_used", "budget_reserved")
+    __slots__ = ("requests_tat", "tokens_tat", "budget_period", "budget_used", "budget_reserved", "request_times")
     REQUESTS_TAT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_TAT_FIELD_NUMBER: _ClassVar[int]
     BUDGET_PERIOD_FIELD_NUMBER: _ClassVar[int]
     BUDGET_USED_FIELD_NUMBER: _ClassVar[int]
     BUDGET_RESERVED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TIMES_FIELD_NUMBER: _ClassVar[int]
     requests_tat: float
     tokens_tat: float
     budget_period: str
     budget_used: int
     budget_reserved: int
-    def __init__(self, requests_tat: _Optional[float] = ..., tokens_tat: _Optional[float] = ..., budget_period: _Optional[str] = ..., budget_used: _Optional[int] = ..., budget_reserved: _Optional[int] = ...) -> None: ...
+    request_times: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, requests_tat: _Optional[float] = ..., tokens_tat: _Optional[float] = ..., budget_period: _Optional[str] = ..., budget_used: _Optional[int] = ..., budget_reserved: _Optional[int] = ..., request_times: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class GroupLimits(_message.Message):
+    __slots__ = ("group", "limits")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    limits: KeyLimits
+    def __init__(self, group: _Optional[str] = ..., limits: _Optional[_Union[KeyLimits, _Mapping]] = ...) -> None: ...
+
+class SetGroupLimitsRequest(_message.Message):
+    __slots__ = ("group", "limits")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    limits: KeyLimits
+    def __init__(self, group: _Optional[str] = ..., limits: _Optional[_Union[KeyLimits, _Mapping]] = ...) -> None: ...
+
+class SetGroupLimitsResponse(_message.Message):
+    __slots__ = ("group_limits",)
+    GROUP_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    group_limits: GroupLimits
+    def __init__(self, group_limits: _Optional[_Union[GroupLimits, _Mapping]] = ...) -> None: ...
+
+class ListGroupLimitsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListGroupLimitsResponse(_message.Message):
+    __slots__ = ("group_limits",)
+    GROUP_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    group_limits: _containers.RepeatedCompositeFieldContainer[GroupLimits]
+    def __init__(self, group_limits: _Optional[_Iterable[_Union[GroupLimits, _Mapping]]] = ...) -> None: ...

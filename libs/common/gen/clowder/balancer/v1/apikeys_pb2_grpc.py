@@ -64,6 +64,16 @@ class ApiKeyServiceStub:
                 request_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.DeleteApiKeyRequest.SerializeToString,
                 response_deserializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.DeleteApiKeyResponse.FromString,
                 _registered_method=True)
+        self.SetGroupLimits = channel.unary_unary(
+                '/clowder.balancer.v1.ApiKeyService/SetGroupLimits',
+                request_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.SetGroupLimitsRequest.SerializeToString,
+                response_deserializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.SetGroupLimitsResponse.FromString,
+                _registered_method=True)
+        self.ListGroupLimits = channel.unary_unary(
+                '/clowder.balancer.v1.ApiKeyService/ListGroupLimits',
+                request_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.ListGroupLimitsRequest.SerializeToString,
+                response_deserializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.ListGroupLimitsResponse.FromString,
+                _registered_method=True)
         self.GetUsage = channel.unary_unary(
                 '/clowder.balancer.v1.ApiKeyService/GetUsage',
                 request_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.GetUsageRequest.SerializeToString,
@@ -115,6 +125,22 @@ class ApiKeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetGroupLimits(self, request, context):
+        """Sets the limits of a group: all its keys together are held to them (a key in several groups to each,
+        besides its own). A group's priority class applies to its keys that have none of their own. Limits all
+        zero remove the group's limits. INVALID_ARGUMENT for a bad group name or limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGroupLimits(self, request, context):
+        """Every group that has limits, ordered by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetUsage(self, request, context):
         """Tokens used per key, model and day (UTC), as recorded by every balancer; filters narrow it down.
         A balancer flushes what it counted every few seconds (usage_flush_interval_s), so the latest
@@ -151,6 +177,16 @@ def add_ApiKeyServiceServicer_to_server(servicer, server):
                     servicer.DeleteApiKey,
                     request_deserializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.DeleteApiKeyRequest.FromString,
                     response_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.DeleteApiKeyResponse.SerializeToString,
+            ),
+            'SetGroupLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetGroupLimits,
+                    request_deserializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.SetGroupLimitsRequest.FromString,
+                    response_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.SetGroupLimitsResponse.SerializeToString,
+            ),
+            'ListGroupLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGroupLimits,
+                    request_deserializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.ListGroupLimitsRequest.FromString,
+                    response_serializer=clowder_dot_balancer_dot_v1_dot_apikeys__pb2.ListGroupLimitsResponse.SerializeToString,
             ),
             'GetUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetUsage,
@@ -298,6 +334,60 @@ class ApiKeyService:
             '/clowder.balancer.v1.ApiKeyService/DeleteApiKey',
             clowder_dot_balancer_dot_v1_dot_apikeys__pb2.DeleteApiKeyRequest.SerializeToString,
             clowder_dot_balancer_dot_v1_dot_apikeys__pb2.DeleteApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetGroupLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.balancer.v1.ApiKeyService/SetGroupLimits',
+            clowder_dot_balancer_dot_v1_dot_apikeys__pb2.SetGroupLimitsRequest.SerializeToString,
+            clowder_dot_balancer_dot_v1_dot_apikeys__pb2.SetGroupLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGroupLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clowder.balancer.v1.ApiKeyService/ListGroupLimits',
+            clowder_dot_balancer_dot_v1_dot_apikeys__pb2.ListGroupLimitsRequest.SerializeToString,
+            clowder_dot_balancer_dot_v1_dot_apikeys__pb2.ListGroupLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,
