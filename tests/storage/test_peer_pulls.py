@@ -16,6 +16,7 @@ import grpc
 from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
 from clowder_common.auth import TOKEN_ENV
 from clowder_common.clients import aio_channel
+from clowder_common.etcd_server import start_etcd
 from clowder_common.processes import async_wait_for_port, free_port
 
 from storage_helpers import TOKEN, digest_of, md, pull, rpc_error, source  # noqa: F401 - source is a fixture
@@ -174,3 +175,22 @@ async def test_an_air_gapped_node_pulls_only_from_peers(tmp_path, etcd, etcd_pre
         assert await stored_digest(a, source.url("blob"), digest_of(data)) == digest_of(data)
         assert await stored_digest(c, source.url("blob"), digest_of(data)) == digest_of(data)
         assert source.served["blob"] == len(data)
+
+
+async def test_a_pull_by_digest_reads_the_origin_while_etcd_does_not_answer(tmp_path, source):
+    # A private etcd: stopping the session's one would stall every other test's state.
+    own = start_etcd(tmp_path / "etcd", log_path=tmp_path / "etcd.log")
+    data = os.urandom(1 << 20)
+    source.blobs["blob"] = data
+    try:
+        async with storage_nodes(tmp_path, own, "/outage/", ["node-a"]) as (a,):
+            own.proc.send_signal(signal.SIGSTOP)
+            try:
+                # No peer can be asked and no claim made: the origin still serves the pull.
+                assert await stored_digest(a, source.url("blob"), digest_of(data)) == digest_of(data)
+            finally:
+                own.proc.send_signal(signal.SIGCONT)
+            assert source.served["blob"] == len(data)
+            assert "cannot look for peers" in a.log() or "cannot claim the origin read" in a.log()
+    finally:
+        own.stop()

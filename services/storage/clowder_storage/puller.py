@@ -273,7 +273,7 @@ class Puller:
                 log.warning("peer %s sent content %s for %s; trying elsewhere", redact_url(url),
                             outcome.actual_digest, digest)
                 download.advance(-download.bytes_done)
-            if self._origin_allowed and await self._peers.claim(digest):
+            if self._origin_allowed and await self._claim(digest):
                 stored = False
                 try:
                     outcome = await self._fetch(download, download.fetcher, download.url, download.credential)
@@ -282,7 +282,13 @@ class Puller:
                 finally:
                     # Shielded: a cancelled pull must still let the waiting nodes go (else they wait for the TTL).
                     await asyncio.shield(self._release(digest, stored))
-            claimant, url = await self._peers.claimant(digest)
+            try:
+                claimant, url = await self._peers.claimant(digest)
+            except Unavailable as exc:
+                log.warning("cannot see who reads %s from its origin (%s); looking again", digest, exc)
+                claimant, url = "", ""
+                if not self._origin_allowed:
+                    raise
             if not claimant and not self._origin_allowed:
                 raise Unavailable(
                     f"no peer holds {digest} and this node pulls only from its peers (air-gapped)",
@@ -302,6 +308,15 @@ class Puller:
                     log.warning("chaining %s from %s failed (%s); looking again", digest, redact_url(url), exc)
                 download.advance(-download.bytes_done)
             await self._peers.wait()
+
+    async def _claim(self, digest: str) -> bool:
+        assert self._peers is not None
+        try:
+            return await self._peers.claim(digest)
+        except Unavailable as exc:
+            # etcd away: nobody can be asked, and the origin still works (a second read beats no read).
+            log.warning("cannot claim the origin read of %s (%s); reading it anyway", digest, exc)
+            return True
 
     async def _release(self, digest: str, stored: bool) -> None:
         assert self._peers is not None
@@ -349,8 +364,10 @@ class Puller:
             # The kept prefix counts as done: progress and the space promised cover only what is left.
             download.advance(temp.size)
             # A peer's copy may still be growing behind its own download: one stream in order, not pieces that
-            # would wait for bytes the peer does not have yet.
-            options = self._options if resumable else dataclasses.replace(self._options, parallel_parts=1)
+            # would wait for bytes the peer does not have yet. A peer that breaks off twice is left for the next
+            # source (another peer, the origin) rather than retried as patiently as an origin.
+            options = self._options if resumable else dataclasses.replace(
+                self._options, parallel_parts=1, retries=min(self._options.retries, 1))
             transfer = Transfer(fetcher, url, options, self._store.run, download.advance, opened, credential)
             try:
                 complete = await transfer.run(temp)
@@ -394,10 +411,11 @@ class Puller:
 
     def growing(self, digest: str) -> Download | None:
         """The download reading `digest` from its origin on this node now, if any (what chained peers read)."""
-        for download in self._downloads.values():
-            if digest in download.expectations and not download.abandoned and not download.from_peer:
-                return download
-        return None
+        candidates = [d for d in self._downloads.values()
+                      if digest in d.expectations and not d.abandoned and not d.from_peer]
+        # One that already writes first: another download of the same digest may still be looking for peers.
+        candidates.sort(key=lambda d: d.temp is None)
+        return candidates[0] if candidates else None
 
     async def read_growing(self, digest: str, offset: int, length: int, wait_s: float,
                            heartbeat_s: float = 1.0) -> AsyncIterator[tuple[bytes, int]]:
