@@ -105,6 +105,10 @@ bench-controller: install ## controller: scheduling decision time and convergenc
 bench-routing: install ## balancer: TTFT by routing profile, balancer overhead, streamed requests/s
 	$(PY) bench/bench_routing.py
 
+.PHONY: bench-batch
+bench-batch: install ## batch jobs: 200 chats as a batch under interactive load; TTFT ratio and throughput vs interactive
+	$(PY) bench/bench_batch.py $(BENCH_ARGS)
+
 .PHONY: bench-fairness
 bench-fairness: install ## tenants: victim's TTFT p50 with a flooder / alone (fair queue), rate-limit overshoot across 2 balancers
 	$(PY) bench/bench_fairness.py $(BENCH_ARGS)

@@ -150,7 +150,7 @@ def test_requests_that_are_wrong_as_a_whole_get_400_or_404(client):
 
 def test_cancel_midway_keeps_finished_results_and_runs_nothing_more(client):
     total = 40
-    source = upload(client, chat_lines(total, max_tokens=48))
+    source = upload(client, chat_lines(total, max_tokens=24))
     batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
     poll(client, batch.id, lambda b: b.request_counts.completed >= 1, 120, "partly done")
     cancelling = client.batches.cancel(batch.id)
@@ -175,25 +175,36 @@ def _all_answered_once(client, done, total: int) -> None:
     assert (done.request_counts.completed, done.request_counts.failed) == (total, 0)
 
 
-def test_balancer_killed_mid_batch_resumes_with_nothing_lost_or_duplicated(cluster, client):
-    total = 24
-    source = upload(client, chat_lines(total, max_tokens=32))
+def _partly_done(client, total: int):
+    source = upload(client, chat_lines(total, max_tokens=16))
     batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
-    poll(client, batch.id, lambda b: 1 <= b.request_counts.completed, 120, "partly done")
+    seen = poll(client, batch.id, lambda b: 1 <= b.request_counts.completed, 120, "partly done")
+    assert seen.status == "in_progress" and seen.request_counts.completed < total, seen
+    return batch
+
+
+def test_balancer_killed_mid_batch_resumes_with_nothing_lost_or_duplicated(cluster, client):
+    total = 12
+    batch = _partly_done(client, total)
     old = cluster.component("balancer")
+    killed_at = int(time.time())
     os.kill(old["pid"], signal.SIGKILL)
     cluster.wait_component("balancer", lambda c: c["state"] == "running" and c["pid"] != old["pid"], timeout=90)
-    _all_answered_once(client, ended(client, batch.id), total)
+    done = ended(client, batch.id)
+    # Finished after the kill: the restarted balancer (its claims' lease gone) took the rest up.
+    assert done.finalizing_at >= killed_at, done
+    _all_answered_once(client, done, total)
 
 
 def test_runtime_killed_mid_batch_resumes_with_nothing_lost_or_duplicated(cluster, client):
-    total = 24
+    total = 12
     before = smol_replica(cluster)
-    source = upload(client, chat_lines(total, max_tokens=32))
-    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
-    poll(client, batch.id, lambda b: 1 <= b.request_counts.completed, 120, "partly done")
+    batch = _partly_done(client, total)
+    killed_at = int(time.time())
     os.kill(before.pid, signal.SIGKILL)
-    _all_answered_once(client, ended(client, batch.id), total)
+    done = ended(client, batch.id)
+    assert done.finalizing_at >= killed_at, done
+    _all_answered_once(client, done, total)
     assert smol_replica(cluster).pid != before.pid
 
 
@@ -238,3 +249,38 @@ def test_sdk_and_cli_run_a_batch_and_print_its_results(cluster, tmp_path):
     assert "has no error file" in cluster.cli("batch", "results", batch_id, "--errors").stderr
     refused = cluster.cli("batch", "cancel", batch_id)
     assert refused.returncode != 0 and "Cannot cancel" in refused.stdout + refused.stderr
+
+
+def test_each_invocation_runs_under_the_creators_key_and_counts_in_its_usage(cluster, client):
+    from clowder.balancer.v1 import apikeys_pb2
+    from clowder.client import Client
+    from clowder_common.auth import read_admin_token
+
+    info = json.loads((cluster.data_dir / "cluster.json").read_text())
+    with Client(controller=info["controller"], balancer=info["balancer_grpc"],
+                admin_token=read_admin_token(cluster.data_dir), timeout_s=30) as admin:
+        record, secret = admin.api_keys.create("batch owner", ["batchers"])
+        keyed = openai.OpenAI(base_url=f"http://127.0.0.1:{cluster.http_port}/v1", api_key=secret, timeout=60,
+                              max_retries=0)
+        source = upload(keyed, chat_lines(3, prefix="keyed"))
+        batch = keyed.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                     completion_window="24h")
+        # Another caller (here the anonymous one) sees neither the key's file nor its batch.
+        with pytest.raises(openai.NotFoundError):
+            client.batches.retrieve(batch.id)
+        with pytest.raises(openai.NotFoundError):
+            client.files.retrieve(source.id)
+        done = ended(keyed, batch.id, timeout=120)
+        assert done.status == "completed", done
+        output = lines_of(keyed, done.output_file_id)
+        tokens = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in output)
+        # Usage is flushed to etcd every couple of seconds: each invocation is one request of this key.
+        deadline = time.monotonic() + 30
+        usage = None
+        while time.monotonic() < deadline:
+            usage = admin.api_keys.usage(apikeys_pb2.GetUsageRequest(key=record.id))
+            if usage.requests >= 3:
+                break
+            time.sleep(0.5)
+        assert usage is not None and (usage.requests, usage.completion_tokens) == (3, tokens), usage
+        assert {g for r in usage.records for g in r.groups} == {"batchers"}

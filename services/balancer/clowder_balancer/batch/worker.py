@@ -39,6 +39,7 @@ TICK_S = 1.0
 # Request counts in the batch object are brought up to date this often while it runs.
 COUNTS_INTERVAL_S = 1.0
 RETRY_DELAY_S = 2.0
+CLAIM_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -53,6 +54,8 @@ class _Run:
     pending: collections.deque[Line] = field(default_factory=collections.deque)
     tasks: dict[asyncio.Task, Line] = field(default_factory=dict)
     counted: tuple[int, int] = (-1, -1)
+    # Looking for a chunk to claim costs a range read: not more often than CLAIM_INTERVAL_S while busy.
+    next_claim: float = 0.0
 
 
 class BatchWorker:
@@ -165,7 +168,9 @@ class BatchWorker:
                     log.warning("batch %s: claims lost with the lease; taking chunks anew", batch_id)
                     run.mine.clear()
                     run.pending.clear()
-                if lease is not None and len(run.pending) < self._settings.max_in_flight:
+                if (lease is not None and len(run.pending) < self._settings.max_in_flight
+                        and (not run.pending or time.monotonic() >= run.next_claim)):
+                    run.next_claim = time.monotonic() + CLAIM_INTERVAL_S
                     await self._claim_next(run, chunks, lease)
                 self._dispatch(run)
                 if not run.tasks and not run.pending:
@@ -207,8 +212,9 @@ class BatchWorker:
 
     async def _claim_next(self, run: _Run, chunks: int, lease: int) -> None:
         chunk = self._settings.chunk_lines
+        held = await self._store.claims(run.batch.id)
         for number in range(chunks):
-            if number in run.mine:
+            if number in run.mine or f"{number:06d}" in held:
                 continue
             indices = range(number * chunk, min(len(run.lines), (number + 1) * chunk))
             if all(i in run.done for i in indices):
