@@ -8,7 +8,6 @@ reaches their ports skips the balancer's keys, limits and audit, or the controll
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import os
 import pathlib
 import secrets
@@ -103,10 +102,6 @@ class ClusterSecurity:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Call metadata that identifies a cluster component."""
         return ((SERVICE_TOKEN_HEADER, self.service_token),) if self.service_token else ()
-
-    def accepts(self, presented: str) -> bool:
-        # Constant-time: response timing must not leak the credential.
-        return bool(self.service_token) and hmac.compare_digest(presented.encode(), self.service_token.encode())
 
 
 NO_SECURITY = ClusterSecurity()
