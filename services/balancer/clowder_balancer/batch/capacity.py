@@ -24,7 +24,9 @@ class Capacity:
         self._router = router
         self._reserve = reserve
 
-    def free(self, model: str, batch_in_flight: int) -> int:
+    def free(self, model: str, batch_in_flight: int, recently_done: int = 0) -> int:
+        """Invocations of `model` that may start now. `recently_done`: batch invocations that ended within the
+        last poll interval or two, which the polled figures may still count as running."""
         if not self._discovery.has_model(model):
             # Unknown model: the pipeline answers 404 at once; nothing to protect.
             return 1
@@ -41,6 +43,8 @@ class Capacity:
             slots += getattr(stats, "slots", 0) or UNKNOWN_SLOTS
             polled += stats.running
             local += self._router.in_flight(endpoint.address)
-        busy = max(polled, local, batch_in_flight)
+        # Polled figures lag by up to one poll: a slot a batch line just left would look busy for that long
+        # (a throughput loss at every turnover), so lines known to have ended since are taken off them.
+        busy = max(polled - recently_done, local, batch_in_flight)
         # A replica of one slot still takes batch work when idle: the reserve never shuts batches out.
         return max(1, slots - self._reserve) - busy

@@ -40,6 +40,8 @@ TICK_S = 1.0
 COUNTS_INTERVAL_S = 1.0
 RETRY_DELAY_S = 2.0
 CLAIM_INTERVAL_S = 0.5
+# Ends of batch lines this recent may still show as running in the runtimes' polled stats (polled every 0.5 s).
+RECENT_S = 1.0
 
 
 @dataclass
@@ -74,6 +76,7 @@ class BatchWorker:
         self._tasks: dict[str, asyncio.Task] = {}
         self._loop_task: asyncio.Task | None = None
         self._in_flight: collections.Counter[str] = collections.Counter()
+        self._ended: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
 
     async def _registered(self, lease_id: int) -> None:
         self._wake.set()
@@ -235,17 +238,24 @@ class BatchWorker:
     def _dispatch(self, run: _Run) -> None:
         while run.pending and len(run.tasks) < self._settings.max_in_flight:
             line = run.pending[0]
-            if self._capacity.free(line.model, self._in_flight[line.model]) <= 0:
+            if self._capacity.free(line.model, self._in_flight[line.model], self._recently_ended(line.model)) <= 0:
                 return
             run.pending.popleft()
             self._in_flight[line.model] += 1
             task = asyncio.create_task(self._line(run.batch, line), name=f"batch {run.batch.id} line {line.index}")
             run.tasks[task] = line
 
+    def _recently_ended(self, model: str) -> int:
+        ended = self._ended[model]
+        while ended and ended[0] < time.monotonic() - RECENT_S:
+            ended.popleft()
+        return len(ended)
+
     async def _collect(self, run: _Run, finished: set[asyncio.Task], chunk: int) -> None:
         for task in finished:
             line = run.tasks.pop(task)
             self._in_flight[line.model] -= 1
+            self._ended[line.model].append(time.monotonic())
             if task.cancelled() or task.exception() is not None:
                 if not task.cancelled():
                     log.warning("batch %s line %d not recorded: %s", run.batch.id, line.index, task.exception())
