@@ -194,3 +194,31 @@ async def test_a_pull_by_digest_reads_the_origin_while_etcd_does_not_answer(tmp_
             assert "cannot look for peers" in a.log() or "cannot claim the origin read" in a.log()
     finally:
         own.stop()
+
+
+async def test_a_chain_survives_the_death_of_the_node_it_reads_from(tmp_path, etcd, etcd_prefix, source):
+    data = os.urandom(3 << 20)
+    source.blobs["blob"] = data
+    gate = source.holds["blob"] = asyncio.Event()
+    url, digest = source.url("blob"), digest_of(data)
+    async with storage_nodes(tmp_path, etcd, etcd_prefix, ["node-a", "node-b"]) as (a, b):
+        first = asyncio.ensure_future(pull(a.stub, url, digest))
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while source.served["blob"] < 1 << 20:
+                assert asyncio.get_running_loop().time() < deadline, "the origin was never asked"
+                await asyncio.sleep(0.05)
+            follower = asyncio.ensure_future(pull(b.stub, url, digest))
+            while "chaining" not in b.log():
+                assert asyncio.get_running_loop().time() < deadline, "node-b never chained from node-a"
+                await asyncio.sleep(0.05)
+            # The node being read from dies mid-download: its claim goes with its lease (5 s), then node-b
+            # reads the origin itself.
+            a.proc.kill()
+            gate.set()
+            messages = await asyncio.wait_for(follower, 60)
+        finally:
+            gate.set()
+            first.cancel()
+        assert messages[-1].blob.digest == digest
+        assert len([r for r in source.requests if r[0] == "blob"]) == 2
