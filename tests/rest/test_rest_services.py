@@ -87,3 +87,22 @@ async def test_the_async_sdk_applies_and_refuses_with_nothing_changed(controller
         assert (after.update_time, len(after.revisions)) == (before.update_time, 1)
         assert [s.name for s in await client.services.list()] == ["sdk"]
         await client.services.delete("sdk")
+
+
+async def test_a_deployment_made_before_revisions_becomes_revision_1(api, http):
+    """`serve up` once made a bare deployment named like the service: the first update adopts it."""
+    for alias in ("old-a", "old-b"):
+        status, _ = await call(http, "POST", f"{api}/api/v1/images",
+                               json={"alias": alias, "sourceUrl": "file:///models/none.gguf"})
+        assert status == 200
+    status, _ = await call(http, "POST", f"{api}/api/v1/deployments",
+                           json={"name": "old", "image": "old-a", "replicas": 0})
+    assert status == 200
+    status, body = await call(http, "POST", f"{api}/api/v1/services",
+                              json={"template": {"name": "old", "image": "old-b", "replicas": 0}})
+    assert status == 200 and body["revision"] == 2, body
+    revisions = body["service"]["revisions"]
+    assert [(r["number"], r["deployment"], r["template"]["image"]) for r in revisions] == [
+        (1, "old", "old-a"), (2, "old", "old-b")]
+    status, body = await call(http, "GET", f"{api}/api/v1/deployments/old")
+    assert body["deployment"]["image"] == "old-b"  # rolled in place, the default

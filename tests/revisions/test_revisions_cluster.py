@@ -25,7 +25,6 @@ from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import NotFound, Unavailable
 
 from cluster_helpers import up_cluster
-from conftest import bundled_model_path
 
 HEADER = "x-clowder-revision"
 READY_S = 240
@@ -50,9 +49,13 @@ def http(cluster):
         yield client
 
 
-def spec(path, name: str, *, source: str = "", context: int = 512, rollout: str = "", runtime: str = ""):
+@pytest.fixture(scope="module")
+def model(model_path) -> str:
+    return f"file://{model_path}"
+
+
+def spec(path, name: str, source: str, *, context: int = 512, rollout: str = "", runtime: str = ""):
     """A service spec file; a different `context` (or source) is a different image, so a new revision."""
-    source = source or f"file://{bundled_model_path()}"
     text = (f"name: {name}\nimage:\n  source: {source}\n  configuration: {{contextSize: {context}, slots: 2}}\n"
             f"replicas: 1\n")
     if rollout:
@@ -137,8 +140,8 @@ class Traffic:
         return [r for r in self.results if r[2] == revision]
 
 
-def test_a_split_pins_sessions_promote_and_rollback_by_hand(cluster, control, http, tmp_path):
-    serve(cluster, "up", "-f", spec(tmp_path / "v1.yaml", "ab"))
+def test_a_split_pins_sessions_promote_and_rollback_by_hand(cluster, control, http, tmp_path, model):
+    serve(cluster, "up", "-f", spec(tmp_path / "v1.yaml", "ab", model))
     control.deployments.wait_ready("ab", timeout_s=READY_S)
     assert served_by(http, "ab") == "1"
 
@@ -149,7 +152,7 @@ def test_a_split_pins_sessions_promote_and_rollback_by_hand(cluster, control, ht
     assert "one revision" in serve(cluster, "rollback", "ab", ok=False)
     assert control.services.get("ab").update_time == before.update_time
 
-    out = serve(cluster, "update", "-f", spec(tmp_path / "v2.yaml", "ab", context=640), "--weight", "30")
+    out = serve(cluster, "update", "-f", spec(tmp_path / "v2.yaml", "ab", model, context=640), "--weight", "30")
     assert "revision 2" in out
     control.deployments.wait_ready("ab-r2", timeout_s=READY_S)
     models = {m["id"] for m in http.get("/v1/models").json()["data"]}
@@ -207,16 +210,16 @@ def test_a_split_pins_sessions_promote_and_rollback_by_hand(cluster, control, ht
     serve(cluster, "down", "ab")
 
 
-def test_a_canary_that_cannot_start_rolls_back_on_its_own(cluster, control, http, tmp_path):
+def test_a_canary_that_cannot_start_rolls_back_on_its_own(cluster, control, http, tmp_path, model):
     interval = 6
     rollout = f"{{strategy: canary, steps: [20, 100], interval: {interval}s}}"
-    serve(cluster, "up", "-f", spec(tmp_path / "v1.yaml", "cb", rollout=rollout))
+    serve(cluster, "up", "-f", spec(tmp_path / "v1.yaml", "cb", model, rollout=rollout))
     control.deployments.wait_ready("cb", timeout_s=READY_S)
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(os.urandom(100_000))  # not a GGUF: the runtime exits as it loads it
     with Traffic(http, "cb") as traffic:
         wait_until(lambda: len(traffic.results) >= 3, 60, "traffic flows")
-        serve(cluster, "update", "-f", spec(tmp_path / "v2.yaml", "cb", source=f"file://{broken}", rollout=rollout))
+        serve(cluster, "update", "-f", spec(tmp_path / "v2.yaml", "cb", f"file://{broken}", rollout=rollout))
         updated = time.monotonic()
         service = wait_until(lambda: (s := control.services.get("cb")).rollout.state
                              == resources_pb2.ROLLOUT_STATE_ROLLED_BACK and s, 2 * interval + 3, "rolled back")
@@ -234,14 +237,16 @@ def test_a_canary_that_cannot_start_rolls_back_on_its_own(cluster, control, http
     serve(cluster, "down", "cb")
 
 
-def test_a_canary_that_fails_requests_rolls_back_and_the_stable_one_never_fails(cluster, control, http, tmp_path):
+def test_a_canary_that_fails_requests_rolls_back_and_the_stable_one_never_fails(cluster, control, http, tmp_path,
+                                                                                 model):
     interval = 5
     rollout = f"{{strategy: canary, steps: [50, 100], interval: {interval}s, maxErrorRate: 0.2, maxTtftRatio: 100}}"
-    serve(cluster, "up", "-f", spec(tmp_path / "v1.yaml", "cc", rollout=rollout))
+    serve(cluster, "up", "-f", spec(tmp_path / "v1.yaml", "cc", model, rollout=rollout))
     control.deployments.wait_ready("cc", timeout_s=READY_S)
     with Traffic(http, "cc") as traffic:
         # A context of 16 tokens holds no chat prompt: the new revision answers every request with an error.
-        serve(cluster, "update", "-f", spec(tmp_path / "v2.yaml", "cc", rollout=rollout, runtime="{context_size: 16}"))
+        serve(cluster, "update", "-f", spec(tmp_path / "v2.yaml", "cc", model, rollout=rollout,
+                                            runtime="{context_size: 16}"))
         wait_until(lambda: control.services.get("cc").rollout.HasField("step_start_time"), READY_S,
                    "the canary's first step")
         stepped = time.monotonic()
@@ -259,14 +264,14 @@ def test_a_canary_that_fails_requests_rolls_back_and_the_stable_one_never_fails(
     serve(cluster, "down", "cc")
 
 
-def test_a_canary_goes_on_after_the_controller_is_killed_and_is_promoted(cluster, control, http, tmp_path):
+def test_a_canary_goes_on_after_the_controller_is_killed_and_is_promoted(cluster, control, http, tmp_path, model):
     interval = 6
     rollout = (f"{{strategy: canary, steps: [25, 50, 100], interval: {interval}s, maxErrorRate: 0.5, "
                "maxTtftRatio: 100}")
-    serve(cluster, "up", "-f", spec(tmp_path / "v1.yaml", "cd", rollout=rollout))
+    serve(cluster, "up", "-f", spec(tmp_path / "v1.yaml", "cd", model, rollout=rollout))
     control.deployments.wait_ready("cd", timeout_s=READY_S)
     with Traffic(http, "cd") as traffic:
-        serve(cluster, "update", "-f", spec(tmp_path / "v2.yaml", "cd", context=640, rollout=rollout))
+        serve(cluster, "update", "-f", spec(tmp_path / "v2.yaml", "cd", model, context=640, rollout=rollout))
         first = wait_until(lambda: (s := control.services.get("cd")).rollout.HasField("step_start_time") and s,
                            READY_S, "the canary's first step")
         assert first.rollout.step == 0 and [t.percent for t in first.traffic] == [75, 25]

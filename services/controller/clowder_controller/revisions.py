@@ -198,7 +198,10 @@ def touch(service: resources_pb2.Service) -> None:
 # -- metrics ----------------------------------------------------------------------------------------------
 
 
-def sum_reports(reports: list[resources_pb2.RevisionTrafficReport]) -> dict[tuple[str, int], resources_pb2.RevisionCounters]:
+Totals = dict[tuple[str, int], resources_pb2.RevisionCounters]
+
+
+def sum_reports(reports: list[resources_pb2.RevisionTrafficReport]) -> Totals:
     """Counters per (service, revision) summed over balancers."""
     totals: dict[tuple[str, int], resources_pb2.RevisionCounters] = {}
     for report in reports:
@@ -269,7 +272,7 @@ def set_baseline(service: resources_pb2.Service,
 
 
 def window_metrics(service: resources_pb2.Service,
-                   totals: dict[tuple[str, int], resources_pb2.RevisionCounters]) -> list[resources_pb2.RevisionMetrics]:
+                   totals: Totals) -> list[resources_pb2.RevisionMetrics]:
     rollout = service.rollout
     started = rollout.baseline_time.ToNanoseconds() / 1e9 if rollout.HasField("baseline_time") else 0.0
     seconds = max(1e-3, time.time() - started) if started else 0.0
