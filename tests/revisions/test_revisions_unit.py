@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextvars
 
 import pytest
 
@@ -111,3 +112,67 @@ def test_retired_deployments_are_those_of_revisions_without_traffic():
     assert [(t.revision, t.percent) for t in service.traffic] == [(2, 100)]
     assert revisions.retired_deployments(service) == {"svc"}
     assert service.events[-1].reason == "promoted"
+
+
+class Directory:
+    """The one ServiceDirectory method the split reads, over a fixed record."""
+
+    def __init__(self, service: resources_pb2.Service) -> None:
+        self._service = service
+
+    def get(self, name: str):
+        return self._service if name == self._service.name else None
+
+
+def split_service() -> resources_pb2.Service:
+    service = resources_pb2.Service(name="svc")
+    service.revisions.add(number=1, deployment="svc")
+    service.revisions.add(number=2, deployment="svc-r2")
+    service.revisions.add(number=3, deployment="svc-r3")
+    service.rollout.stable_revision, service.rollout.candidate_revision = 1, 2
+    service.traffic.add(revision=1, percent=50)
+    service.traffic.add(revision=2, percent=50)
+    return service
+
+
+def test_the_split_pins_falls_back_and_keeps_sessions():
+    # In a context of its own: what begin() sets must not outlive the test.
+    contextvars.copy_context().run(split_checks)
+
+
+def split_checks():
+    from prometheus_client import CollectorRegistry
+
+    from clowder_balancer import traffic_split
+    from clowder_common.errors import FailedPrecondition, NotFound
+
+    ready = {"svc", "svc-r2"}
+    split = traffic_split.TrafficSplit(Directory(split_service()), lambda d: d in ready, CollectorRegistry())
+    assert split.choose("other") is None  # not a service: routed as a deployment
+    traffic_split.begin("2")
+    assert split.choose("svc").deployment == "svc-r2"
+    assert traffic_split.response_headers() == {traffic_split.REVISION_HEADER: "2"}
+    for pin, error in (("9", NotFound), ("3", FailedPrecondition), ("two", InvalidArgument)):
+        traffic_split.begin(pin)
+        with pytest.raises(error):
+            split.choose("svc")
+    # Another choice of the same request (n > 1) takes the first one's revision.
+    traffic_split.begin("")
+    first = split.choose("svc").revision
+    assert all(split.choose("svc").revision == first for _ in range(20))
+    # A session keeps its revision from request to request.
+    sessions = {}
+    for _ in range(3):
+        for name in ("a", "b", "c", "d", "e", "f"):
+            traffic_split.begin("")
+            sessions.setdefault(name, set()).add(split.choose("svc", session=name).revision)
+    assert all(len(found) == 1 for found in sessions.values()) and set().union(*sessions.values()) == {1, 2}
+    # A revision without a ready replica gives its share to those that have one.
+    ready.discard("svc-r2")
+    for _ in range(20):
+        traffic_split.begin("")
+        assert split.choose("svc").revision == 1
+    ready.add("svc-r2")
+    # Outside a request a face began (a background job), every call chooses afresh.
+    traffic_split._SERVED.set(None)
+    assert {split.choose("svc").revision for _ in range(50)} == {1, 2}

@@ -196,9 +196,9 @@ class TrafficSplit:
         service = self._services.get(model)
         if service is None:
             return None
-        served = _SERVED.get()
-        if served is None:
-            served = begin("")
+        # Outside a request an API face began (a background job), the choice is this call's alone: a holder kept in
+        # that task's context would tie every later request of the task to the first one's revision.
+        served = _SERVED.get() or Served()
         if served.revision:
             # Another choice of the same request (n > 1): the first one's revision.
             revision = _revision(service, served.revision)
