@@ -203,6 +203,8 @@ class ApiKeyStore:
     async def delete(self, key_id: str) -> None:
         if not await self._state.delete(self._prefix + _validate_id(key_id)):
             raise NotFound(f"API key '{key_id}' does not exist", reason="API_KEY_NOT_FOUND", metadata={"id": key_id})
+        # Its limit counters (tenancy/quota.py) go too; its usage records stay, for charging back.
+        await self._state.delete(self._state.key("quota", key_id))
 
     def authenticate(self, token: str, required: bool) -> Principal:
         """The principal a bearer token stands for.
