@@ -10,8 +10,12 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
+import urllib.request
 
 import grpc
 import openai
@@ -19,7 +23,10 @@ import pytest
 
 from clowder.balancer.v1 import batch_pb2, batch_pb2_grpc
 from clowder.controller.v1 import resources_pb2
+from clowder_common.auth import TOKEN_ENV, read_admin_token
 from clowder_common.errors import ClowderError
+from clowder_common.processes import free_port, wait_for_port
+from clowder_common.security import SERVICE_TOKEN_ENV, service_token_path
 
 from batch_helpers import chat_lines, custom_ids, ended, jsonl, lines_of, poll, upload
 from cluster_helpers import UpCluster, up_cluster
@@ -284,3 +291,38 @@ def test_each_invocation_runs_under_the_creators_key_and_counts_in_its_usage(clu
             time.sleep(0.5)
         assert usage is not None and (usage.requests, usage.completion_tokens) == (3, tokens), usage
         assert {g for r in usage.records for g in r.groups} == {"batchers"}
+
+
+def _batch_requests(http_port: int) -> int:
+    """Batch invocations a balancer has answered with 200, from its /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
+    found = re.findall(r'^clowder_balancer_requests_total\{([^}]*)\} ([0-9.e+]+)$', text, re.M)
+    return int(sum(float(v) for labels, v in found if 'api="batch"' in labels and 'status="200"' in labels))
+
+
+def test_two_balancers_share_a_batch_and_run_each_line_once(cluster, client, tmp_path):
+    info = json.loads((cluster.data_dir / "cluster.json").read_text())
+    port = free_port()
+    # The credentials `clowder up` gives its own balancer: admin token (storage) and service token (runtimes).
+    env = {**os.environ, TOKEN_ENV: read_admin_token(cluster.data_dir) or "",
+           SERVICE_TOKEN_ENV: service_token_path(cluster.data_dir).read_text().strip()}
+    with open(tmp_path / "second-balancer.log", "wb") as log:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "clowder_balancer", "--name", "second", "--http-listen", f"127.0.0.1:{port}",
+             "--grpc-listen", "127.0.0.1:0", "--etcd-endpoints", info["etcd"], "--etcd-prefix", "/clowder/",
+             "--controller-address", info["controller"]], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=60, proc=second)
+        before = {p: _batch_requests(p) for p in (cluster.http_port, port)}
+        total = 24
+        source = upload(client, chat_lines(total, max_tokens=8))
+        batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        done = ended(client, batch.id)
+        _all_answered_once(client, done, total)
+        ran = {p: _batch_requests(p) - before[p] for p in before}
+        # Claims split the chunks (4 lines each here): both balancers ran lines, and no line ran twice.
+        assert sum(ran.values()) == total and all(ran.values()), ran
+    finally:
+        second.terminate()
+        second.wait(30)

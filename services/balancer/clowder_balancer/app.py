@@ -79,7 +79,7 @@ class BalancerApp:
             BatchSettings(config.batch_max_file_bytes, config.batch_chunk_lines, config.batch_max_in_flight,
                           config.batch_reserve_slots, config.batch_claim_ttl_s),
             self.state, self.pipeline, self.discovery, self.router, self.api_keys, self.metrics, admin_token,
-            config.name, config.require_api_keys)
+            config.name, config.require_api_keys, self.security)
         self._api_key_servicer = ApiKeyServicer(self.api_keys, admin_token, self.tenancy)
         self._admin_token = admin_token
         self._runner: web.AppRunner | None = None

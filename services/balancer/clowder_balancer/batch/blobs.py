@@ -16,6 +16,7 @@ from clowder_common.auth import bearer_metadata
 from clowder_common.clients import aio_channel
 from clowder_common.errors import ClowderError, NotFound, Unavailable, from_rpc_error
 from clowder_common.etcd import EtcdState
+from clowder_common.security import NO_SECURITY, ClusterSecurity
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,19 @@ def holder_of(file_id: str) -> str:
 
 
 class BlobClient:
-    """Talks to the storage nodes registered under nodes/ with the cluster's admin token."""
+    """Talks to the storage nodes registered under nodes/ with the cluster's admin token and credentials."""
 
-    def __init__(self, state: EtcdState, admin_token: str | None) -> None:
+    def __init__(self, state: EtcdState, admin_token: str | None, security: ClusterSecurity = NO_SECURITY) -> None:
         self._state = state
+        # TLS and the service credential storage asks of cluster components.
+        self._security = security
         self._metadata = bearer_metadata(admin_token)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> storage_pb2_grpc.StorageServiceStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = aio_channel(address)
+            channel = self._channels[address] = aio_channel(address, self._security)
         return storage_pb2_grpc.StorageServiceStub(channel)
 
     async def close(self) -> None:

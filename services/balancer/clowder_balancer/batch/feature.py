@@ -6,6 +6,7 @@ import grpc
 from aiohttp import web
 
 from clowder_common.etcd import EtcdState
+from clowder_common.security import NO_SECURITY, ClusterSecurity
 
 from clowder_balancer.apikeys import ApiKeyStore
 from clowder_balancer.discovery import Discovery
@@ -25,8 +26,8 @@ from clowder_balancer.batch.worker import BatchWorker
 class Batches:
     def __init__(self, settings: BatchSettings, state: EtcdState, pipeline: Pipeline, discovery: Discovery,
                  router: Router, keys: ApiKeyStore, metrics: Metrics, admin_token: str | None, balancer: str,
-                 require_keys: bool) -> None:
-        self.blobs = BlobClient(state, admin_token)
+                 require_keys: bool, security: ClusterSecurity = NO_SECURITY) -> None:
+        self.blobs = BlobClient(state, admin_token, security)
         self.api = BatchApi(BatchStore(state), self.blobs, settings)
         self.http = BatchHttp(self.api, keys, require_keys)
         self.servicer = BatchServicer(self.api, keys, require_keys)
