@@ -248,28 +248,29 @@ def serve_status(control: Client, name: str, console: Console) -> int:
         _replica_table(control, [name], console)
         return 0
     rollout = service.rollout
+    weights = {t.revision: t.percent for t in service.traffic}
+    live = sorted({rollout.stable_revision, rollout.candidate_revision, *weights} - {0})
+    deployments = {n: _deployment(control, r.deployment) for n in live if (r := _revision(service, n)) is not None}
+    ready = sum(d.ready_replicas for d in deployments.values() if d is not None)
+    wanted = sum(d.replicas for d in deployments.values() if d is not None)
     console.print(f"service {name}: {_state(service)}, stable revision {rollout.stable_revision}"
-                  + (f", candidate revision {rollout.candidate_revision}" if rollout.candidate_revision else ""))
+                  + (f", candidate revision {rollout.candidate_revision}" if rollout.candidate_revision else "")
+                  + f"; {ready}/{wanted} ready")
     if rollout.message:
         console.print(f"  {rollout.message}")
     if rollout.state == resources_pb2.ROLLOUT_STATE_PROGRESSING:
         policy = rollout.policy
         console.print(f"  steps {list(policy.steps)} every {policy.interval_s:g}s; limits: error rate "
                       f"{policy.max_error_rate:.0%}, p95 TTFT {policy.max_ttft_ratio:g}x the stable revision's")
-    weights = {t.revision: t.percent for t in service.traffic}
     metrics = {m.revision: m for m in service.metrics}
     window = max((m.window_s for m in service.metrics), default=0.0)
     table = Table("REVISION", "DEPLOYMENT", "IMAGE", "TRAFFIC", "READY", "REQ/S", "ERRORS", "P95 TTFT",
                   title=f"window: last {window:.0f}s" if window else None)
-    live = sorted({rollout.stable_revision, rollout.candidate_revision, *weights} - {0})
-    for number in live:
+    for number, deployment in deployments.items():
         revision = _revision(service, number)
-        if revision is None:
-            continue
-        deployment = _deployment(control, revision.deployment)
-        ready = f"{deployment.ready_replicas}/{deployment.replicas}" if deployment is not None else "-"
+        shown = f"{deployment.ready_replicas}/{deployment.replicas}" if deployment is not None else "-"
         m = metrics.get(number)
-        table.add_row(str(number), revision.deployment, revision.template.image, f"{weights.get(number, 0)}%", ready,
+        table.add_row(str(number), revision.deployment, revision.template.image, f"{weights.get(number, 0)}%", shown,
                       f"{m.request_rate:.2f}" if m else "-",
                       f"{m.error_rate:.1%} ({m.errors}/{m.requests})" if m else "-",
                       f"{m.p95_ttft_s * 1000:.0f}ms" if m and m.p95_ttft_s else "-")
