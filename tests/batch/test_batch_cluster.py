@@ -326,3 +326,38 @@ def test_two_balancers_share_a_batch_and_run_each_line_once(cluster, client, tmp
     finally:
         second.terminate()
         second.wait(30)
+
+
+def test_expiry_keeps_finished_results_and_marks_the_rest_batch_expired(cluster, client):
+    import asyncio
+
+    from clowder_balancer.batch.store import BatchStore
+    from clowder_common.etcd import EtcdState
+
+    total = 40
+    source = upload(client, chat_lines(total, max_tokens=24))
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    poll(client, batch.id, lambda b: 1 <= b.request_counts.completed, 120, "partly done")
+
+    async def window_ends_now() -> None:
+        # 24 hours are too long to wait: the window's end is moved to now, in etcd, as time would.
+        info = json.loads((cluster.data_dir / "cluster.json").read_text())
+        state = EtcdState([info["etcd"]], "/clowder/")
+        await state.connect()
+        try:
+            def end(b: batch_pb2.Batch) -> bool:
+                b.expires_at = int(time.time()) - 1
+                return True
+            await BatchStore(state).mutate(batch.id, end)
+        finally:
+            await state.close()
+
+    asyncio.run(window_ends_now())
+    done = ended(client, batch.id)
+    assert done.status == "expired" and done.expired_at, done
+    output, errors = lines_of(client, done.output_file_id), lines_of(client, done.error_file_id)
+    assert output and all(line["response"]["status_code"] == 200 for line in output)
+    expired = [line for line in errors if line["error"] and line["error"]["code"] == "batch_expired"]
+    assert expired and all(line["response"] is None for line in expired)
+    assert sorted(custom_ids(output + errors)) == sorted(f"req-{i}" for i in range(total))
+    assert (done.request_counts.completed, done.request_counts.failed) == (len(output), len(errors))
