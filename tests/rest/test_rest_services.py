@@ -106,3 +106,14 @@ async def test_a_deployment_made_before_revisions_becomes_revision_1(api, http):
         (1, "old", "old-a"), (2, "old", "old-b")]
     status, body = await call(http, "GET", f"{api}/api/v1/deployments/old")
     assert body["deployment"]["image"] == "old-b"  # rolled in place, the default
+    # A deployment that happens to have the next revision's name is never taken over.
+    status, _ = await call(http, "POST", f"{api}/api/v1/deployments",
+                           json={"name": "old-r3", "image": "old-a", "replicas": 0})
+    assert status == 200
+    status, body = await call(http, "POST", f"{api}/api/v1/services",
+                              json={"template": {"name": "old", "image": "old-a", "replicas": 0}, "weight": 10})
+    assert status == 400 and body["code"] == 9 and "old-r3" in body["message"], body  # FAILED_PRECONDITION
+    status, body = await call(http, "GET", f"{api}/api/v1/services/old")
+    assert len(body["service"]["revisions"]) == 2 and body["service"]["rollout"]["candidateRevision"] == 0
+    status, body = await call(http, "GET", f"{api}/api/v1/deployments/old-r3")
+    assert body["deployment"]["image"] == "old-a"

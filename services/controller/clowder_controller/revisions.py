@@ -358,8 +358,11 @@ class ServingServicer(controller_pb2_grpc.ServingServiceServicer):
         try:
             await self._deployments.CreateDeployment(request, None)
         except AlreadyExists:
-            # Left by an apply whose record write lost a race: make it what this revision runs.
-            await self._roll(template.name, template)
+            # Never taken over: it may be anyone's (or left by an apply that died before writing the record).
+            raise FailedPrecondition(
+                f"deployment {template.name!r} already exists and runs no revision of this service; remove it "
+                f"(`clowder undeploy {template.name}`) and apply again", reason="DEPLOYMENT_EXISTS",
+                metadata={"deployment": template.name}) from None
 
     async def _roll(self, deployment: str, template: resources_pb2.Deployment) -> None:
         wanted = template_of(template, deployment)
@@ -473,6 +476,9 @@ class ServingServicer(controller_pb2_grpc.ServingServiceServicer):
                 add_event(service, "rollout", f"canary of revision {number} begins ({new.change}); steps "
                           f"{list(policy.steps)} every {policy.interval_s:g}s")
         if not await self._save(current, service):
+            if new.deployment != stable.deployment:
+                # Made for this attempt only: the next attempt decides afresh on the record as it is now.
+                await delete_deployment(self._state, new.deployment)
             return None
         await self._retire(service)
         return controller_pb2.ApplyServiceResponse(service=service, changed=True, revision=number)
