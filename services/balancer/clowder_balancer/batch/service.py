@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from clowder.balancer.v1 import batch_pb2
-from clowder_common.errors import FailedPrecondition, InvalidArgument
+from clowder_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 from clowder_balancer.apikeys import Principal
 from clowder_balancer.batch.blobs import BlobClient, holder_of
@@ -117,14 +117,24 @@ class BatchApi:
                         metadata=metadata)
         await self.store.create_batch(batch)
         # Validated here, so a caller sees `failed` or `in_progress` at once; a balancer that dies before the
-        # verdict leaves it `validating`, and any balancer's worker validates it then.
-        return await self.validate(batch.id)
+        # verdict, or storage that does not answer now, leaves it `validating`, and a worker validates it later
+        # (an error here would have the client create the batch again).
+        try:
+            return await self.validate(batch.id)
+        except Unavailable as err:
+            log.warning("batch %s: validation deferred: %s", batch.id, err.message)
+            return batch
 
     async def validate(self, batch_id: str) -> batch_pb2.Batch:
         batch = (await self.store.get_batch(batch_id)).value
         if batch.status != S.BATCH_STATUS_VALIDATING:
             return batch
-        lines, errors = await self.input_lines(batch)
+        try:
+            lines, errors = await self.input_lines(batch)
+        except NotFound as err:
+            # The input file (or its content) is gone: nothing will ever validate it.
+            lines, errors = [], [batch_pb2.BatchError(code="input_file_missing", message=err.message,
+                                                      param="input_file_id")]
         now = int(time.time())
 
         def verdict(b: batch_pb2.Batch) -> bool:

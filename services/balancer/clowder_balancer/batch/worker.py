@@ -356,10 +356,35 @@ class BatchWorker:
                 await self._store.release(batch_id, FINALIZE_CLAIM, lease)
 
     async def _finish(self, batch_id: str) -> None:
-        versioned = await self._store.get_batch(batch_id)
-        batch = versioned.value
+        """Write the output and error files, then forget the per-line records, then end the batch: each step is
+        done again by whoever finalizes after a balancer died halfway, and none is done twice."""
+        batch = (await self._store.get_batch(batch_id)).value
         if batch.status not in (S.BATCH_STATUS_FINALIZING, S.BATCH_STATUS_CANCELLING):
             return
+        expired = batch.status == S.BATCH_STATUS_FINALIZING and batch.expired_at != 0
+        if not (batch.output_file_id or batch.error_file_id):
+            batch = await self._write_files(batch, expired)
+        # The files hold the outcomes now (a batch with none has no files, and nothing to lose).
+        await self._store.clear(batch_id)
+        now = int(time.time())
+
+        def end(b: batch_pb2.Batch) -> bool:
+            if b.status not in (S.BATCH_STATUS_FINALIZING, S.BATCH_STATUS_CANCELLING):
+                return False
+            if b.status == S.BATCH_STATUS_CANCELLING:
+                b.status, b.cancelled_at = S.BATCH_STATUS_CANCELLED, now
+            elif expired:
+                b.status = S.BATCH_STATUS_EXPIRED
+            else:
+                b.status, b.completed_at = S.BATCH_STATUS_COMPLETED, now
+            return True
+
+        ended = await self._store.mutate(batch_id, end)
+        log.info("batch %s ended %s: %d succeeded, %d failed", batch_id, S.BatchStatus.Name(ended.status),
+                 ended.request_counts.completed, ended.request_counts.failed)
+
+    async def _write_files(self, batch: batch_pb2.Batch, expired: bool) -> batch_pb2.Batch:
+        batch_id = batch.id
         # Lines in flight on any balancer are recorded before the files are written: wait for their claims.
         while any(name != FINALIZE_CLAIM for name in await self._store.claims(batch_id)):
             await asyncio.sleep(TICK_S)
@@ -367,7 +392,6 @@ class BatchWorker:
         lines: list[Line] = []
         if batch.in_progress_at:
             lines, _ = await self._api.input_lines(batch)
-        expired = batch.status == S.BATCH_STATUS_FINALIZING and batch.expired_at != 0
         output, errors = [], []
         for i, line in enumerate(lines):
             result = results.get(i)
@@ -381,25 +405,15 @@ class BatchWorker:
         hex_id = batch_id.removeprefix("batch_")
         output_id = await self._output_file(batch, f"file-{hex_id}o", f"{batch_id}_output.jsonl", output)
         error_id = await self._output_file(batch, f"file-{hex_id}e", f"{batch_id}_error.jsonl", errors)
-        now = int(time.time())
 
-        def end(b: batch_pb2.Batch) -> bool:
+        def files(b: batch_pb2.Batch) -> bool:
             if b.status not in (S.BATCH_STATUS_FINALIZING, S.BATCH_STATUS_CANCELLING):
                 return False
-            if b.status == S.BATCH_STATUS_CANCELLING:
-                b.status, b.cancelled_at = S.BATCH_STATUS_CANCELLED, now
-            elif expired:
-                b.status = S.BATCH_STATUS_EXPIRED
-            else:
-                b.status, b.completed_at = S.BATCH_STATUS_COMPLETED, now
             b.output_file_id, b.error_file_id = output_id, error_id
             b.request_counts.completed, b.request_counts.failed = len(output), len(errors)
             return True
 
-        ended = await self._store.mutate(batch_id, end)
-        await self._store.clear(batch_id)
-        log.info("batch %s ended %s: %d succeeded, %d failed", batch_id, S.BatchStatus.Name(ended.status),
-                 len(output), len(errors))
+        return await self._store.mutate(batch_id, files)
 
     async def _output_file(self, batch: batch_pb2.Batch, file_id: str, filename: str, lines: list) -> str:
         """Store one result file under a id fixed by the batch, so a finalizer that died halfway is redone
