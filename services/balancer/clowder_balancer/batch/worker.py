@@ -256,9 +256,13 @@ class BatchWorker:
             line = run.tasks.pop(task)
             self._in_flight[line.model] -= 1
             self._ended[line.model].append(time.monotonic())
-            if task.cancelled() or task.exception() is not None:
-                if not task.cancelled():
-                    log.warning("batch %s line %d not recorded: %s", run.batch.id, line.index, task.exception())
+            if task.cancelled():
+                continue
+            if task.exception() is not None:
+                # Not recorded (etcd away too long): the line runs again, or its chunk would be held forever.
+                log.warning("batch %s line %d not recorded; it runs again: %s", run.batch.id, line.index,
+                            task.exception())
+                run.pending.append(line)
                 continue
             run.done[line.index] = task.result()
             number = line.index // chunk
