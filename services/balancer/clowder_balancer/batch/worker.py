@@ -12,18 +12,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 
-from clowder.balancer.v1 import batch_pb2
+from clowder.balancer.v1 import apikeys_pb2, batch_pb2
 from clowder_common.errors import AlreadyExists, ClowderError, NotFound
 from clowder_common.etcd import LeaseKeeper, PrefixCache
 from clowder_common.tasks import cancel_and_wait
 
 from clowder_balancer import request_ids
-from clowder_balancer.apikeys import APIKEYS, ApiKeyStore, Principal
+from clowder_balancer.apikeys import APIKEYS, ApiKeyStore, Limits, Principal
 from clowder_balancer.batch.capacity import Capacity
 from clowder_balancer.batch.invoke import Invoker, retryable
 from clowder_balancer.batch.service import PURPOSE_OUTPUT, BatchApi, new_id
@@ -39,6 +40,10 @@ TICK_S = 1.0
 # Request counts in the batch object are brought up to date this often while it runs.
 COUNTS_INTERVAL_S = 1.0
 RETRY_DELAY_S = 2.0
+# A line over its key's rate limit waits this long and tries again (rate limits pace a batch, they do not fail it).
+RATE_LIMITED_DELAY_S = 2.0
+# Batch lines queue behind interactive requests when a model's slots are all taken (the fair queue's order).
+BATCH_PRIORITY = apikeys_pb2.PRIORITY_CLASS_SHEDDABLE
 CLAIM_INTERVAL_S = 0.5
 # Ends of batch lines this recent may still show as running in the runtimes' polled stats (polled every 0.5 s).
 RECENT_S = 1.0
@@ -274,7 +279,8 @@ class BatchWorker:
         """Run one line (retrying passing failures) and record its outcome; True if it succeeded."""
         kind = ENDPOINTS[batch.endpoint]
         status, body, rid = 0, {}, ""
-        for attempt in range(self._settings.max_attempts):
+        attempt = 0
+        while True:
             rid = request_ids.new_id()
             principal = self._principal(batch.owner)
             if principal is None:
@@ -283,10 +289,14 @@ class BatchWorker:
                                                "code": "invalid_api_key"}}
                 break
             status, body = await self._invoker.invoke(kind, line.body, principal, rid)
-            if not retryable(status) or attempt + 1 == self._settings.max_attempts:
+            if status == 429 and _error_type(body) != "insufficient_quota" and time.time() < batch.expires_at:
+                await asyncio.sleep(RATE_LIMITED_DELAY_S)
+                continue
+            attempt += 1
+            if not retryable(status) or attempt >= self._settings.max_attempts:
                 break
             log.info("batch %s line %d: status %d; trying again", batch.id, line.index, status)
-            await asyncio.sleep(RETRY_DELAY_S * (attempt + 1))
+            await asyncio.sleep(RETRY_DELAY_S * attempt)
         result = S.BatchResult(custom_id=line.custom_id, id=new_id("batch_req_"), status_code=status,
                                request_id=rid, body_json=json.dumps(body, ensure_ascii=False))
         await self._record(batch.id, line.index, result)
@@ -306,11 +316,15 @@ class BatchWorker:
                 await asyncio.sleep(1.0)
 
     def _principal(self, owner: str) -> Principal | None:
-        """The creator's key as it is now (groups changed since count; a revoked key stops its batches)."""
+        """The creator's key as it is now (its groups and limits today; a revoked key stops its batches)."""
         if not owner:
-            return Principal()
+            return Principal(limits=Limits(priority=BATCH_PRIORITY))
         stored = self._keys.cache.items.get(self._store.state.key(APIKEYS + owner))
-        return None if stored is None else Principal(owner, frozenset(stored.api_key.groups))
+        if stored is None:
+            return None
+        # The key's own limits and usage apply as to its interactive requests; only its queue class is lower.
+        limits = dataclasses.replace(Limits.of(stored.api_key.limits), priority=BATCH_PRIORITY)
+        return Principal(owner, frozenset(stored.api_key.groups), limits)
 
     async def _update_counts(self, run: _Run) -> None:
         outcomes = await self._store.result_outcomes(run.batch.id)
@@ -435,6 +449,11 @@ class BatchWorker:
         except AlreadyExists:
             pass
         return file_id
+
+
+def _error_type(body: dict) -> str:
+    error = body.get("error") if isinstance(body, dict) else None
+    return str(error.get("type", "")) if isinstance(error, dict) else ""
 
 
 def _to_finalizing(b: batch_pb2.Batch) -> bool:
