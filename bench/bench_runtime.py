@@ -1,18 +1,25 @@
-"""Runtime benchmark: Clowder's batching runtime vs llama_cpp.server and vs llama-cpp-python called directly.
+"""Runtime benchmark: the throughput users get from Clowder, against llama.cpp's own C++ server.
 
-In one run, on the same model and prompts (temperature 0, so both servers produce the same tokens):
-aggregate tokens/s at 1, 4, 8 and 16 concurrent streams for the runtime (a process, over gRPC) and for
-`python -m llama_cpp.server` (a process, OpenAI HTTP API, streaming); time to first token for a long
-repeated prefix with and without prefix reuse; one stream through the runtime vs `Llama.create_completion`;
-and a ceiling for batching: raw llama_decode throughput for 8 sequences per step vs 1 (no server at all).
-Subject and baseline are interleaved level by level, so drift in machine load hits both alike.
-The last line is JSON.
+In one run, on the same model, prompts, thread count (the default: every core) and sampling:
+- path: Clowder as `make up` starts it (`clowder up --demo`, default settings), streamed through the
+  balancer's OpenAI HTTP API, which is what a user gets;
+- runtime: Clowder's runtime alone (a process with default settings), streamed over gRPC;
+- llama-server: llama.cpp's C++ server (`llama-server -np N` at N streams, its best setting for the load),
+  built once from the llama.cpp sources vendored in the llama-cpp-python sdist in use (bench/llama_server.py);
+- llama_cpp.server: llama-cpp-python's OpenAI server;
+- the decode ceiling: llama_decode alone at batch 1, 8 and 16 (no server, no sampling).
+
+Aggregate tokens/s at 1, 4, 8 and 16 concurrent streams, greedy (temperature 0) and sampled (temperature 0.7,
+seeded). Systems take turns within each level and round, so drift in machine load hits all alike. Also
+reported: time to first token at 8 streams, memory per slot, and time to first token for a long repeated prefix
+with and without prefix reuse. The last line is JSON; the targets are on the sampled figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -24,6 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 import httpx
@@ -31,6 +39,9 @@ import llama_cpp
 from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 
 from clowder_common.processes import free_port, spawn, terminate, wait_for_port
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from llama_server import llama_server  # noqa: E402  (a sibling module, not a package)
 
 PROMPTS = [
     "Once upon a time", "The capital of France is", "def fibonacci(n):", "My favourite animal is",
@@ -42,6 +53,7 @@ LONG_PREFIX = (
     "You are the archivist of the lighthouse of Brannoc. You answer questions about the lighthouse, its keepers,"
     " the storms of the northern coast, the ships that passed and the logbooks kept since the year 1790. "
 ) * 8
+MODES = {"greedy": 0.0, "sampled": 0.7}
 
 
 def bundled_model() -> str:
@@ -58,20 +70,73 @@ def start(argv: list[str], log_path: pathlib.Path, port: int) -> subprocess.Pope
         wait_for_port("127.0.0.1", port, timeout=120, proc=proc)
     except Exception:
         terminate(proc, 5)
-        raise SystemExit(f"{argv[2]} did not start; see {log_path}") from None
+        raise SystemExit(f"{argv[0]} did not start; see {log_path}") from None
     return proc
 
 
-class Clowder:
+def rss_mib(pid: int) -> float:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Stream:
+    """(completion tokens, seconds to first text, total seconds) of one streamed request."""
+
+    async def stream(self, prompt: str, tokens: int, temperature: float, seed: int) -> tuple[int, float, float]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+class OpenAIStream(Stream):
+    """A streamed /v1/completions on an OpenAI-compatible server (the balancer, llama-server, llama_cpp.server)."""
+
+    def __init__(self, port: int, model: str) -> None:
+        self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300)
+        self.model = model
+
+    async def stream(self, prompt: str, tokens: int, temperature: float, seed: int) -> tuple[int, float, float]:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": tokens, "temperature": temperature,
+                "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+        started = time.perf_counter()
+        first = None
+        chunks = 0
+        usage = None
+        async with self.client.stream("POST", "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                usage = event.get("usage") or usage
+                choices = event.get("choices") or ()
+                if choices and choices[0].get("text"):
+                    chunks += 1
+                    if first is None:
+                        first = time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        # A server that sends no usage sends one token a chunk (English text, no split UTF-8).
+        count = usage["completion_tokens"] if usage else chunks
+        return count, first or elapsed, elapsed
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class RuntimeStream(Stream):
+    """A streamed Generate on Clowder's runtime over gRPC."""
+
     def __init__(self, port: int) -> None:
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         self.stub = runtime_pb2_grpc.RuntimeServiceStub(self.channel)
 
-    async def stream(self, prompt: str, tokens: int) -> tuple[int, float, float]:
-        """(completion tokens, seconds to first text, total seconds)."""
-        request = runtime_pb2.GenerateRequest(
-            request_id="bench", prompt=prompt, sampling=runtime_pb2.SamplingParams(temperature=0, max_tokens=tokens)
-        )
+    async def stream(self, prompt: str, tokens: int, temperature: float, seed: int) -> tuple[int, float, float]:
+        sampling = runtime_pb2.SamplingParams(temperature=temperature, max_tokens=tokens, seed=seed)
+        request = runtime_pb2.GenerateRequest(request_id=f"bench-{uuid.uuid4().hex[:8]}", prompt=prompt,
+                                              sampling=sampling)
         started = time.perf_counter()
         first = None
         last = None
@@ -83,48 +148,165 @@ class Clowder:
         assert last is not None and last.finish_reason, "stream ended without a finish"
         return last.usage.completion_tokens, first or elapsed, elapsed
 
-
-class LlamaCppServer:
-    def __init__(self, port: int) -> None:
-        self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300)
-
-    async def stream(self, prompt: str, tokens: int) -> tuple[int, float, float]:
-        body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
-        started = time.perf_counter()
-        first = None
-        chunks = 0
-        async with self.client.stream("POST", "/v1/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                choice = json.loads(line[6:])["choices"][0]
-                # Its stream carries no usage: one chunk is one token (English text, no split UTF-8).
-                if choice.get("text"):
-                    chunks += 1
-                    if first is None:
-                        first = time.perf_counter() - started
-        elapsed = time.perf_counter() - started
-        return chunks, first or elapsed, elapsed
+    async def close(self) -> None:
+        await self.channel.close()
 
 
-async def aggregate(server, streams: int, tokens: int) -> float:
+async def level(server: Stream, streams: int, tokens: int, temperature: float) -> tuple[float, float]:
+    """(aggregate tokens/s, median seconds to first token) of `streams` concurrent requests."""
     started = time.perf_counter()
-    results = await asyncio.gather(*(server.stream(PROMPTS[i % len(PROMPTS)], tokens) for i in range(streams)))
+    results = await asyncio.gather(*(server.stream(PROMPTS[i % len(PROMPTS)], tokens, temperature, 1000 + i)
+                                     for i in range(streams)))
     elapsed = time.perf_counter() - started
-    return sum(n for n, _, _ in results) / elapsed
+    return sum(n for n, _, _ in results) / elapsed, statistics.median(first for _, first, _ in results)
 
 
-def direct_run(llm: llama_cpp.Llama, tokens: int) -> float:
-    llm.reset()
-    started = time.perf_counter()
-    result = llm.create_completion(PROMPTS[0], max_tokens=tokens, temperature=0)
-    return result["usage"]["completion_tokens"] / (time.perf_counter() - started)
+class Cluster:
+    """`clowder up --demo` in a scratch data directory: the cluster a user gets from `make up`."""
+
+    def __init__(self, workdir: pathlib.Path) -> None:
+        self.data_dir = workdir / "cluster"
+        self.port = free_port()
+        self.log = open(workdir / "clowder-up.log", "wb")
+        env = {k: v for k, v in os.environ.items() if k != "CLOWDER_ADMIN_TOKEN"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "clowder_cli.main", "--data-dir", str(self.data_dir), "up", "--demo",
+             "--http-port", str(self.port), "--internal-ports", "auto"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"clowder up exited with {self.proc.returncode}; see {self.log.name}")
+            if b"cluster up" in pathlib.Path(self.log.name).read_bytes():
+                return
+            time.sleep(0.5)
+        raise SystemExit(f"clowder up not ready after {timeout:.0f} s; see {self.log.name}")
+
+    def runtime_pid(self) -> int | None:
+        for proc in pathlib.Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if b"clowder_runtime" in argv and str(self.data_dir).encode() in b" ".join(argv):
+                    return int(proc.name)
+        return None
+
+    def stop(self) -> None:
+        subprocess.run([sys.executable, "-m", "clowder_cli.main", "--data-dir", str(self.data_dir), "down"],
+                       capture_output=True, timeout=120)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(60)
+        if self.proc.poll() is None:
+            terminate(self.proc, 10)
+        self.log.close()
+
+
+@contextlib.asynccontextmanager
+async def llama_server_at(binary: pathlib.Path, model: str, streams: int, args: argparse.Namespace,
+                          workdir: pathlib.Path) -> AsyncIterator[tuple[OpenAIStream, int]]:
+    """llama-server with one slot per stream, each with the context a Clowder slot has."""
+    port = free_port()
+    proc = start([str(binary), "-m", model, "-t", str(args.threads), "-tb", str(args.threads),
+                  "-np", str(streams), "-c", str(streams * args.context_size), "--host", "127.0.0.1",
+                  "--port", str(port), "--no-webui"],
+                 workdir / f"llama-server-{streams}.log", port)
+    client = OpenAIStream(port, "smol")
+    try:
+        await wait_http_ready(client.client, "/health")
+        yield client, proc.pid
+    finally:
+        await client.close()
+        terminate(proc, 10)
+
+
+async def wait_http_ready(client: httpx.AsyncClient, path: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if (await client.get(path)).status_code == 200:
+                return
+        await asyncio.sleep(0.2)
+    raise SystemExit(f"{client.base_url}{path} not ready after {timeout:.0f} s")
+
+
+async def measure(args: argparse.Namespace, model: str, workdir: pathlib.Path) -> dict:
+    cluster = Cluster(workdir)
+    runtime_port, cpp_port = free_port(), free_port()
+    runtime = start([sys.executable, "-m", "clowder_runtime", "--model-path", model, "--listen",
+                     f"127.0.0.1:{runtime_port}", "--deployment", "bench", "--replica-id", "r0"],
+                    workdir / "runtime.log", runtime_port)
+    cpp = start([sys.executable, "-m", "llama_cpp.server", "--model", model, "--model_alias", "smol",
+                 "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+                 "--n_ctx", str(args.context_size), "--flash_attn", "true", "--host", "127.0.0.1",
+                 "--port", str(cpp_port),
+                 # Its default lets a new request cut off the one streaming; here requests queue instead.
+                 "--interrupt_requests", "false"],
+                workdir / "llama_cpp_server.log", cpp_port)
+    binary = llama_server()
+    servers: dict[str, Stream] = {}
+    try:
+        cluster.wait_ready()
+        servers = {"path": OpenAIStream(cluster.port, "smol"), "runtime": RuntimeStream(runtime_port),
+                   "llama_cpp_server": OpenAIStream(cpp_port, "smol")}
+        for server in servers.values():  # warm-up: model pages, thread pools, first-request paths
+            await server.stream(PROMPTS[0], 8, 0.0, 1)
+        results: dict[str, dict[str, dict[int, dict[str, float]]]] = {mode: {} for mode in MODES}
+        memory: dict[str, float] = {}
+        for streams in args.levels:
+            async with contextlib.AsyncExitStack() as stack:
+                turn: dict[str, Stream] = dict(servers)
+                if binary is not None:
+                    server, pid = await stack.enter_async_context(
+                        llama_server_at(binary, model, streams, args, workdir))
+                    await server.stream(PROMPTS[0], 8, 0.0, 1)
+                    turn["llama_server"] = server
+                for mode, temperature in MODES.items():
+                    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in turn}
+                    for _ in range(args.repeats):
+                        for name, server in turn.items():
+                            samples[name].append(await level(server, streams, args.tokens, temperature))
+                    figures = {name: {"tps": statistics.median(s[0] for s in runs),
+                                      "ttft_ms": statistics.median(s[1] for s in runs) * 1000}
+                               for name, runs in samples.items()}
+                    results[mode][streams] = figures
+                    print(f"{mode:>7} {streams:>2} streams: " + "  ".join(
+                        f"{name} {f['tps']:6.1f} tok/s" for name, f in figures.items())
+                        + ratio_text(figures), flush=True)
+                if streams == 8:
+                    memory = {"path_runtime_rss_mib": rss_mib(cluster.runtime_pid() or runtime.pid),
+                              "runtime_rss_mib": rss_mib(runtime.pid),
+                              "llama_cpp_server_rss_mib": rss_mib(cpp.pid)}
+                    if binary is not None:
+                        memory["llama_server_np8_rss_mib"] = rss_mib(pid)
+
+        # Time to first token for a long prefix: first sight (a fresh nonce defeats the cache) vs repeated.
+        cold, warm = [], []
+        for _ in range(args.repeats + 1):
+            prefix = f"[{uuid.uuid4().hex}] " + LONG_PREFIX
+            cold.append((await servers["runtime"].stream(prefix + "Question: who built it?", 1, 0.0, 1))[1])
+            warm.append((await servers["runtime"].stream(prefix + "Question: when was it lit?", 1, 0.0, 1))[1])
+        ttft = {"cold_ms": statistics.median(cold) * 1000, "reused_ms": statistics.median(warm) * 1000}
+        print(f"long prefix ({len(LONG_PREFIX)} chars) time to first token: without reuse "
+              f"{ttft['cold_ms']:.0f} ms, with reuse {ttft['reused_ms']:.0f} ms", flush=True)
+    finally:
+        for server in servers.values():
+            await server.close()
+        terminate(cpp, 10)
+        terminate(runtime, 15)
+        cluster.stop()
+    return {"results": results, "ttft": ttft, "memory": memory, "llama_server": binary is not None}
+
+
+def ratio_text(figures: dict[str, dict[str, float]]) -> str:
+    if "llama_server" not in figures:
+        return ""
+    return f"   path/llama-server {figures['path']['tps'] / figures['llama_server']['tps']:.2f}x"
 
 
 def decode_throughput(model: str, threads: int, sequences: int, steps: int) -> float:
     """Tokens/s of llama_decode alone, `sequences` tokens per step (one per sequence), as the runtime's
-    context is set up (flash attention, one shared cell pool); no sampling, no Python between steps
+    context is set up (flash attention, one KV stream per slot); no sampling, no Python between steps
     beyond filling the batch."""
     # llama.cpp reports through this logger; its load chatter would bury the figures.
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
@@ -167,96 +349,39 @@ def decode_throughput(model: str, threads: int, sequences: int, steps: int) -> f
         llama_cpp.llama_model_free(weights)
 
 
-def decode_ceiling(model: str, threads: int, steps: int, repeats: int) -> dict[str, float]:
-    one, eight = [], []
+def decode_ceiling(model: str, threads: int, steps: int, repeats: int) -> dict[int, float]:
+    runs: dict[int, list[float]] = {1: [], 8: [], 16: []}
     for _ in range(repeats):
-        one.append(decode_throughput(model, threads, 1, steps))
-        eight.append(decode_throughput(model, threads, 8, steps))
-    b1, b8 = statistics.median(one), statistics.median(eight)
-    print(f"decode ceiling (llama_decode alone): batch 1 {b1:.1f} tok/s, batch 8 {b8:.1f} tok/s "
-          f"({b8 / b1:.2f}x): the most any server batching 8 streams could gain on this CPU", flush=True)
-    return {"batch1_tps": b1, "batch8_tps": b8}
+        for batch in runs:
+            runs[batch].append(decode_throughput(model, threads, batch, steps))
+    ceiling = {batch: statistics.median(values) for batch, values in runs.items()}
+    print("decode ceiling (llama_decode alone): " + ", ".join(
+        f"batch {b} {tps:.1f} tok/s" for b, tps in ceiling.items()), flush=True)
+    return ceiling
 
 
-async def measure(args: argparse.Namespace, model: str, workdir: pathlib.Path) -> dict:
-    threads = str(args.threads)
-    runtime_port, server_port = free_port(), free_port()
-    runtime = start(
-        [sys.executable, "-m", "clowder_runtime", "--model-path", model, "--threads", threads,
-         "--context-size", str(args.context_size), "--slots", str(max(args.levels)),
-         "--listen", f"127.0.0.1:{runtime_port}", "--deployment", "bench", "--replica-id", "r0"],
-        workdir / "runtime.log", runtime_port,
-    )
-    server = start(
-        [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_threads", threads,
-         "--n_threads_batch", threads, "--n_ctx", str(args.context_size), "--flash_attn", "true",
-         "--host", "127.0.0.1", "--port", str(server_port),
-         # Its default lets a new request cut off the one streaming; here requests queue instead.
-         "--interrupt_requests", "false"],
-        workdir / "llama_cpp_server.log", server_port,
-    )
-    clowder, baseline = Clowder(runtime_port), LlamaCppServer(server_port)
+def kv_bytes_per_slot(model: str, context_size: int) -> int:
+    """KV cache a slot holds at full context: layers x context x (K + V widths) x 2 bytes (f16)."""
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    weights = llama_cpp.llama_model_load_from_file(model.encode(), params)
     try:
-        # Warm-up: model pages, thread pools, first-request paths.
-        await clowder.stream(PROMPTS[0], 8)
-        await baseline.stream(PROMPTS[0], 8)
-        levels: dict[int, dict[str, float]] = {}
-        for streams in args.levels:
-            ours, theirs = [], []
-            for _ in range(args.repeats):
-                ours.append(await aggregate(clowder, streams, args.tokens))
-                theirs.append(await aggregate(baseline, streams, args.tokens))
-            levels[streams] = {"clowder": statistics.median(ours), "llama_cpp_server": statistics.median(theirs)}
-            print(f"{streams:>2} streams: clowder {levels[streams]['clowder']:7.1f} tok/s   llama_cpp.server "
-                  f"{levels[streams]['llama_cpp_server']:7.1f} tok/s   ratio "
-                  f"{levels[streams]['clowder'] / levels[streams]['llama_cpp_server']:.2f}x", flush=True)
-
-        # Time to first token for a long prefix: first sight (a fresh nonce defeats the cache) vs repeated.
-        cold, warm = [], []
-        for _ in range(args.repeats + 1):
-            prefix = f"[{uuid.uuid4().hex}] " + LONG_PREFIX
-            cold.append((await clowder.stream(prefix + "Question: who built it?", 1))[1])
-            warm.append((await clowder.stream(prefix + "Question: when was it lit?", 1))[1])
-        ttft = {"cold_ms": statistics.median(cold) * 1000, "reused_ms": statistics.median(warm) * 1000}
-        print(f"long prefix ({len(LONG_PREFIX)} chars) time to first token: without reuse "
-              f"{ttft['cold_ms']:.0f} ms, with reuse {ttft['reused_ms']:.0f} ms", flush=True)
+        layers = llama_cpp.llama_model_n_layer(weights)
+        width = llama_cpp.llama_model_n_embd(weights) // llama_cpp.llama_model_n_head(weights)
+        kv_heads = llama_cpp.llama_model_n_head_kv(weights)
     finally:
-        await clowder.channel.close()
-        await baseline.client.aclose()
-        terminate(server, 10)
-        # The server's memory is back before the single-stream comparison.
-
-    # One stream: the runtime over gRPC vs llama-cpp-python in this process, interleaved, never concurrent.
-    llm = llama_cpp.Llama(
-        model_path=model, n_ctx=args.context_size, n_threads=args.threads, n_threads_batch=args.threads,
-        flash_attn=True, verbose=False,
-    )
-    try:
-        clowder = Clowder(runtime_port)
-        direct_run(llm, args.tokens)
-        direct, single = [], []
-        for _ in range(args.repeats + 2):
-            direct.append(direct_run(llm, args.tokens))
-            n, _, elapsed = await clowder.stream(PROMPTS[0], args.tokens)
-            single.append(n / elapsed)
-        await clowder.channel.close()
-    finally:
-        llm.close()
-        code = terminate(runtime, 15)
-    direct_tps, single_tps = statistics.median(direct), statistics.median(single)
-    print(f"one stream: direct llama-cpp-python {direct_tps:.1f} tok/s, runtime {single_tps:.1f} tok/s "
-          f"({single_tps / direct_tps:.2f}x); runtime exit code after SIGTERM: {code}", flush=True)
-    return {"levels": levels, "ttft": ttft, "direct_tps": direct_tps, "single_tps": single_tps}
+        llama_cpp.llama_model_free(weights)
+    return layers * context_size * 2 * kv_heads * width * 2
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", default=None, help="GGUF (default: the bundled SmolLM2-135M)")
-    # One core is left to the servers' event loops and to this load generator: llama.cpp's threads
-    # spin at barriers, and a preempted one stalls every step.
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) - 1))
+    # What `make up` gives a runtime alone on a node: every core.
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
-    parser.add_argument("--context-size", type=int, default=1024, help="per sequence")
+    parser.add_argument("--context-size", type=int, default=2048, help="per slot (the runtime's default)")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent streams")
     parser.add_argument("--repeats", type=int, default=2, help="measured rounds per level (median)")
     args = parser.parse_args()
@@ -266,22 +391,46 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
         result = asyncio.run(measure(args, model, pathlib.Path(tmp)))
     ceiling = decode_ceiling(model, args.threads, args.tokens * 2, args.repeats + 1)
-    levels = result["levels"]
-    at8 = levels.get(8)
+    kv_mib = kv_bytes_per_slot(model, args.context_size) / 2**20
+    results = result["results"]
+    sampled, greedy = results["sampled"], results["greedy"]
+
+    def ratio(figures: dict[int, dict[str, dict[str, float]]], streams: int, a: str, b: str) -> float | None:
+        at = figures.get(streams)
+        if not at or a not in at or b not in at:
+            return None
+        return round(at[a]["tps"] / at[b]["tps"], 3)
+
+    def column(figures: dict[int, dict[str, dict[str, float]]], name: str) -> dict[str, float]:
+        return {str(k): round(v[name]["tps"], 1) for k, v in figures.items() if name in v}
+
+    runtime_at8 = sampled.get(8, {}).get("runtime", {}).get("tps")
+    ttft8 = {name: round(f["ttft_ms"], 1) for name, f in sampled.get(8, {}).items()}
+    print(f"memory: KV cache per slot at {args.context_size} tokens {kv_mib:.1f} MiB; "
+          + ", ".join(f"{k} {v:.0f}" for k, v in result["memory"].items()), flush=True)
+    print(f"time to first token at 8 sampled streams (median ms): {ttft8}", flush=True)
+    if not result["llama_server"]:
+        print("llama-server was not built: the ratios against it are null", flush=True)
     print(json.dumps({
-        "tps_ratio_vs_llama_cpp_server_at_8": round(at8["clowder"] / at8["llama_cpp_server"], 3) if at8 else None,
-        "single_stream_ratio_vs_direct": round(result["single_tps"] / result["direct_tps"], 3),
-        "clowder_tps": {str(k): round(v["clowder"], 1) for k, v in levels.items()},
-        "llama_cpp_server_tps": {str(k): round(v["llama_cpp_server"], 1) for k, v in levels.items()},
+        "path_tps_ratio_vs_llama_server_at_8": ratio(sampled, 8, "path", "llama_server"),
+        "path_tps_ratio_vs_llama_server_at_16": ratio(sampled, 16, "path", "llama_server"),
+        "single_stream_ratio_vs_llama_server": ratio(sampled, 1, "path", "llama_server"),
+        "runtime_vs_decode_ceiling_at_8": round(runtime_at8 / ceiling[8], 3) if runtime_at8 else None,
+        "greedy_path_tps_ratio_vs_llama_server_at_8": ratio(greedy, 8, "path", "llama_server"),
+        "path_vs_runtime_at_8": ratio(sampled, 8, "path", "runtime"),
+        "runtime_tps_ratio_vs_llama_cpp_server_at_8": ratio(sampled, 8, "runtime", "llama_cpp_server"),
+        "sampled_tps": {name: column(sampled, name)
+                        for name in ("path", "runtime", "llama_server", "llama_cpp_server")},
+        "greedy_tps": {name: column(greedy, name)
+                       for name in ("path", "runtime", "llama_server", "llama_cpp_server")},
+        "ttft_ms_at_8_sampled": ttft8,
+        "kv_mib_per_slot": round(kv_mib, 1),
+        "rss_mib_at_8": {k: round(v, 1) for k, v in result["memory"].items()},
         "ttft_long_prefix_cold_ms": round(result["ttft"]["cold_ms"], 1),
         "ttft_long_prefix_reused_ms": round(result["ttft"]["reused_ms"], 1),
-        "direct_tps": round(result["direct_tps"], 1),
-        "single_stream_tps": round(result["single_tps"], 1),
+        "decode_ceiling_tps": {str(k): round(v, 1) for k, v in ceiling.items()},
         "threads": args.threads,
         "tokens": args.tokens,
-        "decode_batch8_vs_batch1_ceiling": round(ceiling["batch8_tps"] / ceiling["batch1_tps"], 3),
-        "decode_batch1_tps": round(ceiling["batch1_tps"], 1),
-        "decode_batch8_tps": round(ceiling["batch8_tps"], 1),
     }))
 
 
