@@ -90,7 +90,7 @@ bench-e2e: install ## time to first token from `clowder up --demo`, and balancer
 	$(PY) bench/bench_e2e_stream.py
 
 .PHONY: bench-runtime
-bench-runtime: install ## runtime: aggregate tokens/s vs llama_cpp.server, prefix reuse, single stream vs direct
+bench-runtime: install ## throughput users get: cluster path and runtime vs llama-server -np N, llama_cpp.server, decode ceiling
 	$(PY) bench/bench_runtime.py
 
 .PHONY: bench-storage
