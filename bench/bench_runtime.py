@@ -3,7 +3,8 @@
 In one run, on the same model, prompts, thread count (the default: every core) and sampling:
 - path: Clowder as `make up` starts it (`clowder up --demo`, default settings), streamed through the
   balancer's OpenAI HTTP API, which is what a user gets;
-- runtime: Clowder's runtime alone (a process with default settings), streamed over gRPC;
+- runtime: Clowder's runtime alone (a process with the settings `make up` gives the bundled model: its default
+  threads, the demo aimage's slots), streamed over gRPC;
 - llama-server: llama.cpp's C++ server (`llama-server -np N` at N streams, its best setting for the load),
   built once from the llama.cpp sources vendored in the llama-cpp-python sdist in use (bench/llama_server.py);
 - llama_cpp.server: llama-cpp-python's OpenAI server;
@@ -38,6 +39,7 @@ import httpx
 import llama_cpp
 from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 
+from clowder_cli.bundled import DEMO_SLOTS
 from clowder_common.processes import free_port, spawn, terminate, wait_for_port
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -185,10 +187,12 @@ class Cluster:
         raise SystemExit(f"clowder up not ready after {timeout:.0f} s; see {self.log.name}")
 
     def runtime_pid(self) -> int | None:
+        """The demo replica's runtime: the one that watches this `clowder up` (CLOWDER_SUPERVISOR_PID)."""
         for proc in pathlib.Path("/proc").iterdir():
             with contextlib.suppress(OSError):
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
-                if b"clowder_runtime" in argv and str(self.data_dir).encode() in b" ".join(argv):
+                env = (proc / "environ").read_bytes().split(b"\0")
+                if b"clowder_runtime" in argv and f"CLOWDER_SUPERVISOR_PID={self.proc.pid}".encode() in env:
                     return int(proc.name)
         return None
 
@@ -234,7 +238,8 @@ async def measure(args: argparse.Namespace, model: str, workdir: pathlib.Path) -
     cluster = Cluster(workdir)
     runtime_port, cpp_port = free_port(), free_port()
     runtime = start([sys.executable, "-m", "clowder_runtime", "--model-path", model, "--listen",
-                     f"127.0.0.1:{runtime_port}", "--deployment", "bench", "--replica-id", "r0"],
+                     f"127.0.0.1:{runtime_port}", "--deployment", "bench", "--replica-id", "r0",
+                     "--slots", str(DEMO_SLOTS)],
                     workdir / "runtime.log", runtime_port)
     cpp = start([sys.executable, "-m", "llama_cpp.server", "--model", model, "--model_alias", "smol",
                  "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
@@ -274,7 +279,8 @@ async def measure(args: argparse.Namespace, model: str, workdir: pathlib.Path) -
                         f"{name} {f['tps']:6.1f} tok/s" for name, f in figures.items())
                         + ratio_text(figures), flush=True)
                 if streams == 8:
-                    memory = {"path_runtime_rss_mib": rss_mib(cluster.runtime_pid() or runtime.pid),
+                    path_runtime = cluster.runtime_pid()
+                    memory = {"path_runtime_rss_mib": rss_mib(path_runtime) if path_runtime else 0.0,
                               "runtime_rss_mib": rss_mib(runtime.pid),
                               "llama_cpp_server_rss_mib": rss_mib(cpp.pid)}
                     if binary is not None:
@@ -363,9 +369,8 @@ def decode_ceiling(model: str, threads: int, steps: int, repeats: int) -> dict[i
 def kv_bytes_per_slot(model: str, context_size: int) -> int:
     """KV cache a slot holds at full context: layers x context x (K + V widths) x 2 bytes (f16)."""
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    weights = llama_cpp.llama_model_load_from_file(model.encode(), params)
+    # The whole model (mapped, not read): a vocabulary-only load has no layer figures.
+    weights = llama_cpp.llama_model_load_from_file(model.encode(), llama_cpp.llama_model_default_params())
     try:
         layers = llama_cpp.llama_model_n_layer(weights)
         width = llama_cpp.llama_model_n_embd(weights) // llama_cpp.llama_model_n_head(weights)

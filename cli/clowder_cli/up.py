@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clowder_cli import paths
-from clowder_cli.bundled import DEMO_ALIAS, bundled_model_path
+from clowder_cli.bundled import DEMO_ALIAS, DEMO_SLOTS, bundled_model_path
 from clowder.client import Client
 from clowder.storage.v1 import storage_pb2
 from clowder_cli.control import open_control_plane
@@ -213,7 +213,7 @@ def deploy_demo(control: Client, console: Console, http_port: int) -> None:
     try:
         control.images.get(DEMO_ALIAS)
     except NotFound:
-        control.images.create(DEMO_ALIAS, model.as_uri())
+        control.images.create(DEMO_ALIAS, model.as_uri(), {"slots": DEMO_SLOTS})
     pull_with_retry(control, DEMO_ALIAS, console)
     try:
         control.deployments.get(DEMO_ALIAS)

@@ -129,10 +129,10 @@ def test_cli_shows_the_cluster(cluster):
 
 
 def test_the_demo_runs_the_default_fast_configuration(cluster):
-    """What `make up` starts: 8 slots and llama.cpp on every core of this one-node machine."""
+    """What `make up` starts: the demo aimage's 16 slots and llama.cpp on every core of this one-node machine."""
     from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
     from clowder_common.clients import sync_channel
-    from clowder_common.runtime_settings import DEFAULT_SLOTS
+    from clowder_cli.bundled import DEMO_SLOTS
 
     control = cluster.control()
     try:
@@ -146,7 +146,7 @@ def test_the_demo_runs_the_default_fast_configuration(cluster):
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with sync_channel(replica.endpoint, cluster.security()) as channel:
         stats = runtime_pb2_grpc.RuntimeServiceStub(channel).GetStats(runtime_pb2.GetStatsRequest(), timeout=10)
-    assert stats.slots == DEFAULT_SLOTS == 8
+    assert stats.slots == DEMO_SLOTS == 16
     argv = pathlib.Path(f"/proc/{replica.pid}/cmdline").read_bytes().split(b"\0")
     assert argv[argv.index(b"--threads") + 1] == str(os.cpu_count()).encode()
 
