@@ -28,6 +28,8 @@ from clowder_common.errors import ClowderError
 from clowder_common.processes import free_port, wait_for_port
 from clowder_common.security import SERVICE_TOKEN_ENV, service_token_path
 
+from clowder_cli.bundled import DEMO_SLOTS
+
 from batch_helpers import chat_lines, custom_ids, ended, jsonl, lines_of, poll, upload
 from cluster_helpers import UpCluster, up_cluster
 
@@ -182,6 +184,10 @@ def _all_answered_once(client, done, total: int) -> None:
     assert (done.request_counts.completed, done.request_counts.failed) == (total, 0)
 
 
+# Three waves of the demo's slots: the batch is still running when its first results are seen.
+MID_BATCH_LINES = 3 * DEMO_SLOTS
+
+
 def _partly_done(client, total: int):
     source = upload(client, chat_lines(total, max_tokens=16))
     batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
@@ -191,7 +197,7 @@ def _partly_done(client, total: int):
 
 
 def test_balancer_killed_mid_batch_resumes_with_nothing_lost_or_duplicated(cluster, client):
-    total = 12
+    total = MID_BATCH_LINES
     batch = _partly_done(client, total)
     old = cluster.component("balancer")
     killed_at = int(time.time())
@@ -204,7 +210,7 @@ def test_balancer_killed_mid_batch_resumes_with_nothing_lost_or_duplicated(clust
 
 
 def test_runtime_killed_mid_batch_resumes_with_nothing_lost_or_duplicated(cluster, client):
-    total = 12
+    total = MID_BATCH_LINES
     before = smol_replica(cluster)
     batch = _partly_done(client, total)
     killed_at = int(time.time())
