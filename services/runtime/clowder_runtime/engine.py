@@ -543,8 +543,6 @@ class LlamaEngine:
         decodes = [(slot, slot.pending, True) for slot in group if slot.pending is not None]
         for slot in group:
             slot.pending = None
-        if decodes:
-            self._decode(group, decodes)
         chunk = self._settings.prefill_chunk
         budget = chunk
         prefill: list[tuple[_Slot, int, bool]] = []
@@ -560,8 +558,14 @@ class LlamaEngine:
                     continue
                 prefill.extend((slot, prompt[i], i == slot.n_prompt - 1) for i in range(start, end))
                 budget -= end - start
+        # The prompt chunk goes first: a new request's first token then waits for its own prefill only, not
+        # also for a decode step of every running stream (on CPU, 16 running streams make that step several
+        # times longer than one stream's). Each sequence has its own KV stream, so the order of the two
+        # batches changes no sequence's numbers; the running streams wait the prefill's time either way.
         if prefill:
             self._decode(group, prefill)
+        if decodes:
+            self._decode(group, decodes)
 
     def _decode(self, group: list[_Slot], entries: list[tuple[_Slot, int, bool]]) -> None:
         """One llama_decode over (slot, token, wants logits) entries, then sample where logits were asked."""
