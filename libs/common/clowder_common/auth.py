@@ -19,15 +19,20 @@ def ensure_admin_token(data_dir: str | os.PathLike[str]) -> str:
 
     There is no built-in default: a cluster without a token of its own never starts.
     """
-    from_env = os.environ.get(TOKEN_ENV, "").strip()
+    return ensure_secret(TOKEN_ENV, token_path(data_dir))
+
+
+def ensure_secret(env: str, path: pathlib.Path) -> str:
+    """A cluster secret: the environment variable `env`'s value, else the one stored at `path`, else a new
+    random one stored there with mode 0600."""
+    from_env = os.environ.get(env, "").strip()
     if from_env:
         return from_env
-    path = token_path(data_dir)
     if path.exists():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
-    # O_EXCL + mode 0600 at creation: the token is never readable by others, not even briefly.
+    # O_EXCL + mode 0600 at creation: the secret is never readable by others, not even briefly.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(token + "\n")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import secrets
 import ssl
 import tempfile
 from typing import Mapping
 
 import grpc
 
+from clowder_common.auth import ensure_secret
 from clowder_common.errors import InvalidArgument
 
 SERVICE_TOKEN_ENV = "CLOWDER_SERVICE_TOKEN"
@@ -147,19 +147,7 @@ def service_token_path(data_dir: str | os.PathLike[str]) -> pathlib.Path:
 
 def ensure_service_token(data_dir: str | os.PathLike[str]) -> str:
     """The cluster's service credential: the environment's, else the stored one, else a new one stored 0600."""
-    from_env = os.environ.get(SERVICE_TOKEN_ENV, "").strip()
-    if from_env:
-        return from_env
-    path = service_token_path(data_dir)
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    # O_EXCL + mode 0600 at creation: never readable by others, not even briefly.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token + "\n")
-    return token
+    return ensure_secret(SERVICE_TOKEN_ENV, service_token_path(data_dir))
 
 
 def _with_metadata(details: grpc.aio.ClientCallDetails,
