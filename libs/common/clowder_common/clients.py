@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 
+from clowder.storage.v1 import storage_pb2_grpc
 from clowder_common.security import NO_SECURITY, ClusterSecurity, client_interceptors
 
 CHANNEL_OPTIONS = (
@@ -21,6 +24,26 @@ def aio_channel(address: str, security: ClusterSecurity = NO_SECURITY) -> grpc.a
     if credentials is not None:
         return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+class StorageStubs:
+    """Stubs for the storage services of a cluster's nodes: one channel per address, reused across calls."""
+
+    def __init__(self, security: ClusterSecurity = NO_SECURITY) -> None:
+        self._security = security
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def __call__(self, address: str) -> storage_pb2_grpc.StorageServiceStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = aio_channel(address, self._security)
+        return storage_pb2_grpc.StorageServiceStub(channel)
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            with contextlib.suppress(Exception):
+                await channel.close()
 
 
 def sync_channel(address: str, security: ClusterSecurity = NO_SECURITY) -> grpc.Channel:

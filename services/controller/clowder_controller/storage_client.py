@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import AsyncIterator
 
 import grpc
@@ -10,9 +9,9 @@ import grpc
 from google.protobuf import json_format
 
 from clowder.controller.v1 import resources_pb2
-from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
+from clowder.storage.v1 import storage_pb2
 from clowder_common.auth import bearer_metadata
-from clowder_common.clients import aio_channel
+from clowder_common.clients import StorageStubs
 from clowder_common.security import NO_SECURITY, ClusterSecurity
 from clowder_common.errors import DataLoss, from_rpc_error
 
@@ -27,14 +26,7 @@ class StorageClients:
 
     def __init__(self, admin_token: str | None, security: ClusterSecurity = NO_SECURITY) -> None:
         self._metadata = bearer_metadata(admin_token)
-        self._security = security
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def _stub(self, address: str) -> storage_pb2_grpc.StorageServiceStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = aio_channel(address, self._security)
-        return storage_pb2_grpc.StorageServiceStub(channel)
+        self._stub = StorageStubs(security)
 
     async def pull(self, address: str, source_url: str, expected_digest: str = "") -> AsyncIterator[
             storage_pb2.PullBlobResponse]:
@@ -116,7 +108,4 @@ class StorageClients:
         return reply.blob
 
     async def close(self) -> None:
-        channels, self._channels = self._channels, {}
-        for channel in channels.values():
-            with contextlib.suppress(Exception):
-                await channel.close()
+        await self._stub.close()

@@ -11,10 +11,10 @@ from typing import AsyncIterator, Protocol
 import grpc
 
 from clowder.controller.v1 import resources_pb2
-from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
+from clowder.storage.v1 import storage_pb2
 from clowder_common import keys
 from clowder_common.auth import bearer_metadata
-from clowder_common.clients import aio_channel
+from clowder_common.clients import StorageStubs
 from clowder_common.errors import AlreadyExists, InvalidArgument, Unavailable, from_rpc_error
 from clowder_common.etcd import EtcdState
 from clowder_common.security import NO_SECURITY, ClusterSecurity
@@ -43,25 +43,14 @@ class PeerFetcher:
     def __init__(self, admin_token: str | None, read_timeout_s: float,
                  security: ClusterSecurity = NO_SECURITY) -> None:
         self._metadata = bearer_metadata(admin_token)
-        # The service credential and TLS of a cluster component, like every other caller of a node's storage.
-        self._security = security
         self._timeout = read_timeout_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stub = StorageStubs(security)
 
     def check(self, parts: urllib.parse.SplitResult, url: str) -> None:
         parse_peer(url)
 
-    def _stub(self, address: str) -> storage_pb2_grpc.StorageServiceStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = aio_channel(address, self._security)
-        return storage_pb2_grpc.StorageServiceStub(channel)
-
     async def close(self) -> None:
-        channels, self._channels = self._channels, {}
-        for channel in channels.values():
-            with contextlib.suppress(Exception):
-                await channel.close()
+        await self._stub.close()
 
     @contextlib.asynccontextmanager
     async def open(self, url: str, *, start: int = 0, end: int | None = None,

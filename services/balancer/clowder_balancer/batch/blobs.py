@@ -10,10 +10,10 @@ from typing import AsyncIterator
 import grpc
 
 from clowder.controller.v1 import resources_pb2
-from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
+from clowder.storage.v1 import storage_pb2
 from clowder_common import keys
 from clowder_common.auth import bearer_metadata
-from clowder_common.clients import aio_channel
+from clowder_common.clients import StorageStubs
 from clowder_common.errors import ClowderError, NotFound, Unavailable, from_rpc_error
 from clowder_common.etcd import EtcdState
 from clowder_common.security import NO_SECURITY, ClusterSecurity
@@ -35,21 +35,11 @@ class BlobClient:
 
     def __init__(self, state: EtcdState, admin_token: str | None, security: ClusterSecurity = NO_SECURITY) -> None:
         self._state = state
-        # TLS and the service credential storage asks of cluster components.
-        self._security = security
         self._metadata = bearer_metadata(admin_token)
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def _stub(self, address: str) -> storage_pb2_grpc.StorageServiceStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = aio_channel(address, self._security)
-        return storage_pb2_grpc.StorageServiceStub(channel)
+        self._stub = StorageStubs(security)
 
     async def close(self) -> None:
-        channels, self._channels = self._channels, {}
-        for channel in channels.values():
-            await channel.close()
+        await self._stub.close()
 
     async def _nodes(self) -> list[resources_pb2.Node]:
         items, _ = await self._state.list(self._state.key(keys.NODES), resources_pb2.Node)
