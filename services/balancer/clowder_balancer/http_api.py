@@ -191,20 +191,7 @@ class HttpApi:
     async def _collect(
         self, parsed: OpenAIRequest, stream: AsyncIterator[tuple[int, runtime_pb2.GenerateResponse]]
     ) -> web.Response:
-        choices = [openai_api.Choice() for _ in range(parsed.n)]
-        usages: dict[int, runtime_pb2.Usage] = {}
-        async for index, message in stream:
-            choice = choices[index]
-            choice.texts.append(message.text)
-            choice.logprobs.extend(message.logprobs)
-            if message.finish_reason:
-                choice.finish_reason = openai_api.finish_reason_name(message.finish_reason)
-                choice.tool_calls.extend(message.tool_calls)
-                usages[index] = message.usage
-        cid, created = _completion_id(parsed.kind), int(time.time())
-        build = openai_api.chat_completion if parsed.kind == "chat" else openai_api.text_completion
-        usage = openai_api.total_usage([usages[i] for i in sorted(usages)])
-        return web.json_response(build(cid, parsed.model, created, choices, usage, parsed.logprobs))
+        return web.json_response(await openai_api.collect_completion(parsed, int(time.time()), stream))
 
     async def _stream(
         self, request: web.Request, parsed: OpenAIRequest,
@@ -217,7 +204,7 @@ class HttpApi:
         response = _SseResponse(status=200, headers={**_SSE_HEADERS, REQUEST_ID_HEADER: rid,
                                                      **traffic_split.response_headers()})
         await response.prepare(request)
-        chunks = _ChunkWriter(parsed, _completion_id(parsed.kind), int(time.time()))
+        chunks = _ChunkWriter(parsed, openai_api.completion_id(parsed.kind), int(time.time()))
         try:
             # One write per runtime message: every write is a send(2), and on small chunks the
             # syscalls are most of what the balancer adds to a stream.
@@ -337,7 +324,3 @@ class _ChunkWriter:
     def usage(self, usage: runtime_pb2.Usage) -> bytes:
         return openai_api.sse_event(openai_api.usage_chunk(self._parsed.kind, self._cid, self._model,
                                                            self._created, usage))
-
-
-def _completion_id(kind: Kind) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + request_ids.new_id()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, AsyncIterator, Literal
 
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import HTTP_STATUS, ClowderError, InvalidArgument
 
-from clowder_balancer import openai_logprobs, openai_tools
+from clowder_balancer import openai_logprobs, openai_tools, request_ids
 from clowder_balancer.openai_logprobs import MAX_CHAT_TOP_LOGPROBS, MAX_COMPLETION_LOGPROBS
 from clowder_balancer.sampling import INT64_MAX, INT64_MIN, UINT32_MAX, validate_sampling
 
@@ -463,6 +463,28 @@ def text_completion(cid: str, model: str, created: int, choices: list[Choice], u
         for i, choice in enumerate(choices)
     ]
     return _completion("completion", cid, model, created, out, usage)
+
+
+def completion_id(kind: Kind) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + request_ids.new_id()
+
+
+async def collect_completion(parsed: OpenAIRequest, created: int,
+                             stream: AsyncIterator[tuple[int, runtime_pb2.GenerateResponse]]) -> dict[str, Any]:
+    """A whole (not streamed) chat or text completion from the pipeline's messages, every choice in its place."""
+    choices = [Choice() for _ in range(parsed.n)]
+    usages: dict[int, runtime_pb2.Usage] = {}
+    async for index, message in stream:
+        choice = choices[index]
+        choice.texts.append(message.text)
+        choice.logprobs.extend(message.logprobs)
+        if message.finish_reason:
+            choice.finish_reason = finish_reason_name(message.finish_reason)
+            choice.tool_calls.extend(message.tool_calls)
+            usages[index] = message.usage
+    build = chat_completion if parsed.kind == "chat" else text_completion
+    usage = total_usage([usages[i] for i in sorted(usages)])
+    return build(completion_id(parsed.kind), parsed.model, created, choices, usage, parsed.logprobs)
 
 
 def total_usage(usages: list[runtime_pb2.Usage]) -> runtime_pb2.Usage:

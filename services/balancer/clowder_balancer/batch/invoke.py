@@ -10,7 +10,7 @@ from typing import Any
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import ClowderError
 
-from clowder_balancer import openai_api, request_ids
+from clowder_balancer import openai_api
 from clowder_balancer.apikeys import Principal
 from clowder_balancer.discovery import Discovery
 from clowder_balancer.metrics import UNKNOWN_MODEL, Metrics
@@ -59,22 +59,9 @@ class Invoker:
         assert kind != "embeddings"
         parsed = openai_api.parse_request(body, kind)
         ctx = RequestContext(rid, parsed.model, API, principal)
-        choices = [openai_api.Choice() for _ in range(parsed.n)]
-        usages: dict[int, runtime_pb2.Usage] = {}
         stream = self._pipeline.generate(ctx, parsed.generate_request(rid), n=parsed.n)
         async with contextlib.aclosing(stream):
-            async for index, message in stream:
-                choice = choices[index]
-                choice.texts.append(message.text)
-                choice.logprobs.extend(message.logprobs)
-                if message.finish_reason:
-                    choice.finish_reason = openai_api.finish_reason_name(message.finish_reason)
-                    choice.tool_calls.extend(message.tool_calls)
-                    usages[index] = message.usage
-        cid = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_ids.new_id()
-        build = openai_api.chat_completion if kind == "chat" else openai_api.text_completion
-        usage = openai_api.total_usage([usages[i] for i in sorted(usages)])
-        return build(cid, parsed.model, int(time.time()), choices, usage, parsed.logprobs)
+            return await openai_api.collect_completion(parsed, int(time.time()), stream)
 
 
 def retryable(status: int) -> bool:
