@@ -3,8 +3,6 @@ all balancers together in etcd (the same records and tolerance as a key's own li
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from typing import Any, Callable, Mapping
 
@@ -15,7 +13,6 @@ from clowder_balancer.apikeys import Limits
 from clowder_balancer.middleware.base import BaseStage, RequestContext, bad_option, number
 from clowder_balancer.tenancy.quota import QuotaLimiter, Reservation
 
-log = logging.getLogger(__name__)
 
 
 class RateLimitStage(BaseStage):
@@ -38,7 +35,6 @@ class RateLimitStage(BaseStage):
         self._limiter = limiter or QuotaLimiter(None, clock=clock)
         # Reservations of requests under way, until after() settles them (keyed by their context).
         self._held: dict[int, Reservation] = {}
-        self._settling: set[asyncio.Task] = set()
 
     @staticmethod
     def _record(ctx: RequestContext) -> str:
@@ -64,19 +60,7 @@ class RateLimitStage(BaseStage):
         used = ctx.prompt_tokens + ctx.completion_tokens
         if reservation is None or not used or self.tpm is None:
             return
-        if reservation.local:
-            self._limiter.settle_local(reservation, used)
-            return
-        task = asyncio.create_task(self._settle(reservation, used), name="rate-limit-settle")
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-
-    async def _settle(self, reservation: Reservation, used: int) -> None:
-        try:
-            await self._limiter.settle(reservation, used)
-        except Exception:  # a lost settlement costs accuracy, never a request
-            log.exception("rate-limit: settling %s failed", reservation.key_id)
+        self._limiter.settle_soon(reservation, used)
 
     async def drain(self) -> None:
-        if self._settling:
-            await asyncio.wait(list(self._settling), timeout=5.0)
+        await self._limiter.drain()

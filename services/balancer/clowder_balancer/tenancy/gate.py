@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from dataclasses import dataclass
 
 from clowder.balancer.v1 import apikeys_pb2
@@ -16,7 +14,6 @@ from clowder_balancer.tenancy.groups import GroupLimitsStore
 from clowder_balancer.tenancy.quota import QuotaLimiter, Reservation
 from clowder_balancer.tenancy.usage import ANONYMOUS, UsageMeter
 
-log = logging.getLogger(__name__)
 
 # Characters per token when guessing a prompt's size before the runtime has tokenized it (English text
 # runs about 4; the estimate is replaced by the real count when the request settles).
@@ -88,7 +85,6 @@ class Tenancy:
         self.queue = queue
         self.groups = groups
         self._settings = settings
-        self._settling: set[asyncio.Task] = set()
         # Per model, how many tokens the real prompts had beyond chars/4 (the chat template's markers and
         # default system prompt): learned from settled requests, so reservations come close to the real size.
         self._overhead: dict[str, float] = {}
@@ -161,15 +157,7 @@ class Tenancy:
         return Ticket(self, ctx, reservations, None)
 
     def settle_later(self, reservation: Reservation, used: int) -> None:
-        task = asyncio.create_task(self._settle(reservation, used), name="quota-settle")
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-
-    async def _settle(self, reservation: Reservation, used: int) -> None:
-        try:
-            await self.limiter.settle(reservation, used)
-        except Exception:  # a lost settlement costs accuracy, never a request
-            log.exception("quota: settling %s failed", reservation.key_id)
+        self.limiter.settle_soon(reservation, used)
 
     # -- ApiKeyService's tenant calls (apikeys.TenantAdmin) --------------------------------------------
 
@@ -188,7 +176,6 @@ class Tenancy:
 
     async def stop(self) -> None:
         """Finish settlements, then flush usage (the caller stops serving first)."""
-        if self._settling:
-            await asyncio.wait(list(self._settling), timeout=5.0)
+        await self.limiter.drain()
         await self.meter.stop()
         await self.groups.stop()

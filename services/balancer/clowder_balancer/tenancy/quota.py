@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import logging
@@ -165,6 +166,7 @@ class QuotaLimiter:
         # Budget tokens settled locally during an outage, added to etcd's record when it answers again.
         self._unsynced: dict[str, tuple[Limits, str, int]] = {}
         self._remote_after = 0.0
+        self._settling: set[asyncio.Task] = set()
 
     def _key(self, key_id: str) -> str:
         assert self._state is not None
@@ -221,6 +223,26 @@ class QuotaLimiter:
             except Unavailable as exc:
                 self._went_local("settle", exc)
         self.settle_local(reservation, used)
+
+    def settle_soon(self, reservation: Reservation, used: int) -> None:
+        """Settle without holding up the caller: a local reservation at once, an etcd one in the background
+        (a lost settlement costs accuracy, never a request); drain() waits for those still running."""
+        if reservation.local:
+            self.settle_local(reservation, used)
+            return
+        task = asyncio.create_task(self._settle_logged(reservation, used), name="quota-settle")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_logged(self, reservation: Reservation, used: int) -> None:
+        try:
+            await self.settle(reservation, used)
+        except Exception:
+            log.exception("quota: settling %s failed", reservation.key_id)
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        if self._settling:
+            await asyncio.wait(list(self._settling), timeout=timeout)
 
     def settle_local(self, reservation: Reservation, used: int) -> None:
         """Settle in memory only: a reservation made locally (etcd unreachable or not used)."""
