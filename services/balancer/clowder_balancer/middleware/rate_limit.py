@@ -14,7 +14,6 @@ from clowder_balancer.middleware.base import BaseStage, RequestContext, bad_opti
 from clowder_balancer.tenancy.quota import QuotaLimiter, Reservation
 
 
-
 class RateLimitStage(BaseStage):
     """Options: requests_per_minute, tokens_per_minute (either may be absent). Tokens are known only once a
     request finishes, so a caller over its token limit is refused from its next request on.
