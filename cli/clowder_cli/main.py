@@ -27,7 +27,10 @@ from clowder_common.errors import ClowderError, NotFound
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clowder", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="clowder", description=__doc__,
+        epilog="TLS: with CLOWDER_TLS_CA_FILE set, every call goes over TLS and verifies the cluster with that CA; "
+               "CLOWDER_TLS_CERT_FILE and CLOWDER_TLS_KEY_FILE add a client certificate (mutual TLS).")
     parser.add_argument("--data-dir", type=pathlib.Path, default=None,
                         help="local cluster directory (default: $CLOWDER_DATA_DIR or ~/.local/share/clowder)")
     parser.add_argument("--controller", default=os.environ.get("CLOWDER_CONTROLLER"),

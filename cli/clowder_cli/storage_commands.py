@@ -18,6 +18,7 @@ from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
 from clowder_cli import paths
 from clowder_cli.formatting import human_bytes
 from clowder.client import Client
+from clowder.client._settings import client_security
 from clowder_common.auth import bearer_metadata, read_admin_token
 from clowder_common.clients import sync_channel
 from clowder_common.errors import FailedPrecondition, InvalidArgument, NotFound, from_rpc_error
@@ -77,7 +78,8 @@ def _credentials(args: argparse.Namespace) -> storage_pb2.Credentials:
 
 class StorageClient:
     def __init__(self, address: str, token: str | None) -> None:
-        self._channel = sync_channel(address)
+        # TLS as the SDK's clients have it (CLOWDER_TLS_* files); storage takes the admin token as credential.
+        self._channel = sync_channel(address, client_security())
         self._metadata = bearer_metadata(token)
         self.stub = storage_pb2_grpc.StorageServiceStub(self._channel)
 

@@ -279,15 +279,20 @@ class Client:
 
     Addresses and credentials come from the arguments, else CLOWDER_CONTROLLER / CLOWDER_BALANCER /
     CLOWDER_ADMIN_TOKEN / CLOWDER_API_KEY, else the cluster `clowder up` runs on this machine.
+    TLS: `tls_ca_file` (else CLOWDER_TLS_CA_FILE) turns it on and verifies the servers; `tls_cert_file` and
+    `tls_key_file` (else CLOWDER_TLS_CERT_FILE / CLOWDER_TLS_KEY_FILE) add a client certificate.
     """
 
     def __init__(self, controller: str | None = None, balancer: str | None = None, *,
                  admin_token: str | None = None, api_key: str | None = None, timeout_s: float = 30.0,
-                 max_attempts: int = 4) -> None:
-        self.settings = _settings.resolve(controller, balancer, admin_token, api_key, timeout_s, max_attempts)
+                 max_attempts: int = 4, tls_ca_file: str | None = None, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None) -> None:
+        self.settings = _settings.resolve(controller, balancer, admin_token, api_key, timeout_s, max_attempts,
+                                          tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file,
+                                          tls_key_file=tls_key_file)
         s = self.settings
-        self._control_channel = sync_channel(s.controller)
-        self._inference_channel = sync_channel(s.balancer)
+        self._control_channel = sync_channel(s.controller, s.security)
+        self._inference_channel = sync_channel(s.balancer, s.security)
         control = _Caller(bearer_metadata(s.admin_token), s.timeout_s, s.max_attempts)
         self._inference = _Caller(bearer_metadata(s.api_key), s.timeout_s, s.max_attempts)
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._inference_channel)
