@@ -193,3 +193,35 @@ async def test_cli_sets_limits_and_reads_usage(balancers, http, make_key, monkey
         out = capsys.readouterr().out
         return reply == 0 and json.loads(out)["requests"] in ("2", 2)
     await wait_until(counted, timeout=15, what="usage of the two requests")
+
+
+async def test_a_stream_the_client_cuts_short_is_counted_up_to_what_it_was_sent(balancers, http, make_key):
+    key_id, secret = await make_key()
+    app = balancers[0]
+    payload = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about a cat."}],
+               "max_tokens": 400, "temperature": 0, "stream": True}
+    received = 0
+    async with http.post(_url(app), json=payload, headers={"Authorization": f"Bearer {secret}"}) as response:
+        assert response.status == 200
+        async for line in response.content:
+            if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                received += 1
+                if received == 5:
+                    break
+        # Leaving the block closes the connection: the client hangs up mid-stream, with no usage sent to it.
+        response.close()
+
+    async def recorded() -> dict:
+        async with http.get(_url(app, "/api/v1/usage"), params={"key": key_id},
+                            headers={"Authorization": f"Bearer {ADMIN}"}) as reply:
+            assert reply.status == 200, await reply.text()
+            return await reply.json()
+
+    async def counted() -> bool:
+        return int((await recorded()).get("requests", 0)) == 1
+    await wait_until(counted, timeout=15, what="the cut stream's usage")
+    usage = await recorded()
+    assert int(usage["promptTokens"]) > 0
+    # At least what the client read; beyond it only the messages in flight when it hung up, far from the 400
+    # it asked for (each content chunk carries one token or more).
+    assert received <= int(usage["completionTokens"]) < received + 64

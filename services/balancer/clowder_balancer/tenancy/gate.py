@@ -53,6 +53,11 @@ class Ticket:
     def sent(self, index: int, message: runtime_pb2.GenerateResponse) -> None:
         if message.HasField("usage"):
             self._usage[index] = message.usage
+        elif message.completion_tokens:
+            # Mid-stream the counts so far (cumulative on every message): a stream its client cuts short is
+            # counted up to the message relayed last, not dropped for want of a final usage.
+            self._usage[index] = runtime_pb2.Usage(prompt_tokens=message.prompt_tokens,
+                                                   completion_tokens=message.completion_tokens)
 
     def embedded(self, prompt_tokens: int) -> None:
         self._usage[0] = runtime_pb2.Usage(prompt_tokens=prompt_tokens)
