@@ -22,56 +22,57 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from clowder.runtime.v1 import adapters_pb2 as clowder_dot_runtime_dot_v1_dot_adapters__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n clowder/runtime/v1/runtime.proto\x12\x12\x63lowder.runtime.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x82\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x30\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1c.clowder.runtime.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xb5\x01\n\tChatInput\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.clowder.runtime.v1.ChatMessage\x12&\n\x05tools\x18\x02 \x03(\x0b\x32\x17.google.protobuf.Struct\x12\x33\n\x0btool_choice\x18\x03 \x01(\x0b\x32\x1e.clowder.runtime.v1.ToolChoice\x12\x18\n\x10\x61ssistant_prefix\x18\x04 \x01(\t\"\xb8\x01\n\nToolChoice\x12\x31\n\x04mode\x18\x01 \x01(\x0e\x32#.clowder.runtime.v1.ToolChoice.Mode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"`\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_AUTO\x10\x01\x12\r\n\tMODE_NONE\x10\x02\x12\x11\n\rMODE_REQUIRED\x10\x03\x12\x11\n\rMODE_FUNCTION\x10\x04\"\xfe\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12;\n\x0fresponse_format\x18\x0b \x01(\x0e\x32\".clowder.runtime.v1.ResponseFormat\x12\x0f\n\x07\x61\x64\x61pter\x18\x0c \x01(\t\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penalty\"\xd5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1d.clowder.runtime.v1.ChatInputH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".clowder.runtime.v1.SamplingParams\x12.\n\x08priority\x18\x05 \x01(\x0e\x32\x1c.clowder.runtime.v1.PriorityB\x07\n\x05input\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x9b\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x37\n\rfinish_reason\x18\x02 \x01(\x0e\x32 .clowder.runtime.v1.FinishReason\x12(\n\x05usage\x18\x03 \x01(\x0b\x32\x19.clowder.runtime.v1.Usage\x12\x32\n\x08logprobs\x18\x04 \x03(\x0b\x32 .clowder.runtime.v1.TokenLogprob\x12\x30\n\ntool_calls\x18\x05 \x03(\x0b\x32\x1c.clowder.runtime.v1.ToolCall\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\"s\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12\x34\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1e.clowder.runtime.v1.TopLogprob\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"2\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"Y\n\rEmbedResponse\x12\x31\n\nembeddings\x18\x01 \x03(\x0b\x32\x1d.clowder.runtime.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"\x11\n\x0fGetStatsRequest\"\xcf\x02\n\x10GetStatsResponse\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\r\x12\x1b\n\x13kv_cache_usage_perc\x18\x03 \x01(\x02\x12\x16\n\x0erequests_total\x18\x04 \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\x05 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x06 \x01(\x04\x12\r\n\x05model\x18\x07 \x01(\t\x12\x1b\n\x13prefix_block_hashes\x18\x08 \x03(\x04\x12\x1b\n\x13prefix_block_tokens\x18\t \x01(\r\x12\r\n\x05slots\x18\n \x01(\r\x12\"\n\x1a\x63\x61\x63hed_prompt_tokens_total\x18\x0b \x01(\x04\x12\x10\n\x08\x61\x64\x61pters\x18\x0c \x03(\t\"g\n\x08\x45ndpoint\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x14\n\x0cimage_digest\x18\x05 \x01(\t*l\n\x0eResponseFormat\x12\x1f\n\x1bRESPONSE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14RESPONSE_FORMAT_TEXT\x10\x01\x12\x1f\n\x1bRESPONSE_FORMAT_JSON_OBJECT\x10\x02*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\x8e\x02\n\x0eRuntimeService\x12W\n\x08Generate\x12#.clowder.runtime.v1.GenerateRequest\x1a$.clowder.runtime.v1.GenerateResponse0\x01\x12U\n\x08GetStats\x12#.clowder.runtime.v1.GetStatsRequest\x1a$.clowder.runtime.v1.GetStatsResponse\x12L\n\x05\x45mbed\x12 .clowder.runtime.v1.EmbedRequest\x1a!.clowder.runtime.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n clowder/runtime/v1/runtime.proto\x12\x12\x63lowder.runtime.v1\x1a!clowder/runtime/v1/adapters.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x82\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x30\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1c.clowder.runtime.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xb5\x01\n\tChatInput\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.clowder.runtime.v1.ChatMessage\x12&\n\x05tools\x18\x02 \x03(\x0b\x32\x17.google.protobuf.Struct\x12\x33\n\x0btool_choice\x18\x03 \x01(\x0b\x32\x1e.clowder.runtime.v1.ToolChoice\x12\x18\n\x10\x61ssistant_prefix\x18\x04 \x01(\t\"\xb8\x01\n\nToolChoice\x12\x31\n\x04mode\x18\x01 \x01(\x0e\x32#.clowder.runtime.v1.ToolChoice.Mode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"`\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_AUTO\x10\x01\x12\r\n\tMODE_NONE\x10\x02\x12\x11\n\rMODE_REQUIRED\x10\x03\x12\x11\n\rMODE_FUNCTION\x10\x04\"\xfe\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12;\n\x0fresponse_format\x18\x0b \x01(\x0e\x32\".clowder.runtime.v1.ResponseFormat\x12\x0f\n\x07\x61\x64\x61pter\x18\x0c \x01(\t\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penalty\"\xd5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1d.clowder.runtime.v1.ChatInputH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".clowder.runtime.v1.SamplingParams\x12.\n\x08priority\x18\x05 \x01(\x0e\x32\x1c.clowder.runtime.v1.PriorityB\x07\n\x05input\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x9b\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x37\n\rfinish_reason\x18\x02 \x01(\x0e\x32 .clowder.runtime.v1.FinishReason\x12(\n\x05usage\x18\x03 \x01(\x0b\x32\x19.clowder.runtime.v1.Usage\x12\x32\n\x08logprobs\x18\x04 \x03(\x0b\x32 .clowder.runtime.v1.TokenLogprob\x12\x30\n\ntool_calls\x18\x05 \x03(\x0b\x32\x1c.clowder.runtime.v1.ToolCall\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\"s\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12\x34\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1e.clowder.runtime.v1.TopLogprob\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"2\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"Y\n\rEmbedResponse\x12\x31\n\nembeddings\x18\x01 \x03(\x0b\x32\x1d.clowder.runtime.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"\x11\n\x0fGetStatsRequest\"\xcf\x02\n\x10GetStatsResponse\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\r\x12\x1b\n\x13kv_cache_usage_perc\x18\x03 \x01(\x02\x12\x16\n\x0erequests_total\x18\x04 \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\x05 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x06 \x01(\x04\x12\r\n\x05model\x18\x07 \x01(\t\x12\x1b\n\x13prefix_block_hashes\x18\x08 \x03(\x04\x12\x1b\n\x13prefix_block_tokens\x18\t \x01(\r\x12\r\n\x05slots\x18\n \x01(\r\x12\"\n\x1a\x63\x61\x63hed_prompt_tokens_total\x18\x0b \x01(\x04\x12\x10\n\x08\x61\x64\x61pters\x18\x0c \x03(\t\"\x9a\x01\n\x08\x45ndpoint\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x14\n\x0cimage_digest\x18\x05 \x01(\t\x12\x31\n\x08\x61\x64\x61pters\x18\x06 \x03(\x0b\x32\x1f.clowder.runtime.v1.AdapterInfo*l\n\x0eResponseFormat\x12\x1f\n\x1bRESPONSE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14RESPONSE_FORMAT_TEXT\x10\x01\x12\x1f\n\x1bRESPONSE_FORMAT_JSON_OBJECT\x10\x02*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\x8e\x02\n\x0eRuntimeService\x12W\n\x08Generate\x12#.clowder.runtime.v1.GenerateRequest\x1a$.clowder.runtime.v1.GenerateResponse0\x01\x12U\n\x08GetStats\x12#.clowder.runtime.v1.GetStatsRequest\x1a$.clowder.runtime.v1.GetStatsResponse\x12L\n\x05\x45mbed\x12 .clowder.runtime.v1.EmbedRequest\x1a!.clowder.runtime.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clowder.runtime.v1.runtime_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESPONSEFORMAT']._serialized_start=2563
-  _globals['_RESPONSEFORMAT']._serialized_end=2671
-  _globals['_PRIORITY']._serialized_start=2673
-  _globals['_PRIORITY']._serialized_end=2755
-  _globals['_FINISHREASON']._serialized_start=2757
-  _globals['_FINISHREASON']._serialized_end=2882
-  _globals['_CHATMESSAGE']._serialized_start=87
-  _globals['_CHATMESSAGE']._serialized_end=217
-  _globals['_TOOLCALL']._serialized_start=219
-  _globals['_TOOLCALL']._serialized_end=274
-  _globals['_CHATINPUT']._serialized_start=277
-  _globals['_CHATINPUT']._serialized_end=458
-  _globals['_TOOLCHOICE']._serialized_start=461
-  _globals['_TOOLCHOICE']._serialized_end=645
-  _globals['_TOOLCHOICE_MODE']._serialized_start=549
-  _globals['_TOOLCHOICE_MODE']._serialized_end=645
-  _globals['_SAMPLINGPARAMS']._serialized_start=648
-  _globals['_SAMPLINGPARAMS']._serialized_end=1158
-  _globals['_GENERATEREQUEST']._serialized_start=1161
-  _globals['_GENERATEREQUEST']._serialized_end=1374
-  _globals['_USAGE']._serialized_start=1376
-  _globals['_USAGE']._serialized_end=1463
-  _globals['_GENERATERESPONSE']._serialized_start=1466
-  _globals['_GENERATERESPONSE']._serialized_end=1749
-  _globals['_TOKENLOGPROB']._serialized_start=1751
-  _globals['_TOKENLOGPROB']._serialized_end=1866
-  _globals['_TOPLOGPROB']._serialized_start=1868
-  _globals['_TOPLOGPROB']._serialized_end=1927
-  _globals['_EMBEDREQUEST']._serialized_start=1929
-  _globals['_EMBEDREQUEST']._serialized_end=1979
-  _globals['_EMBEDDING']._serialized_start=1981
-  _globals['_EMBEDDING']._serialized_end=2008
-  _globals['_EMBEDRESPONSE']._serialized_start=2010
-  _globals['_EMBEDRESPONSE']._serialized_end=2099
-  _globals['_GETSTATSREQUEST']._serialized_start=2101
-  _globals['_GETSTATSREQUEST']._serialized_end=2118
-  _globals['_GETSTATSRESPONSE']._serialized_start=2121
-  _globals['_GETSTATSRESPONSE']._serialized_end=2456
-  _globals['_ENDPOINT']._serialized_start=2458
-  _globals['_ENDPOINT']._serialized_end=2561
-  _globals['_RUNTIMESERVICE']._serialized_start=2885
-  _globals['_RUNTIMESERVICE']._serialized_end=3155
+  _globals['_RESPONSEFORMAT']._serialized_start=2650
+  _globals['_RESPONSEFORMAT']._serialized_end=2758
+  _globals['_PRIORITY']._serialized_start=2760
+  _globals['_PRIORITY']._serialized_end=2842
+  _globals['_FINISHREASON']._serialized_start=2844
+  _globals['_FINISHREASON']._serialized_end=2969
+  _globals['_CHATMESSAGE']._serialized_start=122
+  _globals['_CHATMESSAGE']._serialized_end=252
+  _globals['_TOOLCALL']._serialized_start=254
+  _globals['_TOOLCALL']._serialized_end=309
+  _globals['_CHATINPUT']._serialized_start=312
+  _globals['_CHATINPUT']._serialized_end=493
+  _globals['_TOOLCHOICE']._serialized_start=496
+  _globals['_TOOLCHOICE']._serialized_end=680
+  _globals['_TOOLCHOICE_MODE']._serialized_start=584
+  _globals['_TOOLCHOICE_MODE']._serialized_end=680
+  _globals['_SAMPLINGPARAMS']._serialized_start=683
+  _globals['_SAMPLINGPARAMS']._serialized_end=1193
+  _globals['_GENERATEREQUEST']._serialized_start=1196
+  _globals['_GENERATEREQUEST']._serialized_end=1409
+  _globals['_USAGE']._serialized_start=1411
+  _globals['_USAGE']._serialized_end=1498
+  _globals['_GENERATERESPONSE']._serialized_start=1501
+  _globals['_GENERATERESPONSE']._serialized_end=1784
+  _globals['_TOKENLOGPROB']._serialized_start=1786
+  _globals['_TOKENLOGPROB']._serialized_end=1901
+  _globals['_TOPLOGPROB']._serialized_start=1903
+  _globals['_TOPLOGPROB']._serialized_end=1962
+  _globals['_EMBEDREQUEST']._serialized_start=1964
+  _globals['_EMBEDREQUEST']._serialized_end=2014
+  _globals['_EMBEDDING']._serialized_start=2016
+  _globals['_EMBEDDING']._serialized_end=2043
+  _globals['_EMBEDRESPONSE']._serialized_start=2045
+  _globals['_EMBEDRESPONSE']._serialized_end=2134
+  _globals['_GETSTATSREQUEST']._serialized_start=2136
+  _globals['_GETSTATSREQUEST']._serialized_end=2153
+  _globals['_GETSTATSRESPONSE']._serialized_start=2156
+  _globals['_GETSTATSRESPONSE']._serialized_end=2491
+  _globals['_ENDPOINT']._serialized_start=2494
+  _globals['_ENDPOINT']._serialized_end=2648
+  _globals['_RUNTIMESERVICE']._serialized_start=2972
+  _globals['_RUNTIMESERVICE']._serialized_end=3242
 # @@protoc_insertion_point(module_scope)

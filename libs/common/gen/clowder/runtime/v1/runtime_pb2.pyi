@@ -1,3 +1,4 @@
+from clowder.runtime.v1 import adapters_pb2 as _adapters_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -244,15 +245,17 @@ class GetStatsResponse(_message.Message):
     def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage_perc: _Optional[float] = ..., requests_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., model: _Optional[str] = ..., prefix_block_hashes: _Optional[_Iterable[int]] = ..., prefix_block_tokens: _Optional[int] = ..., slots: _Optional[int] = ..., cached_prompt_tokens_total: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Endpoint(_message.Message):
-    __slots__ = ("deployment", "replica_id", "address", "node", "image_digest")
+    __slots__ = ("deployment", "replica_id", "address", "node", "image_digest", "adapters")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     deployment: str
     replica_id: str
     address: str
     node: str
     image_digest: str
-    def __init__(self, deployment: _Optional[str] = ..., replica_id: _Optional[str] = ..., address: _Optional[str] = ..., node: _Optional[str] = ..., image_digest: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[_adapters_pb2.AdapterInfo]
+    def __init__(self, deployment: _Optional[str] = ..., replica_id: _Optional[str] = ..., address: _Optional[str] = ..., node: _Optional[str] = ..., image_digest: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[_adapters_pb2.AdapterInfo, _Mapping]]] = ...) -> None: ...
