@@ -78,6 +78,14 @@ class SamplingSettings:
     top_logprobs: int = 0
 
 
+class Priority(enum.IntEnum):
+    """A request's traffic class; lower values go first (GenerateRequest.priority)."""
+
+    INTERACTIVE = 0
+    # Batch jobs: admitted after interactive requests, preempted when an interactive one needs the slot.
+    BATCH = 1
+
+
 @dataclass(frozen=True)
 class GenerationJob:
     """A validated request; exactly one of `messages` and `prompt` is set."""
@@ -93,6 +101,7 @@ class GenerationJob:
     tool_choice: ToolChoice = ToolChoice()
     # Chat only: text the answer already begins with (continued, not answered; not repeated in the output).
     assistant_prefix: str = ""
+    priority: Priority = Priority.INTERACTIVE
 
     @property
     def tool_names(self) -> tuple[str, ...]:
@@ -169,6 +178,8 @@ class EngineStats:
     waiting_adapters: tuple[str, ...] = ()
     # llama.cpp threads decode steps run on now (a runtime sharing its node's cores follows their number).
     threads: int = 0
+    # Batch sequences that gave their slot to an interactive request (scheduling.py), since start.
+    preemptions_total: int = 0
 
 
 class Engine(Protocol):

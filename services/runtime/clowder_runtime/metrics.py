@@ -52,6 +52,9 @@ class EngineCollector(Collector):
         yield counter("clowder_runtime_cached_prompt_tokens", "Prompt tokens served from the KV cache.",
                       s.cached_prompt_tokens_total)
         yield counter("clowder_runtime_generation_tokens", "Tokens generated.", s.generation_tokens_total)
+        yield counter("clowder_runtime_preemptions",
+                      "Batch sequences preempted for an interactive request (resumed later by recomputing).",
+                      s.preemptions_total)
         # The protocol's LoRA signal: one sample whose labels list adapters by state.
         lora = GaugeMetricFamily(
             "lora_requests_info", "Loaded, running and waiting LoRA adapters.",

@@ -11,7 +11,9 @@ from google.protobuf import json_format
 
 from clowder_common.errors import FieldViolation, InvalidArgument
 from clowder_runtime.chat_template import check_template
-from clowder_runtime.generation import ChatTurn, GenerationJob, SamplingSettings, ToolCall, ToolChoice, ToolMode
+from clowder_runtime.generation import (
+    ChatTurn, GenerationJob, Priority, SamplingSettings, ToolCall, ToolChoice, ToolMode,
+)
 
 ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's rule for function names; it also keeps them safe inside a GBNF literal.
@@ -24,6 +26,11 @@ _TOOL_MODES = {
     runtime_pb2.ToolChoice.MODE_NONE: ToolMode.NONE,
     runtime_pb2.ToolChoice.MODE_REQUIRED: ToolMode.REQUIRED,
     runtime_pb2.ToolChoice.MODE_FUNCTION: ToolMode.FUNCTION,
+}
+_PRIORITIES = {
+    runtime_pb2.PRIORITY_UNSPECIFIED: Priority.INTERACTIVE,
+    runtime_pb2.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+    runtime_pb2.PRIORITY_BATCH: Priority.BATCH,
 }
 # OpenAI's bound on top_logprobs.
 MAX_TOP_LOGPROBS = 20
@@ -178,6 +185,9 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
             "assistant_prefix", "assistant_prefix cannot be combined with response_format or a forced tool call"))
     if sampling.response_format not in runtime_pb2.ResponseFormat.values():
         violations.append(FieldViolation("response_format", f"unknown response_format {sampling.response_format}"))
+    priority = _PRIORITIES.get(request.priority)
+    if priority is None:
+        violations.append(FieldViolation("priority", f"unknown priority {request.priority}"))
     _raise_if_any(violations)
     return GenerationJob(
         request_id=request.request_id,
@@ -203,6 +213,7 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
         tools=tools,
         tool_choice=tool_choice,
         assistant_prefix=assistant_prefix,
+        priority=Priority.INTERACTIVE if priority is None else priority,
     )
 
 
