@@ -11,7 +11,7 @@ import socket
 import tempfile
 
 from clowder.controller.v1 import resources_pb2
-from clowder.runtime.v1 import runtime_pb2
+from clowder.runtime.v1 import adapters_pb2, runtime_pb2
 
 from clowder_common.auth import TOKEN_ENV
 from clowder_common.errors import InvalidArgument
@@ -25,11 +25,12 @@ from clowder_common.runtime_settings import (
     MAX_CONTEXT_SIZE, MAX_SLOTS, MAX_THREADS, MIN_CONTEXT_SIZE, RuntimeSettings, of_message, with_defaults,
 )
 from clowder_runtime.engine import LlamaEngine, LlamaSettings
+from clowder_runtime.live_adapters import LiveAdapters
 from clowder_runtime.metrics import MetricsServer
 from clowder_runtime.model_source import resolve_model_path
 from clowder_runtime.node_share import NodeShare
 from clowder_runtime.registration import EndpointRegistration
-from clowder_runtime.service import RuntimeServicer, registrar
+from clowder_runtime.service import AdapterServicer, RuntimeServicer, adapter_registrar, registrar
 from clowder_runtime.validation import validate_image_config
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class RuntimeApp:
         self._registration: EndpointRegistration | None = None
         self.node_share: NodeShare | None = None
         self.metrics: MetricsServer | None = None
+        self.adapters: LiveAdapters | None = None
         self._stop_task: asyncio.Future[None] | None = None
 
     @property
@@ -126,8 +128,13 @@ class RuntimeApp:
             await self.node_share.start()
         # Loads on the engine's own thread; nothing is served or registered before it can generate.
         await self.engine.start()
-        servicer = RuntimeServicer(self.engine, self.model_name, self.image_config)
-        self._server = create_grpc_server(cfg.listen, [registrar(servicer)],
+        # Adapters loaded while serving (AdapterService) join the ones given at start.
+        self.adapters = LiveAdapters(self.engine, parse_adapters(cfg.adapters),
+                                     self._adapter_path if cfg.storage_address else None, self._publish_adapters,
+                                     cfg.adapter_unload_grace_s)
+        servicer = RuntimeServicer(self.engine, self.model_name, self.image_config, adapters=self.adapters.names)
+        self._server = create_grpc_server(cfg.listen, [registrar(servicer),
+                                                       adapter_registrar(AdapterServicer(self.adapters))],
                                           service_token=self._security.service_token, tls=self._security.tls)
         await self._server.start()
         if cfg.metrics_listen:
@@ -145,6 +152,7 @@ class RuntimeApp:
                     address=self.address,
                     node=cfg.node,
                     image_digest=cfg.digest,
+                    adapters=self.adapters.listed(),
                 ),
                 cfg.lease_ttl_s,
                 etcd_tls=self._security.etcd_tls,
@@ -152,6 +160,15 @@ class RuntimeApp:
             await self._registration.start()
         log.info("runtime ready model=%s address=%s registered=%s", self.model_name, self.address,
                  bool(cfg.etcd_endpoints))
+
+    async def _adapter_path(self, digest: str) -> str:
+        """The local path of an adapter blob in this node's storage."""
+        return await resolve_model_path("", digest, self.config.storage_address, self._admin_token,
+                                        security=self._security)
+
+    async def _publish_adapters(self, adapters: list[adapters_pb2.AdapterInfo]) -> None:
+        if self._registration is not None:
+            await self._registration.set_adapters(adapters)
 
     async def stop(self) -> None:
         """Idempotent drain: NOT_SERVING, withdraw the endpoint, let generations finish, free the model."""
@@ -174,6 +191,8 @@ class RuntimeApp:
             await self._server.stop(grace)
         if self.metrics is not None:
             await self.metrics.stop()
+        if self.adapters is not None:
+            await self.adapters.close()
         if self.node_share is not None:
             await self.node_share.stop()
         if self.engine is not None:

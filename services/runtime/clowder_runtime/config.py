@@ -55,6 +55,9 @@ class RuntimeConfig(EtcdConfig, SecurityConfig):
     idle_cache_tokens: int = 8192
     # LoRA adapters to load, as "name=path/to/adapter.gguf"; requests pick one by name.
     adapters: tuple[str, ...] = ()
+    # An adapter being unloaded (AdapterService) is still served this long after it stopped being listed,
+    # for requests balancers routed before they saw it go (live_adapters.py).
+    adapter_unload_grace_s: float = 2.0
     # Jinja chat template used instead of the model's own (tokenizer.chat_template), for models whose
     # template is weak (no tool support, wrong turns): inline text, or a file holding it. At most one.
     chat_template: str = ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from clowder.runtime.v1 import runtime_pb2
+from clowder.runtime.v1 import adapters_pb2, runtime_pb2
 
 from clowder_common import keys
 from clowder_common.errors import Unavailable
@@ -33,6 +33,8 @@ class EndpointRegistration:
         self._ttl_s = ttl_s
         self._keeper: LeaseKeeper | None = None
         self._retry: asyncio.Task | None = None
+        # Rewrites the endpoint after an adapter change that etcd did not take at once.
+        self._republish: asyncio.Task | None = None
         self.key = self._state.key(keys.endpoint(endpoint.deployment, endpoint.replica_id))
 
     @property
@@ -66,8 +68,38 @@ class EndpointRegistration:
         await self._state.put(self.key, self._endpoint, lease=lease_id)
         log.info("registered endpoint key=%s address=%s", self.key, self._endpoint.address)
 
+    async def set_adapters(self, adapters: list[adapters_pb2.AdapterInfo]) -> None:
+        """Rewrite the endpoint (same lease) to list these adapters; balancers watching etcd see it at once.
+
+        While etcd does not answer, it is written once it does (and every re-registration writes it too)."""
+        del self._endpoint.adapters[:]
+        self._endpoint.adapters.extend(adapters)
+        try:
+            await self._write_current()
+        except Unavailable as exc:
+            log.warning("etcd does not take the endpoint's adapters (%s); trying again", exc)
+            if self._republish is None or self._republish.done():
+                self._republish = asyncio.create_task(self._keep_writing(), name="endpoint-adapters")
+
+    async def _write_current(self) -> None:
+        keeper = self._keeper
+        if keeper is not None and keeper.lease_id is not None:
+            await self._state.put(self.key, self._endpoint, lease=keeper.lease_id)
+            log.info("endpoint key=%s adapters=%s", self.key, ",".join(a.name for a in self._endpoint.adapters) or "-")
+
+    async def _keep_writing(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_S)
+            try:
+                await self._write_current()
+                return
+            except Unavailable as exc:
+                log.debug("writing the endpoint's adapters still fails: %s", exc)
+
     async def stop(self) -> None:
         """Revoking the lease removes the endpoint at once; balancers stop routing here."""
+        await cancel_and_wait(self._republish, timeout=10)
+        self._republish = None
         await cancel_and_wait(self._retry, timeout=10)
         self._retry = None
         if self._keeper is not None:

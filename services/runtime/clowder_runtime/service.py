@@ -1,14 +1,15 @@
-"""RuntimeService: Generate as a server stream over whatever engine holds the model, and GetStats."""
+"""RuntimeService: Generate as a server stream over whatever engine holds the model, and GetStats; AdapterService."""
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 import grpc
 from clowder.controller.v1 import resources_pb2
-from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
+from clowder.runtime.v1 import adapters_pb2, adapters_pb2_grpc, runtime_pb2, runtime_pb2_grpc
 
 from clowder_runtime.generation import Engine, FinishReason, TokenLogprob
+from clowder_runtime.live_adapters import LiveAdapters
 from clowder_runtime.validation import build_job, embed_inputs
 
 _FINISH = {
@@ -19,8 +20,12 @@ _FINISH = {
 
 
 class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
-    def __init__(self, engine: Engine, model_name: str, image_config: resources_pb2.ImageConfiguration) -> None:
+    def __init__(self, engine: Engine, model_name: str, image_config: resources_pb2.ImageConfiguration,
+                 adapters: Callable[[], Sequence[str]] | None = None) -> None:
         self._engine = engine
+        # What GetStats lists (LiveAdapters.names: an adapter being unloaded is no longer listed); None: the
+        # engine's own list.
+        self._adapters = adapters
         self._model_name = model_name
         self._image_config = image_config
 
@@ -74,7 +79,7 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
             prefix_block_tokens=stats.prefix_block_tokens,
             slots=stats.slots,
             cached_prompt_tokens_total=stats.cached_prompt_tokens_total,
-            adapters=stats.adapters,
+            adapters=self._adapters() if self._adapters is not None else stats.adapters,
         )
 
 
@@ -91,5 +96,37 @@ def registrar(servicer: RuntimeServicer) -> Callable[[grpc.aio.Server], str]:
     def register(server: grpc.aio.Server) -> str:
         runtime_pb2_grpc.add_RuntimeServiceServicer_to_server(servicer, server)
         return runtime_pb2.DESCRIPTOR.services_by_name["RuntimeService"].full_name
+
+    return register
+
+
+class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
+    """LoadAdapter / UnloadAdapter / ListAdapters over the replica's LiveAdapters."""
+
+    def __init__(self, adapters: LiveAdapters) -> None:
+        self._adapters = adapters
+
+    async def LoadAdapter(
+        self, request: adapters_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.LoadAdapterResponse:
+        info, loaded = await self._adapters.load(request)
+        return adapters_pb2.LoadAdapterResponse(adapter=info, loaded=loaded)
+
+    async def UnloadAdapter(
+        self, request: adapters_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.UnloadAdapterResponse:
+        await self._adapters.unload(request.name)
+        return adapters_pb2.UnloadAdapterResponse()
+
+    async def ListAdapters(
+        self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.ListAdaptersResponse:
+        return adapters_pb2.ListAdaptersResponse(adapters=self._adapters.listed())
+
+
+def adapter_registrar(servicer: AdapterServicer) -> Callable[[grpc.aio.Server], str]:
+    def register(server: grpc.aio.Server) -> str:
+        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(servicer, server)
+        return adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name
 
     return register
