@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import collections
 import contextlib
 import ctypes
 import itertools
@@ -21,11 +20,12 @@ from clowder_common import runtime_settings
 from clowder_common.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from clowder_runtime.embeddings import Embedder
 from clowder_runtime.generation import (
-    EngineStats, Finish, FinishReason, GenerationJob, GenerationStream, Piece, TokenLogprob, ToolMode,
+    EngineStats, Finish, FinishReason, GenerationJob, GenerationStream, Piece, Priority, TokenLogprob, ToolMode,
 )
 from clowder_runtime.logprobs import token_logprob
 from clowder_runtime.model import Model, Sampler
 from clowder_runtime.prefix import BLOCK_TOKENS, HashedPrefix
+from clowder_runtime.scheduling import Suspended, WaitQueue, preemption_victim
 from clowder_runtime.stops import StopMatcher
 from clowder_runtime.tools import ToolCallParser, call_grammar, template_messages
 
@@ -73,6 +73,8 @@ class _Work:
         self.grammar = grammar
         self.cancelled = threading.Event()
         self.stream: GenerationStream | None = None
+        # Set while the job waits to resume after a preemption (scheduling.py).
+        self.suspended: Suspended | None = None
 
 
 class _Slot:
@@ -89,6 +91,11 @@ class _Slot:
         # Per request:
         self.sampler: Sampler | None = None
         self.n_prompt = 0
+        # Tokens the sequence's KV must hold before it decodes: the prompt, or after a preemption the prompt
+        # plus what it had generated (recomputed).
+        self.prefill: list[int] = []
+        # After a preemption: the token sampled before it, fed once `prefill` is back in the cache.
+        self.resume_pending: int | None = None
         self.cached = 0
         self.pending: int | None = None  # sampled, not yet in the cache
         self.produced = 0
@@ -100,7 +107,7 @@ class _Slot:
 
     @property
     def prefilling(self) -> bool:
-        return self.work is not None and len(self.cache) < self.n_prompt
+        return self.work is not None and len(self.cache) < len(self.prefill)
 
 
 class LlamaEngine:
@@ -135,7 +142,8 @@ class LlamaEngine:
         # What set_threads asked for; the worker applies it between decode steps (it alone touches the context).
         self._wanted_threads = self._threads
         self._cond = threading.Condition()
-        self._waiting: collections.deque[_Work] = collections.deque()
+        # Interactive work ahead of batch work (scheduling.py).
+        self._waiting: WaitQueue[_Work] = WaitQueue()
         self._slots = [_Slot(i) for i in range(settings.slots)]
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -162,6 +170,7 @@ class LlamaEngine:
         self._generation_tokens_total = 0
         self._prompt_tokens_total = 0
         self._cached_prompt_tokens_total = 0
+        self._preemptions_total = 0
 
     @property
     def context_size(self) -> int:
@@ -211,6 +220,9 @@ class LlamaEngine:
             running = [s.work for s in self._slots if s.work is not None]
             self._cond.notify_all()
         gone = Unavailable("the runtime is shutting down", retry_after=1.0)
+        for work in abandoned:
+            # Nobody resumes it now; the worker never touches a waiting job's sampler.
+            _drop_suspended(work)
         for work in [*abandoned, *running]:
             work.cancelled.set()
             if work.stream is not None:
@@ -227,7 +239,7 @@ class LlamaEngine:
     async def generate(self, job: GenerationJob) -> GenerationStream:
         with self._cond:
             self._check_adapter(job.adapter)
-            self._check_admission()
+            self._check_admission(job.priority)
         loop = asyncio.get_running_loop()
         tokens, max_new, grammar = await loop.run_in_executor(self._prep_pool, self._prepare, job)
         work = _Work(job, tokens, max_new, grammar)
@@ -236,7 +248,7 @@ class LlamaEngine:
         with self._cond:
             # Checked again: the queue may have filled up (or the adapter begun unloading) while we tokenized.
             self._check_adapter(job.adapter)
-            self._check_admission()
+            self._check_admission(job.priority)
             self._waiting.append(work)
             self._requests_total += 1
             self._cond.notify()
@@ -269,6 +281,7 @@ class LlamaEngine:
                 prompt_tokens_total=self._prompt_tokens_total,
                 slots=self.slots,
                 cached_prompt_tokens_total=self._cached_prompt_tokens_total,
+                preemptions_total=self._preemptions_total,
                 prefix_block_hashes=tuple(sorted(hashes)),
                 prefix_block_tokens=BLOCK_TOKENS,
                 adapters=self.adapters,
@@ -357,13 +370,16 @@ class LlamaEngine:
                     # KV computed with the dropped weights: never reuse it (a new adapter may take the name).
                     slot.adapter = "\0dropped"
 
-    def _check_admission(self) -> None:
+    def _check_admission(self, priority: Priority) -> None:
         if self._closing:
             raise Unavailable("the runtime is shutting down", retry_after=1.0)
         free = sum(1 for s in self._slots if s.work is None)
-        if len(self._waiting) >= free + self._settings.max_waiting:
+        # Only waiting work that goes first counts: batch work (preempted sequences included) never fills the
+        # queue for an interactive request.
+        ahead = self._waiting.count_at_or_above(priority)
+        if ahead >= free + self._settings.max_waiting:
             raise ResourceExhausted(
-                f"{len(self._waiting)} requests are already waiting for this replica",
+                f"{ahead} requests are already waiting for this replica",
                 reason="QUEUE_FULL",
                 retry_after=1.0,
             )
@@ -418,6 +434,9 @@ class LlamaEngine:
                 self._waiting.remove(work)
             except ValueError:
                 pass  # already in a slot: the worker frees it at the next step
+            else:
+                # Waiting to resume after a preemption: out of the queue, so the worker will never use it.
+                _drop_suspended(work)
             self._cond.notify()
 
     # -- the worker thread -----------------------------------------------------------
@@ -531,20 +550,67 @@ class LlamaEngine:
         self._threads = threads
 
     def _admit(self) -> None:
-        """Move waiting work into free slots, reusing the longest cached prefix there is (under the lock)."""
+        """Move waiting work into free slots, the more urgent first, reusing the longest cached prefix there is;
+        when every slot is held, waiting work preempts a less urgent sequence (under the lock)."""
         while self._waiting:
             free = [s for s in self._slots if s.work is None]
             if not free:
-                return
+                if not self._preempt_for(self._waiting.head_priority()):
+                    return
+                continue
             work = self._waiting.popleft()
             if work.cancelled.is_set():
+                _drop_suspended(work)
                 continue
             self._place(work, free)
 
+    def _preempt_for(self, priority: Priority | None) -> bool:
+        """Free a slot for waiting work of `priority` by preempting a less urgent sequence; False: none is."""
+        if priority is None:
+            return False
+        running = [(s, _priority(s), len(s.prefill) if s.prefilling else len(s.cache))
+                   for s in self._slots if s.work is not None]
+        victim = preemption_victim(running, priority)
+        if victim is None:
+            return False
+        self._preempt(victim)
+        return True
+
+    def _preempt(self, slot: _Slot) -> None:
+        """Take the slot from its sequence now; the job waits at the head of its class and resumes by
+        recomputing its KV entries (scheduling.Suspended keeps the rest). Under the lock, between steps."""
+        work = slot.work
+        assert work is not None and slot.sampler is not None
+        if work.cancelled.is_set():
+            self._release(slot, cancelled=True)
+            return
+        if slot.prefilling:
+            tokens, pending = list(slot.prefill), slot.resume_pending
+        else:
+            tokens, pending = list(slot.cache), slot.pending
+        suspended = work.suspended = Suspended(
+            tokens=tokens, pending=pending, sampler=slot.sampler, n_prompt=slot.n_prompt, cached=slot.cached,
+            produced=slot.produced, decoder=slot.decoder, stops=slot.stops, calls=slot.calls, started=slot.started,
+        )
+        # The slot's KV entries stay: the next request may share a prefix with them, and the preempted one
+        # finds them again if nobody overwrote them by the time it resumes.
+        slot.sampler = None
+        slot.pending = None
+        slot.resume_pending = None
+        slot.calls = None
+        slot.last_used = time.monotonic()
+        slot.work = None
+        self._waiting.requeue(work)
+        self._preemptions_total += 1
+        log.info("generation preempted request_id=%r completion_tokens=%d tokens_to_recompute=%d",
+                 work.job.request_id[:64], suspended.produced, len(tokens))
+
     def _place(self, work: _Work, free: list[_Slot]) -> None:
-        prompt, adapter = work.tokens, work.job.adapter
-        # At least the last prompt token is evaluated: its logits give the first output token.
-        limit = len(prompt) - 1
+        suspended = work.suspended
+        prompt, adapter = (work.tokens if suspended is None else suspended.tokens), work.job.adapter
+        # At least the last prompt token is evaluated: its logits give the first output token. A resumed
+        # sequence whose next token was sampled before its preemption needs no logits: all of it may be cached.
+        limit = len(prompt) - 1 if suspended is None or suspended.pending is None else len(prompt)
 
         def shared(slot: _Slot) -> int:
             if slot.adapter != adapter:
@@ -582,6 +648,11 @@ class LlamaEngine:
         target.prefix.update(target.cache)
         target.adapter = adapter
         target.work = work
+        target.prefill = prompt
+        if suspended is not None:
+            self._resume(target, work, suspended, kept)
+            return
+        target.resume_pending = None
         target.n_prompt = len(prompt)
         target.cached = kept
         target.pending = None
@@ -596,6 +667,30 @@ class LlamaEngine:
         self._prompt_tokens_total += len(prompt)
         self._cached_prompt_tokens_total += kept
 
+    def _resume(self, slot: _Slot, work: _Work, suspended: Suspended, kept: int) -> None:
+        """A preempted sequence back in `slot` (holding `kept` of its tokens): its request state as it was,
+        its KV entries recomputed by the prefill steps (usage and counters stay those of its admission)."""
+        work.suspended = None
+        slot.n_prompt = suspended.n_prompt
+        slot.cached = suspended.cached
+        slot.produced = suspended.produced
+        slot.decoder = suspended.decoder
+        slot.stops = suspended.stops
+        slot.calls = suspended.calls
+        slot.started = suspended.started
+        slot.sampler = suspended.sampler
+        slot.pending = None
+        slot.resume_pending = suspended.pending
+        self._resume_if_ready(slot)
+        log.info("generation resumed request_id=%r completion_tokens=%d tokens_to_recompute=%d",
+                 work.job.request_id[:64], slot.produced, len(suspended.tokens) - kept)
+
+    @staticmethod
+    def _resume_if_ready(slot: _Slot) -> None:
+        """Once a resumed sequence's KV entries are back, the token sampled before its preemption goes next."""
+        if slot.resume_pending is not None and slot.work is not None and not slot.prefilling:
+            slot.pending, slot.resume_pending = slot.resume_pending, None
+
     def _step(self) -> None:
         for slot in self._slots:
             if slot.work is not None and slot.work.cancelled.is_set():
@@ -603,7 +698,9 @@ class LlamaEngine:
         active = [s for s in self._slots if s.work is not None]
         if not active:
             return
-        adapters = sorted({s.adapter for s in active})
+        # A group with an interactive prompt to evaluate goes first: its first token waits for no other group.
+        urgent = {s.adapter for s in active if s.prefilling and _priority(s) is Priority.INTERACTIVE}
+        adapters = sorted(urgent or {s.adapter for s in active})
         adapter = adapters[next(self._adapter_turn) % len(adapters)]
         group = [s for s in active if s.adapter == adapter]
         if adapter != self._current_adapter:
@@ -619,17 +716,20 @@ class LlamaEngine:
         chunk = self._settings.prefill_chunk
         budget = chunk
         prefill: list[tuple[_Slot, int, bool]] = []
-        for slot in group:
+        # Interactive prompts take the budget first (sorted is stable: slot order within a class).
+        for slot in sorted(group, key=_priority):
             if slot.prefilling and slot.work is not None:
-                prompt = slot.work.tokens
+                tokens = slot.prefill
                 start = len(slot.cache)
                 # Chunks end at multiples of `chunk` and are never cut short by a neighbour's
                 # prefill: how a prompt is split changes llama.cpp's rounding, so a prompt is split
                 # the same way whether it runs alone or in a crowd (a full chunk waits a step).
-                end = min(slot.n_prompt, (start // chunk + 1) * chunk)
+                end = min(len(tokens), (start // chunk + 1) * chunk)
                 if end - start > budget:
                     continue
-                prefill.extend((slot, prompt[i], i == slot.n_prompt - 1) for i in range(start, end))
+                # The last token's logits give the next token, unless that was sampled before a preemption.
+                last = len(tokens) - 1 if slot.resume_pending is None else -1
+                prefill.extend((slot, tokens[i], i == last) for i in range(start, end))
                 budget -= end - start
         # The prompt chunk goes first: a new request's first token then waits for its own prefill only, not
         # also for a decode step of every running stream (on CPU, 16 running streams make that step several
@@ -637,6 +737,8 @@ class LlamaEngine:
         # batches changes no sequence's numbers; the running streams wait the prefill's time either way.
         if prefill:
             self._decode(group, prefill)
+            for slot in group:
+                self._resume_if_ready(slot)
         if decodes:
             self._decode(group, decodes)
 
@@ -802,6 +904,17 @@ class LlamaEngine:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.cache = []
             slot.prefix.truncate(0)
+
+
+def _priority(slot: _Slot) -> Priority:
+    return slot.work.job.priority if slot.work is not None else Priority.BATCH
+
+
+def _drop_suspended(work: _Work) -> None:
+    """Free what a preempted job kept for resuming; only whoever took it out of the queue may call it."""
+    suspended, work.suspended = work.suspended, None
+    if suspended is not None:
+        suspended.sampler.close()
 
 
 def _deliver(items: list[tuple[GenerationStream, object]]) -> None:
