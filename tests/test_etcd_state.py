@@ -14,6 +14,7 @@ from clowder_common.etcd import (UNFENCED, AnsweringClock, EtcdState, Fence, Lea
 from clowder_common.etcd_server import start_etcd, start_etcd_cluster
 
 
+@pytest.mark.inprocess
 async def test_create_refuses_existing_key(state):
     key = state.key("images", "smol")
     await state.create(key, resources_pb2.Image(alias="smol"))
@@ -23,6 +24,7 @@ async def test_create_refuses_existing_key(state):
     assert got is not None and got.value.alias == "smol"
 
 
+@pytest.mark.inprocess
 async def test_update_compares_mod_revision(state):
     key = state.key("deployments", "d")
     await state.create(key, resources_pb2.Deployment(name="d", replicas=1))
@@ -34,6 +36,7 @@ async def test_update_compares_mod_revision(state):
     assert now.value.replicas == 2
 
 
+@pytest.mark.inprocess
 async def test_delete_only_if_unchanged(state):
     key = state.key("deployments", "x")
     await state.create(key, resources_pb2.Deployment(name="x"))
@@ -45,6 +48,7 @@ async def test_delete_only_if_unchanged(state):
     assert await state.get(key, resources_pb2.Deployment) is None
 
 
+@pytest.mark.inprocess
 async def test_list_is_sorted_and_scoped(state):
     for name in ("b", "a", "c"):
         await state.put(state.key("nodes", name), resources_pb2.Node(name=name))
@@ -54,6 +58,7 @@ async def test_list_is_sorted_and_scoped(state):
     assert revision >= max(i.mod_revision for i in items)
 
 
+@pytest.mark.inprocess
 async def test_revoked_lease_removes_its_keys(state):
     key = state.key("nodes", "leased")
 
@@ -68,6 +73,7 @@ async def test_revoked_lease_removes_its_keys(state):
     assert await state.get(key, resources_pb2.Node) is None
 
 
+@pytest.mark.inprocess
 async def test_prefix_cache_follows_changes(state):
     prefix = state.key("endpoints", "")
     await state.put(prefix + "d/1", resources_pb2.Node(name="one"))
@@ -86,6 +92,7 @@ async def test_prefix_cache_follows_changes(state):
         await cache.stop()
 
 
+@pytest.mark.processes
 async def test_prefix_cache_rebuilds_after_etcd_restart(tmp_path):
     proc = start_etcd(tmp_path / "data")
     port = proc.client_port
@@ -125,6 +132,7 @@ async def _hold_leader_key(state) -> Fence:
     return Fence(key, held.create_revision)
 
 
+@pytest.mark.inprocess
 async def test_fenced_writes_apply_only_while_the_leader_key_is_ours(state):
     fence = await _hold_leader_key(state)
     key = state.key("deployments", "f")
@@ -154,6 +162,7 @@ async def test_fenced_writes_apply_only_while_the_leader_key_is_ours(state):
     assert await state.get(state.key("deployments", "g"), resources_pb2.Deployment) is None
 
 
+@pytest.mark.inprocess
 async def test_unfenced_writes_ignore_leadership(state):
     key = state.key("deployments", "u")
     await state.create(key, resources_pb2.Deployment(name="u"), fence=UNFENCED)
@@ -175,6 +184,7 @@ async def private_etcd(tmp_path):
     proc.stop()
 
 
+@pytest.mark.processes
 async def test_answering_clock_stops_while_etcd_is_paused(private_etcd):
     proc, state = private_etcd
     clock = AnsweringClock(state, interval_s=0.2, timeout_s=0.5)
@@ -195,6 +205,7 @@ async def test_answering_clock_stops_while_etcd_is_paused(private_etcd):
         await clock.stop()
 
 
+@pytest.mark.processes
 async def test_lease_keeper_registers_again_after_a_pause_longer_than_its_ttl(private_etcd):
     proc, state = private_etcd
     key = state.key("endpoints", "d", "r")
@@ -223,6 +234,7 @@ async def test_lease_keeper_registers_again_after_a_pause_longer_than_its_ttl(pr
         await keeper.stop()
 
 
+@pytest.mark.processes
 async def test_close_and_stop_are_bounded_while_etcd_is_paused(private_etcd):
     proc, state = private_etcd
     cache = PrefixCache(state, "/private/x/", resources_pb2.Node)
@@ -260,6 +272,7 @@ async def _eventually(step, timeout: float, what: str):
     raise AssertionError(f"{what} did not succeed within {timeout:.0f}s: {last}")
 
 
+@pytest.mark.processes
 async def test_state_fails_over_when_the_member_in_use_dies(tmp_path):
     cluster = start_etcd_cluster(tmp_path / "cluster", 3)
     # A name that must be resolved, and the members in an order where the first is killed.

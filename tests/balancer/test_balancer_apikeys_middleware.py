@@ -20,6 +20,8 @@ from balancer_helpers import put_deployment, put_endpoint, speak, wait_until
 
 from conftest import ADMIN
 
+pytestmark = pytest.mark.inprocess
+
 HI = [{"role": "user", "content": "hi"}]
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 from clowder_cli.main import main as clowder_main
 
 from clowder_balancer.app import create_balancer
 
 from balancer_helpers import ScriptedRuntime, balancer_config, put_deployment, put_endpoint, speak, wait_until
+
+pytestmark = pytest.mark.inprocess
 
 ADMIN = "cli-admin-token"
 

@@ -10,6 +10,7 @@ from clowder_common.errors import InvalidArgument
 from clowder_balancer.config import BalancerConfig
 
 
+@pytest.mark.unit
 def test_defaults() -> None:
     config = BalancerConfig()
     assert (config.http_listen, config.grpc_listen) == ("127.0.0.1:3090", "127.0.0.1:3091")
@@ -17,6 +18,7 @@ def test_defaults() -> None:
     assert config.name == "balancer"
 
 
+@pytest.mark.unit
 def test_file_then_env_then_overrides(tmp_path) -> None:
     path = tmp_path / "balancer.yaml"
     path.write_text("http_listen: 0.0.0.0:8080\nready_timeout_s: 5\netcd_endpoints: [a:1, b:2]\n")
@@ -31,6 +33,7 @@ def test_file_then_env_then_overrides(tmp_path) -> None:
     assert config.first_token_timeout_s == 60
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("values", "field"),
     [
@@ -60,6 +63,7 @@ def test_bad_values_name_their_field(values: dict, field: str) -> None:
     assert [v.field for v in info.value.violations] == [field]
 
 
+@pytest.mark.inprocess
 def test_unknown_routing_profile_fails_at_build_time(etcd) -> None:
     import asyncio
 

@@ -10,6 +10,8 @@ from clowder_balancer.continuation import (
     RUNTIME_DEFAULT_MAX_TOKENS, Progress, continuation_request, derived_seed, resolved_max_tokens,
 )
 
+pytestmark = pytest.mark.unit
+
 INT64 = (-(2**63), 2**63 - 1)
 
 

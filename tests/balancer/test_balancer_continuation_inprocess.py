@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc
 from clowder.runtime.v1 import runtime_pb2
@@ -15,6 +16,8 @@ from clowder_common.errors import Internal, Unavailable
 
 from balancer_helpers import put_endpoint, sse_events, wait_until
 from test_balancer_routing_inprocess import cluster
+
+pytestmark = pytest.mark.inprocess
 
 PROMPT_TOKENS = 9
 ANSWER = ["One,", " two,", " three,", " four."]

@@ -20,6 +20,8 @@ from clowder_balancer.app import create_balancer
 
 from balancer_helpers import balancer_config, put_deployment, runtime_processes, sse_events, wait_until
 
+pytestmark = pytest.mark.processes
+
 DEPLOYMENT = "o"
 PAUSE_S = 20
 # The runtime's lease: the pause outlasts it four times over, so etcd drops the endpoint when it wakes up.

@@ -24,6 +24,8 @@ from balancer_helpers import (
     RuntimeProcess, balancer_config, put_deployment, runtime_processes, sse_events, wait_until,
 )
 
+pytestmark = pytest.mark.processes
+
 DEPLOYMENT = "f"
 START_TIMEOUT_S = 90
 CONCURRENT = 6

@@ -9,6 +9,8 @@ from clowder_common.errors import Unavailable
 from clowder_balancer.routing.base import Candidate, RouteRequest
 from clowder_balancer.routing.filters import AdapterFilter, NotEjectedFilter, ReadyFilter, SaturationFilter
 
+pytestmark = pytest.mark.unit
+
 
 def c(rid: str, **kw) -> Candidate:
     return Candidate(rid, f"addr-{rid}", kw.pop("in_flight", 0), **kw)

@@ -26,6 +26,8 @@ from balancer_helpers import (
 )
 
 CHAT = {"model": "d", "messages": [{"role": "user", "content": "hi"}]}
+pytestmark = pytest.mark.inprocess
+
 
 
 class InKeyOrder:

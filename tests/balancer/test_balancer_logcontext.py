@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import pytest
+
 from clowder_balancer import logcontext
+
+pytestmark = pytest.mark.unit
 
 
 class Capture(logging.Handler):

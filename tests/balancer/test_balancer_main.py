@@ -9,8 +9,11 @@ import sys
 import time
 
 import aiohttp
+import pytest
 
 from clowder_common.processes import async_wait_for_port, free_port, spawn
+
+pytestmark = pytest.mark.processes
 
 
 async def test_cli_serves_and_stops_on_sigterm(etcd, etcd_prefix, tmp_path):

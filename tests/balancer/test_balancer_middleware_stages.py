@@ -20,6 +20,8 @@ from clowder_balancer.middleware.rate_limit import RateLimitStage
 from clowder_balancer.middleware.redaction import redact
 from clowder_balancer.middleware.system_prompt import SystemPromptStage
 
+pytestmark = pytest.mark.unit
+
 
 def ctx(key: str = "", groups: tuple[str, ...] = ()) -> RequestContext:
     return RequestContext("rid", "m", "http", Principal(key, frozenset(groups)))

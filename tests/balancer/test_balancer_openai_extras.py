@@ -10,6 +10,8 @@ from clowder_common.errors import InvalidArgument
 from clowder_balancer import openai_api
 from clowder_balancer.grpc_api import _validate_common
 
+pytestmark = pytest.mark.unit
+
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 

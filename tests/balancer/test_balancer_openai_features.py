@@ -18,6 +18,8 @@ from clowder_balancer.http_api import _ChunkWriter
 from clowder_balancer.openai_embeddings import embedding_response, parse_embedding_request
 from clowder_balancer.openai_logprobs import LegacyLogprobs, chat_logprobs
 
+pytestmark = pytest.mark.unit
+
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                             "parameters": {"type": "object",

@@ -14,6 +14,8 @@ from clowder_common.errors import Unavailable
 from balancer_helpers import final, wait_until
 from test_balancer_apikeys_middleware import create_key, middleware, put_image, setup
 
+pytestmark = pytest.mark.inprocess
+
 
 async def post(http, app, path: str, body: dict, key: str | None = None):
     headers = {"Authorization": f"Bearer {key}"} if key else {}

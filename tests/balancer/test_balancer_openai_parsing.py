@@ -10,6 +10,8 @@ from clowder_common.errors import InvalidArgument
 
 from clowder_balancer import openai_api
 
+pytestmark = pytest.mark.unit
+
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"model": "m", "prompt": "Once"}
 

@@ -22,6 +22,8 @@ from clowder_balancer.router import EMBED_BATCH
 
 from balancer_helpers import balancer_config, put_deployment, runtime_processes, wait_until
 
+pytestmark = pytest.mark.processes
+
 DEPLOYMENT = "d"
 REPLICAS = ("r1", "r2")
 # A replica whose chat template teaches tool calls (the bundled model's own does not use `tools`).

@@ -6,6 +6,8 @@ import pytest
 
 from clowder_balancer.outliers import OutlierDetector
 
+pytestmark = pytest.mark.unit
+
 
 class Clock:
     def __init__(self) -> None:

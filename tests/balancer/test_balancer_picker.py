@@ -9,6 +9,7 @@ import pytest
 from clowder_balancer.picker import Candidate, LeastInFlightPicker
 
 
+pytestmark = pytest.mark.unit
 def _candidates(loads: list[int]) -> list[Candidate]:
     return [Candidate(f"r{i}", f"127.0.0.1:{5000 + i}", load) for i, load in enumerate(loads)]
 

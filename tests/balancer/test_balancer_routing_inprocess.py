@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc, load_pb2
 from clowder.runtime.v1 import runtime_pb2
@@ -12,6 +13,8 @@ from clowder_common import keys
 from clowder_common.errors import Internal
 
 from balancer_helpers import ScriptedRuntime, put_deployment, put_endpoint, speak, wait_until
+
+pytestmark = pytest.mark.inprocess
 
 
 class Waiting(ScriptedRuntime):

@@ -15,6 +15,8 @@ from clowder_balancer.routing.prefix_index import block_hashes, render_chat
 from clowder_balancer.routing.profiles import BUILTIN_PROFILES, scheduler_for
 from clowder.runtime.v1 import runtime_pb2
 
+pytestmark = pytest.mark.unit
+
 
 def c(rid: str, **kw) -> Candidate:
     return Candidate(rid, rid, kw.pop("in_flight", 0), **kw)

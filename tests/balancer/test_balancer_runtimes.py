@@ -25,6 +25,8 @@ from clowder_balancer.app import create_balancer
 
 from balancer_helpers import RuntimeProcess, balancer_config, put_deployment, runtime_processes, wait_until
 
+pytestmark = pytest.mark.processes
+
 DEPLOYMENT = "d"
 REPLICAS = ("r1", "r2")
 CHAT = [{"role": "user", "content": "Name three colors."}]

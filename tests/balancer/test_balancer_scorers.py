@@ -12,6 +12,8 @@ from clowder_balancer.routing.prefix_scorer import PrefixScorer
 from clowder_balancer.routing.session_scorer import SessionScorer
 from clowder_balancer.stats import RuntimeStats
 
+pytestmark = pytest.mark.unit
+
 
 def c(rid: str, **kw) -> Candidate:
     return Candidate(rid, rid, kw.pop("in_flight", 0), **kw)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 from clowder_balancer import openai_api
+
+pytestmark = pytest.mark.unit
 
 
 def _decode(event: bytes) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import aiohttp
+import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -10,6 +11,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from clowder_balancer.app import create_balancer
 
 from balancer_helpers import ScriptedRuntime, balancer_config, put_deployment, put_endpoint, speak, wait_until
+
+pytestmark = pytest.mark.inprocess
 
 
 async def test_runtime_call_carries_the_balancer_span_context(etcd, etcd_prefix, state):

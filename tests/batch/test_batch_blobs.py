@@ -6,12 +6,15 @@ import pathlib
 import sys
 
 import grpc
+import pytest
 
 from clowder.storage.v1 import storage_pb2
 from clowder_balancer.batch.blobs import BlobClient, holder_of
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "storage"))
 from storage_helpers import TOKEN, digest_of, md, rpc_error, running_storage  # noqa: E402
+
+pytestmark = pytest.mark.inprocess
 
 
 async def test_a_file_is_stored_pinned_read_back_and_collected_only_once_unpinned(tmp_path, etcd, state, etcd_prefix):

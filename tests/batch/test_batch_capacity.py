@@ -10,6 +10,8 @@ from clowder_balancer.batch.capacity import UNKNOWN_SLOTS, Capacity
 from clowder_balancer.discovery import ReadyEndpoint
 from clowder_balancer.stats import RuntimeStats
 
+pytestmark = pytest.mark.unit
+
 
 @dataclass
 class FakeDiscovery:

@@ -33,7 +33,7 @@ from clowder_cli.bundled import DEMO_SLOTS
 from batch_helpers import chat_lines, custom_ids, ended, jsonl, lines_of, poll, upload
 from cluster_helpers import UpCluster, up_cluster
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.processes, pytest.mark.e2e]
 
 # Small chunks, so a batch of a few dozen lines is spread over many claims; a small file limit to test it.
 SETTINGS = {"CLOWDER_BATCH_CHUNK_LINES": "4", "CLOWDER_BATCH_MAX_FILE_BYTES": str(64 * 1024)}

@@ -7,6 +7,7 @@ import json
 import time
 
 import openai
+import pytest
 
 from clowder.controller.v1 import resources_pb2
 from clowder_balancer.app import create_balancer
@@ -16,6 +17,8 @@ from clowder_storage.app import create_storage
 from clowder_storage.config import StorageConfig
 
 from batch_helpers import chat_lines, jsonl
+
+pytestmark = pytest.mark.inprocess
 
 TOKEN = "batch-groups-test-token"
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from clowder.balancer.v1 import batch_pb2
 from clowder_balancer.batch.store import BatchStore
+
+pytestmark = pytest.mark.inprocess
 
 
 def result(status: int, custom_id: str = "a") -> batch_pb2.BatchResult:

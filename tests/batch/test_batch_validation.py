@@ -10,6 +10,8 @@ from clowder.balancer.v1 import batch_pb2
 from clowder_balancer.batch.shapes import batch_object, file_object, result_line
 from clowder_balancer.batch.validation import MAX_LINES, parse_input
 
+pytestmark = pytest.mark.unit
+
 CHAT = "/v1/chat/completions"
 
 

@@ -7,6 +7,7 @@ import json
 import time
 
 import openai
+import pytest
 
 from clowder.controller.v1 import resources_pb2
 from clowder_balancer.app import create_balancer
@@ -18,6 +19,8 @@ from clowder_storage.app import create_storage
 from clowder_storage.config import StorageConfig
 
 from batch_helpers import chat_lines, jsonl
+
+pytestmark = pytest.mark.processes
 
 TOKEN = "batch-wake-test-token"
 

@@ -57,6 +57,7 @@ def quiet() -> Console:
     return Console(file=io.StringIO(), width=200)
 
 
+@pytest.mark.processes
 def test_up_twice_changes_nothing(control, tmp_path):
     spec = serve.load_spec(write_spec(tmp_path, SPEC.format(name="svc-a", prompt="Be brief.", replicas=2)))
     assert serve.serve_up(control, spec, quiet()) == 0
@@ -70,6 +71,7 @@ def test_up_twice_changes_nothing(control, tmp_path):
     assert image.configuration.system_prompt == "Be brief." and image.configuration.context_size == 1024
 
 
+@pytest.mark.processes
 def test_update_scales_and_rolls_to_a_new_image(control, tmp_path):
     spec = serve.load_spec(write_spec(tmp_path, SPEC.format(name="svc-b", prompt="One.", replicas=1)))
     serve.serve_up(control, spec, quiet())
@@ -87,6 +89,7 @@ def test_update_scales_and_rolls_to_a_new_image(control, tmp_path):
     assert got.image == changed.image_alias
 
 
+@pytest.mark.processes
 def test_down_removes_deployment_and_its_images(control, tmp_path):
     spec = serve.load_spec(write_spec(tmp_path, SPEC.format(name="svc-c", prompt="x", replicas=0)))
     serve.serve_up(control, spec, quiet())
@@ -99,6 +102,7 @@ def test_down_removes_deployment_and_its_images(control, tmp_path):
         serve.serve_status(control, "svc-c", quiet())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text, field", [
     ("name: Bad Name\nimage: {source: file:///m.gguf}\n", "name"),
     ("name: ok\n", "image.source"),
@@ -111,11 +115,13 @@ def test_bad_specs_name_the_field(tmp_path, text, field):
     assert err.value.violations[0].field == field
 
 
+@pytest.mark.unit
 def test_unknown_top_level_key_is_rejected(tmp_path):
     with pytest.raises(InvalidArgument, match="unknown keys"):
         serve.load_spec(write_spec(tmp_path, "name: ok\nimage: {source: file:///m.gguf}\nreplica: 2\n"))
 
 
+@pytest.mark.unit
 def test_logs_print_each_replica_and_follow_new_lines(tmp_path):
     (tmp_path / "runtime-svc-r1.log").write_text("loaded\n")
     (tmp_path / "runtime-other-r9.log").write_text("not mine\n")
@@ -135,6 +141,7 @@ replicas: 0
 """
 
 
+@pytest.mark.processes
 def test_spec_runtime_settings_reach_the_deployment_and_are_applied_idempotently(control, tmp_path):
     spec = serve.load_spec(write_spec(tmp_path, RUNTIME_SPEC.format(
         name="svc-r", runtime="runtime: {slots: 8, threads: 1, batch_size: 128}")))
@@ -163,6 +170,7 @@ def test_spec_runtime_settings_reach_the_deployment_and_are_applied_idempotently
     assert err.value.violations[0].field == "deployment.threads"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("runtime, field", [
     ("runtime: {slot: 8}", "runtime"),
     ("runtime: [8]", "runtime"),
@@ -175,6 +183,7 @@ def test_bad_runtime_sections_name_the_field(tmp_path, runtime, field):
     assert err.value.violations[0].field == field
 
 
+@pytest.mark.processes
 def test_deploy_and_image_add_flags_set_the_runtime_settings(control):
     from clowder_cli.main import build_parser, cmd_deploy, cmd_image
 

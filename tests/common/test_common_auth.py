@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
+
 from clowder_common import auth
+
+pytestmark = pytest.mark.unit
 
 
 def test_generated_token_is_private_and_stable(tmp_path, monkeypatch):

@@ -9,6 +9,8 @@ import pytest
 from clowder_common.config import EtcdConfig, load_config
 from clowder_common.errors import InvalidArgument
 
+pytestmark = pytest.mark.unit
+
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig(EtcdConfig):

@@ -43,6 +43,7 @@ async def call(stub, name):
     return info.value
 
 
+@pytest.mark.inprocess
 async def test_domain_errors_keep_code_reason_and_details(server):
     _, stub, _ = server
     err = await call(stub, "x")
@@ -56,6 +57,7 @@ async def test_domain_errors_keep_code_reason_and_details(server):
     assert busy.retry_after == pytest.approx(1.5)
 
 
+@pytest.mark.inprocess
 async def test_unexpected_errors_become_opaque_internal(server):
     _, stub, _ = server
     err = await call(stub, "boom")
@@ -63,6 +65,7 @@ async def test_unexpected_errors_become_opaque_internal(server):
     assert "hunter2" not in err.details() and "incident" in err.details()
 
 
+@pytest.mark.inprocess
 async def test_health_goes_not_serving_on_stop(server):
     srv, _, channel = server
     health = health_pb2_grpc.HealthStub(channel)
@@ -73,6 +76,7 @@ async def test_health_goes_not_serving_on_stop(server):
     assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+@pytest.mark.unit
 def test_http_mapping_matches_grpc_gateway():
     assert HTTP_STATUS[grpc.StatusCode.NOT_FOUND] == 404
     assert HTTP_STATUS[grpc.StatusCode.INVALID_ARGUMENT] == 400

@@ -9,6 +9,8 @@ import pytest
 from clowder_common.errors import Unavailable
 from clowder_common.tasks import bounded, cancel_and_wait, run_periodically, wait_event
 
+pytestmark = pytest.mark.unit
+
 
 async def test_wake_runs_a_pass_before_the_interval():
     ran = asyncio.Event()

@@ -12,6 +12,8 @@ from clowder_common.errors import NotFound
 from clowder_common.grpc_server import create_grpc_server
 from clowder_common.telemetry import setup_telemetry
 
+pytestmark = pytest.mark.unit
+
 
 class Nodes(controller_pb2_grpc.NodeServiceServicer):
     async def ListNodes(self, request, context):

@@ -27,7 +27,7 @@ from clowder_common.auth import read_admin_token
 from browser_helpers import browser_errors, screenshot, start_chromium, wait_until
 from cluster_helpers import up_cluster
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.processes, pytest.mark.e2e]
 
 # A second runtime loads the model and registers within seconds here; generous for a loaded 2-core machine.
 REPLICA_READY_S = 180

@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import aiohttp
+import pytest
 
 from clowder.controller.v1 import resources_pb2
 from clowder_balancer.app import create_balancer
@@ -17,6 +18,8 @@ from clowder_controller.app import create_controller
 from clowder_controller.config import ControllerConfig
 from clowder_storage.app import create_storage
 from clowder_storage.config import StorageConfig
+
+pytestmark = pytest.mark.processes
 
 TOKEN = "activation-test-token"
 

@@ -15,6 +15,8 @@ from clowder_common.errors import from_rpc_error
 from clowder_controller.app import create_controller
 from clowder_controller.config import ControllerConfig
 
+pytestmark = pytest.mark.processes
+
 TOKEN = "test-admin-token-1234"
 
 

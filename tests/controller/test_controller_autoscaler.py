@@ -22,6 +22,7 @@ def dep(replicas, min_r=1, max_r=10, target=2.0, zero_after=0):
                                     target_in_flight=target, scale_to_zero_after_s=zero_after)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("deployment, load, expected", [
     (dep(1), Load(in_flight=2), 1),                       # at target
     (dep(1), Load(in_flight=7), 4),                       # ceil(7 / 2)
@@ -38,6 +39,7 @@ def test_decide(deployment, load, expected):
     assert why or wanted == deployment.replicas
 
 
+@pytest.mark.unit
 def test_scale_down_waits_for_the_down_window():
     history = History(first_seen=NOW - 1000)
     windows = Windows(up_s=0, down_s=30)
@@ -48,6 +50,7 @@ def test_scale_down_waits_for_the_down_window():
     assert decide(dep(4), Load(in_flight=1), history, NOW + 31, windows)[0] == 1
 
 
+@pytest.mark.unit
 def test_scale_up_window_takes_the_lowest_recent_recommendation():
     history = History(first_seen=NOW - 1000)
     windows = Windows(up_s=10, down_s=30)
@@ -58,6 +61,7 @@ def test_scale_up_window_takes_the_lowest_recent_recommendation():
     assert decide(dep(1), Load(in_flight=8), history, NOW + 16, windows)[0] == 4
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("last_request_ago, demand, min_r, zero_after, expected", [
     (120, 0, 0, 60, 0),     # idle long enough
     (30, 0, 0, 60, 1),      # not yet
@@ -71,6 +75,7 @@ def test_scale_to_zero(last_request_ago, demand, min_r, zero_after, expected):
     assert decide(dep(1, min_r=min_r, zero_after=zero_after), load, history, NOW, Windows())[0] == expected
 
 
+@pytest.mark.unit
 def test_a_deployment_at_zero_stays_there_without_requests():
     history = History(first_seen=NOW)
     assert decide(dep(0, min_r=0, zero_after=60), Load(), history, NOW + 1, Windows())[0] == 0
@@ -78,11 +83,13 @@ def test_a_deployment_at_zero_stays_there_without_requests():
     assert decide(dep(0, min_r=0, zero_after=0), Load(), history, NOW + 1, Windows())[0] == 1
 
 
+@pytest.mark.unit
 def test_a_new_deployment_is_not_idle_before_its_time():
     history = History(first_seen=NOW)
     assert decide(dep(1, min_r=0, zero_after=60), Load(), history, NOW + 30, Windows())[0] == 1
 
 
+@pytest.mark.unit
 def test_loads_sum_over_balancers():
     a = load_pb2.BalancerLoad(balancer="a", deployments={"d": load_pb2.DeploymentLoad(in_flight=2, waiting=1)})
     b = load_pb2.BalancerLoad(balancer="b", deployments={"d": load_pb2.DeploymentLoad(in_flight=3),
@@ -93,6 +100,7 @@ def test_loads_sum_over_balancers():
     assert totals["e"] == Load(waiting=4)
 
 
+@pytest.mark.inprocess
 async def test_autoscaler_follows_balancer_reports_in_etcd(state):
     """Reports written the way balancers write them (load/<balancer> on a lease) move Deployment.replicas."""
     key = state.key(keys.deployment("d"))

@@ -14,6 +14,8 @@ from clowder_controller.config import ControllerConfig
 
 from controller_helpers import error_of
 
+pytestmark = pytest.mark.inprocess
+
 TOKEN = "fields-test-token"
 AUTH = bearer_metadata(TOKEN)
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from clowder.controller.v1 import resources_pb2
 from clowder_cli.main import main as clowder
 from clowder_common import keys
 from clowder_common.auth import TOKEN_ENV
 from clowder_controller.app import create_controller
 from clowder_controller.config import ControllerConfig
+
+pytestmark = pytest.mark.inprocess
 
 TOKEN = "describe-test-token"
 

@@ -14,6 +14,7 @@ import signal
 import time
 
 import grpc
+import pytest
 
 from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
@@ -26,6 +27,8 @@ from clowder_common.processes import pid_alive, terminate
 from clowder_controller.leader import current_leader
 
 from controller_helpers import ReplicaHistory, start_controller_process, start_storage_process, wait_for
+
+pytestmark = pytest.mark.processes
 
 TOKEN = "outage-test-token"
 READY = resources_pb2.REPLICA_STATE_READY

@@ -28,6 +28,7 @@ def spec(deployment="smol", replica="1a2b3c4d-0", node="worker-1"):
                        threads=4)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("deployment, replica", [("smol", "1a2b3c4d-0"), ("my_model.v2", "ffffffff-12"),
                                                  ("a" * 63, "0123abcd-7")])
 def test_pod_spec_is_valid_for_kubernetes_1_35(deployment, replica):
@@ -36,6 +37,7 @@ def test_pod_spec_is_valid_for_kubernetes_1_35(deployment, replica):
     assert len(pod["metadata"]["name"]) <= 63
 
 
+@pytest.mark.unit
 def test_pod_is_pinned_mounts_the_store_read_only_and_never_inlines_the_token():
     pod = build_pod(spec(), SETTINGS, ("etcd.clowder:2379",), "/clowder/", OWNER)
     podspec = pod["spec"]
@@ -52,6 +54,7 @@ def test_pod_is_pinned_mounts_the_store_read_only_and_never_inlines_the_token():
     assert args[args.index("--advertise-host") + 1] == "$(POD_IP)"
 
 
+@pytest.mark.unit
 def test_pod_names_stay_unique_when_shortened():
     long = "d" * 63
     assert pod_name(long, "aaaa-1") != pod_name(long, "aaaa-2")
@@ -148,6 +151,7 @@ async def api():
     await runner.cleanup()
 
 
+@pytest.mark.inprocess
 async def test_launcher_drives_pods_through_the_api(api):
     fake, url = api
     configuration = kubernetes.client.Configuration()
@@ -190,6 +194,7 @@ async def test_launcher_drives_pods_through_the_api(api):
         await launcher.stop_all(1)
 
 
+@pytest.mark.inprocess
 async def test_missing_owner_is_a_clear_error(api):
     fake, url = api
     configuration = kubernetes.client.Configuration()

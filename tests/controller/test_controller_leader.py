@@ -26,6 +26,8 @@ from clowder_controller.storage_client import StorageClients
 
 from controller_helpers import start_controller_process, wait_for
 
+pytestmark = pytest.mark.processes
+
 TOKEN = "leader-test-token"
 TTL = 2
 

@@ -7,6 +7,8 @@ import signal
 import sys
 import time
 
+import pytest
+
 from clowder.controller.v1 import controller_pb2, controller_pb2_grpc, resources_pb2
 from clowder_common import keys
 from clowder_common.auth import TOKEN_ENV, bearer_metadata
@@ -18,6 +20,8 @@ from clowder_storage.app import create_storage
 from clowder_storage.config import StorageConfig
 
 from controller_helpers import wait_for
+
+pytestmark = pytest.mark.processes
 
 TOKEN = "placement-test-token"
 LEASE_TTL = 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
 from clowder_controller.app import create_controller
@@ -14,6 +16,8 @@ from clowder_storage.app import create_storage
 from clowder_storage.config import StorageConfig
 
 from controller_helpers import wait_for
+
+pytestmark = pytest.mark.processes
 
 TOKEN = "preemption-test-token"
 STARTED = (resources_pb2.REPLICA_STATE_STARTING, resources_pb2.REPLICA_STATE_READY)

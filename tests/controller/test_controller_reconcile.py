@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import grpc
+import pytest
 
 from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2
@@ -17,6 +18,8 @@ from clowder_controller.app import create_controller
 from clowder_controller.config import ControllerConfig
 from clowder_storage.app import create_storage
 from clowder_storage.config import StorageConfig
+
+pytestmark = pytest.mark.processes
 
 TOKEN = "reconcile-test-token"
 READY = resources_pb2.REPLICA_STATE_READY

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
 from clowder_common.processes import pid_alive
@@ -14,6 +16,8 @@ from clowder_controller.events import read_events
 from clowder_controller.reconciler import template_hash
 from clowder_storage.app import create_storage
 from clowder_storage.config import StorageConfig
+
+pytestmark = pytest.mark.processes
 
 TOKEN = "rolling-test-token"
 READY = resources_pb2.REPLICA_STATE_READY

@@ -7,6 +7,8 @@ import pytest
 from clowder.controller.v1 import resources_pb2
 from clowder_controller.reconciler import plan_rollout, replica_id
 
+pytestmark = pytest.mark.unit
+
 READY = resources_pb2.REPLICA_STATE_READY
 STARTING = resources_pb2.REPLICA_STATE_STARTING
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
 from clowder_controller.app import create_controller
 from clowder_controller.config import ControllerConfig
 from controller_helpers import ReplicaHistory, wait_for
 from test_controller_reconcile import TOKEN, start_node
+
+pytestmark = pytest.mark.processes
 
 READY = resources_pb2.REPLICA_STATE_READY
 

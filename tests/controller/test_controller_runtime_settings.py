@@ -31,6 +31,7 @@ SHAPE = resources_pb2.ModelShape(layers=30, embedding_length=576, heads=9, kv_he
                                  file_bytes=1 << 20)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("deployment, image, cluster, expected", [
     # Nothing set anywhere: the runtime's defaults (threads stay 0: the controller shares the node's cores).
     ({}, {}, {}, dict(slots=DEFAULT_SLOTS, threads=0, context_size=2048, batch_size=256)),
@@ -49,6 +50,7 @@ def test_the_deployment_wins_over_the_aimage_which_wins_over_the_cluster(deploym
     assert got == RuntimeSettings(**expected)
 
 
+@pytest.mark.unit
 def test_settings_reach_the_runtime_argv_and_the_pod():
     spec = RuntimeSpec(deployment="d", replica_id="r", node="n1", digest="sha256:" + "a" * 64,
                        storage_address="127.0.0.1:9", configuration=resources_pb2.ImageConfiguration(),
@@ -67,6 +69,7 @@ def test_settings_reach_the_runtime_argv_and_the_pod():
     assert bare.settings_args() == ["--threads", "1"]
 
 
+@pytest.mark.unit
 def test_template_hash_changes_with_settings_and_only_when_they_are_set():
     plain = resources_pb2.Deployment(name="d", image="m", replicas=2)
     # Deployments from before these fields keep their hash (no rolling update on upgrade).
@@ -93,6 +96,7 @@ async def control(etcd, etcd_prefix, state, tmp_path):
     await app.stop()
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("fields, field, says", [
     ({"slots": 0}, "deployment.slots", "between 1 and 256"),
     ({"slots": 257}, "deployment.slots", "between 1 and 256"),
@@ -115,6 +119,7 @@ async def test_bad_settings_are_refused_naming_the_field(control, fields, field,
     assert list(violations) == [field] and says in violations[field]
 
 
+@pytest.mark.processes
 async def test_good_settings_are_kept_updated_by_mask_and_cleared(control):
     deployments, _ = control
     created = (await deployments.CreateDeployment(controller_pb2.CreateDeploymentRequest(
@@ -138,6 +143,7 @@ async def test_good_settings_are_kept_updated_by_mask_and_cleared(control):
     assert err.violations[0].field == "deployment.threads"
 
 
+@pytest.mark.processes
 async def test_threads_are_checked_against_the_nodes_when_they_change(control, state):
     deployments, _ = control
     await deployments.CreateDeployment(controller_pb2.CreateDeploymentRequest(
@@ -154,6 +160,7 @@ async def test_threads_are_checked_against_the_nodes_when_they_change(control, s
     assert "at most 1" in err.violations[0].description
 
 
+@pytest.mark.processes
 async def test_bad_aimage_settings_are_refused_naming_the_field(control, model_path):
     _, images = control
 
@@ -189,6 +196,7 @@ async def start_node_and_controller(etcd, etcd_prefix, tmp_path):
     return node, controller
 
 
+@pytest.mark.processes
 async def test_a_deployment_with_8_slots_serves_8_streams_at_once(etcd, etcd_prefix, state, tmp_path, model_path):
     """The aimage says 2 slots; the deployment's 8 win, reach the real runtime, and 8 streams run together."""
     node, controller = await start_node_and_controller(etcd, etcd_prefix, tmp_path)
@@ -239,6 +247,7 @@ async def test_a_deployment_with_8_slots_serves_8_streams_at_once(etcd, etcd_pre
         await node.stop()
 
 
+@pytest.mark.unit
 def test_unset_threads_make_the_runtime_follow_its_node():
     spec = dict(deployment="d", replica_id="r", node="n1", digest="sha256:00", storage_address="h:1",
                 configuration=resources_pb2.ImageConfiguration())
@@ -247,6 +256,7 @@ def test_unset_threads_make_the_runtime_follow_its_node():
     assert RuntimeSpec(**spec, threads=2).settings_args() == ["--threads", "2"]
 
 
+@pytest.mark.processes
 async def test_a_replica_started_alone_gives_cores_back_when_a_second_joins(etcd, etcd_prefix, state, tmp_path,
                                                                           model_path):
     """bench-chaos (issue 11): the first replica kept every core after a scale-up, 3 threads on 2 cores."""

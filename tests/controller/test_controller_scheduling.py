@@ -25,6 +25,7 @@ def node(name, labels=None, memory=8 * GIB, gpus=0, allocated=0, replicas=0, dig
     return info
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("selector, labels, fits", [
     ({}, {}, True),
     ({}, {"zone": "a"}, True),
@@ -42,6 +43,7 @@ def test_label_match(selector, labels, fits):
         assert "zone=a" in LabelMatch().reason(request, 1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("need, total, allocated, fits", [
     (0, 8 * GIB, 8 * GIB, True),          # unknown need: anything fits
     (GIB, 8 * GIB, 0, True),
@@ -55,6 +57,7 @@ def test_memory_fit(need, total, allocated, fits):
     assert bool(MemoryFit().filter(request, [node("n", memory=total, allocated=allocated)])) is fits
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("need, has, allocated, fits", [
     (0, 0, 0, True), (1, 0, 0, False), (1, 1, 0, True), (2, 4, 2, True), (2, 4, 3, False),
 ])
@@ -64,6 +67,7 @@ def test_gpu_fit(need, has, allocated, fits):
     assert bool(GpuFit().filter(PlacementRequest("d", gpus=need), [info])) is fits
 
 
+@pytest.mark.unit
 def test_spread_prefers_empty_nodes_and_nodes_without_the_deployment():
     request = PlacementRequest("d", memory_bytes=GIB)
     empty, half, has_d = node("a"), node("b", allocated=4 * GIB), node("c", per_deployment={"d": 1})
@@ -72,6 +76,7 @@ def test_spread_prefers_empty_nodes_and_nodes_without_the_deployment():
     assert all(0.0 <= s <= 1.0 for s in scores)
 
 
+@pytest.mark.unit
 def test_binpack_prefers_the_fullest_node():
     request = PlacementRequest("d", memory_bytes=GIB)
     scores = BinPack().score(request, [node("a"), node("b", allocated=6 * GIB), node("c", allocated=2 * GIB)])
@@ -79,6 +84,7 @@ def test_binpack_prefers_the_fullest_node():
     assert all(0.0 <= s <= 1.0 for s in scores)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("digest, held, score", [
     ("sha256:aa", {"sha256:aa"}, 1.0), ("sha256:aa", {"sha256:bb"}, 0.0), ("", {"sha256:aa"}, 0.0),
 ])
@@ -86,6 +92,7 @@ def test_locality(digest, held, score):
     assert Locality().score(PlacementRequest("d", digest=digest), [node("n", digests=held)]) == [score]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("placement, expected", [("spread", "empty"), ("binpack", "busy")])
 def test_profiles_pick_by_fullness(placement, expected):
     nodes = [node("busy", allocated=5 * GIB, replicas=3), node("empty")]
@@ -94,17 +101,20 @@ def test_profiles_pick_by_fullness(placement, expected):
     assert decision.node.name == expected and decision.reason == ""
 
 
+@pytest.mark.unit
 def test_locality_breaks_an_otherwise_even_choice():
     nodes = [node("a"), node("b", digests={"sha256:m"})]
     decision = build_scheduler("spread").schedule(PlacementRequest("d", digest="sha256:m"), nodes)
     assert decision.node.name == "b"
 
 
+@pytest.mark.unit
 def test_equal_scores_go_to_the_first_name():
     decision = build_scheduler("spread").schedule(PlacementRequest("d"), [node("a"), node("b"), node("c")])
     assert decision.node.name == "a"
 
 
+@pytest.mark.unit
 def test_unplaceable_request_explains_every_filter():
     nodes = [node("small", labels={"zone": "a"}, memory=GIB), node("other", labels={"zone": "b"})]
     request = PlacementRequest("d", memory_bytes=4 * GIB, node_selector={"zone": "a"})
@@ -113,16 +123,19 @@ def test_unplaceable_request_explains_every_filter():
     assert decision.reason == ("0/2 nodes fit: 1 without labels zone=a; 1 without 4.00 GiB of free memory")
 
 
+@pytest.mark.unit
 def test_no_nodes_at_all():
     decision = build_scheduler().schedule(PlacementRequest("d"), [])
     assert decision.node is None and "no node" in decision.reason
 
 
+@pytest.mark.unit
 def test_unknown_placement_is_refused():
     with pytest.raises(ValueError):
         build_scheduler("random")
 
 
+@pytest.mark.unit
 def test_assigning_fills_the_node_for_the_next_decision():
     scheduler = build_scheduler("spread")
     nodes = [node("a", memory=3 * GIB), node("b", memory=3 * GIB)]
@@ -137,6 +150,7 @@ def test_assigning_fills_the_node_for_the_next_decision():
     assert sorted(placed) == ["a", "a", "b", "b"]
 
 
+@pytest.mark.inprocess
 def test_memory_estimate_from_gguf_metadata(model_path):
     shape = read_model_shape(model_path)
     # SmolLM2-135M: 30 layers, 576 wide, 9 heads of which 3 carry K/V.
@@ -176,6 +190,7 @@ def full_node(name, items, labels=None, memory=8 * GIB, gpus=0):
     return info
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("priority, need, on_a, on_b, expected_node, expected_victims", [
     # one low replica is enough on a: evict just it
     (10, 4 * GIB, [placed("a1", "low", 0, 6 * GIB)], [placed("b1", "low", 0, 3 * GIB), placed("b2", "low", 0, 3 * GIB)],
@@ -201,6 +216,7 @@ def test_pick_victims(priority, need, on_a, on_b, expected_node, expected_victim
         assert [v.replica.id for v in found[1]] == expected_victims
 
 
+@pytest.mark.unit
 def test_preemption_respects_labels_and_gpus():
     on_a = [placed("a1", "low", 0, GIB, gpus=1)]
     nodes = [full_node("a", on_a, labels={"zone": "x"}, gpus=1), full_node("b", [], labels={"zone": "y"}, gpus=0)]

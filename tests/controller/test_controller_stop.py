@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from clowder_controller.config import ControllerConfig
 from clowder_controller.events import EventRecorder
 from clowder_controller.launcher import LocalProcessLauncher
 from clowder_controller.reconciler import Reconciler
 from clowder_controller.storage_client import StorageClients
+
+pytestmark = pytest.mark.processes
 
 TOKEN = "stop-test-token"
 

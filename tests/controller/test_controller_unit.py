@@ -10,6 +10,8 @@ from clowder_controller.pagination import paginate
 from clowder_controller.reconciler import backoff_delay
 from clowder_controller.validation import validate_image, validate_source_url
 
+pytestmark = pytest.mark.unit
+
 
 def test_paginate_walks_all_items_once():
     items = [(f"n{i:02d}", i) for i in range(7)]

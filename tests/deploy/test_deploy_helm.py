@@ -9,6 +9,8 @@ from deploy_helpers import CHART, KUSTOMIZE, assert_clowder_invariants, by_kind,
 from kustomize_lite import build
 
 NON_DEFAULT = {
+pytestmark = pytest.mark.unit
+
     "image": {"repository": "registry.example.com/ml/clowder", "tag": "1.2.3", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "regcred"}],
     "adminToken": {"existingSecret": "ml-admin", "key": "admin"},

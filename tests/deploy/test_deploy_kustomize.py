@@ -10,6 +10,8 @@ import pytest
 from deploy_helpers import KUSTOMIZE, REPO, assert_clowder_invariants, by_kind, containers, validate_all
 from kustomize_lite import build
 
+pytestmark = pytest.mark.unit
+
 EXTERNAL = "etcd-0.etcd.infra.svc:2379,etcd-1.etcd.infra.svc:2379,etcd-2.etcd.infra.svc:2379"
 
 

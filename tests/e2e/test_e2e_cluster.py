@@ -19,7 +19,7 @@ from clowder_common.processes import free_port, pid_alive
 
 from cluster_helpers import up_cluster
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.processes, pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from clowder_common.processes import SUPERVISOR_ENV, free_port
 from netns_helpers import (ROOT_ADDRESS, Network, Node, Processes, etcd_healthy, etcd_members, ip,
                            kill_namespace_processes, runtime_pids, wait_for, wait_port)
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.processes, pytest.mark.e2e, pytest.mark.timeout(420)]
 
 MODEL = "smol"
 STORAGE_PORT = 7000

@@ -12,6 +12,8 @@ from clowder_common.rest import CONTROLLER_SERVICES, install_rest_bridge
 
 from rest_helpers import TOKEN, call
 
+pytestmark = pytest.mark.inprocess
+
 API_KEYS = "clowder.balancer.v1.ApiKeyService"
 
 

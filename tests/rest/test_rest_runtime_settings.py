@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from rest_helpers import call
+
+pytestmark = pytest.mark.inprocess
 
 BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
 

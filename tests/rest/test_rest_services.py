@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from rest_helpers import call, eventually
+
+pytestmark = pytest.mark.inprocess
 
 
 async def test_services_apply_split_promote_rollback_and_delete(api, http):

@@ -6,6 +6,8 @@ import pytest
 
 from clowder_common.rest.template import TemplateError, parse_template
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("template, path, expected", [
     ("/v1/images/{alias}", "/v1/images/smol", {"alias": "smol"}),

@@ -26,7 +26,7 @@ from clowder_common.errors import NotFound, Unavailable
 
 from cluster_helpers import up_cluster
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.processes, pytest.mark.e2e]
 
 HEADER = "x-clowder-revision"
 READY_S = 240

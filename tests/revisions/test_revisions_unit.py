@@ -14,6 +14,8 @@ from clowder_common.errors import InvalidArgument
 from clowder_controller import revisions
 from clowder_controller.rollout import MIN_REQUESTS, MIN_TTFT_SAMPLES, judge
 
+pytestmark = pytest.mark.unit
+
 
 def counters(service: str, revision: int, requests: int, errors: int, ttfts: list[float]):
     c = resources_pb2.RevisionCounters(service=service, revision=revision, requests=requests, errors=errors,

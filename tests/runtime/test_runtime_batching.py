@@ -18,6 +18,8 @@ from clowder_runtime.app import create_runtime
 from clowder_runtime.config import RuntimeConfig
 from clowder_runtime.prefix import block_hashes
 
+pytestmark = pytest.mark.inprocess
+
 SLOTS = 4
 # Small chunks, so a long prompt is prefilled over several steps while other sequences decode.
 PREFILL_CHUNK = 32

@@ -16,6 +16,8 @@ from clowder_runtime.config import RuntimeConfig
 from clowder_runtime.embeddings import EMBED_SEQUENCES
 from clowder_runtime.validation import MAX_EMBED_INPUTS
 
+pytestmark = pytest.mark.inprocess
+
 CONTEXT_SIZE = 128
 # SmolLM2-135M's hidden size.
 N_EMBD = 576

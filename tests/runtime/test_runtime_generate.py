@@ -15,6 +15,8 @@ from clowder_common.errors import InvalidArgument, ResourceExhausted, from_rpc_e
 from clowder_runtime.app import create_runtime
 from clowder_runtime.config import RuntimeConfig
 
+pytestmark = pytest.mark.inprocess
+
 SYSTEM_PROMPT = "You are a concise assistant."
 # A completion the model continues for well over 128 tokens at temperature 0.
 STORY = "Once upon a time"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import grpc
+import pytest
 from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 
 from clowder_runtime.app import create_runtime
 from clowder_runtime.config import RuntimeConfig
+
+pytestmark = pytest.mark.inprocess
 
 FIRST = "The history of the lighthouse of Brannoc, its keepers and the storms of the northern coast, begins"
 SECOND = "A recipe for country bread: flour, water, salt and a sourdough starter, mixed the evening before, then"

@@ -13,6 +13,8 @@ from clowder_common.errors import InvalidArgument, from_rpc_error
 from clowder_runtime.app import create_runtime
 from clowder_runtime.config import RuntimeConfig
 
+pytestmark = pytest.mark.inprocess
+
 PROMPT = "The capital of France is"
 
 

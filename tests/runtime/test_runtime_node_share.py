@@ -30,6 +30,7 @@ LOAD_S = 90
 FOLLOW_S = 30
 
 
+@pytest.mark.unit
 def test_the_share_counts_this_runtime_and_only_its_node():
     endpoints = [("/p/endpoints/a/r1", "n1"), ("/p/endpoints/b/r1", "n1"), ("/p/endpoints/a/r2", "n2")]
     # Not registered yet: counted anyway, since it runs already.
@@ -42,6 +43,7 @@ def test_the_share_counts_this_runtime_and_only_its_node():
     assert share_of_node(4096, 1) == 512  # llama.cpp's limit
 
 
+@pytest.mark.inprocess
 async def test_only_unset_threads_follow_the_node(model_path, etcd):
     def config(**kwargs) -> RuntimeConfig:
         return RuntimeConfig(model_path=str(model_path), etcd_endpoints=(etcd.endpoint,), deployment="d",
@@ -107,6 +109,7 @@ def runtimes():
         terminate(runtime.proc, grace=20)
 
 
+@pytest.mark.processes
 def test_runtimes_share_the_node_and_the_last_one_gets_it_back(model_path, etcd, etcd_prefix, tmp_path, runtimes):
     first = Runtime(tmp_path, model_path, etcd, etcd_prefix, "r1", "--threads", "2", "--node-cpus", "2")
     runtimes.append(first)
@@ -134,6 +137,7 @@ def test_runtimes_share_the_node_and_the_last_one_gets_it_back(model_path, etcd,
     assert first.generate() == text_alone
 
 
+@pytest.mark.processes
 def test_explicit_threads_are_never_changed(model_path, etcd, etcd_prefix, tmp_path, runtimes):
     fixed = Runtime(tmp_path, model_path, etcd, etcd_prefix, "fixed", "--threads", "2")
     runtimes.append(fixed)
@@ -149,6 +153,7 @@ def test_explicit_threads_are_never_changed(model_path, etcd, etcd_prefix, tmp_p
     assert "threads follow node" not in fixed.log()
 
 
+@pytest.mark.inprocess
 async def test_threads_show_in_stats_and_metrics_and_follow_endpoints_in_etcd(model_path, etcd, etcd_prefix, state):
     app = await create_runtime(RuntimeConfig(
         model_path=str(model_path), etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, deployment="d",
@@ -180,6 +185,7 @@ async def test_threads_show_in_stats_and_metrics_and_follow_endpoints_in_etcd(mo
         await app.stop()
 
 
+@pytest.mark.processes
 async def test_an_etcd_outage_leaves_the_threads_as_they_are(tmp_path):
     etcd = start_etcd(tmp_path / "etcd", log_path=tmp_path / "etcd.log")
     state = EtcdState([etcd.endpoint], "/share/")

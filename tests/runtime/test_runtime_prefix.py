@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import struct
 
+import pytest
+
 from clowder_runtime.prefix import HashedPrefix, block_hashes
+
+pytestmark = pytest.mark.unit
 
 
 def test_first_block_follows_the_documented_formula():

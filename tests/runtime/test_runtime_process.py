@@ -9,10 +9,13 @@ import threading
 import time
 
 import grpc
+import pytest
 from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 
 from clowder_common.clients import sync_channel
 from clowder_common.processes import spawn, terminate
+
+pytestmark = pytest.mark.processes
 
 
 def wait_for_port_file(path, proc: subprocess.Popen, timeout: float) -> int:

@@ -47,10 +47,12 @@ async def storage(model_path, tmp_path):
     await server.stop(0)
 
 
+@pytest.mark.inprocess
 async def test_model_path_comes_from_storage_with_the_admin_token(storage, model_path):
     assert await resolve_model_path("", DIGEST, storage, TOKEN) == str(model_path)
 
 
+@pytest.mark.inprocess
 @pytest.mark.parametrize(
     ("digest", "token", "error"),
     [
@@ -66,11 +68,13 @@ async def test_storage_failures_come_back_as_their_own_errors(storage, digest, t
         await resolve_model_path("", digest, storage, token)
 
 
+@pytest.mark.unit
 async def test_no_model_location_is_an_invalid_argument():
     with pytest.raises(InvalidArgument):
         await resolve_model_path("", "", "", None)
 
 
+@pytest.mark.unit
 async def test_a_file_that_is_not_a_model_fails_start_with_a_clear_error(tmp_path):
     bogus = tmp_path / "not-a-model.gguf"
     bogus.write_bytes(b"GGUF but not really" * 100)
@@ -80,6 +84,7 @@ async def test_a_file_that_is_not_a_model_fails_start_with_a_clear_error(tmp_pat
     await app.stop()
 
 
+@pytest.mark.inprocess
 @pytest.mark.parametrize(
     ("spec", "message"),
     [("no-equals-sign", "name=path"), ("Bad_Name=x.gguf", "not a valid name"), ("ok=/no/such/file.gguf", "does not exist")],
@@ -90,6 +95,7 @@ async def test_bad_adapter_specs_are_refused_before_loading(model_path, spec, me
     assert caught.value.violations[0].field == "adapters[0]"
 
 
+@pytest.mark.inprocess
 async def test_an_adapter_that_does_not_fit_the_model_fails_start_with_a_clear_error(model_path, tmp_path):
     bogus = tmp_path / "not-an-adapter.gguf"
     bogus.write_bytes(b"GGUF but not really" * 100)
@@ -99,12 +105,14 @@ async def test_an_adapter_that_does_not_fit_the_model_fails_start_with_a_clear_e
     await app.stop()
 
 
+@pytest.mark.inprocess
 async def test_registration_requires_valid_names(etcd, model_path):
     config = RuntimeConfig(model_path=str(model_path), etcd_endpoints=(etcd.endpoint,), deployment="", replica_id="r1")
     with pytest.raises(InvalidArgument):
         await create_runtime(config)
 
 
+@pytest.mark.inprocess
 async def test_endpoint_is_registered_then_withdrawn_before_running_generations_finish(
     etcd, etcd_prefix, state, storage
 ):

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.etcd import EtcdState
 from clowder_common.etcd_server import start_etcd
 from clowder_runtime.registration import EndpointRegistration
+
+pytestmark = pytest.mark.processes
 
 
 async def test_registration_waits_for_a_paused_etcd_instead_of_failing(tmp_path):

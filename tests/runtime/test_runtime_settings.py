@@ -15,6 +15,7 @@ from clowder_runtime.app import create_runtime, runtime_settings
 from clowder_runtime.config import RuntimeConfig
 
 
+@pytest.mark.unit
 def test_flags_win_over_the_image_and_the_defaults_fill_the_rest():
     image = resources_pb2.ImageConfiguration(slots=2, threads=3, context_size=512, batch_size=64)
     assert runtime_settings(RuntimeConfig(), image) == RuntimeSettings(2, 3, 512, 64)
@@ -25,6 +26,7 @@ def test_flags_win_over_the_image_and_the_defaults_fill_the_rest():
     assert DEFAULT_SLOTS == 8
 
 
+@pytest.mark.inprocess
 @pytest.mark.parametrize("config, image, field", [
     (RuntimeConfig(slots=-1), {}, "slots"),
     (RuntimeConfig(slots=300), {}, "slots"),
@@ -40,6 +42,7 @@ async def test_out_of_range_settings_are_refused_naming_the_field(model_path, co
     assert caught.value.violations[0].field == field
 
 
+@pytest.mark.processes
 def test_a_context_beyond_the_models_training_context_stops_the_runtime_with_the_field(model_path, tmp_path):
     """llama.cpp would accept it and produce garbage past 8192 positions; the runtime refuses at load."""
     argv = [sys.executable, "-m", "clowder_runtime", "--model-path", str(model_path), "--listen", "127.0.0.1:0",

@@ -6,6 +6,8 @@ import pytest
 
 from clowder_runtime.stops import StopMatcher
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("stops", "pieces", "emitted", "stopped"),

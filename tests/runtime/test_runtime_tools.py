@@ -63,6 +63,7 @@ def stream_through(parser: ToolCallParser, text: str) -> str:
 # -- the parser ----------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_calls_are_taken_out_of_the_text_with_their_arguments_as_json():
     parser = ToolCallParser()
     text = stream_through(parser, 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
@@ -74,6 +75,7 @@ def test_calls_are_taken_out_of_the_text_with_their_arguments_as_json():
     assert len({c.id for c in parser.calls}) == 2
 
 
+@pytest.mark.unit
 def test_text_that_only_looks_like_a_tag_is_returned_whole_and_in_order():
     parser = ToolCallParser()
     text = "a <tool b <tool_call>not json</tool_call> and <tool_call>[1]</tool_call> end <tool_ca"
@@ -81,6 +83,7 @@ def test_text_that_only_looks_like_a_tag_is_returned_whole_and_in_order():
     assert parser.calls == []
 
 
+@pytest.mark.unit
 def test_a_possible_tag_is_held_until_it_is_known():
     parser = ToolCallParser()
     assert parser.feed("Hello <tool_") == "Hello"
@@ -89,12 +92,14 @@ def test_a_possible_tag_is_held_until_it_is_known():
     assert parser.finish() == ""
 
 
+@pytest.mark.unit
 def test_a_call_missing_its_closing_tag_at_the_end_still_counts():
     parser = ToolCallParser()
     assert stream_through(parser, '<tool_call>\n{"name": "add", "parameters": {"a": 1}}') == ""
     assert [(c.name, c.arguments) for c in parser.calls] == [("add", '{"a": 1}')]
 
 
+@pytest.mark.unit
 def test_trailing_whitespace_is_kept_when_there_is_no_call():
     assert stream_through(ToolCallParser(), "line one\n\n") == "line one\n\n"
 
@@ -108,6 +113,7 @@ def fields(request_: runtime_pb2.GenerateRequest) -> list[str]:
     return [v.field for v in caught.value.violations]
 
 
+@pytest.mark.unit
 def test_tools_and_tool_choice_reach_the_job():
     job = build_job(request(MODE.MODE_FUNCTION, "add"), resources_pb2.ImageConfiguration())
     assert job.tool_names == ("get_weather", "add")
@@ -115,6 +121,7 @@ def test_tools_and_tool_choice_reach_the_job():
     assert build_job(request(tools=[]), resources_pb2.ImageConfiguration()).tools == ()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("request_", "field"),
     [
@@ -131,6 +138,7 @@ def test_bad_tool_requests_name_the_field(request_, field):
     assert fields(request_) == [field]
 
 
+@pytest.mark.unit
 def test_tool_turns_reach_the_template_as_openai_shaped_messages():
     turns = (
         ChatTurn("user", QUESTION),
@@ -176,6 +184,7 @@ async def generate(stub, request_):
     return [r async for r in stub.Generate(request_)]
 
 
+@pytest.mark.inprocess
 async def test_a_named_function_is_called_with_arguments_that_follow_its_schema_and_no_text(hermes):
     responses = await generate(hermes, request(MODE.MODE_FUNCTION, "get_weather"))
     last = responses[-1]
@@ -189,6 +198,7 @@ async def test_a_named_function_is_called_with_arguments_that_follow_its_schema_
     assert last.usage.completion_tokens > 5
 
 
+@pytest.mark.inprocess
 async def test_the_named_function_decides_which_tool_is_called(hermes):
     responses = await generate(hermes, request(MODE.MODE_FUNCTION, "add"))
     assert [c.name for c in responses[-1].tool_calls] == ["add"]
@@ -197,6 +207,7 @@ async def test_the_named_function_decides_which_tool_is_called(hermes):
     assert all(isinstance(v, (int, float)) for v in arguments.values())
 
 
+@pytest.mark.inprocess
 async def test_required_makes_calls_to_known_tools_only(hermes):
     responses = await generate(hermes, request(MODE.MODE_REQUIRED, max_tokens=400))
     last = responses[-1]
@@ -207,6 +218,7 @@ async def test_required_makes_calls_to_known_tools_only(hermes):
     assert "<tool_call>" not in "".join(r.text for r in responses)
 
 
+@pytest.mark.inprocess
 async def test_none_and_auto_answer_in_text_when_the_model_does_not_call(hermes):
     for mode in (MODE.MODE_NONE, MODE.MODE_AUTO):
         responses = await generate(hermes, request(mode, max_tokens=24))
@@ -215,6 +227,7 @@ async def test_none_and_auto_answer_in_text_when_the_model_does_not_call(hermes)
         assert "".join(r.text for r in responses).strip()
 
 
+@pytest.mark.inprocess
 async def test_a_conversation_with_tool_results_is_accepted(hermes):
     messages = [
         runtime_pb2.ChatMessage(role="user", content=QUESTION),
@@ -227,6 +240,7 @@ async def test_a_conversation_with_tool_results_is_accepted(hermes):
     assert responses[-1].usage.prompt_tokens > short[-1].usage.prompt_tokens + 20
 
 
+@pytest.mark.inprocess
 async def test_a_template_without_tools_refuses_them_unless_tool_choice_is_none(bundled):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await generate(bundled, request())
@@ -238,6 +252,7 @@ async def test_a_template_without_tools_refuses_them_unless_tool_choice_is_none(
     assert responses[-1].usage.completion_tokens == 4
 
 
+@pytest.mark.inprocess
 async def test_chat_template_options_are_checked_at_start(model_path, tmp_path):
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}")

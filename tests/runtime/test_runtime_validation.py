@@ -13,6 +13,8 @@ from clowder_common.errors import InvalidArgument
 from clowder_runtime.generation import ChatTurn, Finish, FinishReason, GenerationStream, Output, Piece
 from clowder_runtime.validation import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, build_job, validate_image_config
 
+pytestmark = pytest.mark.unit
+
 
 def chat(*turns: tuple[str, str], **sampling) -> runtime_pb2.GenerateRequest:
     return runtime_pb2.GenerateRequest(

@@ -17,6 +17,8 @@ from clowder.controller.v1 import resources_pb2
 
 from sdk_helpers import CHAT, MODEL, TOKEN, wait_for
 
+pytestmark = pytest.mark.processes
+
 UNKNOWN_KEY = "ck-" + "0" * 12 + "-" + "A" * 43
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "libs" / "sdk" / "examples" / "quickstart.py"
 

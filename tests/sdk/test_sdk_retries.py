@@ -15,6 +15,8 @@ from clowder_controller.config import ControllerConfig
 
 from sdk_helpers import TOKEN
 
+pytestmark = pytest.mark.inprocess
+
 
 async def test_idempotent_calls_are_retried_until_the_controller_comes_up(etcd, tmp_path):
     port = free_port()

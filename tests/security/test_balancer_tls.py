@@ -27,6 +27,8 @@ from clowder_balancer.config import BalancerConfig
 
 from security_helpers import TestCA
 
+pytestmark = pytest.mark.processes
+
 DEPLOYMENT = "tls-d"
 
 

@@ -52,6 +52,7 @@ def _client(controller: str, balancer: str, **tls) -> Client:
     return Client(controller, balancer, admin_token=TOKEN, timeout_s=5, max_attempts=1, **tls)
 
 
+@pytest.mark.processes
 async def test_the_sdk_calls_a_tls_cluster_with_its_ca_and_client_certificate(tls_cluster):
     # The servers run in this test's event loop: the synchronous client runs in a thread so the loop serves it.
     await asyncio.to_thread(_sdk_calls, *tls_cluster)
@@ -76,6 +77,7 @@ def _sdk_calls(controller: str, balancer: str, ca: TestCA, cert) -> None:
             list(client.images.list())
 
 
+@pytest.mark.unit
 def test_a_client_certificate_without_a_ca_is_refused_before_any_call(tmp_path):
     cert = TestCA(tmp_path / "pki").issue("client")
     with pytest.raises(InvalidArgument) as caught:
@@ -83,6 +85,7 @@ def test_a_client_certificate_without_a_ca_is_refused_before_any_call(tmp_path):
     assert caught.value.violations[0].field == "tls_ca_file"
 
 
+@pytest.mark.processes
 async def test_the_cli_takes_its_tls_material_from_the_environment(tls_cluster, tmp_path):
     controller, _, ca, cert = tls_cluster
     env = {**os.environ, "CLOWDER_DATA_DIR": str(tmp_path / "cli"), "CLOWDER_ADMIN_TOKEN": TOKEN}

@@ -22,6 +22,8 @@ from clowder_common.security import Tls
 
 from security_helpers import TestCA
 
+pytestmark = pytest.mark.processes
+
 PREFIX = "/tls/"
 
 

@@ -6,9 +6,12 @@ import pathlib
 import sys
 
 import helm_python
+import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "deploy"))
 from deploy_helpers import CHART, by_kind, containers, documents, validate_all  # noqa: E402
+
+pytestmark = pytest.mark.unit
 
 COMPONENTS = ("clowder-controller", "clowder-balancer", "clowder-storage")
 

@@ -23,6 +23,8 @@ from clowder_storage.config import StorageConfig
 
 from security_helpers import TestCA
 
+pytestmark = pytest.mark.processes
+
 PROMPT = runtime_pb2.GenerateRequest(prompt="The sky is", sampling=runtime_pb2.SamplingParams(temperature=0,
                                                                                               max_tokens=4))
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import grpc
+import pytest
 
 from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
 from clowder_common.auth import TOKEN_ENV
@@ -21,6 +22,8 @@ from clowder_common.processes import async_wait_for_port, free_port
 
 from storage_helpers import TOKEN, digest_of, md, pull, rpc_error, source  # noqa: F401 - source is a fixture
 from test_storage_process import wait_serving
+
+pytestmark = pytest.mark.processes
 
 START_TIMEOUT = 30
 

@@ -6,9 +6,13 @@ import asyncio
 import os
 import sys
 
+import pytest
+
 from clowder.storage.v1 import storage_pb2
 from clowder_common.auth import TOKEN_ENV
 from storage_helpers import CALL_TIMEOUT, TOKEN, digest_of, md, pull, running_storage, stored_names
+
+pytestmark = pytest.mark.processes
 
 
 async def clowder(tmp_path, port: int, *argv: str) -> tuple[int, str]:

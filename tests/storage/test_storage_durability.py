@@ -58,6 +58,7 @@ async def store_bytes(store: BlobStore, data: bytes):
     return await store.commit(temp)
 
 
+@pytest.mark.unit
 async def test_large_blob_is_readable_at_once_and_its_journal_entry_goes_once_flushed(tmp_path, executor):
     store = BlobStore(tmp_path / "s", executor, background_flush_min_bytes=1 << 20)
     await store.prepare()
@@ -70,6 +71,7 @@ async def test_large_blob_is_readable_at_once_and_its_journal_entry_goes_once_fl
     await store.close()
 
 
+@pytest.mark.unit
 async def test_small_blob_is_flushed_before_it_appears_without_the_journal(tmp_path, executor):
     store = BlobStore(tmp_path / "s", executor, background_flush_min_bytes=1 << 20)
     await store.prepare()
@@ -82,6 +84,7 @@ async def test_small_blob_is_flushed_before_it_appears_without_the_journal(tmp_p
     await store.close()
 
 
+@pytest.mark.unit
 async def test_blob_deleted_before_its_flush_leaves_nothing_pending(tmp_path, executor):
     store = BlobStore(tmp_path / "s", executor, background_flush_min_bytes=1 << 20)
     await store.prepare()
@@ -97,6 +100,7 @@ async def test_blob_deleted_before_its_flush_leaves_nothing_pending(tmp_path, ex
     await store.close()
 
 
+@pytest.mark.processes
 async def test_crash_before_flush_journals_the_blob_and_startup_keeps_it_when_intact(tmp_path, executor):
     root = tmp_path / "s"
     source = tmp_path / "layer.bin"
@@ -114,6 +118,7 @@ async def test_crash_before_flush_journals_the_blob_and_startup_keeps_it_when_in
     assert journal_lines(root) == [] and list(store.quarantine_dir.iterdir()) == []
 
 
+@pytest.mark.inprocess
 async def test_torn_journaled_blob_is_quarantined_at_startup_and_the_store_stays_usable(tmp_path, etcd, etcd_prefix,
                                                                                     state):
     root = tmp_path / "node-a"
@@ -148,6 +153,7 @@ async def test_torn_journaled_blob_is_quarantined_at_startup_and_the_store_stays
 
 
 
+@pytest.mark.unit
 async def test_journaled_blob_whose_rename_was_lost_is_simply_absent(tmp_path, executor):
     root = tmp_path / "s"
     root.mkdir()
@@ -159,6 +165,7 @@ async def test_journaled_blob_whose_rename_was_lost_is_simply_absent(tmp_path, e
     assert journal_lines(root) == [] and await store.list() == []
 
 
+@pytest.mark.unit
 async def test_journal_removed_under_a_running_store_is_recreated(tmp_path, executor):
     store = BlobStore(tmp_path / "s", executor, background_flush_min_bytes=1 << 20)
     await store.prepare()

@@ -12,6 +12,8 @@ from clowder.storage.v1 import storage_pb2
 from clowder_common.errors import from_rpc_error
 from storage_helpers import CALL_TIMEOUT, digest_of, md, rpc_error, running_storage, stored_names
 
+pytestmark = pytest.mark.inprocess
+
 MODEL = storage_pb2.LAYER_KIND_MODEL
 ADAPTER = storage_pb2.LAYER_KIND_ADAPTER
 

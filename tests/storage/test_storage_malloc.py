@@ -15,6 +15,7 @@ import pytest
 from clowder_storage.malloc import keep_transfer_buffers
 
 
+@pytest.mark.processes
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc-only by design")
 def test_glibc_accepts_the_transfer_buffer_settings():
     # In a child: the settings last for the process, and the test run should not inherit them.
@@ -23,6 +24,7 @@ def test_glibc_accepts_the_transfer_buffer_settings():
     assert out.strip() == "True"
 
 
+@pytest.mark.unit
 def test_the_tuning_is_a_no_op_without_a_c_library(monkeypatch):
     monkeypatch.setattr("ctypes.util.find_library", lambda name: "/nonexistent/libc.so")
     assert keep_transfer_buffers() is False

@@ -95,6 +95,7 @@ async def registry(tmp_path):
         terminate(proc, 5)
 
 
+@pytest.mark.unit
 def test_oci_references_parse_and_reject_escapes():
     assert parse_oci("oci://reg:5000/org/model:v1").reference == "v1"
     assert parse_oci("oci://reg/org/model").reference == "latest"
@@ -107,6 +108,7 @@ def test_oci_references_parse_and_reject_escapes():
         assert info.value.violations
 
 
+@pytest.mark.processes
 async def test_push_then_pull_back_byte_identical_with_token_auth(tmp_path, etcd, etcd_prefix, state, registry):
     files = tmp_path / "files"
     files.mkdir()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clowder.controller.v1 import resources_pb2
@@ -18,6 +19,8 @@ from clowder_common import keys
 from clowder_common.auth import TOKEN_ENV, bearer_metadata
 from clowder_common.clients import aio_channel
 from clowder_common.processes import async_wait_for_port, free_port
+
+pytestmark = pytest.mark.processes
 
 
 def storage_argv(port: int, tmp_path, etcd, prefix: str) -> list[str]:

@@ -25,6 +25,7 @@ async def storage(tmp_path, etcd, etcd_prefix, state):
         yield running
 
 
+@pytest.mark.inprocess
 async def test_dropped_connection_resumes_with_a_range_and_verifies(storage, source):
     app, stub = storage
     data = os.urandom(3_000_000)
@@ -46,6 +47,7 @@ async def test_dropped_connection_resumes_with_a_range_and_verifies(storage, sou
     assert tmp_files(app) == []
 
 
+@pytest.mark.inprocess
 async def test_repeated_drops_still_end_in_a_verified_blob(storage, source):
     app, stub = storage
     data = os.urandom(3_000_000)
@@ -57,6 +59,7 @@ async def test_repeated_drops_still_end_in_a_verified_blob(storage, source):
     assert tmp_files(app) == []
 
 
+@pytest.mark.inprocess
 async def test_source_without_ranges_restarts_from_zero_and_verifies(storage, source):
     app, stub = storage
     data = os.urandom(2_000_000)
@@ -68,6 +71,7 @@ async def test_source_without_ranges_restarts_from_zero_and_verifies(storage, so
     assert source.bytes_sent == 700_000 + len(data)
 
 
+@pytest.mark.inprocess
 async def test_large_source_in_parallel_ranged_parts_with_a_drop(tmp_path, etcd, etcd_prefix, state, source):
     data = os.urandom(4_200_000)
     source.blobs["big"] = data
@@ -88,6 +92,7 @@ async def test_large_source_in_parallel_ranged_parts_with_a_drop(tmp_path, etcd,
         assert tmp_files(app) == []
 
 
+@pytest.mark.inprocess
 async def test_parallel_pull_is_one_piece_per_connection_under_the_piece_cap(tmp_path, etcd, etcd_prefix, state,
                                                                               source):
     data = os.urandom(8 << 20)
@@ -101,6 +106,7 @@ async def test_parallel_pull_is_one_piece_per_connection_under_the_piece_cap(tmp
     assert ranges == [""] + [f"bytes={i << 21}-{((i + 1) << 21) - 1}" for i in (1, 2, 3)]
 
 
+@pytest.mark.inprocess
 async def test_parallel_pieces_reuse_their_connections(tmp_path, etcd, etcd_prefix, state, source):
     data = os.urandom(12 << 20)
     source.blobs["big"] = data
@@ -115,6 +121,7 @@ async def test_parallel_pieces_reuse_their_connections(tmp_path, etcd, etcd_pref
     assert len(set(source.peers)) <= 4
 
 
+@pytest.mark.inprocess
 async def test_wrong_bytes_are_data_loss_and_nothing_is_stored(storage, source):
     app, stub = storage
     data = os.urandom(1_500_000)
@@ -126,6 +133,7 @@ async def test_wrong_bytes_are_data_loss_and_nothing_is_stored(storage, source):
     assert stored_names(app) == [] and tmp_files(app) == []
 
 
+@pytest.mark.inprocess
 async def test_eight_concurrent_pulls_of_one_blob_make_one_transfer(storage, source):
     app, stub = storage
     data = os.urandom(3_000_000)
@@ -144,6 +152,7 @@ async def test_eight_concurrent_pulls_of_one_blob_make_one_transfer(storage, sou
     assert len(source.requests) == 1 and source.bytes_sent == len(data)
 
 
+@pytest.mark.inprocess
 async def test_pull_over_the_quota_fails_up_front_and_leaves_the_store_intact(tmp_path, etcd, etcd_prefix, state,
                                                                               source):
     small, big = os.urandom(400_000), os.urandom(2_000_000)
@@ -163,6 +172,7 @@ async def test_pull_over_the_quota_fails_up_front_and_leaves_the_store_intact(tm
         assert verify.checked == 1 and not verify.quarantined_digests
 
 
+@pytest.mark.inprocess
 async def test_blob_size_limit_is_resource_exhausted(tmp_path, etcd, etcd_prefix, state, source):
     source.blobs["big"] = os.urandom(600_000)
     async with running_storage(tmp_path, etcd, etcd_prefix, max_blob_bytes=500_000) as (app, stub):
@@ -172,6 +182,7 @@ async def test_blob_size_limit_is_resource_exhausted(tmp_path, etcd, etcd_prefix
         assert stored_names(app) == [] and tmp_files(app) == []
 
 
+@pytest.mark.unit
 def test_a_full_volume_is_resource_exhausted():
     # /dev/full fails every write with ENOSPC, as a full store volume does.
     fd = os.open("/dev/full", os.O_WRONLY)
@@ -183,6 +194,7 @@ def test_a_full_volume_is_resource_exhausted():
     assert errno.ENOSPC  # the mapping above is for this errno
 
 
+@pytest.mark.inprocess
 async def test_bearer_basic_and_secret_ref_credentials_never_logged(storage, source, monkeypatch, caplog):
     app, stub = storage
     data = os.urandom(200_000)
@@ -208,6 +220,7 @@ async def test_bearer_basic_and_secret_ref_credentials_never_logged(storage, sou
     assert "s3cr3t-token-value" not in logged and "pw-123456" not in logged
 
 
+@pytest.mark.inprocess
 async def test_missing_secret_ref_is_invalid_argument(storage, source):
     _, stub = storage
     source.blobs["m"] = b"x"
@@ -217,6 +230,7 @@ async def test_missing_secret_ref_is_invalid_argument(storage, source):
     assert from_rpc_error(err).violations[0].field == "credentials.secret_ref"
 
 
+@pytest.mark.inprocess
 async def test_connection_dropped_after_the_last_byte_still_completes(storage, source):
     app, stub = storage
     data = os.urandom(1_000_000)

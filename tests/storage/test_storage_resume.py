@@ -117,6 +117,7 @@ def offer_big(source: RangedSource, pace_s: float = PACE_S) -> str:
     return digest_of(data)
 
 
+@pytest.mark.processes
 async def test_sigkilled_pull_resumes_from_the_kept_prefix_in_a_new_process(tmp_path, etcd, etcd_prefix, source):
     digest = offer_big(source)
 
@@ -139,6 +140,7 @@ async def test_sigkilled_pull_resumes_from_the_kept_prefix_in_a_new_process(tmp_
     assert os.listdir(tmp_path / "store" / "blobs" / "sha256") == [digest.split(":")[1]]
 
 
+@pytest.mark.processes
 async def test_sigkilled_parallel_pull_resumes_from_its_contiguous_prefix(tmp_path, etcd, etcd_prefix, source):
     # Pieces over 4 connections: what survives a kill is the contiguous hashed prefix; pieces finished past
     # it are fetched again (the sidecar vouches for one length, not a map of pieces).
@@ -166,6 +168,7 @@ async def test_sigkilled_parallel_pull_resumes_from_its_contiguous_prefix(tmp_pa
     assert os.listdir(tmp_path / "store" / "partial") == []
 
 
+@pytest.mark.processes
 async def test_altered_kept_prefix_is_caught_and_the_pull_starts_over(tmp_path, etcd, etcd_prefix, source):
     digest = offer_big(source)
 
@@ -206,6 +209,7 @@ def kept_partial(store: BlobStore, data: bytes) -> str:
     return digest
 
 
+@pytest.mark.unit
 def test_kept_prefix_is_rehashed_and_a_torn_sidecar_or_tail_is_not_trusted(tmp_path):
     store, executor = make_store(tmp_path)
     try:
@@ -238,6 +242,7 @@ def test_kept_prefix_is_rehashed_and_a_torn_sidecar_or_tail_is_not_trusted(tmp_p
         executor.shutdown()
 
 
+@pytest.mark.unit
 def test_unclaimed_partials_are_collected_by_age_and_total_size(tmp_path, monkeypatch):
     store, executor = make_store(tmp_path)
     try:

@@ -142,6 +142,7 @@ async def wait_until(predicate, timeout: float = 5.0) -> None:
 # -- pulling ----------------------------------------------------------------------
 
 
+@pytest.mark.inprocess
 async def test_pull_from_file_stores_a_verified_blob(app, stub, tmp_path):
     data = write_file(tmp_path / "layer.bin", 3_000_000)
     messages = await pull(stub, (tmp_path / "layer.bin").as_uri())
@@ -159,6 +160,7 @@ async def test_pull_from_file_stores_a_verified_blob(app, stub, tmp_path):
     assert tmp_files(app) == []
 
 
+@pytest.mark.inprocess
 async def test_get_blob_path_points_at_the_content(stub, tmp_path):
     data = write_file(tmp_path / "layer.bin", 200_000)
     digest = (await pull(stub, (tmp_path / "layer.bin").as_uri()))[-1].blob.digest
@@ -167,6 +169,7 @@ async def test_get_blob_path_points_at_the_content(stub, tmp_path):
     assert await asyncio.to_thread(sha256_file, reply.path) == digest == digest_of(data)
 
 
+@pytest.mark.inprocess
 async def test_pull_bundled_model_streams_progress(tmp_path, etcd, etcd_prefix, state, model_path):
     size = model_path.stat().st_size
     async with running_storage(tmp_path, etcd, etcd_prefix, progress_interval_s=0.05) as (app, stub):
@@ -189,6 +192,7 @@ async def test_pull_bundled_model_streams_progress(tmp_path, etcd, etcd_prefix, 
     assert final.blob.digest == await asyncio.to_thread(sha256_file, str(model_path))
 
 
+@pytest.mark.inprocess
 async def test_pull_from_http_twice_stores_once(app, stub, source):
     source.blobs["m"] = os.urandom(2_500_000)
     first = (await pull(stub, source.url("blob/m")))[-1].blob
@@ -200,6 +204,7 @@ async def test_pull_from_http_twice_stores_once(app, stub, source):
     assert tmp_files(app) == []
 
 
+@pytest.mark.inprocess
 async def test_http_pull_stores_the_published_bytes_not_an_encoding(stub, source):
     source.blobs["m"] = b"very compressible " * 50_000
     final = (await pull(stub, source.url("gz/m")))[-1]
@@ -207,6 +212,7 @@ async def test_http_pull_stores_the_published_bytes_not_an_encoding(stub, source
     assert final.blob.size_bytes == len(source.blobs["m"])
 
 
+@pytest.mark.inprocess
 async def test_expected_digest_already_stored_skips_the_source(stub, source):
     source.blobs["m"] = os.urandom(100_000)
     digest = (await pull(stub, source.url("blob/m")))[-1].blob.digest
@@ -220,6 +226,7 @@ async def test_expected_digest_already_stored_skips_the_source(stub, source):
     assert messages[-1].blob.digest == digest and source.hits["gone"] == 0
 
 
+@pytest.mark.inprocess
 async def test_http_404_is_not_found_without_secrets_in_message(stub, source):
     url = f"http://alice:hunter2@127.0.0.1:{source.port}/blob/missing?token=s3cr3t"
     err = await rpc_error(pull(stub, url))
@@ -231,6 +238,7 @@ async def test_http_404_is_not_found_without_secrets_in_message(stub, source):
     assert "hunter2" not in decoded.message and "s3cr3t" not in decoded.message
 
 
+@pytest.mark.inprocess
 @pytest.mark.parametrize(
     "status, code",
     [(401, grpc.StatusCode.PERMISSION_DENIED), (403, grpc.StatusCode.PERMISSION_DENIED),
@@ -242,6 +250,7 @@ async def test_http_error_statuses_map_to_codes(stub, source, status, code):
     assert from_rpc_error(err).metadata["http_status"] == str(status)
 
 
+@pytest.mark.inprocess
 async def test_refused_connection_is_unavailable_and_names_the_url(app, stub):
     port = free_port()
     err = await rpc_error(pull(stub, f"http://127.0.0.1:{port}/m.gguf?sig=abc"))
@@ -250,11 +259,13 @@ async def test_refused_connection_is_unavailable_and_names_the_url(app, stub):
     assert tmp_files(app) == []
 
 
+@pytest.mark.inprocess
 async def test_missing_file_source_is_not_found(stub, tmp_path):
     err = await rpc_error(pull(stub, (tmp_path / "nope.gguf").as_uri()))
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.inprocess
 async def test_digest_mismatch_is_data_loss_and_leaves_nothing(app, stub, source):
     source.blobs["m"] = os.urandom(1_500_000)
     wrong = digest_of(b"a different model")
@@ -268,6 +279,7 @@ async def test_digest_mismatch_is_data_loss_and_leaves_nothing(app, stub, source
     assert list(app.store.blob_dir.iterdir()) == [] and tmp_files(app) == []
 
 
+@pytest.mark.inprocess
 async def test_not_enough_space_is_resource_exhausted(tmp_path, etcd, etcd_prefix, state):
     data = write_file(tmp_path / "layer.bin", 10_000)
     async with running_storage(tmp_path, etcd, etcd_prefix, reserve_free_bytes=1 << 60) as (app, stub):
@@ -277,6 +289,7 @@ async def test_not_enough_space_is_resource_exhausted(tmp_path, etcd, etcd_prefi
         assert tmp_files(app) == [] and list(app.store.blob_dir.iterdir()) == []
 
 
+@pytest.mark.inprocess
 @pytest.mark.parametrize(
     "url", ["ftp://example.com/m.gguf", "file://relative/m.gguf", "not a url", "", "http:///m.gguf"]
 )
@@ -286,6 +299,7 @@ async def test_bad_source_url_is_invalid_argument(stub, url):
     assert [v.field for v in from_rpc_error(err).violations] == ["source_url"]
 
 
+@pytest.mark.inprocess
 async def test_bad_expected_digest_is_invalid_argument(stub, tmp_path):
     write_file(tmp_path / "layer.bin", 10)
     err = await rpc_error(pull(stub, (tmp_path / "layer.bin").as_uri(), expected="sha256:../../etc"))
@@ -312,6 +326,7 @@ async def read_rest(call) -> list[storage_pb2.PullBlobResponse]:
     return messages
 
 
+@pytest.mark.inprocess
 async def test_concurrent_pulls_share_one_download(app, stub, source):
     data = source.blobs["m"] = os.urandom(3_000_000)
     request = storage_pb2.PullBlobRequest(source_url=source.url("held/m"))
@@ -326,6 +341,7 @@ async def test_concurrent_pulls_share_one_download(app, stub, source):
     assert source.hits["m"] == 1
 
 
+@pytest.mark.inprocess
 async def test_cancelled_pull_removes_its_partial_file(app, stub, source):
     source.blobs["m"] = os.urandom(3_000_000)
     call = stub.PullBlob(storage_pb2.PullBlobRequest(source_url=source.url("held/m")),
@@ -340,6 +356,7 @@ async def test_cancelled_pull_removes_its_partial_file(app, stub, source):
     await wait_until(lambda: source.aborted == 1)
 
 
+@pytest.mark.inprocess
 async def test_shared_download_survives_one_caller_leaving(app, stub, source):
     data = source.blobs["m"] = os.urandom(3_000_000)
     request = storage_pb2.PullBlobRequest(source_url=source.url("held/m"))
@@ -356,6 +373,7 @@ async def test_shared_download_survives_one_caller_leaving(app, stub, source):
     assert source.hits["m"] == 1 and tmp_files(app) == []
 
 
+@pytest.mark.inprocess
 async def test_parallel_downloads_are_limited(tmp_path, etcd, etcd_prefix, state, source):
     source.blobs["a"] = os.urandom(2_000_000)
     source.blobs["b"] = os.urandom(2_000_000)
@@ -374,6 +392,7 @@ async def test_parallel_downloads_are_limited(tmp_path, etcd, etcd_prefix, state
         assert source.hits["b"] == 1
 
 
+@pytest.mark.inprocess
 async def test_stalled_source_times_out_as_unavailable(tmp_path, etcd, etcd_prefix, state, source):
     source.blobs["m"] = os.urandom(2_000_000)
     async with running_storage(tmp_path, etcd, etcd_prefix, http_read_timeout_s=0.3,
@@ -389,6 +408,7 @@ async def test_stalled_source_times_out_as_unavailable(tmp_path, etcd, etcd_pref
 # -- the other RPCs ----------------------------------------------------------------
 
 
+@pytest.mark.inprocess
 async def test_delete_blob(stub, tmp_path):
     write_file(tmp_path / "layer.bin", 1000)
     digest = (await pull(stub, (tmp_path / "layer.bin").as_uri()))[-1].blob.digest
@@ -399,6 +419,7 @@ async def test_delete_blob(stub, tmp_path):
     assert list(listed.blobs) == []
 
 
+@pytest.mark.inprocess
 @pytest.mark.parametrize("method, request_cls", [
     ("StatBlob", storage_pb2.StatBlobRequest),
     ("DeleteBlob", storage_pb2.DeleteBlobRequest),
@@ -416,6 +437,7 @@ async def test_absent_and_malformed_digests(stub, method, request_cls):
     assert [v.field for v in violations] == ["digest"] and "sha256:" in violations[0].description
 
 
+@pytest.mark.inprocess
 async def test_calls_need_the_admin_token(app, stub):
     request = storage_pb2.ListBlobsRequest()
     err = await rpc_error(stub.ListBlobs(request, timeout=5))
@@ -436,6 +458,7 @@ async def test_calls_need_the_admin_token(app, stub):
 # -- node registration ---------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_gpus_counted_from_device_nodes(tmp_path):
     from clowder_storage.registration import count_gpus
 
@@ -445,6 +468,7 @@ def test_gpus_counted_from_device_nodes(tmp_path):
     assert count_gpus(tmp_path / "missing") == 0
 
 
+@pytest.mark.inprocess
 async def test_node_registered_with_its_address_until_stopped(tmp_path, etcd, etcd_prefix, state):
     key = state.key(keys.node("node-a"))
     async with running_storage(tmp_path, etcd, etcd_prefix, labels=LABELS) as (app, stub):

@@ -73,6 +73,7 @@ async def hub():
     await cdn.stop()
 
 
+@pytest.mark.unit
 def test_hf_urls_parse_and_reject_escapes():
     assert parse_hf("hf:///org/repo/model.gguf") == ("org/repo", "main", "model.gguf")
     assert parse_hf("hf:///org/repo@v1.0/sub/model.gguf") == ("org/repo", "v1.0", "sub/model.gguf")
@@ -83,6 +84,7 @@ def test_hf_urls_parse_and_reject_escapes():
         assert info.value.violations[0].field == "source_url"
 
 
+@pytest.mark.inprocess
 async def test_hf_pull_verifies_against_the_hub_digest(tmp_path, etcd, etcd_prefix, state, hub):
     data = os.urandom(700_000)
     hub.cdn.blobs["lfs-1"] = data
@@ -99,6 +101,7 @@ async def test_hf_pull_verifies_against_the_hub_digest(tmp_path, etcd, etcd_pref
         assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.inprocess
 async def test_hf_wrong_bytes_from_the_cdn_are_data_loss(tmp_path, etcd, etcd_prefix, state, hub):
     data = os.urandom(300_000)
     hub.cdn.blobs["lfs-1"] = data
@@ -110,6 +113,7 @@ async def test_hf_wrong_bytes_from_the_cdn_are_data_loss(tmp_path, etcd, etcd_pr
         assert stored_names(app) == []
 
 
+@pytest.mark.inprocess
 async def test_hf_token_goes_to_the_hub_not_to_the_cdn(tmp_path, etcd, etcd_prefix, state, hub):
     data = os.urandom(100_000)
     hub.cdn.blobs["lfs-1"] = data
@@ -134,6 +138,7 @@ def moto():
     terminate(proc, 5)
 
 
+@pytest.mark.processes
 async def test_s3_pull_with_credentials_and_errors(tmp_path, etcd, etcd_prefix, state, moto):
     import boto3
 
@@ -157,6 +162,7 @@ async def test_s3_pull_with_credentials_and_errors(tmp_path, etcd, etcd_prefix, 
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.inprocess
 async def test_peer_pull_streams_from_another_nodes_store(tmp_path, etcd, etcd_prefix, state):
     data = os.urandom(1_500_000)
     source = tmp_path / "model.gguf"
@@ -181,6 +187,7 @@ async def test_peer_pull_streams_from_another_nodes_store(tmp_path, etcd, etcd_p
             assert from_rpc_error(err).violations[0].field == "source_url"
 
 
+@pytest.mark.inprocess
 async def test_file_roots_confine_file_sources(tmp_path, etcd, etcd_prefix):
     served = tmp_path / "models"
     served.mkdir()

@@ -14,6 +14,8 @@ from clowder_storage.config import StorageConfig
 from clowder_storage.sources import FileFetcher, HttpFetcher, Sources, redact_url
 from clowder_storage.store import BlobStore, parse_digest
 
+pytestmark = pytest.mark.unit
+
 
 def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()

@@ -16,6 +16,8 @@ from clowder.controller.v1 import resources_pb2
 from clowder_common.processes import pid_alive
 from clowder_controller.launcher import LocalProcessLauncher, RuntimeSpec, RuntimeState
 
+pytestmark = pytest.mark.processes
+
 ETCD = ("127.0.0.1:1",)
 
 # Stands in for a runtime: python ignores the arguments after -c's code, but they are in /proc/PID/cmdline.

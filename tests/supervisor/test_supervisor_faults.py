@@ -34,7 +34,7 @@ from storage_helpers import RangedSource  # noqa: E402
 
 from cluster_helpers import UpCluster, up_cluster  # noqa: E402
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.processes, pytest.mark.e2e]
 
 READY = resources_pb2.REPLICA_STATE_READY
 

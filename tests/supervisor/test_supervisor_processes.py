@@ -9,7 +9,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from clowder_common.processes import SUPERVISOR_ENV
+
+pytestmark = pytest.mark.processes
 
 
 MIDDLE = """

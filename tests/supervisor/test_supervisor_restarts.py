@@ -61,6 +61,7 @@ def wait_state(tmp_path, name: str, check, timeout: float = 30) -> dict:
     raise AssertionError(f"{name}: {state}")
 
 
+@pytest.mark.processes
 def test_a_killed_component_is_restarted_with_backoff_while_the_other_keeps_running(supervised, tmp_path):
     supervisor, out = supervised
     first = state_of(tmp_path, "alpha")
@@ -86,6 +87,7 @@ def test_a_killed_component_is_restarted_with_backoff_while_the_other_keeps_runn
     assert state_of(tmp_path, "beta") == {**beta, "state": RUNNING}
 
 
+@pytest.mark.processes
 def test_backoff_resets_after_a_stable_run(supervised, tmp_path, monkeypatch):
     supervisor, _ = supervised
     monkeypatch.setattr(supervisor_module, "STABLE_S", 0.0)  # every run counts as a long one
@@ -97,6 +99,7 @@ def test_backoff_resets_after_a_stable_run(supervised, tmp_path, monkeypatch):
     assert wait_state(tmp_path, "beta", lambda s: s["state"] == RUNNING)["restarts"] == 3
 
 
+@pytest.mark.unit
 def test_status_without_a_cluster_says_so(tmp_path, capsys):
     assert clowder_main(["--data-dir", str(tmp_path), "status"]) == 1
     assert "no cluster is running from" in capsys.readouterr().out
@@ -104,6 +107,7 @@ def test_status_without_a_cluster_says_so(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == {"running": False, "data_dir": str(tmp_path)}
 
 
+@pytest.mark.processes
 def test_status_shows_the_supervisors_state(supervised, tmp_path, capsys, monkeypatch):
     supervisor, _ = supervised
     os.kill(state_of(tmp_path, "alpha")["pid"], signal.SIGKILL)

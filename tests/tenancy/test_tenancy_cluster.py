@@ -7,11 +7,15 @@ import json
 import time
 import uuid
 
+import pytest
+
 from clowder.balancer.v1 import apikeys_pb2
 from clowder_cli.main import main as clowder_main
 
 from tenancy_helpers import ADMIN, MODEL
 from balancer_helpers import sse_events, wait_until
+
+pytestmark = pytest.mark.processes
 
 CHAT = [{"role": "user", "content": "Say hello."}]
 

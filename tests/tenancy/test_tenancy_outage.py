@@ -23,6 +23,8 @@ from clowder_balancer.app import create_balancer
 from tenancy_helpers import ADMIN
 from balancer_helpers import balancer_config, put_deployment, runtime_processes, wait_until
 
+pytestmark = pytest.mark.processes
+
 MODEL = "o"
 STAGE_RPM = 6
 

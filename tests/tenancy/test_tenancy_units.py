@@ -14,6 +14,8 @@ from clowder_balancer.apikeys import Limits
 from clowder_balancer.tenancy.fairness import FairQueue
 from clowder_balancer.tenancy.quota import Reservation, _Refused, admit, budget_period, settle
 
+pytestmark = pytest.mark.unit
+
 CRITICAL, STANDARD, SHEDDABLE = (apikeys_pb2.PRIORITY_CLASS_CRITICAL, apikeys_pb2.PRIORITY_CLASS_STANDARD,
                                  apikeys_pb2.PRIORITY_CLASS_SHEDDABLE)
 NOW = 1_800_000_000.0
