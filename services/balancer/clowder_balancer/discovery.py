@@ -26,6 +26,8 @@ class ModelInfo:
 class ReadyEndpoint:
     replica_id: str
     address: str
+    # LoRA adapters the replica lists in its endpoint (rewritten as it loads and unloads them).
+    adapters: frozenset[str] = frozenset()
 
 
 # Shared (callers only read it), so per-model caches keyed on the configuration object hit for it too.
@@ -135,7 +137,7 @@ class Discovery:
         if found is None:
             prefix = self._endpoints_prefix + name + "/"
             found = sorted((
-                ReadyEndpoint(key.removeprefix(prefix), ep.address)
+                ReadyEndpoint(key.removeprefix(prefix), ep.address, frozenset(a.name for a in ep.adapters))
                 for key, ep in self._endpoints.items.items()
                 if key.startswith(prefix) and ep.address
             ), key=lambda e: e.replica_id)
@@ -152,7 +154,7 @@ class Discovery:
         """
         prefix = self._endpoints_prefix + name + "/"
         return sorted((
-            ReadyEndpoint(key.removeprefix(prefix), ep.address)
+            ReadyEndpoint(key.removeprefix(prefix), ep.address, frozenset(a.name for a in ep.adapters))
             for key, (ep, _) in self._recently_departed().items() if key.startswith(prefix)
         ), key=lambda e: e.replica_id)
 
