@@ -1,4 +1,10 @@
-"""Assembles the storage service: store, sources, puller, gRPC server and node registration."""
+"""Assembles the storage service: store, sources, puller, gRPC server and node registration.
+
+Every part gets what it uses in its constructor, so create_storage builds them in dependency order:
+
+    executor -> store -> index -> http, peer, oci -> sources -> state -> registration -> space -> puller
+             -> images (ImagePuller) -> servicer -> server -> StorageApp
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,8 @@ from clowder_common.security import ClusterSecurity, load_security
 
 from clowder_storage.config import StorageConfig
 from clowder_storage.hf import HfFetcher
-from clowder_storage.images import ImageStore
+from clowder_storage.image_pulls import ImagePuller
+from clowder_storage.images import ImageIndex
 from clowder_storage.oci import OciClient
 from clowder_storage.peer import PeerDirectory, PeerFetcher
 from clowder_storage.puller import Puller
@@ -50,29 +57,32 @@ class StorageApp:
     def __init__(
         self,
         config: StorageConfig,
+        *,
+        executor: concurrent.futures.ThreadPoolExecutor,
         store: BlobStore,
-        puller: Puller,
         http: HttpFetcher,
-        server: GrpcServer,
+        peer: PeerFetcher,
         state: EtcdState,
         registration: NodeRegistration,
-        executor: concurrent.futures.ThreadPoolExecutor,
-        images: ImageStore | None = None,
-        space: Space | None = None,
-        closers: tuple = (),
+        puller: Puller,
+        index: ImageIndex,
+        images: ImagePuller,
+        space: Space,
+        server: GrpcServer,
     ) -> None:
         self.config = config
-        self.images = images
-        self.space = space
-        self._closers = closers
         self.store = store
-        self.puller = puller
-        self.server = server
         self.state = state
         self.registration = registration
+        self.puller = puller
+        self.index = index
+        self.images = images
+        self.space = space
+        self.server = server
         self.address = advertised_address(config, server.port)
-        self._http = http
         self._executor = executor
+        self._http = http
+        self._peer = peer
         self._started = False
         self._stop_task: asyncio.Task | None = None
 
@@ -109,13 +119,39 @@ class StorageApp:
         with contextlib.suppress(Exception):
             await self.store.close(self.config.shutdown_grace_s + 30)
         await self._http.close()
-        for close in self._closers:
-            with contextlib.suppress(Exception):
-                await close()
+        with contextlib.suppress(Exception):
+            await self._peer.close()
         await self.state.close()
         # puller.close() waited for every file operation, so nothing is left to run here.
         self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("storage stopped")
+
+
+def _sources(config: StorageConfig, store: BlobStore, http: HttpFetcher, peer: PeerFetcher,
+             oci: OciClient) -> Sources:
+    """One fetcher per URL scheme: file, http(s), hf, peer, s3, oci."""
+    return Sources([
+        FileFetcher(store.run, config.file_roots), http, HfFetcher(http, config.hf_endpoint), peer,
+        S3Fetcher(store.run, config.s3_endpoint, config.s3_region, config.http_connect_timeout_s,
+                  config.http_read_timeout_s),
+        oci,
+    ])
+
+
+def _puller(config: StorageConfig, store: BlobStore, sources: Sources, space: Space, state: EtcdState,
+            registration: NodeRegistration, peer: PeerFetcher) -> Puller:
+    return Puller(
+        store, sources, space, registration.store_changed, config.max_parallel_pulls,
+        progress_interval_s=config.progress_interval_s,
+        reserve_free_bytes=config.reserve_free_bytes,
+        options=TransferOptions(parallel_min_bytes=config.parallel_min_bytes,
+                                parallel_parts=config.parallel_parts, retries=config.pull_retries,
+                                min_part_bytes=config.parallel_part_min_bytes,
+                                max_part_bytes=config.parallel_part_max_bytes),
+        max_blob_bytes=config.max_blob_bytes,
+        peers=PeerDirectory(state, config.node_name, registration, peer) if config.peer_pulls else None,
+        origin_allowed=not config.peers_only,
+    )
 
 
 async def create_storage(config: StorageConfig, admin_token: str | None,
@@ -130,59 +166,28 @@ async def create_storage(config: StorageConfig, admin_token: str | None,
     try:
         store = BlobStore(config.data_dir, executor, config.background_flush_min_bytes)
         await store.prepare()
+        index = ImageIndex(store)
+        await index.prepare()
         http = HttpFetcher(config.http_connect_timeout_s, config.http_read_timeout_s, config.http_total_timeout_s)
         peer = PeerFetcher(admin_token, config.http_read_timeout_s, security)
-        sources = Sources([
-            FileFetcher(store.run, config.file_roots), http, HfFetcher(http, config.hf_endpoint), peer,
-            S3Fetcher(store.run, config.s3_endpoint, config.s3_region, config.http_connect_timeout_s,
-                      config.http_read_timeout_s),
-        ])
+        oci = OciClient(http, store, index, config.insecure_registries)
+        sources = _sources(config, store, http, peer, oci)
         state = EtcdState(config.etcd_endpoints, config.etcd_prefix, security.etcd_tls)
         registration = NodeRegistration(
             state, store, config.node_name, config.labels, config.lease_ttl_s, config.node_refresh_s,
             gpus=config.gpus if config.gpus >= 0 else count_gpus(),
         )
-        space_ref: list[Space] = []
-
-        def stored() -> None:
-            registration.store_changed()
-            # Over the high watermark after a pull: evict in the background, the pull itself is done.
-            if space_ref and space_ref[0].quota_bytes:
-                task = asyncio.ensure_future(space_ref[0].enforce_watermarks())
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-        async def make_room(needed: int) -> None:
-            await space_ref[0].make_room(needed)
-
-        puller = Puller(
-            store, sources, config.max_parallel_pulls,
-            progress_interval_s=config.progress_interval_s,
-            reserve_free_bytes=config.reserve_free_bytes,
-            on_stored=stored,
-            options=TransferOptions(parallel_min_bytes=config.parallel_min_bytes,
-                                    parallel_parts=config.parallel_parts, retries=config.pull_retries,
-                                    min_part_bytes=config.parallel_part_min_bytes,
-                                    max_part_bytes=config.parallel_part_max_bytes),
-            make_room=make_room,
-            max_blob_bytes=config.max_blob_bytes,
-            peers=PeerDirectory(state, config.node_name, registration, peer) if config.peer_pulls else None,
-            origin_allowed=not config.peers_only,
-        )
-        images = ImageStore(store, puller)
-        await images.prepare()
-        space = Space(store, images.referenced, images.metadata, config.max_store_bytes,
+        space = Space(store, index.referenced, index.metadata, config.max_store_bytes,
                       config.high_watermark, config.low_watermark, config.gc_grace_s)
         await space.prepare()
-        images.space = space
-        space_ref.append(space)
-        oci = OciClient(http, store, images, config.insecure_registries)
-        sources.register(oci)
-        servicer = StorageServicer(store, puller, on_change=registration.store_changed, images=images, space=space,
-                                   oci=oci)
+        puller = _puller(config, store, sources, space, state, registration, peer)
+        images = ImagePuller(store, index, puller, space, oci)
+        servicer = StorageServicer(store, puller, index, images, space, oci, on_change=registration.store_changed)
         server = create_grpc_server(config.listen, [registrar(servicer)], admin_token=admin_token,
                                     service_token=security.service_token, tls=security.tls)
     except BaseException:
         executor.shutdown(wait=False, cancel_futures=True)
         raise
-    return StorageApp(config, store, puller, http, server, state, registration, executor, images, space,
-                      closers=(peer.close,))
+    return StorageApp(config, executor=executor, store=store, http=http, peer=peer, state=state,
+                      registration=registration, puller=puller, index=index, images=images, space=space,
+                      server=server)

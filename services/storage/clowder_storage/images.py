@@ -6,17 +6,13 @@ import asyncio
 import dataclasses
 import json
 import logging
-import posixpath
 import re
-import urllib.parse
-import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
 from clowder_common.errors import ClowderError, FailedPrecondition, InvalidArgument, NotFound
 
-from clowder_storage.puller import Progress, Pulled, Puller
-from clowder_storage.sources import NO_CREDENTIAL, Credential, redact_url
-from clowder_storage.space import Space
+from clowder_storage.puller import Progress
+from clowder_storage.sources import NO_CREDENTIAL, Credential
 from clowder_storage.store import BlobStore, _write_atomic, parse_digest
 
 log = logging.getLogger(__name__)
@@ -148,18 +144,19 @@ class ImageView:
     paths: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-class ImageStore:
-    """index.json and the manifests it names; every change of index.json is an atomic file replace."""
+class ImageIndex:
+    """index.json and the manifests it names; every change of index.json is an atomic file replace.
 
-    def __init__(self, store: BlobStore, puller: Puller) -> None:
+    It knows only the store: how an image arrives (pulled layers, an OCI registry) is image_pulls.py.
+    """
+
+    def __init__(self, store: BlobStore) -> None:
         self._store = store
-        self._puller = puller
         self._index_path = store.root / "index.json"
         # name -> manifest descriptor, and manifest digest -> parsed manifest.
         self._names: dict[str, Descriptor] = {}
         self._manifests: dict[str, Manifest] = {}
         self._lock = asyncio.Lock()
-        self.space: Space | None = None
 
     # -- index.json ---------------------------------------------------------------------
 
@@ -228,82 +225,6 @@ class ImageStore:
         log.info("image %s is manifest %s", name, blob.digest)
         return await self.resolve(name)
 
-    async def pull(self, name: str, layers: list[LayerSpec],
-                   configuration_json: str) -> AsyncIterator[LayerUpdate | ImageView]:
-        """Pull every layer (in parallel), then write config and manifest; progress per layer, the image last."""
-        validate_image_name(name)
-        if not layers:
-            raise InvalidArgument("an aimage needs at least one layer", field="layers")
-        if not any(layer.media_type == MEDIA_MODEL for layer in layers):
-            raise InvalidArgument("an aimage needs at least one model layer", field="layers")
-        config_bytes = _canonical_config(configuration_json)
-        for i, layer in enumerate(layers):
-            if layer.expected_digest:
-                parse_digest(layer.expected_digest, field=f"layers[{i}].expected_digest")
-            self._puller.check(layer.source_url)
-        done: dict[int, Pulled] = {}
-        specs = [(layer.source_url, layer.expected_digest, layer.credential) for layer in layers]
-        holder = f"pull:{uuid.uuid4().hex}"
-        try:
-            async for update in self.pull_blobs(specs, holder, done):
-                yield update
-            config = await self._store.run(self._store.put_bytes_sync, config_bytes, None)
-            if self.space is not None:
-                await self.space.pin(holder, [config.digest])
-            descriptors = []
-            for i, layer in enumerate(layers):
-                blob = done[i].blob
-                annotations = {SOURCE: redact_url(layer.source_url)}
-                title = posixpath.basename(urllib.parse.urlsplit(layer.source_url).path)
-                if title:
-                    annotations[TITLE] = title
-                descriptors.append(Descriptor(layer.media_type, blob.digest, blob.size_bytes, annotations))
-            manifest = Manifest(Descriptor(MEDIA_CONFIG, config.digest, config.size_bytes), tuple(descriptors))
-            yield await self.add(name, manifest.to_bytes())
-        finally:
-            if self.space is not None:
-                await self.space.unpin(holder)
-
-    async def pull_blobs(self, specs: list[tuple[str, str, Credential]], holder: str,
-                         done: dict[int, Pulled]) -> AsyncIterator[LayerUpdate]:
-        """Pull blobs in parallel, merging their progress; each stored blob is pinned for `holder` (the caller
-        unpins once a manifest names them) and recorded in `done` by index."""
-        queue: asyncio.Queue[LayerUpdate | tuple[int, Pulled]] = asyncio.Queue()
-
-        async def one(index: int, url: str, expected: str, credential: Credential) -> None:
-            async for update in self._puller.pull(url, expected, credential):
-                if isinstance(update, Pulled):
-                    if self.space is not None:
-                        await self.space.pin(holder, [update.blob.digest])
-                    await queue.put((index, update))
-                else:
-                    await queue.put(LayerUpdate(index, "", update))
-
-        tasks = [asyncio.create_task(one(i, *spec), name=f"layer {i}") for i, spec in enumerate(specs)]
-        try:
-            while len(done) < len(specs):
-                getter = asyncio.ensure_future(queue.get())
-                failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
-                if failed:
-                    getter.cancel()
-                    raise failed[0].exception()  # type: ignore[misc]
-                await asyncio.wait({getter, *[t for t in tasks if not t.done()]},
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    continue
-                item = getter.result()
-                if isinstance(item, tuple):
-                    index, pulled = item
-                    done[index] = pulled
-                    yield LayerUpdate(index, pulled.blob.digest, pulled.progress)
-                else:
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
     async def delete(self, name: str) -> None:
         validate_image_name(name)
         async with self._lock:
@@ -356,16 +277,3 @@ class ImageStore:
 
     async def list(self) -> list[ImageView]:
         return [await self._view(name, desc, with_paths=False) for name, desc in sorted(self._names.items())]
-
-
-def _canonical_config(configuration_json: str) -> bytes:
-    if len(configuration_json) > MAX_CONFIG_BYTES:
-        raise InvalidArgument("configuration_json is larger than 1 MiB", field="configuration_json")
-    try:
-        value = json.loads(configuration_json or "{}")
-    except ValueError as exc:
-        raise InvalidArgument(f"configuration_json is not JSON: {exc}", field="configuration_json") from None
-    if not isinstance(value, dict):
-        raise InvalidArgument("configuration_json must be a JSON object", field="configuration_json")
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
-

@@ -10,15 +10,14 @@ import logging
 import re
 import time
 import urllib.parse
-import uuid
 from typing import Any, AsyncIterator
 
 import aiohttp
 
 from clowder_common.errors import DataLoss, InvalidArgument, PermissionDenied, Unavailable
 
-from clowder_storage.images import MAX_MANIFEST_BYTES, MEDIA_MANIFEST, ImageStore, ImageView, LayerUpdate, Manifest
-from clowder_storage.puller import Progress, Pulled
+from clowder_storage.images import MAX_MANIFEST_BYTES, MEDIA_MANIFEST, ImageIndex, LayerUpdate, Manifest
+from clowder_storage.puller import Progress
 from clowder_storage.sources import FIELD, NO_CREDENTIAL, Credential, HttpFetcher, Opened, raise_for_status
 from clowder_storage.store import BlobStore, parse_digest
 
@@ -66,16 +65,20 @@ def parse_oci(url: str, field: str = FIELD) -> OciRef:
 class OciClient:
     """Distribution API with bearer-token auth (401 challenge -> realm token) or Basic; also the oci:// blob fetcher.
 
+    It reads manifests and pushes stored images; an image pull (manifest, then blobs through the puller) is
+    ImagePuller.pull_oci, so this client needs nothing built after the puller.
+
     A PullBlob of oci://REGISTRY/REPO@sha256:<hex> reads that blob of the repository, resumable by range.
     """
 
     schemes = ("oci",)
 
-    def __init__(self, http: HttpFetcher, store: BlobStore, images: ImageStore,
+    def __init__(self, http: HttpFetcher, store: BlobStore, index: ImageIndex,
                  insecure_registries: tuple[str, ...] = ()) -> None:
         self._http = http
         self._store = store
-        self._images = images
+        # Push reads the manifest an image name stands for; pulling an image is image_pulls.py's.
+        self._index = index
         self._insecure = set(insecure_registries)
         # (registry, scope, credential identity) -> (token, expiry)
         self._tokens: dict[tuple[str, str, int], tuple[str, float]] = {}
@@ -167,7 +170,7 @@ class OciClient:
 
     # -- images ---------------------------------------------------------------------------------
 
-    async def _get_manifest(self, ref: OciRef, credential: Credential) -> tuple[str, bytes]:
+    async def fetch_manifest(self, ref: OciRef, credential: Credential) -> tuple[str, bytes]:
         url = f"{self._base(ref.registry)}/v2/{ref.repository}/manifests/{ref.reference}"
         response = await self._send("GET", ref.registry, url, credential, headers={"Accept": MEDIA_MANIFEST})
         async with response:
@@ -181,34 +184,11 @@ class OciClient:
                            metadata={"expected_digest": ref.reference, "actual_digest": digest})
         return digest, data
 
-    async def pull(self, name: str, url: str, credential: Credential) -> AsyncIterator[LayerUpdate | ImageView]:
-        ref = parse_oci(url, field="source_url")
-        manifest_digest, data = await self._get_manifest(ref, credential)
-        manifest = Manifest.parse(data)
-        log.info("pulling %s from oci://%s/%s (manifest %s)", name, ref.registry, ref.repository, manifest_digest)
-        blobs = [manifest.config, *manifest.layers]
-        base = f"oci://{ref.registry}/{ref.repository}@"
-        specs = [(base + d.digest, d.digest, credential) for d in blobs]
-        done: dict[int, Pulled] = {}
-        holder = f"pull:{uuid.uuid4().hex}"
-        space = self._images.space
-        try:
-            async for update in self._images.pull_blobs(specs, holder, done):
-                # Index 0 is the config: -1 on the wire, layers keep their manifest index.
-                yield LayerUpdate(update.index - 1, update.digest, update.progress)
-            for i, d in enumerate(blobs):
-                if done[i].blob.size_bytes != d.size:
-                    raise DataLoss(f"blob {d.digest} is {done[i].blob.size_bytes} bytes, the manifest says {d.size}")
-            yield await self._images.add(name, data)
-        finally:
-            if space is not None:
-                await space.unpin(holder)
-
     async def push(self, name: str, url: str, credential: Credential) -> AsyncIterator[LayerUpdate | str]:
         ref = parse_oci(url, field="target_url")
         if ref.is_digest:
             raise InvalidArgument("push to a tag: oci://REGISTRY/REPO:TAG", field="target_url")
-        manifest_digest, data = await self._images.manifest_bytes(name)
+        manifest_digest, data = await self._index.manifest_bytes(name)
         manifest = Manifest.parse(data)
         base = f"{self._base(ref.registry)}/v2/{ref.repository}"
         for index, desc in [(-1, manifest.config), *enumerate(manifest.layers)]:

@@ -8,12 +8,13 @@ import dataclasses
 import logging
 import os
 import time
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Callable
 
 from clowder_common.errors import DataLoss, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
 from clowder_storage.peer import PeerDirectory
 from clowder_storage.sources import CHUNK_BYTES, NO_CREDENTIAL, Credential, Fetcher, Opened, Sources, redact_url
+from clowder_storage.space import Space
 from clowder_storage.store import BlobInfo, BlobStore, TempBlob, parse_digest
 from clowder_storage.transfer import Transfer, TransferOptions
 
@@ -118,27 +119,29 @@ class Puller:
         self,
         store: BlobStore,
         sources: Sources,
+        space: Space,
+        on_stored: Callable[[], None],
         max_parallel: int,
         progress_interval_s: float = 0.2,
         reserve_free_bytes: int = 0,
-        on_stored: Callable[[], None] | None = None,
         options: TransferOptions | None = None,
-        make_room: Callable[[int], Awaitable[None]] | None = None,
         max_blob_bytes: int = 0,
         peers: PeerDirectory | None = None,
         origin_allowed: bool = True,
     ) -> None:
         self._store = store
         self._sources = sources
+        # Makes room before a transfer (ResourceExhausted when the quota cannot take it) and evicts after one.
+        self._space = space
+        # Free space moved: the node record says so soon.
+        self._on_stored = on_stored
         self._slots = asyncio.Semaphore(max_parallel)
         self._interval = progress_interval_s
         self._reserve = reserve_free_bytes
-        self._on_stored = on_stored
         self._options = options or TransferOptions()
-        # Raises ResourceExhausted when the store's quota cannot take `n` more bytes (after evicting).
-        self._make_room = make_room
         self._max_blob = max_blob_bytes
-        # With peers, a pull named by digest copies from another node that holds the blob before its origin.
+        # With peers (config.peer_pulls), a pull named by digest copies from another node that holds the blob
+        # before its origin; None when the node pulls only from origins.
         self._peers = peers
         # False on an air-gapped node: blobs come only from peers, never from their URLs.
         self._origin_allowed = origin_allowed
@@ -236,8 +239,9 @@ class Puller:
             if outcome.blob is not None:
                 log.info("pulled %s as %s (%d bytes, %d resumes)", shown, outcome.blob.digest,
                          outcome.blob.size_bytes, download.resumes)
-                if self._on_stored is not None:
-                    self._on_stored()
+                self._on_stored()
+                # Over the high watermark after a pull: evict in the background, the pull itself is done.
+                self._space.enforce_soon()
             return outcome
         finally:
             if self._downloads.get(download.url) is download:
@@ -473,8 +477,7 @@ class Puller:
                 metadata={"needed_bytes": str(size), "limit_bytes": str(self._max_blob)},
             )
         pending = self.pending_bytes(exclude=download)
-        if self._make_room is not None:
-            await self._make_room(size + pending)
+        await self._space.make_room(size + pending)
         free = await self._store.free_bytes()
         # Other transfers will still write their remaining bytes to the same volume.
         if size + pending + self._reserve > free:

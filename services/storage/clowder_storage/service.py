@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import AsyncIterator, Callable
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -14,14 +14,13 @@ from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
 
 from clowder_common.errors import InvalidArgument, NotFound
 
-from clowder_storage.images import MEDIA_ADAPTER, MEDIA_MODEL, TITLE, ImageStore, ImageView, LayerSpec
+from clowder_storage.image_pulls import ImagePuller
+from clowder_storage.images import MEDIA_ADAPTER, MEDIA_MODEL, TITLE, ImageIndex, ImageView, LayerSpec, LayerUpdate
+from clowder_storage.oci import OciClient
 from clowder_storage.puller import Progress, Pulled, Puller
 from clowder_storage.sources import NO_CREDENTIAL, Credential, resolve_secret_ref
 from clowder_storage.space import Space, validate_holder
 from clowder_storage.store import BlobInfo, BlobStore, parse_digest
-
-if TYPE_CHECKING:
-    from clowder_storage.oci import OciClient
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +75,18 @@ def image_message(view: ImageView) -> storage_pb2.StoredImage:
 class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     """Errors are raised as ClowderError; the shared interceptor turns them into statuses with details."""
 
-    def __init__(self, store: BlobStore, puller: Puller, on_change: Callable[[], None] | None = None,
-                 images: ImageStore | None = None, space: Space | None = None,
-                 oci: "OciClient | None" = None, growing_wait_s: float = 10.0) -> None:
+    def __init__(self, store: BlobStore, puller: Puller, index: ImageIndex, images: ImagePuller, space: Space,
+                 oci: OciClient, on_change: Callable[[], None], growing_wait_s: float = 10.0) -> None:
         self._store = store
-        # ReadBlob of a blob still being pulled here waits this long for its first bytes (0: NOT_FOUND at once).
-        self._growing_wait_s = growing_wait_s
         self._puller = puller
-        self._on_change = on_change
+        self._index = index
         self._images = images
         self._space = space
         self._oci = oci
-
-    def _changed(self) -> None:
-        if self._on_change is not None:
-            self._on_change()
+        # The store's content changed outside a pull (delete, put, GC): the node record says so soon.
+        self._changed = on_change
+        # ReadBlob of a blob still being pulled here waits this long for its first bytes (0: NOT_FOUND at once).
+        self._growing_wait_s = growing_wait_s
 
     async def PullBlob(self, request: storage_pb2.PullBlobRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[storage_pb2.PullBlobResponse]:
@@ -179,24 +175,17 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             raise
         info = await self._store.commit(temp, expected or None)
         if holder:
-            _, space = self._need_images()
-            await space.pin(holder, [info.digest], 0)
+            await self._space.pin(holder, [info.digest], 0)
         self._changed()
         return storage_pb2.PutBlobResponse(blob=blob_message(info))
 
-    def _need_images(self) -> tuple[ImageStore, Space]:
-        assert self._images is not None and self._space is not None, "images are wired by create_storage"
-        return self._images, self._space
-
     async def PullImage(self, request: storage_pb2.PullImageRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[storage_pb2.PullImageResponse]:
-        images, _ = self._need_images()
+        updates: AsyncIterator[LayerUpdate | ImageView]
         if request.source_url:
             if request.layers:
                 raise InvalidArgument("give layers or an oci:// source_url, not both", field="layers")
-            if self._oci is None:
-                raise InvalidArgument("oci:// sources are not enabled on this node", field="source_url")
-            updates = self._oci.pull(request.name, request.source_url, credential_from(request.credentials))
+            updates = self._images.pull_oci(request.name, request.source_url, credential_from(request.credentials))
         else:
             layers = []
             for i, layer in enumerate(request.layers):
@@ -205,7 +194,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                     raise InvalidArgument(f"layers[{i}].kind must be MODEL or ADAPTER", field=f"layers[{i}].kind")
                 layers.append(LayerSpec(media, layer.source_url, layer.expected_digest,
                                         credential_from(layer.credentials, field=f"layers[{i}].credentials")))
-            updates = images.pull(request.name, layers, request.configuration_json)
+            updates = self._images.pull(request.name, layers, request.configuration_json)
         async with contextlib.aclosing(updates) as stream:
             async for update in stream:
                 if isinstance(update, ImageView):
@@ -217,8 +206,6 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 
     async def PushImage(self, request: storage_pb2.PushImageRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[storage_pb2.PushImageResponse]:
-        if self._oci is None:
-            raise InvalidArgument("oci:// targets are not enabled on this node", field="target_url")
         updates = self._oci.push(request.name, request.target_url, credential_from(request.credentials))
         async with contextlib.aclosing(updates) as stream:
             async for update in stream:
@@ -230,65 +217,57 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 
     async def ResolveImage(self, request: storage_pb2.ResolveImageRequest,
                            context: grpc.aio.ServicerContext) -> storage_pb2.ResolveImageResponse:
-        images, _ = self._need_images()
-        return storage_pb2.ResolveImageResponse(image=image_message(await images.resolve(request.name)))
+        return storage_pb2.ResolveImageResponse(image=image_message(await self._index.resolve(request.name)))
 
     async def ListImages(self, request: storage_pb2.ListImagesRequest,
                          context: grpc.aio.ServicerContext) -> storage_pb2.ListImagesResponse:
-        images, _ = self._need_images()
-        return storage_pb2.ListImagesResponse(images=[image_message(v) for v in await images.list()])
+        return storage_pb2.ListImagesResponse(images=[image_message(v) for v in await self._index.list()])
 
     async def DeleteImage(self, request: storage_pb2.DeleteImageRequest,
                           context: grpc.aio.ServicerContext) -> storage_pb2.DeleteImageResponse:
-        images, _ = self._need_images()
-        await images.delete(request.name)
+        await self._index.delete(request.name)
         return storage_pb2.DeleteImageResponse()
 
     async def PinBlobs(self, request: storage_pb2.PinBlobsRequest,
                        context: grpc.aio.ServicerContext) -> storage_pb2.PinBlobsResponse:
-        images, space = self._need_images()
         digests = list(request.digests)
         for i, digest in enumerate(digests):
             parse_digest(digest, field=f"digests[{i}]")
             await self._store.stat(digest)
         if request.image:
-            view = await images.resolve(request.image)
+            view = await self._index.resolve(request.image)
             digests += [view.manifest_digest, *view.manifest.digests()]
         if not digests:
             raise InvalidArgument("name digests or an image to pin", field="digests")
-        pinned = await space.pin(request.holder, digests, request.ttl_seconds)
+        pinned = await self._space.pin(request.holder, digests, request.ttl_seconds)
         return storage_pb2.PinBlobsResponse(digests=pinned)
 
     async def UnpinBlobs(self, request: storage_pb2.UnpinBlobsRequest,
                          context: grpc.aio.ServicerContext) -> storage_pb2.UnpinBlobsResponse:
-        _, space = self._need_images()
-        await space.unpin(request.holder, request.digests)
+        await self._space.unpin(request.holder, request.digests)
         return storage_pb2.UnpinBlobsResponse()
 
     async def CollectGarbage(self, request: storage_pb2.CollectGarbageRequest,
                              context: grpc.aio.ServicerContext) -> storage_pb2.CollectGarbageResponse:
-        _, space = self._need_images()
-        removed, freed = await space.collect(dry_run=request.dry_run)
+        removed, freed = await self._space.collect(dry_run=request.dry_run)
         if removed and not request.dry_run:
             self._changed()
         return storage_pb2.CollectGarbageResponse(removed_digests=removed, freed_bytes=freed)
 
     async def VerifyBlobs(self, request: storage_pb2.VerifyBlobsRequest,
                           context: grpc.aio.ServicerContext) -> storage_pb2.VerifyBlobsResponse:
-        _, space = self._need_images()
-        checked, bad = await space.verify(request.digests)
+        checked, bad = await self._space.verify(request.digests)
         if bad:
             self._changed()
         return storage_pb2.VerifyBlobsResponse(checked=checked, quarantined_digests=bad)
 
     async def GetStoreStats(self, request: storage_pb2.GetStoreStatsRequest,
                             context: grpc.aio.ServicerContext) -> storage_pb2.GetStoreStatsResponse:
-        images, space = self._need_images()
-        usage = await space.usage()
+        usage = await self._space.usage()
         return storage_pb2.GetStoreStatsResponse(
-            used_bytes=usage.used_bytes, blob_count=usage.blob_count, quota_bytes=space.quota_bytes,
+            used_bytes=usage.used_bytes, blob_count=usage.blob_count, quota_bytes=self._space.quota_bytes,
             free_bytes=await self._store.free_bytes(), pinned_bytes=usage.pinned_bytes,
-            image_count=len(await images.list()),
+            image_count=len(await self._index.list()),
         )
 
 

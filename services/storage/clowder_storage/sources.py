@@ -9,7 +9,7 @@ import dataclasses
 import os
 import re
 import urllib.parse
-from typing import IO, Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
+from typing import IO, Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Protocol
 
 import aiohttp
 
@@ -329,12 +329,8 @@ def describe(exc: BaseException) -> str:
 class Sources:
     """Picks the fetcher for a URL's scheme."""
 
-    def __init__(self, fetchers: list[Any]) -> None:
+    def __init__(self, fetchers: Iterable[Fetcher]) -> None:
         self._by_scheme: dict[str, Fetcher] = {s: f for f in fetchers for s in f.schemes}
-
-    def register(self, fetcher: Any) -> None:
-        """Add a fetcher built after the puller (the OCI client needs the image store, which needs the puller)."""
-        self._by_scheme.update({s: fetcher for s in fetcher.schemes})
 
     def resolve(self, url: str) -> Fetcher:
         """The fetcher for `url`, after checking the URL; InvalidArgument (field source_url) otherwise."""

@@ -157,6 +157,14 @@ class Space:
                               "quota_bytes": str(self.quota_bytes)},
                 )
 
+    def enforce_soon(self) -> None:
+        """After a blob was stored: evict down to the low watermark in the background (nothing without a quota)."""
+        if not self.quota_bytes:
+            return
+        task = asyncio.ensure_future(self.enforce_watermarks())
+        # A failed eviction is tried again after the next pull; retrieved here so asyncio does not report it.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
     async def enforce_watermarks(self) -> None:
         if not self.quota_bytes:
             return
