@@ -59,7 +59,11 @@ class Invoker:
         assert kind != "embeddings"
         parsed = openai_api.parse_request(body, kind)
         ctx = RequestContext(rid, parsed.model, API, principal)
-        stream = self._pipeline.generate(ctx, parsed.generate_request(rid), n=parsed.n)
+        request = parsed.generate_request(rid)
+        # The replica admits interactive requests first and may preempt this one for them (it resumes where
+        # it stopped); the pipeline passes the field on as it is, to every choice and continuation.
+        request.priority = runtime_pb2.PRIORITY_BATCH
+        stream = self._pipeline.generate(ctx, request, n=parsed.n)
         async with contextlib.aclosing(stream):
             return await openai_api.collect_completion(parsed, int(time.time()), stream)
 
