@@ -153,7 +153,9 @@ class Router:
             stats = self.stats.get(e.address)
             out.append(Candidate(
                 e.replica_id, e.address, self._in_flight[e.address], running=stats.running, waiting=stats.waiting,
-                ejected=self.outliers.ejected(e.address), reachable=stats.reachable, adapters=stats.adapters,
+                ejected=self.outliers.ejected(e.address), reachable=stats.reachable,
+                # The etcd endpoint lists a loaded adapter at once (GetStats polls catch up later).
+                adapters=stats.adapters | e.adapters,
             ))
         return out
 
