@@ -30,8 +30,8 @@ async def runtimes():
 async def make_balancer(etcd, etcd_prefix, state):
     apps = []
 
-    async def make(picker=None, admin_token=ADMIN, **overrides):
-        app = await create_balancer(balancer_config(etcd.endpoint, etcd_prefix, **overrides), picker=picker,
+    async def make(plugins=None, admin_token=ADMIN, **overrides):
+        app = await create_balancer(balancer_config(etcd.endpoint, etcd_prefix, **overrides), plugins=plugins,
                                     admin_token=admin_token)
         await app.start()
         apps.append(app)

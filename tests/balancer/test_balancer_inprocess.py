@@ -19,29 +19,45 @@ from clowder_common import keys
 from clowder_common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from clowder_common.processes import free_port
 
-from clowder_balancer.picker import Candidate
+from clowder_balancer.routing.base import Candidate, Picker, RoutingEnv
+from clowder_balancer.routing.registry import builtin_plugins
 
 from balancer_helpers import (
     fail, put_deployment, put_endpoint, speak, wait_until,
 )
 
-CHAT = {"model": "d", "messages": [{"role": "user", "content": "hi"}]}
 pytestmark = pytest.mark.inprocess
 
+CHAT = {"model": "d", "messages": [{"role": "user", "content": "hi"}]}
 
 
-class InKeyOrder:
+class InKeyOrder(Picker):
     """A picker plugin that always takes the first untried replica by id, so tests know the order."""
 
-    def pick(self, candidates: list[Candidate]) -> Candidate:
-        return min(candidates, key=lambda c: c.replica_id)
+    @classmethod
+    def create(cls, params, env: RoutingEnv) -> InKeyOrder:
+        return cls()
+
+    def pick(self, scored) -> Candidate:
+        return min((c for c, _ in scored), key=lambda c: c.replica_id)
+
+
+def in_key_order(tmp_path) -> dict:
+    """make_balancer's arguments for routing by InKeyOrder, registered as a plugin type and used by a profile,
+    like any plugin. Ejected replicas stay a last resort (a soft filter); `ready` is left out so a replica
+    whose stats polls failed is still tried first."""
+    plugins = builtin_plugins()
+    plugins.register("picker", "in-key-order", InKeyOrder.create)
+    path = tmp_path / "profiles.yaml"
+    path.write_text("profiles:\n  in-key-order: {filters: [not-ejected], picker: in-key-order}\n")
+    return {"plugins": plugins, "routing_profile": "in-key-order", "routing_profiles_file": str(path)}
 
 
 def url(app, path: str) -> str:
     return f"http://127.0.0.1:{app.http_port}{path}"
 
 
-async def serve(state, make_balancer, runtimes, *behaviours, picker=None, deployment="d", **overrides):
+async def serve(state, make_balancer, runtimes, *behaviours, deployment="d", **overrides):
     """Register one scripted replica per behaviour (ids r0, r1, ...) and start a balancer that sees them."""
     await put_deployment(state, deployment)
     started = []
@@ -49,7 +65,7 @@ async def serve(state, make_balancer, runtimes, *behaviours, picker=None, deploy
         runtime = await runtimes(behaviour)
         await put_endpoint(state, deployment, f"r{i}", runtime.address)
         started.append(runtime)
-    app = await make_balancer(picker=picker, **overrides)
+    app = await make_balancer(**overrides)
     await wait_until(lambda: len(app.discovery.endpoints(deployment)) == len(behaviours), what="endpoints")
     return app, started
 
@@ -189,9 +205,9 @@ async def test_concurrent_requests_spread_by_least_in_flight(state, make_balance
     assert app.router.total_in_flight == 0
 
 
-async def test_full_replica_is_skipped_before_the_first_token(state, make_balancer, runtimes, http):
+async def test_full_replica_is_skipped_before_the_first_token(state, make_balancer, runtimes, http, tmp_path):
     app, (full, ok) = await serve(state, make_balancer, runtimes,
-                                  fail(ResourceExhausted("queue full")), speak(["served"]), picker=InKeyOrder())
+                                  fail(ResourceExhausted("queue full")), speak(["served"]), **in_key_order(tmp_path))
     async with http.post(url(app, "/v1/completions"), json={"model": "d", "prompt": "x"}) as resp:
         assert resp.status == 200
         assert (await resp.json())["choices"][0]["text"] == "served"
@@ -209,13 +225,14 @@ async def test_retries_are_bounded_and_relay_the_last_error(state, make_balancer
     assert sorted(len(r.requests) for r in replicas) == [0, 1, 1]
 
 
-async def test_refused_connection_fails_over_and_cools_the_replica_down(state, make_balancer, runtimes, http):
+async def test_refused_connection_fails_over_and_cools_the_replica_down(state, make_balancer, runtimes, http,
+                                                                        tmp_path):
     live = await runtimes(speak(["alive"]))
     await put_deployment(state, "d")
     # r0 is a registered endpoint nobody listens on: a runtime killed while its lease lives on.
     await put_endpoint(state, "d", "r0", f"127.0.0.1:{free_port()}")
     await put_endpoint(state, "d", "r1", live.address)
-    app = await make_balancer(picker=InKeyOrder())
+    app = await make_balancer(**in_key_order(tmp_path))
     await wait_until(lambda: len(app.discovery.endpoints("d")) == 2)
     for _ in range(3):
         async with http.post(url(app, "/v1/chat/completions"), json=CHAT) as resp:

@@ -6,12 +6,15 @@ import random
 
 import pytest
 
-from clowder_balancer.picker import Candidate, LeastInFlightPicker
-
+from clowder_balancer.routing.base import Candidate
+from clowder_balancer.routing.pickers import LeastInFlightPicker
 
 pytestmark = pytest.mark.unit
-def _candidates(loads: list[int]) -> list[Candidate]:
-    return [Candidate(f"r{i}", f"127.0.0.1:{5000 + i}", load) for i, load in enumerate(loads)]
+
+
+def _candidates(loads: list[int]) -> list[tuple[Candidate, float]]:
+    """Scored as a profile without scorers passes them (every score 0)."""
+    return [(Candidate(f"r{i}", f"127.0.0.1:{5000 + i}", load), 0.0) for i, load in enumerate(loads)]
 
 
 @pytest.mark.parametrize(

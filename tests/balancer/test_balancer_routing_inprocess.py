@@ -95,6 +95,17 @@ async def test_replica_reporting_a_queue_is_avoided(state, make_balancer, runtim
     assert served(rts) == [0, 6]
 
 
+async def test_embedding_batches_take_the_same_path_and_spread_by_load(state, make_balancer, runtimes):
+    app, rts = await cluster(state, make_balancer, runtimes, [speak(["unused"])] * 3)
+    # 600 inputs are three runtime batches sent at once: each is routed while the others are in flight, so the
+    # `embeddings` profile's load scorer sends each to a replica of its own.
+    inputs = [f"text {i}" for i in range(600)]
+    reply = await app.router.embed("d", runtime_pb2.EmbedRequest(request_id="e", inputs=inputs))
+    assert len(reply.embeddings) == 600
+    assert served(rts) == [1, 1, 1]
+    assert app.router.total_in_flight == 0
+
+
 async def test_failing_replica_is_ejected_then_recovers(state, make_balancer, runtimes, http):
     broken = {"on": True}
 

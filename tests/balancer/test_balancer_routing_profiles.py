@@ -34,18 +34,18 @@ def c(rid: str, **kw) -> Candidate:
 def test_max_score_picker(scores, allowed) -> None:
     picker = MaxScorePicker(random.Random(1))
     scored = [(c(rid), s) for rid, s in zip("abc", scores)]
-    assert {picker.pick_scored(scored).replica_id for _ in range(100)} == allowed
+    assert {picker.pick(scored).replica_id for _ in range(100)} == allowed
 
 
 def test_round_robin_and_random_pickers() -> None:
     scored = [(c(rid), 0.0) for rid in "cab"]
     rr = RoundRobinPicker()
-    assert [rr.pick_scored(scored).replica_id for _ in range(6)] == list("abcabc")
+    assert [rr.pick(scored).replica_id for _ in range(6)] == list("abcabc")
     rand = RandomPicker(random.Random(2))
-    assert {rand.pick_scored(scored).replica_id for _ in range(100)} == set("abc")
+    assert {rand.pick(scored).replica_id for _ in range(100)} == set("abc")
     for picker in (rr, RandomPicker(), MaxScorePicker()):
         with pytest.raises(ValueError):
-            picker.pick_scored([])
+            picker.pick([])
 
 
 def _chat(*contents: str) -> tuple[int, ...]:

@@ -25,9 +25,9 @@ from clowder_balancer.grpc_api import InferenceServicer
 from clowder_balancer.http_api import HttpApi
 from clowder_balancer.load import LoadReporter
 from clowder_balancer.metrics import Metrics
-from clowder_balancer.picker import Picker
 from clowder_balancer.pipeline import Pipeline
 from clowder_balancer.router import Router
+from clowder_balancer.routing.registry import RoutingPlugins
 from clowder_balancer.traffic_split import RevisionReporter, ServiceDirectory, TrafficSplit
 from clowder_balancer.tenancy.fairness import FairQueue
 from clowder_balancer.tenancy.gate import Tenancy, TenancySettings
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 class BalancerApp:
     """The running balancer; `http_port` and `grpc_port` are the bound ports once started."""
 
-    def __init__(self, config: BalancerConfig, picker: Picker | None = None, admin_token: str | None = None,
+    def __init__(self, config: BalancerConfig, plugins: RoutingPlugins | None = None, admin_token: str | None = None,
                  tracer_provider=None) -> None:
         self.config = config
         self.security = load_security(config)
@@ -56,7 +56,7 @@ class BalancerApp:
                                     self.metrics.registry)
         self.revision_reporter = RevisionReporter(self.state, self.traffic, config.name,
                                                   config.load_report_interval_s, config.load_lease_ttl_s)
-        self.router = Router(config, self.discovery, self.channels, self.metrics, picker,
+        self.router = Router(config, self.discovery, self.channels, self.metrics, plugins,
                              tracer_provider=tracer_provider, traffic=self.traffic)
         self._tracer_provider = tracer_provider
         self.load_reporter = LoadReporter(self.state, self.router.tracker, config.name,
@@ -185,8 +185,9 @@ class BalancerApp:
         log.info("stopped")
 
 
-async def create_balancer(config: BalancerConfig, picker: Picker | None = None,
+async def create_balancer(config: BalancerConfig, plugins: RoutingPlugins | None = None,
                           admin_token: str | None = None, tracer_provider=None) -> BalancerApp:
     """Build the balancer (nothing listens until `start()`). Without `admin_token`, API keys cannot be managed.
-    Spans go to `tracer_provider`, else the global one."""
-    return BalancerApp(config, picker, admin_token, tracer_provider)
+    Spans go to `tracer_provider`, else the global one; routing profiles are built from the plugin types of
+    `plugins` (routing/registry.py: the built-in ones by default)."""
+    return BalancerApp(config, plugins, admin_token, tracer_provider)

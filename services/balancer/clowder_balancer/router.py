@@ -6,10 +6,9 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Sequence
+from typing import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 
 import grpc
 from opentelemetry import propagate, trace
@@ -27,11 +26,12 @@ from clowder_balancer.discovery import Discovery, ReadyEndpoint
 from clowder_balancer.metrics import Metrics, ModelMetrics, ReplicaMetrics
 from clowder_balancer.load import LoadTracker
 from clowder_balancer.outliers import OutlierDetector
-from clowder_balancer.routing.base import Candidate, Picker, RouteRequest
+from clowder_balancer.routing.base import Candidate, RouteRequest, RoutingEnv
 from clowder_balancer.routing.prefix_index import block_hashes, render_chat
-from clowder_balancer.routing.profiles import scheduler_for
+from clowder_balancer.routing.profiles import EMBEDDINGS_PROFILE, schedulers_for
+from clowder_balancer.routing.registry import RoutingPlugins
 from clowder_balancer.routing.scheduler import Scheduler
-from clowder_balancer.stats import StatsPoller
+from clowder_balancer.stats import RuntimeStats, StatsPoller
 from clowder_balancer.traffic_split import TrafficSplit
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,26 @@ class _Broken(Exception):
         self.why = why
 
 
+class _Sent:
+    """One try of a request on one replica, as its routing profile's plugins hear of it."""
+
+    def __init__(self, scheduler: Scheduler, route: RouteRequest, choice: Candidate) -> None:
+        self.choice = choice
+        self._scheduler = scheduler
+        self._route = route
+        self._prefilling = True
+        scheduler.routed(route, choice)
+
+    def prefilled(self) -> None:
+        """The first message came (or the try ended without one): its prompt is no longer ahead of others."""
+        if self._prefilling:
+            self._prefilling = False
+            self._scheduler.prefilled(self._route, self.choice)
+
+    def finished(self, blocks: tuple[int, ...]) -> None:
+        self._scheduler.finished(self._route, self.choice, blocks)
+
+
 class Router:
     """Streams GenerateResponse messages of one request from the replica its routing profile picks."""
 
@@ -93,8 +113,7 @@ class Router:
         discovery: Discovery,
         channels: ChannelPool,
         metrics: Metrics,
-        picker: Picker | None = None,
-        scheduler: Scheduler | None = None,
+        plugins: RoutingPlugins | None = None,
         tracker: LoadTracker | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         traffic: TrafficSplit | None = None,
@@ -105,26 +124,27 @@ class Router:
         self._discovery = discovery
         self._channels = channels
         self._metrics = metrics
-        # A plain picker (tests pass one) replaces the profile's scorers; the profile's filters still apply.
-        self._picker = picker
-        self.scheduler = scheduler or scheduler_for(
-            config.routing_profile, config.routing_profiles_file, block_chars=config.prefix_block_chars
+        # Every request is routed by a profile (routing/profiles.py) built from the plugin types of `plugins`
+        # (the built-in ones by default): generation by the configured one, embeddings by `embeddings`.
+        self.scheduler, self._embed_scheduler = schedulers_for(
+            (config.routing_profile, EMBEDDINGS_PROFILE), config.routing_profiles_file,
+            RoutingEnv(block_chars=config.prefix_block_chars), plugins,
         )
+        self._schedulers = (self.scheduler, self._embed_scheduler)
         self.tracker = tracker or LoadTracker()
         self.outliers = OutlierDetector(
             config.outlier_consecutive_failures, config.outlier_base_ejection_s, config.outlier_max_ejection_s
         )
         self.stats = StatsPoller(channels, discovery.addresses, interval_s=config.stats_interval_s,
-                                 on_stats=self.scheduler.runtime_report)
+                                 on_stats=self._runtime_report)
         # Keyed by address: what a replica carries for us is what load balancing sees first.
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._known: set[str] = set()
         self._tracer = trace.get_tracer("clowder.balancer", tracer_provider=tracer_provider)
         # Called when a request starts waiting for a replica (the load reporter reports at once).
         self.on_waiting = lambda: None
-        self._rng = random.Random()
         # Hashing prompts into blocks is for prefix scoring; profiles without it skip the work.
-        self._uses_blocks = picker is None and self.scheduler.uses_blocks
+        self._uses_blocks = self.scheduler.uses_blocks
 
     def in_flight(self, address: str) -> int:
         return self._in_flight[address]
@@ -136,14 +156,18 @@ class Router:
     def endpoints_changed(self, live: set[str]) -> None:
         """Forget what routing learned about replicas that deregistered (a restart comes back cold)."""
         for gone in self._known - live:
-            self.scheduler.forget(gone)
+            for scheduler in self._schedulers:
+                scheduler.forget(gone)
             self.outliers.forget(gone)
         self._known = set(live)
 
+    def _runtime_report(self, address: str, stats: RuntimeStats) -> None:
+        for scheduler in self._schedulers:
+            scheduler.runtime_report(address, stats)
+
     def route_request(self, model: str, request: runtime_pb2.GenerateRequest, session: str = "") -> RouteRequest:
         blocks = block_hashes(_prompt_text(request), self._config.prefix_block_chars) if self._uses_blocks else ()
-        return RouteRequest(model, blocks,
-                            session, request.sampling.adapter)
+        return RouteRequest(model, blocks, session, request.sampling.adapter)
 
     def _candidates(self, endpoints: Sequence[ReadyEndpoint], tried: set[str]) -> list[Candidate]:
         out = []
@@ -159,19 +183,16 @@ class Router:
             ))
         return out
 
-    def _choose(self, route: RouteRequest, endpoints: Sequence[ReadyEndpoint], tried: set[str]) -> Candidate:
+    def _choose(self, scheduler: Scheduler, route: RouteRequest, endpoints: Sequence[ReadyEndpoint],
+                tried: set[str], prefer: str = "") -> Candidate:
+        """The replica for the next try of any request: the one at `prefer` on the first try when it is ready
+        and not ejected (the other choices of one request join the first's KV cache), else the profile's."""
         candidates = self._candidates(endpoints, tried)
-        if self._picker is None:
-            return self.scheduler.schedule(route, candidates)
-        # Ejected replicas stay a last resort: better a doubtful replica than a certain 503.
-        healthy = [c for c in candidates if not c.ejected] or candidates
-        return self._picker.pick(healthy)
-
-    def _preferred(self, address: str, endpoints: Sequence[ReadyEndpoint]) -> Candidate | None:
-        for candidate in self._candidates([e for e in endpoints if e.address == address], set()):
-            if not candidate.ejected and candidate.reachable:
-                return candidate
-        return None
+        if prefer and not tried:
+            for candidate in candidates:
+                if candidate.address == prefer and not candidate.ejected and candidate.reachable:
+                    return candidate
+        return scheduler.schedule(route, candidates)
 
     async def _endpoints(self, model: str, deadline: float, tried: set[str]) -> list[ReadyEndpoint]:
         now = [e for e in self._discovery.endpoints(model) if e.address not in tried]
@@ -189,16 +210,17 @@ class Router:
         prefer: str = "", on_choice: Callable[[str], None] | None = None,
     ) -> AsyncIterator[runtime_pb2.GenerateResponse]:
         """_generate's messages; a service's name first goes to the revision its traffic split chooses."""
-        target = self._traffic.choose(model, session) if self._traffic is not None else None
-        if target is None:
+        traffic = self._traffic
+        target = traffic.choose(model, session) if traffic is not None else None
+        if traffic is None or target is None:
             return self._generate(model, request, session, route, prefer, on_choice)
-        return self._traffic.observe(target, self._generate(target.deployment, request, session, route, prefer,
-                                                             on_choice))
+        return traffic.observe(target, self._generate(target.deployment, request, session, route, prefer,
+                                                      on_choice))
 
     async def _generate(
         self, model: str, request: runtime_pb2.GenerateRequest, session: str = "", route: RouteRequest | None = None,
         prefer: str = "", on_choice: Callable[[str], None] | None = None,
-    ) -> AsyncIterator[runtime_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[runtime_pb2.GenerateResponse, None]:
         """Yield the runtime's messages for `request`; the last one carries finish_reason and usage.
 
         Raises ClowderError: NotFound (no such model), Unavailable (no ready
@@ -223,12 +245,8 @@ class Router:
         # A continuation whose outcome is not known yet (the next replica has not sent its first message).
         pending = ""
         try:
-            async with contextlib.aclosing(self._attempts(model, tries)) as attempts:
-                async for endpoints in attempts:
-                    choice = self._preferred(prefer, endpoints) if prefer and not tries.tried else None
-                    if choice is None:
-                        choice = self._choose(route, endpoints, tries.tried)
-                    tries.tried.add(choice.address)
+            async with contextlib.aclosing(self._attempts(model, tries, self.scheduler, route, prefer)) as attempts:
+                async for choice in attempts:
                     if on_choice is not None:
                         on_choice(choice.address)
                     try:
@@ -291,11 +309,12 @@ class Router:
         tries.continuing = True
         return following
 
-    async def _attempts(self, model: str, tries: _Tries) -> AsyncIterator[list[ReadyEndpoint]]:
-        """The ready endpoints for each try of one request, up to max_attempts tries (waiting at most until
-        tries.ready_deadline for one to be ready). The caller records in `tries` which replicas it tried and
-        why the last failed; when no replica is left, or no try, that failure is raised: it says more than
-        "no endpoint"."""
+    async def _attempts(self, model: str, tries: _Tries, scheduler: Scheduler, route: RouteRequest,
+                        prefer: str = "") -> AsyncGenerator[Candidate, None]:
+        """The replica for each try of one request of any kind, chosen by `scheduler` among the ready ones not
+        tried yet, up to max_attempts tries (waiting at most until tries.ready_deadline for one to be ready).
+        The caller records in `tries` why the last try failed; when no replica is left, or no try, that
+        failure is raised: it says more than "no endpoint"."""
         if self._discovery.ready and self._discovery.has_model(model):
             self.tracker.request(model)
         attempt = 0
@@ -310,17 +329,20 @@ class Router:
             if attempt > 1 and not tries.continuing:
                 self._metrics.retries.labels(model).inc()
             tries.continuing = False
-            yield endpoints
+            choice = self._choose(scheduler, route, endpoints, tries.tried, prefer)
+            tries.tried.add(choice.address)
+            yield choice
         log.warning("request_id=%s model=%s gave up after %d attempts", tries.request_id, model, len(tries.tried))
         assert tries.last_error is not None
         raise tries.last_error
 
     async def embed(self, model: str, request: runtime_pb2.EmbedRequest) -> runtime_pb2.EmbedResponse:
         """_embed's answer; a service's name first goes to the revision its traffic split chooses."""
-        target = self._traffic.choose(model) if self._traffic is not None else None
-        if target is None:
+        traffic = self._traffic
+        target = traffic.choose(model) if traffic is not None else None
+        if traffic is None or target is None:
             return await self._embed(model, request)
-        return await self._traffic.observe_call(target, self._embed(target.deployment, request))
+        return await traffic.observe_call(target, self._embed(target.deployment, request))
 
     async def _embed(self, model: str, request: runtime_pb2.EmbedRequest) -> runtime_pb2.EmbedResponse:
         """Embeddings of all of `request.inputs`, in order: batches of at most EMBED_BATCH inputs (what one
@@ -357,27 +379,19 @@ class Router:
             raise
 
     async def _embed_batch(self, model: str, request: runtime_pb2.EmbedRequest) -> runtime_pb2.EmbedResponse:
-        """The runtime's Embed on the least loaded ready replica; another replica when one fails to answer.
-
-        Embeddings leave nothing in a KV cache worth coming back to, so only load decides.
-        """
+        """The runtime's Embed on the replica the `embeddings` profile picks (built in: the least loaded ready
+        one); another replica when one fails to answer."""
         tries = _Tries(request.request_id, time.monotonic() + self._config.ready_timeout_s,
                        budget=self._config.max_attempts)
-        async with contextlib.aclosing(self._attempts(model, tries)) as attempts:
-            async for endpoints in attempts:
-                candidates = self._candidates(endpoints, tries.tried)
-                usable = [c for c in candidates if c.reachable and not c.ejected] or candidates
-                least = min(c.load for c in usable)
-                choice = self._rng.choice([c for c in usable if c.load == least])
-                tries.tried.add(choice.address)
-                self._in_flight[choice.address] += 1
-                self._metrics.replica(model, choice.replica_id).routed.inc()
-                logcontext.REPLICA.set(choice.replica_id)
+        route = RouteRequest(model)
+        async with contextlib.aclosing(self._attempts(model, tries, self._embed_scheduler, route)) as attempts:
+            async for choice in attempts:
                 try:
-                    with self.tracker.in_flight(model):
+                    with self._sent(model, self._embed_scheduler, route, choice) as sent:
                         async with self._channels.stub(choice.address) as stub:
                             response = await stub.Embed(request, timeout=self._config.request_timeout_s,
                                                         metadata=((REQUEST_ID_KEY, request.request_id),))
+                        sent.finished(())
                     self.outliers.success(choice.address)
                     return response
                 except grpc.aio.AioRpcError as err:
@@ -385,31 +399,39 @@ class Router:
                     if not isinstance(failure, _Retry):
                         raise failure from None
                     tries.last_error = failure.error
-                finally:
-                    self._in_flight[choice.address] -= 1
-                    if self._in_flight[choice.address] <= 0:
-                        del self._in_flight[choice.address]
         raise AssertionError("_attempts ends by raising")
+
+    @contextlib.contextmanager
+    def _sent(self, model: str, scheduler: Scheduler, route: RouteRequest, choice: Candidate) -> Iterator[_Sent]:
+        """One try of a request of any kind on `choice`: counted in flight (ours, and the load report's), and
+        told to the profile's plugins: routed now, prefilled exactly once (at the latest when the try ends)."""
+        address = choice.address
+        self._in_flight[address] += 1
+        self._metrics.replica(model, choice.replica_id).routed.inc()
+        sent = _Sent(scheduler, route, choice)
+        logcontext.REPLICA.set(choice.replica_id)
+        try:
+            with self.tracker.in_flight(model):
+                yield sent
+        finally:
+            sent.prefilled()
+            self._in_flight[address] -= 1
+            if self._in_flight[address] <= 0:
+                del self._in_flight[address]
 
     async def _attempt(
         self, model: str, choice: Candidate, request: runtime_pb2.GenerateRequest, route: RouteRequest,
         started: float, deadline: float, first_try: bool = True,
-    ) -> AsyncIterator[runtime_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[runtime_pb2.GenerateResponse, None]:
         rid = request.request_id
         address = choice.address
         per_model = self._metrics.model(model)
         per_replica = self._metrics.replica(model, choice.replica_id)
-        self._in_flight[address] += 1
-        per_model.in_flight.inc()
-        per_replica.routed.inc()
-        self.scheduler.routed(route, choice)
-        logcontext.REPLICA.set(choice.replica_id)
         # DEBUG: at INFO a second line per request costs more than the rest of the routing put together;
         # the access-log line names the replica instead.
         log.debug("request_id=%s model=%s routed to replica=%s address=%s", rid, model, choice.replica_id, address)
         call = None
         watchdog: _Watchdog | None = None
-        prefilling = True
         # The answer, for the prefix index (only profiles that score prefixes need it).
         texts: list[str] | None = [] if self._uses_blocks else None
         # Not "as current": the span must not leak into the consumer's context between yields.
@@ -417,7 +439,8 @@ class Router:
             "balancer.generate", attributes={"clowder.model": model, "clowder.replica": choice.replica_id,
                                              "clowder.request_id": rid},
         )
-        with self.tracker.in_flight(model), contextlib.closing(_SpanEnder(span)):
+        with self._sent(model, self.scheduler, route, choice) as sent, contextlib.closing(_SpanEnder(span)):
+            per_model.in_flight.inc()
             metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
             if span.get_span_context().is_valid:
                 # The runtime's server span becomes a child of this one.
@@ -429,9 +452,8 @@ class Router:
                     call = stub.Generate(request, timeout=max(0.001, deadline - time.monotonic()),
                                          metadata=metadata)
                     watchdog = _Watchdog(call)
-                    first = await self._first_message(model, choice, call, rid, watchdog)
-                    prefilling = False
-                    self.scheduler.prefilled(route, choice)
+                    first = await self._read(model, choice, call, rid, watchdog, first=True)
+                    sent.prefilled()
                     first_at = time.monotonic()
                     if first_try:
                         # A continuation's first message is no client's first token.
@@ -443,31 +465,26 @@ class Router:
                         if texts is not None:
                             texts.append(message.text)
                         if message.finish_reason != runtime_pb2.FINISH_REASON_UNSPECIFIED:
-                            self._finished(per_model, per_replica, choice, route, request, texts, message, first_at)
+                            self._finished(per_model, per_replica, sent, request, texts, message, first_at)
                             yield message
                             return
                         yield message
-                        message = await self._next_message(model, choice, call, rid, watchdog)
+                        message = await self._read(model, choice, call, rid, watchdog, first=False)
                         now = time.monotonic()
                         itl.observe(now - previous)
                         previous = now
             finally:
-                if prefilling:
-                    self.scheduler.prefilled(route, choice)
                 if watchdog is not None:
                     watchdog.disarm()
                 if call is not None and not call.done():
                     # The client went away or we gave up: free the runtime's slot now, not at the deadline.
                     call.cancel()
-                self._in_flight[address] -= 1
-                if self._in_flight[address] <= 0:
-                    del self._in_flight[address]
                 per_model.in_flight.dec()
 
-    def _finished(self, per_model: ModelMetrics, per_replica: ReplicaMetrics, choice: Candidate,
-                  route: RouteRequest, request: runtime_pb2.GenerateRequest, texts: list[str] | None,
+    def _finished(self, per_model: ModelMetrics, per_replica: ReplicaMetrics, sent: _Sent,
+                  request: runtime_pb2.GenerateRequest, texts: list[str] | None,
                   last: runtime_pb2.GenerateResponse, first_at: float) -> None:
-        self.outliers.success(choice.address)
+        self.outliers.success(sent.choice.address)
         tokens = last.usage.completion_tokens
         per_model.generated_tokens.inc(tokens)
         elapsed = time.monotonic() - first_at
@@ -483,33 +500,7 @@ class Router:
             else:
                 full = request.prompt + answer
             blocks = block_hashes(full, self._config.prefix_block_chars)
-        self.scheduler.finished(route, choice, blocks)
-
-    async def _next_message(
-        self, model: str, choice: Candidate, call: grpc.aio.UnaryStreamCall, rid: str, watchdog: _Watchdog
-    ) -> runtime_pb2.GenerateResponse:
-        timeout = self._config.stream_idle_timeout_s
-        watchdog.arm(timeout)
-        try:
-            message = await call.read()
-        except (asyncio.CancelledError, grpc.aio.AioRpcError) as err:
-            if not watchdog.fired:
-                if isinstance(err, asyncio.CancelledError):
-                    raise
-                error = self._stream_error(model, choice, err, rid)
-                if err.code() in CONTINUABLE:
-                    raise _Broken(error, f"failed mid-stream ({err.code().name})") from None
-                raise error from None
-            self._fail(model, choice)
-            log.warning("request_id=%s replica=%s stalled mid-stream for %gs", rid, choice.replica_id, timeout)
-            raise _Broken(DeadlineExceeded(
-                f"the replica of model '{model}' sent nothing for {timeout:g}s", reason="STREAM_IDLE_TIMEOUT"
-            ), f"stalled mid-stream (nothing for {timeout:g}s)") from None
-        if message is grpc.aio.EOF:
-            self._fail(model, choice)
-            raise _Broken(Unavailable(f"a replica of model '{model}' ended the stream before finishing"),
-                          "ended the stream before finishing")
-        return message
+        sent.finished(blocks)
 
     def _stream_error(self, model: str, choice: Candidate, err: grpc.aio.AioRpcError, rid: str) -> ClowderError:
         self._fail(model, choice)
@@ -517,26 +508,46 @@ class Router:
                     rid, choice.replica_id, err.code().name, err.details())
         return self._relay(model, err, streaming=True)
 
-    async def _first_message(
-        self, model: str, choice: Candidate, call: grpc.aio.UnaryStreamCall, rid: str, watchdog: _Watchdog
+    async def _read(
+        self, model: str, choice: Candidate, call: grpc.aio.UnaryStreamCall, rid: str, watchdog: _Watchdog,
+        first: bool,
     ) -> runtime_pb2.GenerateResponse:
-        timeout = self._config.first_token_timeout_s
+        """The call's next message, within first_token_timeout_s for the `first` one, stream_idle_timeout_s after.
+
+        Before the first message a failure is final, or a _Retry when another replica may try (_first_error).
+        After it, a failure that says the replica (or the way to it) broke is a _Broken: the stream may
+        continue on another replica; any other is final.
+        """
+        timeout = self._config.first_token_timeout_s if first else self._config.stream_idle_timeout_s
         watchdog.arm(timeout)
         try:
-            first = await call.read()
+            message = await call.read()
         except (asyncio.CancelledError, grpc.aio.AioRpcError) as err:
             if not watchdog.fired:
                 if isinstance(err, asyncio.CancelledError):
                     raise
-                raise self._first_error(model, choice, err, rid) from None
+                if first:
+                    raise self._first_error(model, choice, err, rid) from None
+                error = self._stream_error(model, choice, err, rid)
+                if err.code() in CONTINUABLE:
+                    raise _Broken(error, f"failed mid-stream ({err.code().name})") from None
+                raise error from None
             self._fail(model, choice)
-            raise DeadlineExceeded(
-                f"the replica of model '{model}' sent no token within {timeout:g}s", reason="FIRST_TOKEN_TIMEOUT"
-            ) from None
-        if first is grpc.aio.EOF:
+            if first:
+                raise DeadlineExceeded(
+                    f"the replica of model '{model}' sent no token within {timeout:g}s", reason="FIRST_TOKEN_TIMEOUT"
+                ) from None
+            log.warning("request_id=%s replica=%s stalled mid-stream for %gs", rid, choice.replica_id, timeout)
+            raise _Broken(DeadlineExceeded(
+                f"the replica of model '{model}' sent nothing for {timeout:g}s", reason="STREAM_IDLE_TIMEOUT"
+            ), f"stalled mid-stream (nothing for {timeout:g}s)") from None
+        if message is grpc.aio.EOF:
             self._fail(model, choice)
-            raise Internal(f"a replica of model '{model}' ended the stream without a result")
-        return first
+            if first:
+                raise Internal(f"a replica of model '{model}' ended the stream without a result")
+            raise _Broken(Unavailable(f"a replica of model '{model}' ended the stream before finishing"),
+                          "ended the stream before finishing")
+        return message
 
     def _first_error(self, model: str, choice: Candidate, err: grpc.aio.AioRpcError, rid: str) -> Exception:
         """What to raise for a call that failed before its first message: _Retry when another replica may try."""

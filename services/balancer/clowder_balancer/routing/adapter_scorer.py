@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
-from clowder_balancer.routing.base import Candidate, RouteRequest
+from clowder_common.plugins import NoParams, parse_params
+
+from clowder_balancer.routing.base import Candidate, RouteRequest, RoutingEnv, Scorer
 
 
-class AdapterScorer:
-    name = "adapter"
+class AdapterScorer(Scorer):
+    TYPE: ClassVar[str] = "adapter"
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> AdapterScorer:
+        parse_params(NoParams, params)
+        return cls()
 
     def score(self, request: RouteRequest, candidates: Sequence[Candidate]) -> dict[str, float]:
         if not request.adapter:

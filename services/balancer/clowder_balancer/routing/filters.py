@@ -2,51 +2,77 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
 
 from clowder_common.errors import Unavailable
+from clowder_common.plugins import NoParams, param, parse_params
 
-from clowder_balancer.routing.base import Candidate, RouteRequest
+from clowder_balancer.routing.base import Candidate, Filter, RouteRequest, RoutingEnv
+from clowder_balancer.routing.load_scorer import DEFAULT_SATURATION
 
 
-class ReadyFilter:
+class ReadyFilter(Filter):
     """Drops replicas whose stats polls keep failing (a registered endpoint whose process is gone)."""
 
-    name = "ready"
+    TYPE: ClassVar[str] = "ready"
     hard = False
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> ReadyFilter:
+        parse_params(NoParams, params)
+        return cls()
 
     def filter(self, request: RouteRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
         return [c for c in candidates if c.reachable]
 
 
-class NotEjectedFilter:
+class NotEjectedFilter(Filter):
     """Drops replicas outlier detection has ejected."""
 
-    name = "not-ejected"
+    TYPE: ClassVar[str] = "not-ejected"
     hard = False
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> NotEjectedFilter:
+        parse_params(NoParams, params)
+        return cls()
 
     def filter(self, request: RouteRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
         return [c for c in candidates if not c.ejected]
 
 
-class SaturationFilter:
+class SaturationFilter(Filter):
     """Drops replicas at or past `saturation` load, so affinity yields to load instead of making hotspots."""
 
-    name = "not-saturated"
+    TYPE: ClassVar[str] = "not-saturated"
     hard = False
 
-    def __init__(self, saturation: int = 8) -> None:
+    @dataclass(frozen=True)
+    class Params:
+        saturation: int = param(DEFAULT_SATURATION, min=1)
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> SaturationFilter:
+        return cls(parse_params(cls.Params, params).saturation)
+
+    def __init__(self, saturation: int = DEFAULT_SATURATION) -> None:
         self.saturation = max(1, int(saturation))
 
     def filter(self, request: RouteRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
         return [c for c in candidates if c.load < self.saturation]
 
 
-class AdapterFilter:
+class AdapterFilter(Filter):
     """Keeps replicas that have the requested adapter; a request for the base model keeps all."""
 
-    name = "adapter"
+    TYPE: ClassVar[str] = "adapter"
     hard = True
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> AdapterFilter:
+        parse_params(NoParams, params)
+        return cls()
 
     def filter(self, request: RouteRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
         if not request.adapter:

@@ -4,70 +4,90 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
-from clowder_balancer.routing.base import Candidate
+from clowder_common.plugins import NoParams, parse_params
+
+from clowder_balancer.routing.base import Candidate, Picker, RoutingEnv
 
 # Scores closer than this count as a tie: float sums of weights must not decide between equals.
 TIE_EPSILON = 1e-9
 
 
-class MaxScorePicker:
-    name = "max-score"
+def _require(scored: Sequence[tuple[Candidate, float]]) -> None:
+    if not scored:
+        raise ValueError("no candidates to pick from")
+
+
+class MaxScorePicker(Picker):
+    TYPE: ClassVar[str] = "max-score"
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> MaxScorePicker:
+        parse_params(NoParams, params)
+        return cls(env.rng)
 
     def __init__(self, rng: random.Random | None = None) -> None:
         # Random ties keep several balancers that each see the same scores from piling onto one replica.
         self._rng = rng or random.Random()
 
-    def pick_scored(self, scored: Sequence[tuple[Candidate, float]]) -> Candidate:
-        if not scored:
-            raise ValueError("no candidates to pick from")
+    def pick(self, scored: Sequence[tuple[Candidate, float]]) -> Candidate:
+        _require(scored)
         best = max(score for _, score in scored)
         return self._rng.choice([c for c, score in scored if score >= best - TIE_EPSILON])
 
 
-class RoundRobinPicker:
-    name = "round-robin"
+class RoundRobinPicker(Picker):
+    TYPE: ClassVar[str] = "round-robin"
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> RoundRobinPicker:
+        parse_params(NoParams, params)
+        return cls()
 
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    def pick_scored(self, scored: Sequence[tuple[Candidate, float]]) -> Candidate:
-        if not scored:
-            raise ValueError("no candidates to pick from")
+    def pick(self, scored: Sequence[tuple[Candidate, float]]) -> Candidate:
+        _require(scored)
         ordered = sorted((c for c, _ in scored), key=lambda c: c.replica_id)
         return ordered[next(self._counter) % len(ordered)]
 
 
-class RandomPicker:
-    name = "random"
+class RandomPicker(Picker):
+    TYPE: ClassVar[str] = "random"
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> RandomPicker:
+        parse_params(NoParams, params)
+        return cls(env.rng)
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def pick_scored(self, scored: Sequence[tuple[Candidate, float]]) -> Candidate:
-        if not scored:
-            raise ValueError("no candidates to pick from")
+    def pick(self, scored: Sequence[tuple[Candidate, float]]) -> Candidate:
+        _require(scored)
         return self._rng.choice([c for c, _ in scored])
 
 
-class LeastInFlightPicker:
+class LeastInFlightPicker(Picker):
     """The replica with the fewest requests in flight from this balancer; ties broken at random.
 
     Random ties keep several balancers that each see zero load from all piling
     onto the first replica in key order.
     """
 
-    name = "least-in-flight"
+    TYPE: ClassVar[str] = "least-in-flight"
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> LeastInFlightPicker:
+        parse_params(NoParams, params)
+        return cls(env.rng)
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def pick(self, candidates: Sequence[Candidate]) -> Candidate:
-        if not candidates:
-            raise ValueError("no candidates to pick from")
-        least = min(c.in_flight for c in candidates)
-        return self._rng.choice([c for c in candidates if c.in_flight == least])
-
-    def pick_scored(self, scored: Sequence[tuple[Candidate, float]]) -> Candidate:
-        return self.pick([c for c, _ in scored])
+    def pick(self, scored: Sequence[tuple[Candidate, float]]) -> Candidate:
+        _require(scored)
+        least = min(c.in_flight for c, _ in scored)
+        return self._rng.choice([c for c, _ in scored if c.in_flight == least])

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
-from clowder_balancer.routing.base import Candidate, RouteRequest
+from clowder_common.plugins import NoParams, parse_params
+
+from clowder_balancer.routing.base import (
+    BlockReader, Candidate, Observer, RouteRequest, RoutingEnv, Scorer, StatsConsumer,
+)
 from clowder_balancer.routing.prefix_index import DEFAULT_BLOCK_CHARS, PrefixIndex
 
 
@@ -20,9 +24,13 @@ SLACK = 2
 PROTECT_S = 30.0
 
 
-class PrefixScorer:
-    name = "prefix"
-    uses_blocks = True
+class PrefixScorer(Scorer, Observer, StatsConsumer, BlockReader):
+    TYPE: ClassVar[str] = "prefix"
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> PrefixScorer:
+        parse_params(NoParams, params)
+        return cls(block_chars=env.block_chars)
 
     def __init__(self, index: PrefixIndex | None = None, block_chars: int = DEFAULT_BLOCK_CHARS,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -40,6 +48,9 @@ class PrefixScorer:
         # Recorded at routing time so the next turn of a conversation already sent finds it here.
         self.index.add(chosen.address, request.blocks)
 
+    def prefilled(self, request: RouteRequest, chosen: Candidate) -> None:
+        pass  # what the replica holds was recorded when the request was routed
+
     def finished(self, request: RouteRequest, chosen: Candidate, blocks: tuple[int, ...]) -> None:
         # Prompt plus answer: the next turn's history starts with exactly this text.
         self.index.add(chosen.address, blocks)
@@ -47,7 +58,7 @@ class PrefixScorer:
     def forget(self, address: str) -> None:
         self.index.forget(address)
 
-    def runtime_report(self, address: str, stats) -> None:
+    def runtime_report(self, address: str, stats: Any) -> None:
         """Correct the guess with what the runtime says it holds.
 
         Its hashes are over token ids, which the balancer cannot compute without the tokenizer; what

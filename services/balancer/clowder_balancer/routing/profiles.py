@@ -1,4 +1,4 @@
-"""Routing profiles: named plugin sets, built in or read from YAML, turned into Schedulers."""
+"""Routing profiles: named sets of plugin instances, built in or read from YAML, turned into Schedulers."""
 
 from __future__ import annotations
 
@@ -9,105 +9,68 @@ import yaml
 
 from clowder_common.errors import InvalidArgument
 
-from clowder_balancer.routing.adapter_scorer import AdapterScorer
-from clowder_balancer.routing.filters import AdapterFilter, NotEjectedFilter, ReadyFilter, SaturationFilter
-from clowder_balancer.routing.load_scorer import LoadScorer
-from clowder_balancer.routing.pickers import LeastInFlightPicker, MaxScorePicker, RandomPicker, RoundRobinPicker
-from clowder_balancer.routing.prefix_index import DEFAULT_BLOCK_CHARS
-from clowder_balancer.routing.prefill_scorer import PrefillScorer
-from clowder_balancer.routing.prefix_scorer import PrefixScorer
-from clowder_balancer.routing.scheduler import Scheduler, WeightedScorer
-from clowder_balancer.routing.session_scorer import SessionScorer
+from clowder_balancer.routing.base import RoutingEnv
+from clowder_balancer.routing.registry import RoutingPlugins, builtin_plugins
+from clowder_balancer.routing.scheduler import Scheduler
 
 DEFAULT_PROFILE = "default"
+# The profile embedding requests are routed with: they leave nothing in a KV cache worth coming back to.
+EMBEDDINGS_PROFILE = "embeddings"
 SATURATION = 4
+# Far above any replica's slots: the load scorer then ranks by load alone (least first) at any traffic.
+EMBED_SATURATION = 1024
 
 # Every profile starts with the same safety filters; what differs is how the survivors are ranked.
 _SAFE = ["ready", "not-ejected", "adapter"]
 
+FIELD = "routing_profiles_file"
+
+# Entries are a type name, or {type, name, weight (scorers), parameters...}; {name: T, ...} alone means type T.
 BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
     # Least prefill work first (cache affinity and queued prompts in one unit), load second; a saturated
     # replica is filtered out, so affinity never makes a hotspot.
     "default": {
-        "filters": [*_SAFE, {"name": "not-saturated", "saturation": SATURATION}],
+        "filters": [*_SAFE, {"type": "not-saturated", "saturation": SATURATION}],
         "scorers": [
-            {"name": "session", "weight": 3},
-            {"name": "prefill", "weight": 3},
-            {"name": "adapter", "weight": 1},
-            {"name": "load", "weight": 1, "saturation": SATURATION},
+            {"type": "session", "weight": 3},
+            {"type": "prefill", "weight": 3},
+            {"type": "adapter", "weight": 1},
+            {"type": "load", "weight": 1, "saturation": SATURATION},
         ],
         "picker": "max-score",
     },
     "least-load": {
         "filters": _SAFE,
-        "scorers": [{"name": "load", "weight": 1, "saturation": 64}],
+        "scorers": [{"type": "load", "weight": 1, "saturation": 64}],
         "picker": "max-score",
     },
     "round-robin": {"filters": _SAFE, "scorers": [], "picker": "round-robin"},
     "random": {"filters": _SAFE, "scorers": [], "picker": "random"},
     "least-in-flight": {"filters": _SAFE, "scorers": [], "picker": "least-in-flight"},
+    EMBEDDINGS_PROFILE: {
+        "filters": _SAFE,
+        "scorers": [{"type": "load", "weight": 1, "saturation": EMBED_SATURATION}],
+        "picker": "max-score",
+    },
 }
 
-
-def _spec(item: Any, where: str) -> tuple[str, dict[str, Any]]:
-    if isinstance(item, str):
-        return item, {}
-    if isinstance(item, Mapping) and isinstance(item.get("name"), str):
-        return item["name"], {k: v for k, v in item.items() if k != "name"}
-    raise InvalidArgument(f"{where}: expected a plugin name or a mapping with 'name'", field="routing_profiles_file")
+_SLOTS = ("filters", "scorers", "picker")
 
 
-def _option(options: Mapping[str, Any], key: str, default: Any, where: str) -> Any:
-    value = options.get(key, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise InvalidArgument(f"{where}: '{key}' must be a non-negative number", field="routing_profiles_file")
-    return value
-
-
-def build_scheduler(name: str, spec: Mapping[str, Any], rng: random.Random | None = None,
-                    block_chars: int = DEFAULT_BLOCK_CHARS) -> Scheduler:
+def build_scheduler(name: str, spec: Mapping[str, Any], env: RoutingEnv | None = None,
+                    plugins: RoutingPlugins | None = None) -> Scheduler:
     """A Scheduler for profile `spec`; InvalidArgument names what is wrong with it."""
     where = f"routing profile {name!r}"
-    filters = []
-    for item in spec.get("filters", []) or []:
-        fname, options = _spec(item, where)
-        if fname == "ready":
-            filters.append(ReadyFilter())
-        elif fname == "not-ejected":
-            filters.append(NotEjectedFilter())
-        elif fname == "adapter":
-            filters.append(AdapterFilter())
-        elif fname == "not-saturated":
-            filters.append(SaturationFilter(_option(options, "saturation", SATURATION, where)))
-        else:
-            raise InvalidArgument(f"{where}: unknown filter {fname!r}", field="routing_profiles_file")
-    scorers = []
-    for item in spec.get("scorers", []) or []:
-        sname, options = _spec(item, where)
-        weight = float(_option(options, "weight", 1.0, where))
-        if sname == "load":
-            scorer: Any = LoadScorer(_option(options, "saturation", SATURATION, where))
-        elif sname == "prefix":
-            scorer = PrefixScorer(block_chars=block_chars)
-        elif sname == "prefill":
-            scorer = PrefillScorer(block_chars=block_chars)
-        elif sname == "session":
-            scorer = SessionScorer()
-        elif sname == "adapter":
-            scorer = AdapterScorer()
-        else:
-            raise InvalidArgument(f"{where}: unknown scorer {sname!r}", field="routing_profiles_file")
-        scorers.append(WeightedScorer(scorer, weight))
-    pname = spec.get("picker", "max-score")
-    pickers = {
-        "max-score": lambda: MaxScorePicker(rng),
-        "round-robin": RoundRobinPicker,
-        "random": lambda: RandomPicker(rng),
-        "least-in-flight": lambda: LeastInFlightPicker(rng),
-    }
-    if pname not in pickers:
-        raise InvalidArgument(f"{where}: unknown picker {pname!r}", field="routing_profiles_file")
-    return Scheduler(name, filters, scorers, pickers[pname]())
+    env = env or RoutingEnv()
+    plugins = plugins or builtin_plugins()
+    unknown = sorted(str(k) for k in spec if k not in _SLOTS)
+    if unknown:
+        raise InvalidArgument(f"{where}: unknown key(s) {', '.join(unknown)} (keys: {', '.join(_SLOTS)})",
+                              field=FIELD)
+    filters = plugins.build_all("filter", spec.get("filters"), env, where=where, field=FIELD)
+    scorers = plugins.build_all("scorer", spec.get("scorers"), env, where=where, field=FIELD, weighted=True)
+    (picker,) = plugins.build_all("picker", [spec.get("picker", "max-score")], env, where=where, field=FIELD)
+    return Scheduler(name, filters, scorers, picker)
 
 
 def load_profiles(path: str = "") -> dict[str, Mapping[str, Any]]:
@@ -119,27 +82,38 @@ def load_profiles(path: str = "") -> dict[str, Mapping[str, Any]]:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise InvalidArgument(f"cannot read routing profiles from {path}: {exc}", field="routing_profiles_file") from None
+        raise InvalidArgument(f"cannot read routing profiles from {path}: {exc}", field=FIELD) from None
     found = data.get("profiles") if isinstance(data, Mapping) else None
     if not isinstance(found, Mapping):
-        raise InvalidArgument(f"{path}: expected a 'profiles:' mapping", field="routing_profiles_file")
+        raise InvalidArgument(f"{path}: expected a 'profiles:' mapping", field=FIELD)
     for name, spec in found.items():
         if not isinstance(spec, Mapping):
-            raise InvalidArgument(f"{path}: profile {name!r} must be a mapping", field="routing_profiles_file")
+            raise InvalidArgument(f"{path}: profile {name!r} must be a mapping", field=FIELD)
         profiles[str(name)] = spec
     return profiles
 
 
-def scheduler_for(profile: str, path: str = "", rng: random.Random | None = None,
-                  block_chars: int = DEFAULT_BLOCK_CHARS) -> Scheduler:
+def schedulers_for(names: tuple[str, ...], path: str = "", env: RoutingEnv | None = None,
+                   plugins: RoutingPlugins | None = None) -> tuple[Scheduler, ...]:
+    """The Schedulers of profiles `names` (built-in or from the YAML file at `path`), in that order."""
     profiles = load_profiles(path)
-    if profile not in profiles:
-        raise InvalidArgument(
-            f"unknown routing profile {profile!r}; known: {', '.join(sorted(profiles))}", field="routing_profile"
-        )
-    scheduler = build_scheduler(profile, profiles[profile], rng, block_chars)
+    plugins = plugins or builtin_plugins()
+    for name in names:
+        if name not in profiles:
+            raise InvalidArgument(
+                f"unknown routing profile {name!r}; known: {', '.join(sorted(profiles))}", field="routing_profile"
+            )
+    schedulers = tuple(build_scheduler(name, profiles[name], env, plugins) for name in names)
     # Validate every profile now, so a typo in one not in use still fails at start, not at a later switch.
     for name, spec in profiles.items():
-        if name != profile:
-            build_scheduler(name, spec)
+        if name not in names:
+            build_scheduler(name, spec, env, plugins)
+    return schedulers
+
+
+def scheduler_for(profile: str, path: str = "", rng: random.Random | None = None, block_chars: int | None = None,
+                  plugins: RoutingPlugins | None = None) -> Scheduler:
+    """The Scheduler of one profile (every profile of the file validated too)."""
+    env = RoutingEnv(rng=rng) if block_chars is None else RoutingEnv(block_chars=block_chars, rng=rng)
+    (scheduler,) = schedulers_for((profile,), path, env, plugins)
     return scheduler

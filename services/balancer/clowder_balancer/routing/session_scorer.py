@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import collections
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
 
-from clowder_balancer.routing.base import Candidate, RouteRequest
+from clowder_common.plugins import param, parse_params
+
+from clowder_balancer.routing.base import Candidate, Observer, RouteRequest, RoutingEnv, Scorer
 
 DEFAULT_CAPACITY = 100_000
 
 
-class SessionScorer:
-    name = "session"
+class SessionScorer(Scorer, Observer):
+    TYPE: ClassVar[str] = "session"
+
+    @dataclass(frozen=True)
+    class Params:
+        # Sessions remembered (least recently used forgotten first).
+        capacity: int = param(DEFAULT_CAPACITY, min=1)
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> SessionScorer:
+        return cls(parse_params(cls.Params, params).capacity)
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         self._capacity = max(1, capacity)
@@ -29,6 +41,9 @@ class SessionScorer:
         self._last.move_to_end(request.session)
         while len(self._last) > self._capacity:
             self._last.popitem(last=False)
+
+    def prefilled(self, request: RouteRequest, chosen: Candidate) -> None:
+        pass  # the session's home is where it was routed, whatever came of the attempt
 
     def finished(self, request: RouteRequest, chosen: Candidate, blocks: tuple[int, ...]) -> None:
         pass
