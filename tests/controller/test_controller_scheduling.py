@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from clowder.controller.v1 import resources_pb2
@@ -12,7 +14,11 @@ from clowder_controller.scheduling.locality import Locality
 from clowder_common.runtime_settings import DEFAULT_SLOTS, RuntimeSettings
 from clowder_controller.scheduling.memory import MemoryFit, estimate_memory, kv_cache_bytes, read_model_shape
 from clowder_controller.scheduling.preemption import Placed, pick_victims
-from clowder_controller.scheduling.profiles import build_scheduler
+from clowder_controller.scheduling.profiles import build_profile, build_scheduler
+from clowder_controller.scheduling.framework import Scorer
+from clowder_controller.scheduling.registry import builtin_plugins
+from clowder_common.errors import InvalidArgument
+from clowder_common.plugins import parse_params
 from clowder_controller.scheduling.spread import BinPack, Spread
 
 GIB = 1 << 30
@@ -72,16 +78,16 @@ def test_spread_prefers_empty_nodes_and_nodes_without_the_deployment():
     request = PlacementRequest("d", memory_bytes=GIB)
     empty, half, has_d = node("a"), node("b", allocated=4 * GIB), node("c", per_deployment={"d": 1})
     scores = Spread().score(request, [empty, half, has_d])
-    assert scores[0] > scores[1] and scores[0] > scores[2]
-    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert scores["a"] > scores["b"] and scores["a"] > scores["c"]
+    assert all(0.0 <= s <= 1.0 for s in scores.values())
 
 
 @pytest.mark.unit
 def test_binpack_prefers_the_fullest_node():
     request = PlacementRequest("d", memory_bytes=GIB)
     scores = BinPack().score(request, [node("a"), node("b", allocated=6 * GIB), node("c", allocated=2 * GIB)])
-    assert scores[1] > scores[2] > scores[0]
-    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert scores["b"] > scores["c"] > scores["a"]
+    assert all(0.0 <= s <= 1.0 for s in scores.values())
 
 
 @pytest.mark.unit
@@ -89,7 +95,7 @@ def test_binpack_prefers_the_fullest_node():
     ("sha256:aa", {"sha256:aa"}, 1.0), ("sha256:aa", {"sha256:bb"}, 0.0), ("", {"sha256:aa"}, 0.0),
 ])
 def test_locality(digest, held, score):
-    assert Locality().score(PlacementRequest("d", digest=digest), [node("n", digests=held)]) == [score]
+    assert Locality().score(PlacementRequest("d", digest=digest), [node("n", digests=held)]) == {"n": score}
 
 
 @pytest.mark.unit
@@ -133,6 +139,47 @@ def test_no_nodes_at_all():
 def test_unknown_placement_is_refused():
     with pytest.raises(ValueError):
         build_scheduler("random")
+    with pytest.raises(ValueError, match="'weight' must be a number >= 0"):
+        build_scheduler("spread", locality_weight=-1)
+
+
+@pytest.mark.unit
+def test_placement_profiles_are_plugin_instances_from_the_registry():
+    scheduler = build_scheduler("binpack", locality_weight=0.5)
+    assert [(f.name, type(f.plugin)) for f in scheduler.filters] == [("labels", LabelMatch), ("gpus", GpuFit),
+                                                                     ("memory", MemoryFit)]
+    assert [(s.type, s.weight) for s in scheduler.scorers] == [("binpack", 1.0), ("locality", 0.5)]
+    # A zero weight turns the scorer off, as in routing profiles.
+    assert [s.type for s in build_scheduler("spread", locality_weight=0).scorers] == ["spread"]
+
+
+@pytest.mark.unit
+def test_a_placement_plugin_registered_by_type_runs_under_its_own_name():
+    class Cheapest(Scorer):
+        @classmethod
+        def create(cls, params, env):
+            return cls(parse_params(cls.Params, params).prefer)
+
+        @dataclasses.dataclass(frozen=True)
+        class Params:
+            prefer: str = ""
+
+        def __init__(self, prefer: str) -> None:
+            self.prefer = prefer
+
+        def score(self, request, nodes):
+            return {n.name: 1.0 if n.name == self.prefer else 0.0 for n in nodes}
+
+    plugins = builtin_plugins()
+    plugins.register("scorer", "named", Cheapest.create)
+    spec = {"filters": ["labels"], "scorers": [{"type": "named", "name": "likes-c", "weight": 5, "prefer": "c"},
+                                              {"type": "spread", "weight": 1}]}
+    decision = build_profile("custom", spec, plugins).schedule(PlacementRequest("d"), [node("a"), node("b"), node("c")])
+    assert decision.node.name == "c"
+    with pytest.raises(InvalidArgument, match="'prefer' must be a string"):
+        build_profile("custom", {"scorers": [{"type": "named", "prefer": 3}]}, plugins)
+    with pytest.raises(InvalidArgument, match="unknown scorer 'named'"):
+        build_profile("custom", spec)
 
 
 @pytest.mark.unit

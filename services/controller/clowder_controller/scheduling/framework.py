@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Mapping, Protocol, Sequence
+from abc import abstractmethod
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 from clowder.controller.v1 import resources_pb2
+from clowder_common.plugins import Instance, weighted_sum
 
 
 @dataclasses.dataclass
@@ -64,21 +66,29 @@ class PlacementRequest:
     digest: str = ""
 
 
-class Filter(Protocol):
-    name: str
+# Declared interfaces: a plugin subclasses the ones it implements (see clowder_common.plugins; registry.py).
 
+
+@runtime_checkable
+class Filter(Protocol):
+    """Drops the nodes that cannot take a replica, and says why."""
+
+    @abstractmethod
     def filter(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> list[NodeInfo]:
         """The nodes that can take the replica, in the given order."""
 
+    @abstractmethod
     def reason(self, request: PlacementRequest, rejected: int) -> str:
         """Why `rejected` nodes were dropped, for the pending replica's message."""
 
 
+@runtime_checkable
 class Scorer(Protocol):
-    name: str
+    """Ranks the nodes that fit, by the convention of clowder_common.plugins.weighted_sum (as routing's do)."""
 
-    def score(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> list[float]:
-        """One score in [0, 1] per node, higher is better."""
+    @abstractmethod
+    def score(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> dict[str, float]:
+        """Score in [0, 1] per node name; higher is better."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +100,10 @@ class Decision:
 
 
 class Scheduler:
-    def __init__(self, filters: Sequence[Filter], scorers: Sequence[tuple[Scorer, float]]) -> None:
+    def __init__(self, name: str, filters: Sequence[Instance[Filter]], scorers: Sequence[Instance[Scorer]]) -> None:
+        self.name = name
         self.filters = list(filters)
-        self.scorers = [(s, w) for s, w in scorers if w > 0]
+        self.scorers = [s for s in scorers if s.weight > 0]
 
     def schedule(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> Decision:
         """`nodes` sorted by name, so equal scores go to the first name."""
@@ -102,18 +113,17 @@ class Scheduler:
         candidates: Sequence[NodeInfo] = nodes
         reasons = []
         for f in self.filters:
-            kept = f.filter(request, candidates)
+            kept = f.plugin.filter(request, candidates)
             if len(kept) < len(candidates):
-                reasons.append(f.reason(request, len(candidates) - len(kept)))
+                reasons.append(f.plugin.reason(request, len(candidates) - len(kept)))
             candidates = kept
             if not candidates:
                 reason = f"0/{len(nodes)} nodes fit: " + "; ".join(reasons)
                 return Decision(None, reason, time.perf_counter() - started)
         if len(candidates) == 1 or not self.scorers:
             return Decision(candidates[0], "", time.perf_counter() - started)
-        totals = [0.0] * len(candidates)
-        for scorer, weight in self.scorers:
-            for i, value in enumerate(scorer.score(request, candidates)):
-                totals[i] += weight * value
-        best = max(range(len(candidates)), key=totals.__getitem__)
-        return Decision(candidates[best], "", time.perf_counter() - started)
+        totals = weighted_sum([n.name for n in candidates],
+                              ((s.weight, s.plugin.score(request, candidates)) for s in self.scorers))
+        # max() keeps the first of equals: the first name.
+        best = max(candidates, key=lambda n: totals[n.name])
+        return Decision(best, "", time.perf_counter() - started)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
-from clowder_controller.scheduling.framework import NodeInfo, PlacementRequest
+from clowder_common.plugins import NoParams, parse_params
+from clowder_controller.scheduling.framework import Filter, NodeInfo, PlacementRequest
 
 
-class LabelMatch:
-    name = "labels"
+class LabelMatch(Filter):
+    TYPE: ClassVar[str] = "labels"
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: None) -> LabelMatch:
+        parse_params(NoParams, params)
+        return cls()
 
     def filter(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> list[NodeInfo]:
         if not request.node_selector:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
-from clowder_controller.scheduling.framework import NodeInfo, PlacementRequest
+from clowder_common.plugins import NoParams, parse_params
+from clowder_controller.scheduling.framework import NodeInfo, PlacementRequest, Scorer
 
 
-class Locality:
-    name = "locality"
+class Locality(Scorer):
+    TYPE: ClassVar[str] = "locality"
 
-    def score(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> list[float]:
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: None) -> Locality:
+        parse_params(NoParams, params)
+        return cls()
+
+    def score(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> dict[str, float]:
         digest = request.digest
-        if not digest:
-            return [0.0] * len(nodes)
-        return [1.0 if digest in n.digests else 0.0 for n in nodes]
+        return {n.name: 1.0 if digest and digest in n.digests else 0.0 for n in nodes}

@@ -8,11 +8,12 @@ Image.model_shape; without it, the weights plus a fixed margin stand in.
 from __future__ import annotations
 
 import pathlib
-from typing import Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 from clowder.controller.v1 import resources_pb2
+from clowder_common.plugins import NoParams, parse_params
 from clowder_common.runtime_settings import DEFAULT_CONTEXT_SIZE, RuntimeSettings, resolve, with_defaults
-from clowder_controller.scheduling.framework import NodeInfo, PlacementRequest
+from clowder_controller.scheduling.framework import Filter, NodeInfo, PlacementRequest
 
 # The runtime's context when nothing sets one.
 DEFAULT_CONTEXT = DEFAULT_CONTEXT_SIZE
@@ -75,8 +76,13 @@ def _gib(size: int) -> str:
     return f"{size / (1 << 30):.2f} GiB"
 
 
-class MemoryFit:
-    name = "memory"
+class MemoryFit(Filter):
+    TYPE: ClassVar[str] = "memory"
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: None) -> MemoryFit:
+        parse_params(NoParams, params)
+        return cls()
 
     def filter(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> list[NodeInfo]:
         need = request.memory_bytes

@@ -7,9 +7,10 @@ locality preference cannot pile every replica onto the nodes holding a model.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
-from clowder_controller.scheduling.framework import NodeInfo, PlacementRequest
+from clowder_common.plugins import NoParams, parse_params
+from clowder_controller.scheduling.framework import NodeInfo, PlacementRequest, Scorer
 
 
 def _used(node: NodeInfo, request: PlacementRequest) -> float:
@@ -29,21 +30,31 @@ def _relative(values: list[float]) -> list[float]:
     return [(v - lo) / span for v in values]
 
 
-class Spread:
+class Spread(Scorer):
     """Prefer nodes without a replica of this deployment, then the least used ones."""
 
-    name = "spread"
+    TYPE: ClassVar[str] = "spread"
 
-    def score(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> list[float]:
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: None) -> Spread:
+        parse_params(NoParams, params)
+        return cls()
+
+    def score(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> dict[str, float]:
         dep = request.deployment
         fullness = _relative([_used(n, request) for n in nodes])
-        return [0.5 / (1 + n.per_deployment.get(dep, 0)) + 0.5 * (1.0 - f) for n, f in zip(nodes, fullness)]
+        return {n.name: 0.5 / (1 + n.per_deployment.get(dep, 0)) + 0.5 * (1.0 - f) for n, f in zip(nodes, fullness)}
 
 
-class BinPack:
+class BinPack(Scorer):
     """Prefer the fullest node that still fits, leaving whole nodes free for big models."""
 
-    name = "binpack"
+    TYPE: ClassVar[str] = "binpack"
 
-    def score(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> list[float]:
-        return _relative([_used(n, request) for n in nodes])
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: None) -> BinPack:
+        parse_params(NoParams, params)
+        return cls()
+
+    def score(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> dict[str, float]:
+        return {n.name: f for n, f in zip(nodes, _relative([_used(n, request) for n in nodes]))}
