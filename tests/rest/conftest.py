@@ -1,4 +1,5 @@
-"""REST bridge fixtures: the real controller and a storage node in-process, the bridge on an aiohttp port 0."""
+"""REST gateway fixtures: the real controller and a storage node in-process, the balancer's gateway (the bridge
+and its hand-made routes) on an aiohttp port 0."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-import clowder.controller.v1.controller_pb2  # noqa: F401  (registers the services the bridge reads)
-from clowder_common.rest import CONTROLLER_SERVICES, install_rest_bridge
+from clowder_balancer.gateway import CONTROLLER_SERVICES, RuntimeStatsApi, install_gateway
 from clowder_controller.app import create_controller
 from clowder_controller.config import ControllerConfig
 from clowder_storage.app import create_storage
@@ -42,9 +42,11 @@ async def storage_node(etcd, etcd_prefix, state, tmp_path: pathlib.Path):
 
 @pytest.fixture
 async def api(controller):
-    """Base URL of an aiohttp server carrying only the bridge, pointed at the controller."""
+    """Base URL of an aiohttp server carrying only the gateway, pointed at the controller."""
     app = web.Application()
-    install_rest_bridge(app, "/api/v1", targets={name: f"127.0.0.1:{controller.port}" for name in CONTROLLER_SERVICES})
+    # No balancer here: runtime-stats is served (and documented) but refuses every call without an admin token.
+    install_gateway(app, {name: f"127.0.0.1:{controller.port}" for name in CONTROLLER_SERVICES},
+                    runtime_stats=RuntimeStatsApi(discovery=None, channels=None, admin_token=None))
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -8,7 +8,7 @@ from aiohttp import web
 import clowder.balancer.v1.apikeys_pb2  # noqa: F401  (registers ApiKeyService for the bridge)
 from clowder_balancer.app import create_balancer
 from clowder_balancer.config import BalancerConfig
-from clowder_common.rest import CONTROLLER_SERVICES, install_rest_bridge
+from clowder_balancer.gateway import CONTROLLER_SERVICES, install_gateway
 
 from rest_helpers import TOKEN, call
 
@@ -26,7 +26,7 @@ async def both(etcd, etcd_prefix, controller):
     app = web.Application()
     targets = {name: f"127.0.0.1:{controller.port}" for name in CONTROLLER_SERVICES}
     targets[API_KEYS] = f"127.0.0.1:{balancer.grpc_port}"
-    install_rest_bridge(app, "/api/v1", targets=targets)
+    install_gateway(app, targets)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from clowder_common.rest import CONTROLLER_SERVICES, resolve_services, routes_of
+from clowder_balancer.gateway import CONTROLLER_SERVICES
+from clowder_common.rest import resolve_services, routes_of
 
 from rest_helpers import AUTH, call, eventually
 

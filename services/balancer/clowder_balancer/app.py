@@ -9,11 +9,8 @@ from aiohttp import web
 
 from clowder_common.etcd import EtcdState
 from clowder_common.grpc_server import GrpcServer, create_grpc_server
-from clowder_common.rest import CONTROLLER_SERVICES, install_rest_bridge
-from clowder_common.rest.bridge import BridgeOptions
 from clowder_common.security import load_security
 
-from clowder_balancer.apikeys import SERVICE_NAME as API_KEY_SERVICE
 from clowder_balancer.apikeys import ApiKeyServicer, ApiKeyStore
 from clowder_balancer.batch.feature import Batches
 from clowder_balancer.batch.service import BatchSettings
@@ -21,6 +18,7 @@ from clowder_balancer.channels import ChannelPool
 from clowder_balancer.config import BalancerConfig, split_host_port
 from clowder_balancer.console import install_console
 from clowder_balancer.discovery import Discovery
+from clowder_balancer.gateway import RuntimeStatsApi, gateway_targets, install_gateway
 from clowder_balancer.grpc_api import InferenceServicer
 from clowder_balancer.http_api import HttpApi
 from clowder_balancer.load import LoadReporter
@@ -61,7 +59,6 @@ class BalancerApp:
         self._tracer_provider = tracer_provider
         self.load_reporter = LoadReporter(self.state, self.router.tracker, config.name,
                                           config.load_report_interval_s, config.load_lease_ttl_s)
-        self.router.on_waiting = self.load_reporter.poke
         self._http_host, self._http_port_wanted = split_host_port(config.http_listen, "http_listen")
         self.api_keys = ApiKeyStore(self.state)
         self.tenancy = Tenancy(
@@ -127,15 +124,13 @@ class BalancerApp:
         # handler_cancellation: a client that hangs up cancels its handler, and so its runtime call.
         http_app = self._http.application()
         self.batches.install(http_app)
-        # The REST bridge (grpc-gateway style) turns /api/v1/* into calls on the control-plane gRPC services.
+        install_console(http_app)
+        # The REST gateway (see gateway/api.py) turns /api/v1/* into calls on the control-plane gRPC services.
         grpc_host = split_host_port(self.config.grpc_listen, "grpc_listen")[0]
         own = "127.0.0.1" if grpc_host in ("0.0.0.0", "::", "") else grpc_host
-        targets = {API_KEY_SERVICE: f"{own}:{self.grpc_port}"}
-        if self.config.controller_address:
-            targets.update(dict.fromkeys(CONTROLLER_SERVICES, self.config.controller_address))
-        # The web console, and its one route under /api/v1, go before the bridge's /api/v1 catch-all.
-        install_console(http_app, self.discovery, self.channels, self._admin_token)
-        install_rest_bridge(http_app, "/api/v1", targets=targets, options=BridgeOptions(security=self.security))
+        install_gateway(http_app, gateway_targets(f"{own}:{self.grpc_port}", self.config.controller_address),
+                        security=self.security,
+                        runtime_stats=RuntimeStatsApi(self.discovery, self.channels, self._admin_token))
         self._runner = web.AppRunner(
             http_app,
             handler_cancellation=True,

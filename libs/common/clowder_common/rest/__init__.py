@@ -1,17 +1,16 @@
-"""REST bridge (grpc-gateway style) and OpenAPI document generated from google.api.http annotations."""
+"""REST bridge (grpc-gateway style) and its OpenAPI document, generated from google.api.http annotations.
 
-# The controller's services are the bridge's usual targets: register their descriptors.
-import clowder.controller.v1.controller_pb2  # noqa: F401
-from clowder_common.rest.bridge import BridgeOptions, RestBridge, install_rest_bridge
-from clowder_common.rest.openapi import openapi_document
+A library: it knows no product service. A service that serves a gateway (the balancer's
+clowder_balancer.gateway) names its targets and adds its own hand-made routes as RestRoutes.
+Modules: template (path templates), routes (annotations to routes), transcode (HTTP <-> messages),
+openapi (the document), responses (google.rpc.Status answers), bridge (the aiohttp handlers).
+"""
+
+from clowder_common.rest.bridge import BridgeOptions, RestBridge, RestRoutes, call_metadata, install_rest_bridge
+from clowder_common.rest.openapi import STATUS_SCHEMA, error_response_spec, openapi_document
+from clowder_common.rest.responses import error_response, rpc_error_response, status_response
 from clowder_common.rest.routes import Route, resolve_services, routes_of
 
-CONTROLLER_SERVICES = (
-    "clowder.controller.v1.ImageService",
-    "clowder.controller.v1.DeploymentService",
-    "clowder.controller.v1.NodeService",
-    "clowder.controller.v1.ServingService",
-)
-
-__all__ = ["BridgeOptions", "RestBridge", "install_rest_bridge", "openapi_document", "Route",
-           "resolve_services", "routes_of", "CONTROLLER_SERVICES"]
+__all__ = ["BridgeOptions", "RestBridge", "RestRoutes", "call_metadata", "install_rest_bridge", "STATUS_SCHEMA",
+           "error_response_spec", "openapi_document", "error_response", "rpc_error_response", "status_response",
+           "Route", "resolve_services", "routes_of"]

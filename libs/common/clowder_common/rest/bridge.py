@@ -1,4 +1,9 @@
-"""The REST bridge: aiohttp handlers that transcode HTTP/JSON to the annotated gRPC calls and back."""
+"""The REST bridge: aiohttp handlers that transcode HTTP/JSON to the annotated gRPC calls and back.
+
+Generic: it serves whatever google.api.http-annotated services it is given. Routes of a product that are not
+annotated RPCs (the balancer's /api/v1/workers, /api/v1/runtime-stats) are RestRoutes that their service
+passes to install_rest_bridge, which serves them beside the bridge and lists them in the same OpenAPI document.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +12,26 @@ import json
 import logging
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import grpc
 from aiohttp import web
 from google.protobuf import descriptor
-from google.rpc import error_details_pb2, status_pb2
+from google.protobuf.message import Message
 
 from clowder_common.clients import aio_channel
-from clowder_common.security import NO_SECURITY, ClusterSecurity
-from clowder_common.errors import HTTP_STATUS, ClowderError
+from clowder_common.errors import ClowderError
 from clowder_common.rest import transcode
+from clowder_common.rest.openapi import openapi_document
+from clowder_common.rest.responses import error_response, plain_status, rpc_error_response, status_response
 from clowder_common.rest.routes import Route, resolve_services, routes_of
+from clowder_common.security import NO_SECURITY, ClusterSecurity
 
 log = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
 # Request headers passed on as gRPC metadata.
 FORWARDED_HEADERS = ("authorization", "x-request-id")
-_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 BRIDGE_KEY = web.AppKey("clowder_rest_bridge", object)
 
 
@@ -39,35 +45,14 @@ class BridgeOptions:
     security: ClusterSecurity = NO_SECURITY
 
 
-def grpc_code(number: int) -> grpc.StatusCode:
-    return _CODE_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+class RestRoutes(Protocol):
+    """Hand-made routes under the bridge's prefix: served before its catch-all, listed in its OpenAPI document."""
 
+    def install(self, app: web.Application, prefix: str) -> None: ...
 
-def status_response(status: status_pb2.Status, headers: Mapping[str, str] | None = None) -> web.Response:
-    """A google.rpc.Status as JSON, with the HTTP status grpc-gateway gives its code."""
-    http = HTTP_STATUS.get(grpc_code(status.code), 500)
-    response = web.json_response(transcode.status_json(status), status=http, headers=headers)
-    retry = _retry_after(status)
-    if retry is not None and http in (429, 503):
-        response.headers["Retry-After"] = str(max(1, round(retry)))
-    return response
-
-
-def error_response(error: ClowderError) -> web.Response:
-    return status_response(error.to_status())
-
-
-def plain_status(code: grpc.StatusCode, message: str) -> status_pb2.Status:
-    return status_pb2.Status(code=code.value[0], message=message)
-
-
-def _retry_after(status: status_pb2.Status) -> float | None:
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info.retry_delay.ToNanoseconds() / 1e9
-    return None
+    def openapi_paths(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """OpenAPI path items, their schemas inline or as refs to the bridge's component schemas."""
+        ...
 
 
 def call_metadata(request: web.Request) -> tuple[tuple[str, str], ...]:
@@ -96,11 +81,17 @@ class RestBridge:
     """Routes requests under `prefix` to the annotated RPCs of the target services."""
 
     def __init__(self, prefix: str, targets: Mapping[str, str],
-                 services: Sequence[descriptor.ServiceDescriptor], options: BridgeOptions) -> None:
+                 services: Sequence[descriptor.ServiceDescriptor] | None = None,
+                 options: BridgeOptions | None = None) -> None:
+        """`targets`: {service full name: gRPC address}; `services`: their descriptors, by default looked up
+        by name (the generated _pb2 modules must be imported)."""
         self.prefix = prefix.rstrip("/")
         self.targets = dict(targets)
-        self.services = list(services)
-        self.options = options
+        self.services = list(services) if services is not None else resolve_services(self.targets)
+        missing = [s.full_name for s in self.services if s.full_name not in self.targets]
+        if missing:
+            raise ValueError(f"no gRPC address for {', '.join(missing)}")
+        self.options = options or BridgeOptions()
         self.routes = routes_of(self.services)
         self.channels = Channels(options.security)
         for route in self.routes:
@@ -127,14 +118,14 @@ class RestBridge:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw_path = request.raw_path.split("?", 1)[0]
         found = self.match(request.method, raw_path)
-        if found == 404:
-            return status_response(plain_status(grpc.StatusCode.NOT_FOUND, f"no API route for {request.path}"))
         if found == 405:
             # grpc-gateway answers UNIMPLEMENTED with HTTP 405 when only the method is wrong.
             status = plain_status(grpc.StatusCode.UNIMPLEMENTED,
                                   f"method {request.method} is not allowed on {request.path}")
             return web.json_response(transcode.status_json(status), status=405)
-        route, values = found  # type: ignore[misc]
+        if isinstance(found, int):
+            return status_response(plain_status(grpc.StatusCode.NOT_FOUND, f"no API route for {request.path}"))
+        route, values = found
         try:
             message = transcode.build_request(route, values, _query_pairs(request), await request.read())
         except ClowderError as err:
@@ -143,17 +134,17 @@ class RestBridge:
             return await self._stream(request, route, message)
         return await self._unary(request, route, message)
 
-    async def _unary(self, request: web.Request, route: Route, message) -> web.Response:
+    async def _unary(self, request: web.Request, route: Route, message: Message) -> web.Response:
         call = self.channels.get(self.address_of(route)).unary_unary(
             route.grpc_path, request_serializer=type(message).SerializeToString,
             response_deserializer=route.response_class().FromString)
         try:
             reply = await call(message, metadata=call_metadata(request), timeout=self.options.unary_timeout_s)
         except grpc.RpcError as err:
-            return status_response(transcode.status_of_rpc_error(err))
+            return rpc_error_response(err)
         return web.json_response(transcode.response_json(route, reply))
 
-    async def _stream(self, request: web.Request, route: Route, message) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, route: Route, message: Message) -> web.StreamResponse:
         """Newline-delimited JSON: {"result": ...} per message, {"error": Status} if it breaks mid-way."""
         call = self.channels.get(self.address_of(route)).unary_stream(
             route.grpc_path, request_serializer=type(message).SerializeToString,
@@ -167,7 +158,7 @@ class RestBridge:
             except StopAsyncIteration:
                 first = None
             except grpc.RpcError as err:
-                return status_response(transcode.status_of_rpc_error(err))
+                return rpc_error_response(err)
             response = web.StreamResponse(status=200, headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
             await response.prepare(request)
             if first is not None:
@@ -195,34 +186,25 @@ def _query_pairs(request: web.Request) -> list[tuple[str, str]]:
     return urllib.parse.parse_qsl(request.query_string, keep_blank_values=True)
 
 
-def install_rest_bridge(app: web.Application, prefix: str = "/api/v1", *, targets: Mapping[str, str],
-                        services: Iterable[descriptor.ServiceDescriptor] | None = None,
-                        options: BridgeOptions | None = None, compat: bool = True,
-                        title: str = "Clowder control plane") -> RestBridge:
-    """Serve the annotated RPCs of `targets` ({service full name: gRPC address}) under `prefix`.
-
-    Also `<prefix>/openapi.json` (generated from the same descriptors) and, with `compat`, the
-    original Clowder's `/workers` routes. The caller's Authorization header goes along with each call.
-    """
-    from clowder_common.rest import compat as compat_routes
-    from clowder_common.rest.openapi import openapi_document
-
-    resolved = list(services) if services is not None else resolve_services(targets)
-    missing = [s.full_name for s in resolved if s.full_name not in targets]
-    if missing:
-        raise ValueError(f"no gRPC address for {', '.join(missing)}")
-    bridge = RestBridge(prefix, targets, resolved, options or BridgeOptions())
-    app[BRIDGE_KEY] = bridge
-    workers = compat_routes.Workers(bridge) if compat and compat_routes.Workers.supported(bridge) else None
-    document = openapi_document(bridge.routes, title=title, extra_paths=workers.openapi_paths() if workers else {})
+def install_rest_bridge(app: web.Application, bridge: RestBridge, *, title: str,
+                        extra: Sequence[RestRoutes] = ()) -> RestBridge:
+    """Serve `bridge` on `app`: `<prefix>/openapi.json` (generated from the same descriptors, plus the paths
+    of `extra`), the `extra` routes, then every annotated RPC under the prefix. The caller's Authorization
+    header goes along with each call."""
+    paths: dict[str, dict[str, Any]] = {}
+    for routes in extra:
+        paths.update(routes.openapi_paths(bridge.prefix))
+    document = openapi_document(bridge.routes, title=title, extra_paths=paths)
     body = json.dumps(document, indent=1).encode()
 
     async def openapi(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")
 
+    app[BRIDGE_KEY] = bridge
     app.router.add_get(f"{bridge.prefix}/openapi.json", openapi)
-    if workers is not None:
-        workers.install(app)
+    for routes in extra:
+        routes.install(app, bridge.prefix)
+    # Last: aiohttp tries routes in the order they were added, and this one takes every path under the prefix.
     app.router.add_route("*", f"{bridge.prefix}/{{tail:.*}}", bridge.handle)
 
     async def close(_app: web.Application) -> None:
@@ -230,4 +212,3 @@ def install_rest_bridge(app: web.Application, prefix: str = "/api/v1", *, target
 
     app.on_cleanup.append(close)
     return bridge
-

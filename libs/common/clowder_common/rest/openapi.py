@@ -173,10 +173,15 @@ def _operation(schemas: _Schemas, route: Route, names: list[str]) -> dict[str, A
         description = "OK"
     operation["responses"] = {
         "200": {"description": description, "content": content},
-        "default": {"description": "An error as google.rpc.Status",
-                    "content": {"application/json": {"schema": schemas.ref(STATUS_SCHEMA)}}},
+        "default": error_response_spec(),
     }
     return operation
+
+
+def error_response_spec() -> dict[str, Any]:
+    """The `default` response of every operation, hand-made ones too: an error as google.rpc.Status."""
+    return {"description": "An error as google.rpc.Status",
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{STATUS_SCHEMA}"}}}}
 
 
 def _field_path(message: descriptor.Descriptor, path: str) -> FD:

@@ -1,5 +1,5 @@
-"""The web console at /console: static pages that use only the public APIs (REST bridge, OpenAI API), plus the
-one public route they needed that no API had: GET /api/v1/runtime-stats (see stats_api)."""
+"""The web console at /console: static pages that use only the public APIs: the OpenAI API and the REST gateway
+(clowder_balancer.gateway, whose GET /api/v1/runtime-stats was added for the console's load cards)."""
 
 from clowder_balancer.console.routes import install_console
 

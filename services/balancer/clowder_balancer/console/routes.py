@@ -7,10 +7,6 @@ import importlib.resources
 
 from aiohttp import web
 
-from clowder_balancer.channels import ChannelPool
-from clowder_balancer.console.stats_api import RuntimeStatsApi
-from clowder_balancer.discovery import Discovery
-
 PREFIX = "/console"
 # name -> content type; anything else under /console/ is a 404.
 ASSETS = {
@@ -34,9 +30,8 @@ def _read_assets() -> dict[str, bytes]:
     return {name: root.joinpath(name).read_bytes() for name in ASSETS}
 
 
-def install_console(app: web.Application, discovery: Discovery, channels: ChannelPool,
-                    admin_token: str | None) -> None:
-    """Add /console and GET /api/v1/runtime-stats to `app`; call before the REST bridge's /api/v1 catch-all."""
+def install_console(app: web.Application) -> None:
+    """Add /console to `app` (its API calls go to /v1 and to the gateway's /api/v1, clowder_balancer.gateway)."""
     assets = _read_assets()  # read once: a missing file fails at start, not on a user's first visit
 
     async def asset(request: web.Request) -> web.Response:
@@ -51,5 +46,3 @@ def install_console(app: web.Application, discovery: Discovery, channels: Channe
     app.router.add_get(PREFIX, to_slash)
     app.router.add_get(PREFIX + "/", asset)
     app.router.add_get(PREFIX + "/{name}", asset)
-    stats = RuntimeStatsApi(discovery, channels, admin_token)
-    app.router.add_get("/api/v1/runtime-stats", stats.handle)

@@ -1,4 +1,5 @@
-"""The original Clowder's REST routes (`POST /workers`, `GET /workers/list`) on top of the new API."""
+"""The original Clowder's REST routes (`POST /api/v1/workers`, `GET /api/v1/workers/list`) on top of the
+controller's ImageService, DeploymentService and NodeService, through the gateway's channels."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import grpc
 from aiohttp import web
 
 from clowder.controller.v1 import controller_pb2, controller_pb2_grpc, resources_pb2
-from clowder_common.errors import ClowderError, FieldViolation, InvalidArgument, AlreadyExists
-from clowder_common.rest import transcode
-from clowder_common.rest.bridge import RestBridge, call_metadata, error_response, status_response
-from clowder_common.rest.openapi import STATUS_SCHEMA
+from clowder_common.errors import AlreadyExists, ClowderError, FieldViolation, InvalidArgument
+from clowder_common.rest import RestBridge, call_metadata, error_response, error_response_spec, rpc_error_response
+from clowder_common.rest.transcode import message_json
 
 _SERVICES = {name: controller_pb2.DESCRIPTOR.services_by_name[name].full_name
              for name in ("ImageService", "DeploymentService", "NodeService")}
@@ -21,7 +21,11 @@ _WORKER_FIELDS = ("modelUrl", "modelAlias", "nodeName", "credentials")
 
 
 class Workers:
-    """A "worker" of the original API is one replica of a one-replica deployment named after its model."""
+    """A "worker" of the original API is one replica of a one-replica deployment named after its model.
+
+    Served when the bridge reaches the controller (see `supported`); calls go over the bridge's channels,
+    with the caller's Authorization header, under its unary deadline.
+    """
 
     def __init__(self, bridge: RestBridge) -> None:
         self._bridge = bridge
@@ -30,15 +34,18 @@ class Workers:
     def supported(bridge: RestBridge) -> bool:
         return all(name in bridge.targets for name in _SERVICES.values())
 
-    def install(self, app: web.Application) -> None:
-        app.router.add_post(f"{self._bridge.prefix}/workers", self._create)
-        app.router.add_get(f"{self._bridge.prefix}/workers/list", self._list)
+    def install(self, app: web.Application, prefix: str) -> None:
+        app.router.add_post(f"{prefix}/workers", self._create)
+        app.router.add_get(f"{prefix}/workers/list", self._list)
 
-    def _stubs(self):
-        channel = lambda service: self._bridge.channels.get(self._bridge.targets[_SERVICES[service]])  # noqa: E731
-        return (controller_pb2_grpc.ImageServiceStub(channel("ImageService")),
-                controller_pb2_grpc.DeploymentServiceStub(channel("DeploymentService")),
-                controller_pb2_grpc.NodeServiceStub(channel("NodeService")))
+    def _channel(self, service: str) -> grpc.aio.Channel:
+        return self._bridge.channels.get(self._bridge.targets[_SERVICES[service]])
+
+    def _stubs(self) -> tuple[controller_pb2_grpc.ImageServiceStub, controller_pb2_grpc.DeploymentServiceStub,
+                              controller_pb2_grpc.NodeServiceStub]:
+        return (controller_pb2_grpc.ImageServiceStub(self._channel("ImageService")),
+                controller_pb2_grpc.DeploymentServiceStub(self._channel("DeploymentService")),
+                controller_pb2_grpc.NodeServiceStub(self._channel("NodeService")))
 
     async def _create(self, request: web.Request) -> web.Response:
         try:
@@ -66,9 +73,8 @@ class Workers:
         except ClowderError as err:
             return error_response(err)
         except grpc.RpcError as err:
-            return status_response(transcode.status_of_rpc_error(err))
-        return web.json_response({"image": transcode.message_json(image),
-                                  "deployment": transcode.message_json(deployment)})
+            return rpc_error_response(err)
+        return web.json_response({"image": message_json(image), "deployment": message_json(deployment)})
 
     async def _list(self, request: web.Request) -> web.Response:
         images, deployments, _ = self._stubs()
@@ -95,7 +101,7 @@ class Workers:
             replicas = (await deployments.ListReplicas(controller_pb2.ListReplicasRequest(deployment="-"),
                                                        metadata=meta, timeout=timeout)).replicas
         except grpc.RpcError as err:
-            return status_response(transcode.status_of_rpc_error(err))
+            return rpc_error_response(err)
         workers = []
         for replica in sorted(replicas, key=lambda r: (r.deployment, r.id)):
             deployment = by_name.get(replica.deployment)
@@ -112,14 +118,13 @@ class Workers:
             })
         return web.json_response({"workers": workers})
 
-    def openapi_paths(self) -> dict[str, dict[str, Any]]:
-        error = {"description": "An error as google.rpc.Status",
-                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{STATUS_SCHEMA}"}}}}
+    def openapi_paths(self, prefix: str) -> dict[str, dict[str, Any]]:
+        error = error_response_spec()
         string = {"type": "string"}
         worker = {"type": "object", "properties": {name: string for name in (
             "id", "deployment", "modelAlias", "modelUrl", "nodeName", "state", "endpoint", "message")}}
         return {
-            f"{self._bridge.prefix}/workers": {"post": {
+            f"{prefix}/workers": {"post": {
                 "operationId": "Compat_CreateWorker",
                 "tags": ["Compatibility"],
                 "summary": "Original Clowder API: add a model and run one replica of it",
@@ -136,7 +141,7 @@ class Workers:
                         "deployment": {"$ref": "#/components/schemas/clowder.controller.v1.Deployment"},
                     }}}}}, "default": error},
             }},
-            f"{self._bridge.prefix}/workers/list": {"get": {
+            f"{prefix}/workers/list": {"get": {
                 "operationId": "Compat_ListWorkers",
                 "tags": ["Compatibility"],
                 "summary": "Original Clowder API: every replica with its model and node",
