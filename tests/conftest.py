@@ -12,13 +12,12 @@ from __future__ import annotations
 import pathlib
 import socket
 import subprocess
-import uuid
 
 import pytest
 
 from clowder_cli.bundled import bundled_model_path
-from clowder_common.etcd import EtcdState
 from clowder_common.etcd_server import start_etcd
+from helpers.state import fresh_prefix, prefixed_state
 
 LEVELS = ("unit", "inprocess", "processes")
 # Fixtures that make a test more than a unit test: the shared etcd process and the real model.
@@ -75,13 +74,10 @@ def etcd(tmp_path_factory):
 
 @pytest.fixture
 def etcd_prefix() -> str:
-    return f"/test-{uuid.uuid4().hex[:8]}/"
+    return fresh_prefix("test")
 
 
 @pytest.fixture
 async def state(etcd, etcd_prefix):
-    st = EtcdState([etcd.endpoint], etcd_prefix)
-    await st.connect()
-    yield st
-    await st.delete_prefix(etcd_prefix)
-    await st.close()
+    async with prefixed_state(etcd.endpoint, etcd_prefix) as st:
+        yield st

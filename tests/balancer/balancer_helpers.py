@@ -1,74 +1,27 @@
-"""Shared pieces of the balancer tests: config, etcd records, waiting, and a scripted runtime for fault injection."""
+"""The balancer tests' own pieces: scripted runtime messages and a scripted runtime for fault injection.
+
+Config, etcd records, waiting, real runtime processes and stream parsing are in tests/helpers (shared with other
+folders).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
-import json
-import pathlib
-import subprocess
-import sys
-import time
-from typing import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
-from clowder_common import keys
-from clowder_common.etcd import EtcdState
 from clowder_common.grpc_server import GrpcServer, create_grpc_server
-from clowder_common.processes import spawn, terminate
 
-from clowder_balancer.config import BalancerConfig
+# Re-exported while the balancer tests H1 is reshaping still import them from here; new code imports tests/helpers.
+from helpers.configs import balancer_config  # noqa: F401
+from helpers.records import put_deployment, put_endpoint  # noqa: F401
+from helpers.runtimes import RuntimeProcess, runtime_processes  # noqa: F401
+from helpers.sse import sse_events  # noqa: F401
+from helpers.wait import wait_for as wait_until  # noqa: F401
 
 Behaviour = Callable[[runtime_pb2.GenerateRequest, grpc.aio.ServicerContext], AsyncIterator[runtime_pb2.GenerateResponse]]
-
-
-def balancer_config(etcd_endpoint: str, prefix: str, **overrides) -> BalancerConfig:
-    settings = dict(
-        etcd_endpoints=(etcd_endpoint,),
-        etcd_prefix=prefix,
-        http_listen="127.0.0.1:0",
-        grpc_listen="127.0.0.1:0",
-        ready_timeout_s=2.0,
-        drain_grace_s=3.0,
-    )
-    settings.update(overrides)
-    return BalancerConfig(**settings)
-
-
-async def put_deployment(state: EtcdState, name: str, replicas: int = 1) -> None:
-    await state.put(state.key(keys.deployment(name)), resources_pb2.Deployment(name=name, image=name, replicas=replicas))
-
-
-async def put_endpoint(state: EtcdState, deployment: str, replica_id: str, address: str) -> None:
-    endpoint = runtime_pb2.Endpoint(deployment=deployment, replica_id=replica_id, address=address, node="local")
-    await state.put(state.key(keys.endpoint(deployment, replica_id)), endpoint)
-
-
-async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await asyncio.sleep(0.05)
-
-
-def sse_events(body: str) -> list[dict | str]:
-    """The data of each server-sent event of an OpenAI stream: JSON objects, and the "[DONE]" marker as is."""
-    out: list[dict | str] = []
-    for block in body.split("\n\n"):
-        if block.startswith("data: "):
-            data = block.removeprefix("data: ")
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 def final(text: str = "", reason: int = runtime_pb2.FINISH_REASON_STOP, prompt_tokens: int = 3,
@@ -161,60 +114,3 @@ class ScriptedRuntime(runtime_pb2_grpc.RuntimeServiceServicer):
             embeddings=[runtime_pb2.Embedding(values=[float(len(t)), float(len(t.split()))]) for t in request.inputs],
             prompt_tokens=sum(len(t.split()) for t in request.inputs),
         )
-
-
-@dataclasses.dataclass
-class RuntimeProcess:
-    """A real `clowder_runtime` process serving the bundled model, registered in etcd."""
-
-    replica_id: str
-    proc: subprocess.Popen
-    address: str
-    stub: runtime_pb2_grpc.RuntimeServiceStub
-    channel: grpc.aio.Channel
-
-    async def stats(self) -> runtime_pb2.GetStatsResponse:
-        return await self.stub.GetStats(runtime_pb2.GetStatsRequest(), timeout=5)
-
-
-@contextlib.asynccontextmanager
-async def runtime_processes(state: EtcdState, etcd_endpoint: str, deployment: str, replica_ids: Iterable[str],
-                            model_path, work: pathlib.Path, start_timeout_s: float = 60.0,
-                            extra_args: Iterable[str] = ()) -> AsyncIterator[list[RuntimeProcess]]:
-    procs: dict[str, tuple[subprocess.Popen, pathlib.Path]] = {}
-    logs = []
-    started: list[RuntimeProcess] = []
-    try:
-        for replica_id in replica_ids:
-            port_file = work / f"{replica_id}.port"
-            log = open(work / f"{replica_id}.log", "wb")
-            logs.append(log)
-            argv = [
-                sys.executable, "-m", "clowder_runtime",
-                "--model-path", str(model_path), "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-                "--deployment", deployment, "--replica-id", replica_id,
-                "--etcd-endpoints", etcd_endpoint, "--etcd-prefix", state.prefix, "--threads", "1",
-                *extra_args,
-            ]
-            procs[replica_id] = (spawn(argv, log), port_file)
-        for replica_id, (proc, port_file) in procs.items():
-            deadline = time.monotonic() + start_timeout_s
-            key = state.key(keys.endpoint(deployment, replica_id))
-            while await state.get(key, runtime_pb2.Endpoint) is None:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"runtime {replica_id} exited with {proc.returncode}; see {work}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"runtime {replica_id} did not register within {start_timeout_s}s")
-                await asyncio.sleep(0.1)
-            address = f"127.0.0.1:{int(port_file.read_text())}"
-            channel = grpc.aio.insecure_channel(address)
-            started.append(RuntimeProcess(replica_id, proc, address,
-                                          runtime_pb2_grpc.RuntimeServiceStub(channel), channel))
-        yield started
-    finally:
-        for replica in started:
-            await replica.channel.close()
-        for proc, _ in procs.values():
-            await asyncio.to_thread(terminate, proc, 10)
-        for log in logs:
-            log.close()

@@ -16,7 +16,9 @@ from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
 from clowder_common.auth import bearer_metadata
 
-from balancer_helpers import put_deployment, put_endpoint, speak, wait_until
+from balancer_helpers import speak
+from helpers.records import put_deployment, put_endpoint
+from helpers.wait import wait_for
 
 from conftest import ADMIN
 
@@ -44,9 +46,9 @@ async def setup(state, make_balancer, runtimes, behaviour=None, configuration=No
     runtime = await runtimes(behaviour or speak(["Hello", " there"]))
     await put_endpoint(state, "d", "r0", runtime.address)
     app = await make_balancer(**overrides)
-    await wait_until(lambda: app.discovery.endpoints("d"), what="endpoint")
+    await wait_for(lambda: app.discovery.endpoints("d"), what="endpoint")
     if configuration is not None:
-        await wait_until(lambda: app.discovery.image_configuration("d") == configuration, what="image")
+        await wait_for(lambda: app.discovery.image_configuration("d") == configuration, what="image")
     return app, runtime
 
 
@@ -85,7 +87,7 @@ async def test_keys_are_created_listed_revoked_and_stored_hashed(state, make_bal
         stored = await state.get(state.key("apikeys/" + key_id), apikeys_pb2.StoredApiKey)
         assert stored is not None and created.key.split("-", 2)[2] not in str(stored.value)
         assert len(stored.value.secret_sha256) == 64
-        await wait_until(lambda: app.api_keys.cache.items.get(state.key("apikeys/" + key_id)), what="key cache")
+        await wait_for(lambda: app.api_keys.cache.items.get(state.key("apikeys/" + key_id)), what="key cache")
 
         assert (await post_chat(http, app, created.key))[0] == 200
         assert (await post_chat(http, app))[0] == 401
@@ -98,7 +100,7 @@ async def test_keys_are_created_listed_revoked_and_stored_hashed(state, make_bal
         assert got.api_key.description == "ci"
 
         await stub.DeleteApiKey(apikeys_pb2.DeleteApiKeyRequest(id=key_id), metadata=bearer_metadata(ADMIN))
-        await wait_until(lambda: not app.api_keys.cache.items.get(state.key("apikeys/" + key_id)), what="revocation")
+        await wait_for(lambda: not app.api_keys.cache.items.get(state.key("apikeys/" + key_id)), what="revocation")
         assert (await post_chat(http, app, created.key))[0] == 401
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.GetApiKey(apikeys_pb2.GetApiKeyRequest(id=key_id), metadata=bearer_metadata(ADMIN))
@@ -155,7 +157,7 @@ async def test_keyless_by_default_and_sdk_placeholder_keys_pass(state, make_bala
 async def test_group_access_control(state, make_balancer, runtimes, http):
     app, _ = await setup(state, make_balancer, runtimes, configuration=middleware(groups=("research",)))
     insider, outsider = await create_key(app, "research"), await create_key(app, "sales")
-    await wait_until(lambda: len(app.api_keys.cache.items) == 2, what="keys")
+    await wait_for(lambda: len(app.api_keys.cache.items) == 2, what="keys")
     assert (await post_chat(http, app, insider))[0] == 200
     status, body = await post_chat(http, app, outsider)
     assert status == 403 and json.loads(body)["error"]["code"] == "group_not_allowed"
@@ -177,7 +179,7 @@ async def test_rate_limit_per_key(state, make_balancer, runtimes, http):
     config = middleware({"name": "rate-limit", "options": {"requests_per_minute": 2}})
     app, _ = await setup(state, make_balancer, runtimes, configuration=config)
     first, second = await create_key(app), await create_key(app)
-    await wait_until(lambda: len(app.api_keys.cache.items) == 2, what="keys")
+    await wait_for(lambda: len(app.api_keys.cache.items) == 2, what="keys")
     assert [(await post_chat(http, app, first))[0] for _ in range(3)] == [200, 200, 429]
     assert (await post_chat(http, app, second))[0] == 200
     url = f"http://127.0.0.1:{app.http_port}/v1/chat/completions"
@@ -232,7 +234,7 @@ async def test_audit_log_and_webhook(state, make_balancer, runtimes, http, tmp_p
     try:
         app, _ = await setup(state, make_balancer, runtimes, configuration=config)
         key = await create_key(app, "g")
-        await wait_until(lambda: len(app.api_keys.cache.items) == 1, what="key")
+        await wait_for(lambda: len(app.api_keys.cache.items) == 1, what="key")
         secret_message = [{"role": "user", "content": "my token is Bearer abc123secret"}]
         assert (await post_chat(http, app, key, messages=secret_message, headers={"x-request-id": "audit-1"}))[0] == 200
         await asyncio.wait_for(got.wait(), 5)

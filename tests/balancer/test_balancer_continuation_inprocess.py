@@ -14,7 +14,9 @@ from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
 from clowder_common.errors import Internal, Unavailable
 
-from balancer_helpers import put_endpoint, sse_events, wait_until
+from helpers.records import put_endpoint
+from helpers.sse import sse_events
+from helpers.wait import wait_for
 from test_balancer_routing_inprocess import cluster
 
 pytestmark = pytest.mark.inprocess
@@ -111,7 +113,7 @@ async def test_a_stalled_stream_is_cancelled_and_continued_elsewhere(state, make
     chunks = await stream_chat(http, app)
     assert loop.time() - started < 10
     assert content(chunks) == "One, two, three, four." and chunks.count("[DONE]") == 1
-    await wait_until(lambda: sum(r.cancelled for r in rts) == 1, what="the stalled call cancelled")
+    await wait_for(lambda: sum(r.cancelled for r in rts) == 1, what="the stalled call cancelled")
 
 
 async def test_a_completion_and_a_non_streamed_chat_continue_too(state, make_balancer, runtimes, http):
@@ -186,7 +188,7 @@ async def test_a_model_whose_endpoints_left_etcd_is_served_by_them_for_the_grace
                              stats_interval_s=0, routing_profile="round-robin")
     for i in range(2):
         await state.delete(state.key(keys.endpoint("d", f"r{i}")))
-    await wait_until(lambda: not app.discovery.registered_endpoints("d"), what="endpoints gone")
+    await wait_for(lambda: not app.discovery.registered_endpoints("d"), what="endpoints gone")
     assert {e.address for e in app.discovery.endpoints("d")} == {r.address for r in rts}
     # r0 went away for real: one refused connection drops it, and the request goes to r1.
     await rts[0].stop()
@@ -199,7 +201,7 @@ async def test_a_model_whose_endpoints_left_etcd_is_served_by_them_for_the_grace
     # Registered endpoints win over fallbacks at once.
     third = await runtimes(breaks_after(len(ANSWER)))
     await put_endpoint(state, "d", "r9", third.address)
-    await wait_until(lambda: [e.address for e in app.discovery.endpoints("d")] == [third.address],
+    await wait_for(lambda: [e.address for e in app.discovery.endpoints("d")] == [third.address],
                      what="the registered endpoint only")
 
 
@@ -207,9 +209,9 @@ async def test_fallback_endpoints_expire_after_the_grace_period(state, make_bala
     app, rts = await cluster(state, make_balancer, runtimes, [breaks_after(len(ANSWER))], endpoint_grace_s=0.5,
                              ready_timeout_s=0.2)
     await state.delete(state.key(keys.endpoint("d", "r0")))
-    await wait_until(lambda: not app.discovery.registered_endpoints("d"), what="endpoint gone")
+    await wait_for(lambda: not app.discovery.registered_endpoints("d"), what="endpoint gone")
     assert app.discovery.endpoints("d")
-    await wait_until(lambda: not app.discovery.endpoints("d"), what="fallback expired")
+    await wait_for(lambda: not app.discovery.endpoints("d"), what="fallback expired")
     url = f"http://127.0.0.1:{app.http_port}/v1/chat/completions"
     async with http.post(url, json={"model": "d", "messages": [{"role": "user", "content": "Count."}]}) as resp:
         assert resp.status == 503
@@ -220,7 +222,7 @@ async def test_a_replica_that_withdrew_its_endpoint_gets_no_new_request_while_an
     """A graceful shutdown revokes the lease: the fallback must not keep traffic going there."""
     app, rts = await cluster(state, make_balancer, runtimes, [breaks_after(len(ANSWER))] * 2, endpoint_grace_s=30)
     await state.delete(state.key(keys.endpoint("d", "r0")))
-    await wait_until(lambda: [e.address for e in app.discovery.endpoints("d")] == [rts[1].address],
+    await wait_for(lambda: [e.address for e in app.discovery.endpoints("d")] == [rts[1].address],
                      what="r0 gone from routing")
     url = f"http://127.0.0.1:{app.http_port}/v1/chat/completions"
     for _ in range(5):

@@ -18,7 +18,11 @@ from clowder_common.etcd_server import start_etcd
 
 from clowder_balancer.app import create_balancer
 
-from balancer_helpers import balancer_config, put_deployment, runtime_processes, sse_events, wait_until
+from helpers.configs import balancer_config
+from helpers.records import put_deployment
+from helpers.runtimes import runtime_processes
+from helpers.sse import sse_events
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -51,7 +55,7 @@ async def test_requests_during_and_after_an_etcd_pause_longer_than_the_lease_are
                                                     endpoint_grace_s=30))
         await app.start()
         try:
-            await wait_until(lambda: len(app.discovery.endpoints(DEPLOYMENT)) == 1, what="the endpoint")
+            await wait_for(lambda: len(app.discovery.endpoints(DEPLOYMENT)) == 1, what="the endpoint")
             url = f"http://127.0.0.1:{app.http_port}/v1/chat/completions"
             outcomes: list[tuple[float, str]] = []
             stop = asyncio.Event()
@@ -92,7 +96,7 @@ async def test_requests_during_and_after_an_etcd_pause_longer_than_the_lease_are
                     os.kill(own_etcd.proc.pid, signal.SIGCONT)
                     resumed_at = time.monotonic()
                     # etcd expires the lease on waking; the runtime registers again at its next refresh.
-                    await wait_until(lambda: any(t > resumed_at and n == 0 for t, n in changes)
+                    await wait_for(lambda: any(t > resumed_at and n == 0 for t, n in changes)
                                      and bool(app.discovery.registered_endpoints(DEPLOYMENT)),
                                      timeout=30, what="the endpoint gone and back")
                     await asyncio.sleep(2)

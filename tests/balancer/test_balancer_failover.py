@@ -8,7 +8,6 @@ import contextlib
 import os
 import signal
 import time
-import uuid
 
 import aiohttp
 import grpc
@@ -16,13 +15,15 @@ import pytest
 
 from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc
 from clowder.runtime.v1 import runtime_pb2
-from clowder_common.etcd import EtcdState
 
 from clowder_balancer.app import BalancerApp, create_balancer
 
-from balancer_helpers import (
-    RuntimeProcess, balancer_config, put_deployment, runtime_processes, sse_events, wait_until,
-)
+from helpers.configs import balancer_config
+from helpers.records import put_deployment
+from helpers.runtimes import runtime_processes, RuntimeProcess
+from helpers.sse import sse_events
+from helpers.state import fresh_prefix, prefixed_state
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -41,10 +42,8 @@ def story(i: int) -> list[dict]:
 
 @pytest.fixture
 async def cluster(etcd, model_path, tmp_path):
-    state = EtcdState([etcd.endpoint], f"/test-failover-{uuid.uuid4().hex[:8]}/")
-    await state.connect()
-    await put_deployment(state, DEPLOYMENT, replicas=2)
-    try:
+    async with prefixed_state(etcd.endpoint, fresh_prefix("test-failover")) as state:
+        await put_deployment(state, DEPLOYMENT, replicas=2)
         # A long lease: the killed replica stays registered, so only the balancer's own bookkeeping keeps
         # a stream from going back to it.
         async with runtime_processes(state, etcd.endpoint, DEPLOYMENT, ("r1", "r2"), model_path, tmp_path,
@@ -55,9 +54,6 @@ async def cluster(etcd, model_path, tmp_path):
                 for replica in replicas:  # a stopped process cannot be terminated
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(replica.proc.pid, signal.SIGCONT)
-    finally:
-        await state.delete_prefix(state.prefix)
-        await state.close()
 
 
 @contextlib.asynccontextmanager
@@ -67,7 +63,7 @@ async def balancer(etcd, state, **overrides):
     app = await create_balancer(balancer_config(etcd.endpoint, state.prefix, **settings))
     await app.start()
     try:
-        await wait_until(lambda: len(app.discovery.endpoints(DEPLOYMENT)) == 2, what="both endpoints")
+        await wait_for(lambda: len(app.discovery.endpoints(DEPLOYMENT)) == 2, what="both endpoints")
         yield app
     finally:
         await app.stop()
@@ -138,9 +134,9 @@ async def prompt_tokens(replica: RuntimeProcess, messages: list[dict]) -> int:
 
 async def kill_when_streaming(app, replicas, streams: list[Stream], min_chunks: int, sig=signal.SIGKILL
                               ) -> RuntimeProcess:
-    await wait_until(lambda: all(s.chunks >= min_chunks for s in streams), timeout=180,
+    await wait_for(lambda: all(s.chunks >= min_chunks for s in streams), timeout=180,
                      what=f"every stream past {min_chunks} chunks")
-    await wait_until(lambda: streaming_replica(app, replicas) is not None, timeout=30, what="a replica streaming")
+    await wait_for(lambda: streaming_replica(app, replicas) is not None, timeout=30, what="a replica streaming")
     victim = streaming_replica(app, replicas)
     assert victim is not None
     os.kill(victim.proc.pid, sig)
@@ -216,7 +212,7 @@ async def test_a_stopped_replica_is_left_after_the_stall_timeout_and_its_streams
         stopped_at = time.monotonic()
         before = [s.chunks for s in streams]
         # Its streams go quiet, then come back from the other replica once the stall timeout passed.
-        await wait_until(lambda: all(s.chunks > b for s, b in zip(streams, before)), timeout=120,
+        await wait_for(lambda: all(s.chunks > b for s, b in zip(streams, before)), timeout=120,
                          what="every stream moving again")
         await asyncio.wait_for(asyncio.gather(*tasks), REQUESTS_TIMEOUT_S)
         assert continuations(app, "resumed") >= 1
@@ -271,7 +267,7 @@ async def test_no_replica_left_ends_the_stream_with_an_error_event(etcd, cluster
         os.kill(replicas[1].proc.pid, signal.SIGKILL)
         stream = Stream()
         task = asyncio.create_task(stream.run(session, app, {"messages": story(0), "max_tokens": MAX_TOKENS}))
-        await wait_until(lambda: stream.chunks >= 3, timeout=120, what="the stream started")
+        await wait_for(lambda: stream.chunks >= 3, timeout=120, what="the stream started")
         os.kill(replicas[0].proc.pid, signal.SIGKILL)
         await asyncio.wait_for(task, 60)
         assert continuations(app, "failed") == 1

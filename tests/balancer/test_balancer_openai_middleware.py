@@ -11,7 +11,8 @@ import pytest
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import Unavailable
 
-from balancer_helpers import final, wait_until
+from balancer_helpers import final
+from helpers.wait import wait_for
 from test_balancer_apikeys_middleware import create_key, middleware, put_image, setup
 
 pytestmark = pytest.mark.inprocess
@@ -30,7 +31,7 @@ def embed_body(*texts: str) -> dict:
 async def test_embeddings_pass_group_access_control(state, make_balancer, runtimes, http):
     app, runtime = await setup(state, make_balancer, runtimes, configuration=middleware(groups=("research",)))
     insider, outsider = await create_key(app, "research"), await create_key(app, "sales")
-    await wait_until(lambda: len(app.api_keys.cache.items) == 2, what="keys")
+    await wait_for(lambda: len(app.api_keys.cache.items) == 2, what="keys")
     status, body = await post(http, app, "/v1/embeddings", embed_body("a b", "c"), insider)
     assert status == 200
     assert [d["embedding"] for d in body["data"]] == [[3.0, 2.0], [1.0, 1.0]]
@@ -45,7 +46,7 @@ async def test_embeddings_count_against_the_rate_limit(state, make_balancer, run
     config = middleware({"name": "rate-limit", "options": {"requests_per_minute": 2}})
     app, _ = await setup(state, make_balancer, runtimes, configuration=config)
     key = await create_key(app)
-    await wait_until(lambda: len(app.api_keys.cache.items) == 1, what="key")
+    await wait_for(lambda: len(app.api_keys.cache.items) == 1, what="key")
     statuses = [(await post(http, app, "/v1/embeddings", embed_body("x"), key))[0],
                 (await post(http, app, "/v1/chat/completions", {"model": "d", "messages": [
                     {"role": "user", "content": "hi"}]}, key))[0],
@@ -139,12 +140,12 @@ async def test_a_changed_middleware_configuration_applies_to_the_next_request(st
     assert [(await post(http, app, "/v1/chat/completions", chat))[0] for _ in range(2)] == [200, 429]
     unlimited = middleware({"name": "system-prompt", "options": {"text": "Be brief."}})
     await put_image(state, "d", unlimited)
-    await wait_until(lambda: app.discovery.image_configuration("d") == unlimited, what="new image")
+    await wait_for(lambda: app.discovery.image_configuration("d") == unlimited, what="new image")
     assert (await post(http, app, "/v1/chat/completions", chat))[0] == 200
     # And back: the limit applies again. Its count lives in etcd (shared by every balancer), not in the stage,
     # so the minute that began under the first configuration still counts.
     await put_image(state, "d", limited)
-    await wait_until(lambda: app.discovery.image_configuration("d") == limited, what="image again")
+    await wait_for(lambda: app.discovery.image_configuration("d") == limited, what="image again")
     assert (await post(http, app, "/v1/chat/completions", chat))[0] == 429
 
 
@@ -161,9 +162,9 @@ async def test_n_choices_all_end_when_the_client_leaves_or_one_choice_breaks(sta
     body = {"model": "d", "messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True}
     async with http.post(f"http://127.0.0.1:{app.http_port}/v1/chat/completions", json=body) as resp:
         await resp.content.readline()
-        await wait_until(lambda: runtime.running == 2, what="both choices running")
+        await wait_for(lambda: runtime.running == 2, what="both choices running")
     # The client hung up: every choice's runtime call is cancelled, not left generating.
-    await wait_until(lambda: runtime.running == 0, what="both choices cancelled")
+    await wait_for(lambda: runtime.running == 0, what="both choices cancelled")
     assert runtime.cancelled == 2
 
     body["n"] = 3
@@ -171,4 +172,4 @@ async def test_n_choices_all_end_when_the_client_leaves_or_one_choice_breaks(sta
     events = [line[6:] for line in (await resp.text()).splitlines() if line.startswith("data: ")]
     # Choice 2 broke after its tokens were out: the stream ends with the error event, the others are stopped.
     assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
-    await wait_until(lambda: runtime.running == 0, what="the other choices cancelled")
+    await wait_for(lambda: runtime.running == 0, what="the other choices cancelled")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import uuid
 
 import grpc
 import openai
@@ -15,12 +14,13 @@ from google.protobuf import struct_pb2
 
 from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc
 from clowder.runtime.v1 import runtime_pb2
-from clowder_common.etcd import EtcdState
 
-from clowder_balancer.app import create_balancer
 from clowder_balancer.router import EMBED_BATCH
 
-from balancer_helpers import balancer_config, put_deployment, runtime_processes, wait_until
+from helpers.records import put_deployment
+from helpers.runtimes import balancer_over, openai_client, runtime_processes
+from helpers.state import fresh_prefix, prefixed_state
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -40,13 +40,10 @@ CHAT = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name
 
 @pytest.fixture(scope="module")
 async def cluster_state(etcd):
-    state = EtcdState([etcd.endpoint], f"/test-balancer-openai-{uuid.uuid4().hex[:8]}/")
-    await state.connect()
-    await put_deployment(state, DEPLOYMENT, replicas=len(REPLICAS))
-    await put_deployment(state, TOOLS_DEPLOYMENT, replicas=1)
-    yield state
-    await state.delete_prefix(state.prefix)
-    await state.close()
+    async with prefixed_state(etcd.endpoint, fresh_prefix("test-balancer-openai")) as state:
+        await put_deployment(state, DEPLOYMENT, replicas=len(REPLICAS))
+        await put_deployment(state, TOOLS_DEPLOYMENT, replicas=1)
+        yield state
 
 
 @pytest.fixture(scope="module")
@@ -61,24 +58,19 @@ async def tools_replica(etcd, cluster_state, model_path, tmp_path_factory, balan
     work = tmp_path_factory.mktemp("tools-runtime")
     async with runtime_processes(cluster_state, etcd.endpoint, TOOLS_DEPLOYMENT, ["t1"], model_path, work,
                                  extra_args=["--chat-template-file", str(HERMES_TEMPLATE)]) as started:
-        await wait_until(lambda: len(balancer.discovery.endpoints(TOOLS_DEPLOYMENT)) == 1, what="tools endpoint")
+        await wait_for(lambda: len(balancer.discovery.endpoints(TOOLS_DEPLOYMENT)) == 1, what="tools endpoint")
         yield started[0]
 
 
 @pytest.fixture(scope="module")
 async def balancer(etcd, cluster_state, replicas):
-    app = await create_balancer(balancer_config(etcd.endpoint, cluster_state.prefix, ready_timeout_s=5))
-    await app.start()
-    await wait_until(lambda: len(app.discovery.endpoints(DEPLOYMENT)) == len(REPLICAS), what="both endpoints")
-    yield app
-    await app.stop()
+    async with balancer_over(etcd.endpoint, cluster_state.prefix, {DEPLOYMENT: len(REPLICAS)}, ready_timeout_s=5) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
 async def client(balancer):
-    async with openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{balancer.http_port}/v1", api_key="unused", max_retries=0, timeout=60
-    ) as client:
+    async with openai_client(balancer) as client:
         yield client
 
 

@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import time
-import uuid
 
 import grpc
 import httpx
@@ -19,11 +18,10 @@ import pytest
 from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
-from clowder_common.etcd import EtcdState
 
-from clowder_balancer.app import create_balancer
-
-from balancer_helpers import RuntimeProcess, balancer_config, put_deployment, runtime_processes, wait_until
+from helpers.records import put_deployment
+from helpers.runtimes import balancer_over, openai_client, runtime_processes, RuntimeProcess
+from helpers.state import fresh_prefix, prefixed_state
 
 pytestmark = pytest.mark.processes
 
@@ -34,12 +32,9 @@ CHAT = [{"role": "user", "content": "Name three colors."}]
 
 @pytest.fixture(scope="module")
 async def cluster_state(etcd):
-    state = EtcdState([etcd.endpoint], f"/test-balancer-{uuid.uuid4().hex[:8]}/")
-    await state.connect()
-    await put_deployment(state, DEPLOYMENT, replicas=len(REPLICAS))
-    yield state
-    await state.delete_prefix(state.prefix)
-    await state.close()
+    async with prefixed_state(etcd.endpoint, fresh_prefix("test-balancer")) as state:
+        await put_deployment(state, DEPLOYMENT, replicas=len(REPLICAS))
+        yield state
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +46,13 @@ async def replicas(etcd, cluster_state, model_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 async def balancer(etcd, cluster_state, replicas):
-    app = await create_balancer(balancer_config(etcd.endpoint, cluster_state.prefix, ready_timeout_s=5))
-    await app.start()
-    await wait_until(lambda: len(app.discovery.endpoints(DEPLOYMENT)) == len(REPLICAS), what="both endpoints")
-    yield app
-    await app.stop()
+    async with balancer_over(etcd.endpoint, cluster_state.prefix, {DEPLOYMENT: len(REPLICAS)}, ready_timeout_s=5) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
 async def client(balancer):
-    async with openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{balancer.http_port}/v1", api_key="unused", max_retries=0, timeout=60
-    ) as client:
+    async with openai_client(balancer) as client:
         yield client
 
 

@@ -10,7 +10,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from clowder_balancer.app import create_balancer
 
-from balancer_helpers import ScriptedRuntime, balancer_config, put_deployment, put_endpoint, speak, wait_until
+from balancer_helpers import ScriptedRuntime, speak
+from helpers.configs import balancer_config
+from helpers.records import put_deployment, put_endpoint
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.inprocess
 
@@ -25,7 +28,7 @@ async def test_runtime_call_carries_the_balancer_span_context(etcd, etcd_prefix,
         await put_deployment(state, "d")
         await put_endpoint(state, "d", "r0", runtime.address)
         await app.start()
-        await wait_until(lambda: app.discovery.endpoints("d"), what="endpoint")
+        await wait_for(lambda: app.discovery.endpoints("d"), what="endpoint")
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             async with http.post(f"http://127.0.0.1:{app.http_port}/v1/chat/completions",
                                  json={"model": "d", "messages": [{"role": "user", "content": "hi"}]},

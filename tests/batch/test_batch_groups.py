@@ -11,12 +11,11 @@ import pytest
 
 from clowder.controller.v1 import resources_pb2
 from clowder_balancer.app import create_balancer
-from clowder_balancer.config import BalancerConfig
 from clowder_common import keys
 from clowder_storage.app import create_storage
-from clowder_storage.config import StorageConfig
 
 from batch_helpers import chat_lines, jsonl
+from helpers.configs import balancer_config, storage_config
 
 pytestmark = pytest.mark.inprocess
 
@@ -41,14 +40,11 @@ async def _run_batch(port: int, api_key: str) -> list[dict]:
 
 
 async def test_lines_run_under_the_creators_key_and_groups(etcd, etcd_prefix, state, tmp_path):
-    node = await create_storage(StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "n1"), node_name="n1",
-                                              etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix,
-                                              lease_ttl_s=2), TOKEN)
+    node = await create_storage(storage_config(etcd.endpoint, etcd_prefix, tmp_path / "n1", "n1", lease_ttl_s=2), TOKEN)
     await node.start()
     # A short wait for a replica: the allowed key's lines get as far as routing, where no replica is ready.
-    balancer = await create_balancer(BalancerConfig(
-        etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, http_listen="127.0.0.1:0",
-        grpc_listen="127.0.0.1:0", ready_timeout_s=1, drain_grace_s=1, name="b1"), admin_token=TOKEN)
+    balancer = await create_balancer(balancer_config(etcd.endpoint, etcd_prefix, ready_timeout_s=1, drain_grace_s=1,
+                                                     name="b1"), admin_token=TOKEN)
     await balancer.start()
     try:
         image = resources_pb2.Image(alias="smol", source_url="file:///unused.gguf")

@@ -11,14 +11,12 @@ import pytest
 
 from clowder.controller.v1 import resources_pb2
 from clowder_balancer.app import create_balancer
-from clowder_balancer.config import BalancerConfig
 from clowder_common import keys
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
 from clowder_storage.app import create_storage
-from clowder_storage.config import StorageConfig
 
 from batch_helpers import chat_lines, jsonl
+from helpers.configs import balancer_config, controller_config, storage_config
 
 pytestmark = pytest.mark.processes
 
@@ -26,19 +24,15 @@ TOKEN = "batch-wake-test-token"
 
 
 async def test_a_batch_wakes_a_deployment_at_zero(etcd, etcd_prefix, state, tmp_path, model_path):
-    node = await create_storage(StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "n1"), node_name="n1",
-                                              etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix,
-                                              lease_ttl_s=2), TOKEN)
+    node = await create_storage(storage_config(etcd.endpoint, etcd_prefix, tmp_path / "n1", "n1", lease_ttl_s=2), TOKEN)
     await node.start()
-    controller = await create_controller(ControllerConfig(
-        listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"), etcd_endpoints=(etcd.endpoint,),
-        etcd_prefix=etcd_prefix, resync_interval_s=0.5, runtime_threads=1, runtime_stop_grace_s=3,
-        autoscale_interval_s=0.3, scale_down_window_s=1), TOKEN)
+    controller = await create_controller(controller_config(etcd.endpoint, etcd_prefix, tmp_path / "controller",
+                                                           runtime_threads=1, runtime_stop_grace_s=3,
+                                                           autoscale_interval_s=0.3, scale_down_window_s=1), TOKEN)
     await controller.start()
     # The admin token lets the balancer keep batch files in the storage node.
-    balancer = await create_balancer(BalancerConfig(
-        etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, http_listen="127.0.0.1:0",
-        grpc_listen="127.0.0.1:0", ready_timeout_s=120, drain_grace_s=3, name="b1", load_report_interval_s=0.3),
+    balancer = await create_balancer(balancer_config(etcd.endpoint, etcd_prefix, ready_timeout_s=120, drain_grace_s=3,
+                                                     name="b1", load_report_interval_s=0.3),
         admin_token=TOKEN)
     await balancer.start()
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{balancer.http_port}/v1", api_key="unused",

@@ -22,6 +22,7 @@ async def client():
         yield client
 
 
+@pytest.mark.inprocess
 async def test_console_redirects_to_its_page_and_serves_each_file(client):
     response = await client.get("/console", allow_redirects=False)
     assert response.status == 302 and response.headers["Location"] == "/console/"
@@ -36,11 +37,13 @@ async def test_console_redirects_to_its_page_and_serves_each_file(client):
         assert response.status == 200 and response.content_type == content_type, name
 
 
+@pytest.mark.inprocess
 @pytest.mark.parametrize("path", ["/console/nope.js", "/console/..%2Froutes.py", "/console/static/console.js"])
 async def test_only_the_listed_files_are_served(client, path):
     assert (await client.get(path)).status == 404
 
 
+@pytest.mark.unit
 def test_the_files_load_nothing_from_elsewhere():
     """No CDN, no font or script from another host: the only absolute URL is the SVG namespace name."""
     root = importlib.resources.files("clowder_balancer.console").joinpath("static")

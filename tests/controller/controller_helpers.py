@@ -1,4 +1,4 @@
-"""Bounded waiting, and the controller and storage node as real processes, shared by the controller tests."""
+"""The controller and storage node as real processes, shared by the controller tests (waiting: tests/helpers/wait)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,6 @@ from clowder_common.auth import TOKEN_ENV
 from clowder_common.errors import from_rpc_error
 from clowder_common.etcd import EtcdState
 from clowder_common.processes import free_port, spawn
-
-
-async def wait_for(predicate, timeout, what):
-    """The first truthy value of `await predicate()`, polled every 0.1 s; AssertionError after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def error_of(call):

@@ -13,7 +13,7 @@ from clowder_common import keys
 from clowder_common.auth import bearer_metadata
 from clowder_common.errors import from_rpc_error
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
+from helpers.configs import controller_config
 
 pytestmark = pytest.mark.processes
 
@@ -22,8 +22,7 @@ TOKEN = "test-admin-token-1234"
 
 @pytest.fixture
 async def controller(etcd, etcd_prefix, state, tmp_path: pathlib.Path):
-    config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path), etcd_endpoints=(etcd.endpoint,),
-                              etcd_prefix=etcd_prefix, resync_interval_s=0.5)
+    config = controller_config(etcd.endpoint, etcd_prefix, tmp_path)
     app = await create_controller(config, TOKEN)
     await app.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")

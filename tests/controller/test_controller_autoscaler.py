@@ -12,7 +12,7 @@ from clowder_common import keys
 from clowder_controller.autoscaler import Autoscaler, History, Load, Windows, decide, sum_loads
 from clowder_controller.events import EventRecorder, read_events
 
-from controller_helpers import wait_for
+from helpers.wait import wait_for
 
 NOW = 1_000_000.0
 

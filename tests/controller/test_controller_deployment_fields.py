@@ -10,9 +10,9 @@ from clowder.controller.v1 import controller_pb2, controller_pb2_grpc, resources
 from clowder_common import keys
 from clowder_common.auth import bearer_metadata
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
 
 from controller_helpers import error_of
+from helpers.configs import controller_config
 
 pytestmark = pytest.mark.inprocess
 
@@ -22,8 +22,7 @@ AUTH = bearer_metadata(TOKEN)
 
 @pytest.fixture
 async def deployments(etcd, etcd_prefix, state, tmp_path):
-    config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path), etcd_endpoints=(etcd.endpoint,),
-                              etcd_prefix=etcd_prefix, resync_interval_s=0.5, max_replicas=10)
+    config = controller_config(etcd.endpoint, etcd_prefix, tmp_path, max_replicas=10)
     app = await create_controller(config, TOKEN)
     await app.start()
     await state.put(state.key(keys.image("m")), resources_pb2.Image(alias="m", source_url="file:///m.gguf"))

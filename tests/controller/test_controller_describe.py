@@ -12,7 +12,7 @@ from clowder_cli.main import main as clowder
 from clowder_common import keys
 from clowder_common.auth import TOKEN_ENV
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
+from helpers.configs import controller_config
 
 pytestmark = pytest.mark.inprocess
 
@@ -23,8 +23,7 @@ async def test_describe_and_ps_show_pending_reason_and_events(etcd, etcd_prefix,
                                                               monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     monkeypatch.setenv("COLUMNS", "300")  # rich would wrap the table cells otherwise
-    config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path), etcd_endpoints=(etcd.endpoint,),
-                              etcd_prefix=etcd_prefix, resync_interval_s=0.5)
+    config = controller_config(etcd.endpoint, etcd_prefix, tmp_path)
     controller = await create_controller(config, TOKEN)
     await controller.start()
     try:

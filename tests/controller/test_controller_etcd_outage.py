@@ -26,7 +26,8 @@ from clowder_common.etcd_server import start_etcd
 from clowder_common.processes import pid_alive, terminate
 from clowder_controller.leader import current_leader
 
-from controller_helpers import ReplicaHistory, start_controller_process, start_storage_process, wait_for
+from controller_helpers import ReplicaHistory, start_controller_process, start_storage_process
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.processes
 

@@ -17,14 +17,15 @@ from clowder_common.etcd import EtcdState
 from clowder_common.etcd_server import start_etcd_cluster
 from clowder_common.processes import async_wait_for_port, terminate
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
 from clowder_controller.events import EventRecorder
 from clowder_controller.launcher import LocalProcessLauncher
 from clowder_controller.leader import LEADER, current_leader
 from clowder_controller.reconciler import Reconciler, replica_id, template_hash
 from clowder_controller.storage_client import StorageClients
 
-from controller_helpers import start_controller_process, wait_for
+from controller_helpers import start_controller_process
+from helpers.configs import controller_config
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -97,8 +98,7 @@ async def test_killed_leader_is_replaced_without_duplicate_replicas(etcd, etcd_p
 
 async def test_two_reconcilers_at_once_never_duplicate(etcd, state, tmp_path):
     """Safe to run twice: two reconcilers on the same state (a split brain) still make exactly N replicas."""
-    config = ControllerConfig(etcd_endpoints=(etcd.endpoint,), etcd_prefix=state.prefix, resync_interval_s=0.2,
-                              data_dir=str(tmp_path))
+    config = controller_config(etcd.endpoint, state.prefix, tmp_path, resync_interval_s=0.2)
     await state.put(state.key(keys.image("m")), resources_pb2.Image(alias="m", source_url="file:///nowhere.gguf"))
     reconcilers = []
     for i in range(2):
@@ -173,8 +173,7 @@ async def test_leader_killed_during_a_scale_up_is_replaced_and_the_count_is_exac
 @pytest.mark.parametrize("how", ["key deleted", "lease revoked"])
 async def test_a_deposed_leader_cannot_write(etcd, etcd_prefix, state, tmp_path, how):
     """The leader loses its key but has not noticed yet (a long TTL checks it seldom): its writes fail."""
-    config = ControllerConfig(listen="127.0.0.1:0", etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix,
-                              data_dir=str(tmp_path), resync_interval_s=0.2, leader_ttl_s=40)
+    config = controller_config(etcd.endpoint, etcd_prefix, tmp_path, resync_interval_s=0.2, leader_ttl_s=40)
     app = await create_controller(config, TOKEN)
     await state.put(state.key(keys.image("m")), resources_pb2.Image(alias="m", source_url="file:///nowhere.gguf"))
     deployment = resources_pb2.Deployment(name="d", image="m", replicas=1)

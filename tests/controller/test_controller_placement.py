@@ -15,11 +15,10 @@ from clowder_common.auth import TOKEN_ENV, bearer_metadata
 from clowder_common.clients import aio_channel
 from clowder_common.processes import free_port, spawn, terminate
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
 from clowder_storage.app import create_storage
-from clowder_storage.config import StorageConfig
 
-from controller_helpers import wait_for
+from helpers.configs import controller_config, storage_config
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -31,8 +30,7 @@ STARTED = (resources_pb2.REPLICA_STATE_STARTING, resources_pb2.REPLICA_STATE_REA
 
 
 async def start_node(etcd, prefix, tmp_path, name, labels):
-    config = StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / name), node_name=name, labels=labels,
-                           etcd_endpoints=(etcd.endpoint,), etcd_prefix=prefix, lease_ttl_s=LEASE_TTL)
+    config = storage_config(etcd.endpoint, prefix, tmp_path / name, name, labels=labels, lease_ttl_s=LEASE_TTL)
     app = await create_storage(config, TOKEN)
     await app.start()
     return app
@@ -53,9 +51,8 @@ async def test_placement_follows_labels_memory_and_lost_nodes(etcd, etcd_prefix,
     n1 = await start_node(etcd, etcd_prefix, tmp_path, "n1", {"zone": "a"})
     n2 = await start_node(etcd, etcd_prefix, tmp_path, "n2", {"zone": "b"})
     n3 = start_node_process(etcd, etcd_prefix, tmp_path, "n3", {"zone": "a"})
-    config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"),
-                              etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, resync_interval_s=0.5,
-                              runtime_threads=1, runtime_stop_grace_s=3, node_lost_grace_s=LOST_GRACE)
+    config = controller_config(etcd.endpoint, etcd_prefix, tmp_path / "controller", runtime_threads=1,
+                               runtime_stop_grace_s=3, node_lost_grace_s=LOST_GRACE)
     controller = await create_controller(config, TOKEN)
     await controller.start()
     channel = aio_channel(f"127.0.0.1:{controller.port}")

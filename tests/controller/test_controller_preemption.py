@@ -10,12 +10,11 @@ import pytest
 from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
 from clowder_controller.events import read_events
 from clowder_storage.app import create_storage
-from clowder_storage.config import StorageConfig
 
-from controller_helpers import wait_for
+from helpers.configs import controller_config, storage_config
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -24,13 +23,10 @@ STARTED = (resources_pb2.REPLICA_STATE_STARTING, resources_pb2.REPLICA_STATE_REA
 
 
 async def test_higher_priority_preempts_on_a_full_node(etcd, etcd_prefix, state, tmp_path, model_path):
-    node = await create_storage(StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "n1"), node_name="n1",
-                                              etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix,
-                                              lease_ttl_s=2), TOKEN)
+    node = await create_storage(storage_config(etcd.endpoint, etcd_prefix, tmp_path / "n1", "n1", lease_ttl_s=2), TOKEN)
     await node.start()
-    controller = await create_controller(ControllerConfig(
-        listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"), etcd_endpoints=(etcd.endpoint,),
-        etcd_prefix=etcd_prefix, resync_interval_s=0.5, runtime_threads=1, runtime_stop_grace_s=3), TOKEN)
+    controller = await create_controller(controller_config(etcd.endpoint, etcd_prefix, tmp_path / "controller",
+                                                           runtime_threads=1, runtime_stop_grace_s=3), TOKEN)
     await controller.start()
     try:
         registered = await state.get(state.key(keys.node("n1")), resources_pb2.Node)

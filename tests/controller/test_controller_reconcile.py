@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 
 import grpc
 import pytest
@@ -15,9 +13,9 @@ from clowder_common.auth import bearer_metadata
 from clowder_common import keys
 from clowder_common.processes import pid_alive
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
 from clowder_storage.app import create_storage
-from clowder_storage.config import StorageConfig
+from helpers.configs import controller_config, storage_config
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -26,8 +24,7 @@ READY = resources_pb2.REPLICA_STATE_READY
 
 
 async def start_node(etcd, prefix, tmp_path, name):
-    config = StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / name), node_name=name,
-                           etcd_endpoints=(etcd.endpoint,), etcd_prefix=prefix, lease_ttl_s=2)
+    config = storage_config(etcd.endpoint, prefix, tmp_path / name, name, lease_ttl_s=2)
     app = await create_storage(config, TOKEN)
     await app.start()
     return app
@@ -39,21 +36,10 @@ async def storage_call(node, method: str, request):
         return await getattr(stub, method)(request, metadata=bearer_metadata(TOKEN), timeout=10)
 
 
-async def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = await predicate()
-        if result:
-            return result
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_replicas_follow_deployments_and_nodes(etcd, etcd_prefix, state, tmp_path, model_path):
     node1 = await start_node(etcd, etcd_prefix, tmp_path, "n1")
-    config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"),
-                              etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, resync_interval_s=0.5,
-                              runtime_threads=1, runtime_stop_grace_s=5, node_lost_grace_s=1.0)
+    config = controller_config(etcd.endpoint, etcd_prefix, tmp_path / "controller", runtime_threads=1,
+                               runtime_stop_grace_s=5, node_lost_grace_s=1.0)
     controller = await create_controller(config, TOKEN)
     await controller.start()
     node2 = None
@@ -71,7 +57,7 @@ async def test_replicas_follow_deployments_and_nodes(etcd, etcd_prefix, state, t
             current = await replicas()
             return current if len(current) == count and all(r.state == READY for r in current) else None
 
-        ready = await wait_until(lambda: all_ready(2), 120, "2 ready replicas")
+        ready = await wait_for(lambda: all_ready(2), 120, "2 ready replicas")
         assert {r.node for r in ready} == {"n1"}
         assert all(pid_alive(r.pid) for r in ready)
         endpoints, _ = await state.list(state.key(keys.endpoints_of("smol")), runtime_pb2.Endpoint)
@@ -88,9 +74,9 @@ async def test_replicas_follow_deployments_and_nodes(etcd, etcd_prefix, state, t
         # Scale down: one replica and its process go away.
         await state.put(state.key(keys.deployment("smol")),
                         resources_pb2.Deployment(name="smol", image="smol", replicas=1))
-        remaining = await wait_until(lambda: all_ready(1), 60, "scale down to 1")
+        remaining = await wait_for(lambda: all_ready(1), 60, "scale down to 1")
         gone = [r for r in ready if r.id != remaining[0].id]
-        await wait_until(lambda: _async(not any(pid_alive(r.pid) for r in gone)), 20, "stopped runtime to exit")
+        await wait_for(lambda: not any(pid_alive(r.pid) for r in gone), 20, "stopped runtime to exit")
 
         # The node disappears (its lease is revoked): the replica is stopped and waits for a node.
         survivor = remaining[0]
@@ -100,18 +86,18 @@ async def test_replicas_follow_deployments_and_nodes(etcd, etcd_prefix, state, t
             current = await replicas()
             return current if current and current[0].state == resources_pb2.REPLICA_STATE_PENDING else None
 
-        waiting = await wait_until(pending, 30, "replica back to pending")
+        waiting = await wait_for(pending, 30, "replica back to pending")
         assert waiting[0].node == "" and "storage node" in waiting[0].message
-        await wait_until(lambda: _async(not pid_alive(survivor.pid)), 20, "runtime of the lost node to stop")
+        await wait_for(lambda: not pid_alive(survivor.pid), 20, "runtime of the lost node to stop")
 
         # A new node appears: the replica is placed there, pulled and served again.
         node2 = await start_node(etcd, etcd_prefix, tmp_path, "n2")
-        moved = await wait_until(lambda: all_ready(1), 120, "replica ready on the new node")
+        moved = await wait_for(lambda: all_ready(1), 120, "replica ready on the new node")
         assert moved[0].node == "n2" and moved[0].id == survivor.id
 
         # Deleting the deployment removes its replicas and their processes.
         await state.delete(state.key(keys.deployment("smol")))
-        await wait_until(lambda: _async_not(replicas), 60, "replicas removed")
+        await wait_for(lambda: _async_not(replicas), 60, "replicas removed")
         assert not pid_alive(moved[0].pid)
         stats = await storage_call(node2, "GetStoreStats", storage_pb2.GetStoreStatsRequest())
         assert stats.pinned_bytes == 0  # the removed replica's pin is released
@@ -120,10 +106,6 @@ async def test_replicas_follow_deployments_and_nodes(etcd, etcd_prefix, state, t
         if node2 is not None:
             await node2.stop()
         await node1.stop()
-
-
-async def _async(value):
-    return value
 
 
 async def _async_not(fetch):

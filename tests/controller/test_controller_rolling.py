@@ -11,11 +11,10 @@ from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
 from clowder_common.processes import pid_alive
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
 from clowder_controller.events import read_events
 from clowder_controller.reconciler import template_hash
 from clowder_storage.app import create_storage
-from clowder_storage.config import StorageConfig
+from helpers.configs import controller_config, storage_config
 
 pytestmark = pytest.mark.processes
 
@@ -24,13 +23,10 @@ READY = resources_pb2.REPLICA_STATE_READY
 
 
 async def test_image_change_rolls_replicas_without_losing_service(etcd, etcd_prefix, state, tmp_path, model_path):
-    node = await create_storage(StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "n1"), node_name="n1",
-                                              etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix,
-                                              lease_ttl_s=2), TOKEN)
+    node = await create_storage(storage_config(etcd.endpoint, etcd_prefix, tmp_path / "n1", "n1", lease_ttl_s=2), TOKEN)
     await node.start()
-    config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"),
-                              etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, resync_interval_s=0.5,
-                              runtime_threads=1, runtime_stop_grace_s=5)
+    config = controller_config(etcd.endpoint, etcd_prefix, tmp_path / "controller", runtime_threads=1,
+                               runtime_stop_grace_s=5)
     controller = await create_controller(config, TOKEN)
     await controller.start()
     try:

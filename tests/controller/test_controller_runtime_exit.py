@@ -10,8 +10,9 @@ import pytest
 from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
-from controller_helpers import ReplicaHistory, wait_for
+from controller_helpers import ReplicaHistory
+from helpers.configs import controller_config
+from helpers.wait import wait_for
 from test_controller_reconcile import TOKEN, start_node
 
 pytestmark = pytest.mark.processes
@@ -23,9 +24,8 @@ async def test_a_killed_runtime_is_replaced_before_the_resync_and_never_ready_at
         etcd, etcd_prefix, state, tmp_path, model_path):
     node = await start_node(etcd, etcd_prefix, tmp_path, "n1")
     # A resync far longer than the test's bound: only the exit watch can explain a quick restart.
-    config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"),
-                              etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, resync_interval_s=120,
-                              runtime_threads=1, runtime_stop_grace_s=5)
+    config = controller_config(etcd.endpoint, etcd_prefix, tmp_path / "controller", resync_interval_s=120,
+                               runtime_threads=1, runtime_stop_grace_s=5)
     controller = await create_controller(config, TOKEN)
     await controller.start()
     key = state.key(keys.replicas_of("smol"))

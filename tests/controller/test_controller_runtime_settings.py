@@ -15,14 +15,14 @@ from clowder_common import keys
 from clowder_common.auth import bearer_metadata
 from clowder_common.runtime_settings import DEFAULT_SLOTS, RuntimeSettings, resolve, with_defaults
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
 from clowder_controller.kubernetes_launcher import KubernetesSettings, build_pod
 from clowder_controller.launcher import LocalProcessLauncher, RuntimeSpec
 from clowder_controller.reconciler import template_hash
 from clowder_storage.app import create_storage
-from clowder_storage.config import StorageConfig
 
-from controller_helpers import error_of, wait_for
+from controller_helpers import error_of
+from helpers.configs import controller_config, storage_config
+from helpers.wait import wait_for
 
 TOKEN = "runtime-settings-test-token"
 AUTH = bearer_metadata(TOKEN)
@@ -81,8 +81,7 @@ def test_template_hash_changes_with_settings_and_only_when_they_are_set():
 
 @pytest.fixture
 async def control(etcd, etcd_prefix, state, tmp_path):
-    config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path), etcd_endpoints=(etcd.endpoint,),
-                              etcd_prefix=etcd_prefix, resync_interval_s=0.5, max_replicas=10)
+    config = controller_config(etcd.endpoint, etcd_prefix, tmp_path, max_replicas=10)
     app = await create_controller(config, TOKEN)
     await app.start()
     # An aimage whose model was trained for 8192 tokens, and a node with 2 CPUs.
@@ -184,13 +183,10 @@ async def test_bad_aimage_settings_are_refused_naming_the_field(control, model_p
 
 async def start_node_and_controller(etcd, etcd_prefix, tmp_path):
     """A storage node n1 and a controller on this etcd prefix, both started (stop them: controller, then node)."""
-    node_config = StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "n1"), node_name="n1",
-                                etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, lease_ttl_s=2)
+    node_config = storage_config(etcd.endpoint, etcd_prefix, tmp_path / "n1", "n1", lease_ttl_s=2)
     node = await create_storage(node_config, TOKEN)
     await node.start()
-    config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"),
-                              etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, resync_interval_s=0.5,
-                              runtime_stop_grace_s=3)
+    config = controller_config(etcd.endpoint, etcd_prefix, tmp_path / "controller", runtime_stop_grace_s=3)
     controller = await create_controller(config, TOKEN)
     await controller.start()
     return node, controller

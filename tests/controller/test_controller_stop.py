@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from clowder_controller.config import ControllerConfig
 from clowder_controller.events import EventRecorder
 from clowder_controller.launcher import LocalProcessLauncher
 from clowder_controller.reconciler import Reconciler
 from clowder_controller.storage_client import StorageClients
+from helpers.configs import controller_config
 
 pytestmark = pytest.mark.processes
 
@@ -22,8 +22,7 @@ async def test_reconciler_stops_when_woken_at_the_moment_it_is_cancelled(etcd, s
     """A pass finishing (or an etcd event) wakes the loop as stop() cancels it. Python 3.11's asyncio.wait_for
     dropped that cancellation and the loop ran on while stop() waited for it: the hang seen in
     `make bench-controller`. Waking it by hand in the same loop turn as stop() reproduces the race every time."""
-    config = ControllerConfig(etcd_endpoints=(etcd.endpoint,), etcd_prefix=state.prefix, resync_interval_s=5,
-                              data_dir=str(tmp_path))
+    config = controller_config(etcd.endpoint, state.prefix, tmp_path, resync_interval_s=5)
     for i in range(5):
         launcher = LocalProcessLauncher((etcd.endpoint,), state.prefix, "127.0.0.1:0", tmp_path / f"l{i}", TOKEN)
         reconciler = Reconciler(state, StorageClients(TOKEN), launcher, config, EventRecorder(state))

@@ -211,18 +211,6 @@ def etcd_healthy(member: EtcdMember) -> bool:
         return False
 
 
-def wait_for(what: str, check, timeout: float, interval: float = 0.2):
-    """Poll `check` until it returns something truthy (returned); AssertionError naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
 def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen, name: str, procs: Processes) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

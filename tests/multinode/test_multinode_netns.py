@@ -31,8 +31,9 @@ from clowder.client import Client
 from clowder.controller.v1 import resources_pb2
 from clowder_common.processes import SUPERVISOR_ENV, free_port
 
+from helpers.wait import wait_for_sync
 from netns_helpers import (ROOT_ADDRESS, Network, Node, Processes, etcd_healthy, etcd_members, ip,
-                           kill_namespace_processes, runtime_pids, wait_for, wait_port)
+                           kill_namespace_processes, runtime_pids, wait_port)
 
 pytestmark = [pytest.mark.processes, pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -83,7 +84,7 @@ class MultiNodeCluster:
 
         what = f"{count} ready replicas of {MODEL}" + (f" off node {avoid_node}" if avoid_node else "")
         try:
-            return wait_for(what, check, timeout, interval=0.5)
+            return wait_for_sync(check, timeout, what, interval=0.5)
         except AssertionError as err:
             raise AssertionError(f"{err}; replicas: {list(control.deployments.replicas(MODEL))}\n"
                                  f"{self.diagnostics()}") from None
@@ -135,7 +136,7 @@ def multinode(tmp_path_factory, model_path):
             member.proc = procs.start(f"etcd-{member.name}", member.argv)
         for member in etcd:
             wait_port(ROOT_ADDRESS, member.client_port, START_TIMEOUT_S, member.proc, f"etcd-{member.name}", procs)
-        wait_for("a healthy 3-member etcd", lambda: all(etcd_healthy(m) for m in etcd), START_TIMEOUT_S)
+        wait_for_sync(lambda: all(etcd_healthy(m) for m in etcd), START_TIMEOUT_S, "a healthy 3-member etcd")
         endpoints = ",".join(m.endpoint for m in etcd)
         common = ["--etcd-endpoints", endpoints, "--etcd-prefix", etcd_prefix]
 
@@ -167,7 +168,7 @@ def multinode(tmp_path_factory, model_path):
 
         cluster = MultiNodeCluster(network, procs, etcd, etcd_prefix, token, controllers, http_port)
         with cluster.control() as control:
-            wait_for("3 registered nodes", lambda: len(control.nodes.list()) == 3, START_TIMEOUT_S)
+            wait_for_sync(lambda: len(control.nodes.list()) == 3, START_TIMEOUT_S, "3 registered nodes")
             control.images.create(MODEL, model_path.as_uri())
             control.deployments.create(MODEL, MODEL, 2)
             ready = cluster.wait_ready(control, 2)
@@ -275,7 +276,7 @@ async def test_etcd_member_killed_cluster_keeps_serving_and_converging(multinode
 
         # The member comes back with its data and rejoins.
         victim.proc = cluster.procs.start(f"etcd-{victim.name}-again", victim.argv)
-        wait_for("the killed etcd member healthy again", lambda: etcd_healthy(victim), 60)
+        wait_for_sync(lambda: etcd_healthy(victim), 60, "the killed etcd member healthy again")
 
 
 async def first_reply(session: aiohttp.ClientSession, cluster: MultiNodeCluster) -> str:

@@ -1,9 +1,7 @@
-"""Helpers of the REST bridge tests: authenticated JSON calls and bounded waiting."""
+"""Helpers of the REST bridge tests: authenticated JSON calls (waiting: tests/helpers/wait)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import aiohttp
@@ -19,13 +17,3 @@ async def call(session: aiohttp.ClientSession, method: str, url: str, *, auth: b
     async with session.request(method, url, headers=headers, **kwargs) as response:
         return response.status, await response.json(content_type=None)
 
-
-async def eventually(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.2)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 from clowder_balancer.gateway import CONTROLLER_SERVICES
 from clowder_common.rest import resolve_services, routes_of
 
-from rest_helpers import AUTH, call, eventually
+from rest_helpers import AUTH, call
+from helpers.wait import wait_for
 
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
@@ -24,6 +27,7 @@ def image_body(alias: str, url: str = "file:///models/none.gguf") -> dict:
     return {"alias": alias, "sourceUrl": url}
 
 
+@pytest.mark.inprocess
 async def test_images_create_get_delete_and_their_errors(api, http):
     status, body = await call(http, "POST", f"{api}/api/v1/images", json=image_body("alpha"))
     assert status == 200, body
@@ -54,6 +58,7 @@ async def test_images_create_get_delete_and_their_errors(api, http):
     assert status == 404
 
 
+@pytest.mark.inprocess
 async def test_list_pages_with_page_token(api, http):
     aliases = [f"img-{i}" for i in range(5)]
     for alias in reversed(aliases):
@@ -81,6 +86,7 @@ async def test_list_pages_with_page_token(api, http):
     assert status == 400 and body["code"] == 3
 
 
+@pytest.mark.inprocess
 async def test_the_bearer_token_is_forwarded_and_checked(api, http):
     status, body = await call(http, "GET", f"{api}/api/v1/images", auth=False)
     assert status == 401 and body["code"] == 16
@@ -89,6 +95,7 @@ async def test_the_bearer_token_is_forwarded_and_checked(api, http):
     assert status == 401 and detail(body, ERROR_INFO)["reason"] == "INVALID_TOKEN"
 
 
+@pytest.mark.inprocess
 async def test_deployments_create_get_list_patch_replicas_delete(api, http):
     status, _ = await call(http, "POST", f"{api}/api/v1/images", json=image_body("smol"))
     assert status == 200
@@ -121,7 +128,7 @@ async def test_deployments_create_get_list_patch_replicas_delete(api, http):
         assert status == 200
         return body["replicas"] if len(body["replicas"]) == 2 else None
 
-    replicas = await eventually(pending, 30, "two replicas")
+    replicas = await wait_for(pending, 30, "two replicas")
     assert {r["deployment"] for r in replicas} == {"web"}
     assert all(r["state"] == "REPLICA_STATE_PENDING" for r in replicas)
     status, body = await call(http, "GET", f"{api}/api/v1/deployments/-/replicas")
@@ -137,6 +144,7 @@ async def test_deployments_create_get_list_patch_replicas_delete(api, http):
     assert status == 404
 
 
+@pytest.mark.inprocess
 async def test_nodes_and_pull_streams_newline_delimited_json(api, http, storage_node, tmp_path):
     status, body = await call(http, "GET", f"{api}/api/v1/nodes")
     assert status == 200 and [n["name"] for n in body["nodes"]] == ["n1"]
@@ -171,6 +179,7 @@ async def test_nodes_and_pull_streams_newline_delimited_json(api, http, storage_
     assert status == 404 and "n9" in body["message"]
 
 
+@pytest.mark.inprocess
 async def test_requests_the_bridge_refuses_itself(api, http):
     status, body = await call(http, "GET", f"{api}/api/v1/nothing-here")
     assert status == 404 and body["code"] == 5
@@ -190,6 +199,7 @@ async def test_requests_the_bridge_refuses_itself(api, http):
     assert status == 404 and "'x'" in body["message"]
 
 
+@pytest.mark.unit
 async def test_every_annotated_rpc_is_served_and_covered_here():
     """If a new annotated RPC appears, this file must learn to exercise it."""
     import clowder.controller.v1.controller_pb2  # noqa: F401
@@ -209,6 +219,7 @@ async def test_every_annotated_rpc_is_served_and_covered_here():
     assert {r.operation_id for r in routes} == exercised
 
 
+@pytest.mark.inprocess
 async def test_openapi_document_validates_and_lists_every_route(api, http):
     from openapi_spec_validator import validate
 
@@ -228,6 +239,7 @@ async def test_openapi_document_validates_and_lists_every_route(api, http):
     assert {p["name"] for p in listing["parameters"]} >= {"pageSize", "pageToken"}
 
 
+@pytest.mark.inprocess
 async def test_original_clowder_worker_routes_deploy_and_list_a_model(api, http, storage_node, model_path):
     status, body = await call(http, "POST", f"{api}/api/v1/workers", json={"modelUrl": model_path.as_uri()})
     assert status == 400
@@ -250,7 +262,7 @@ async def test_original_clowder_worker_routes_deploy_and_list_a_model(api, http,
         ready = [w for w in body["workers"] if w["state"] == "REPLICA_STATE_READY"]
         return ready[0] if ready else None
 
-    worker = await eventually(ready_worker, 180, "the worker to serve")
+    worker = await wait_for(ready_worker, 180, "the worker to serve")
     assert worker["modelAlias"] == "smol" and worker["modelUrl"] == model_path.as_uri()
     assert worker["nodeName"] == "n1" and worker["endpoint"]
 

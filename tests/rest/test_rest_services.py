@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rest_helpers import call, eventually
+from rest_helpers import call
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.inprocess
 
@@ -59,7 +60,7 @@ async def test_services_apply_split_promote_rollback_and_delete(api, http):
     async def deployment_gone():
         return (await call(http, "GET", f"{api}/api/v1/deployments/web-r2"))[0] == 404
 
-    await eventually(deployment_gone, 10, "the service's deployment deleted")
+    await wait_for(deployment_gone, 10, "the service's deployment deleted")
 
 
 async def test_the_async_sdk_applies_and_refuses_with_nothing_changed(controller):

@@ -25,6 +25,7 @@ from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import NotFound, Unavailable
 
 from cluster_helpers import up_cluster
+from helpers.wait import wait_for_sync
 
 pytestmark = [pytest.mark.processes, pytest.mark.e2e]
 
@@ -85,16 +86,6 @@ def served_by(http, model: str, **kwargs) -> str:
     reply = ask(http, model, **kwargs)
     assert reply.status_code == 200, reply.text
     return reply.headers[HEADER]
-
-
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.25)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def gone(control, deployment: str) -> bool:
@@ -200,13 +191,13 @@ def test_a_split_pins_sessions_promote_and_rollback_by_hand(cluster, control, ht
 
     serve(cluster, "promote", "ab")
     assert {served_by(http, "ab") for _ in range(10)} == {"2"}
-    wait_until(lambda: gone(control, "ab"), 60, "revision 1's deployment removed after promote")
+    wait_for_sync(lambda: gone(control, "ab"), 60, "revision 1's deployment removed after promote")
 
     # Back to revision 1 by hand: it rolls over the live deployment in place.
     assert "rolled back from revision 2 to 1" in serve(cluster, "rollback", "ab")
     assert {served_by(http, "ab") for _ in range(10)} == {"1"}
     v1_image = control.services.get("ab").revisions[0].template.image
-    wait_until(lambda: control.deployments.get("ab-r2").image == v1_image, 30, "ab-r2 rolled to revision 1")
+    wait_for_sync(lambda: control.deployments.get("ab-r2").image == v1_image, 30, "ab-r2 rolled to revision 1")
     history = serve(cluster, "history", "ab")
     assert "stable (100%)" in history and "retired" in history
     serve(cluster, "down", "ab")
@@ -220,10 +211,10 @@ def test_a_canary_that_cannot_start_rolls_back_on_its_own(cluster, control, http
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(os.urandom(100_000))  # not a GGUF: the runtime exits as it loads it
     with Traffic(http, "cb") as traffic:
-        wait_until(lambda: len(traffic.results) >= 3, 60, "traffic flows")
+        wait_for_sync(lambda: len(traffic.results) >= 3, 60, "traffic flows")
         serve(cluster, "update", "-f", spec(tmp_path / "v2.yaml", "cb", f"file://{broken}", rollout=rollout))
         updated = time.monotonic()
-        service = wait_until(lambda: (s := control.services.get("cb")).rollout.state
+        service = wait_for_sync(lambda: (s := control.services.get("cb")).rollout.state
                              == resources_pb2.ROLLOUT_STATE_ROLLED_BACK and s, 2 * interval + 3, "rolled back")
         took = time.monotonic() - updated
         time.sleep(1)
@@ -234,7 +225,7 @@ def test_a_canary_that_cannot_start_rolls_back_on_its_own(cluster, control, http
     # No request failed: the canary never took traffic, and the stable revision served all of it.
     assert [r for r in traffic.results if r[1] != 200] == []
     assert {r[2] for r in traffic.results} == {"1"}
-    wait_until(lambda: gone(control, "cb-r2"), 60, "the failed revision's deployment removed")
+    wait_for_sync(lambda: gone(control, "cb-r2"), 60, "the failed revision's deployment removed")
     assert "rolled_back" in serve(cluster, "status", "cb")
     serve(cluster, "down", "cb")
 
@@ -249,10 +240,10 @@ def test_a_canary_that_fails_requests_rolls_back_and_the_stable_one_never_fails(
         # A context of 16 tokens holds no chat prompt: the new revision answers every request with an error.
         serve(cluster, "update", "-f", spec(tmp_path / "v2.yaml", "cc", model, rollout=rollout,
                                             runtime="{context_size: 16}"))
-        wait_until(lambda: control.services.get("cc").rollout.HasField("step_start_time"), READY_S,
+        wait_for_sync(lambda: control.services.get("cc").rollout.HasField("step_start_time"), READY_S,
                    "the canary's first step")
         stepped = time.monotonic()
-        service = wait_until(lambda: (s := control.services.get("cc")).rollout.state
+        service = wait_for_sync(lambda: (s := control.services.get("cc")).rollout.state
                              == resources_pb2.ROLLOUT_STATE_ROLLED_BACK and s, 2 * interval + 3, "rolled back")
         took = time.monotonic() - stepped
         time.sleep(1)
@@ -262,7 +253,7 @@ def test_a_canary_that_fails_requests_rolls_back_and_the_stable_one_never_fails(
     stable = traffic.of("1")
     assert len(stable) + len(traffic.of("2")) == len(traffic.results)
     assert stable and all(status == 200 for _, status, _ in stable)
-    wait_until(lambda: gone(control, "cc-r2"), 60, "the failed revision's deployment removed")
+    wait_for_sync(lambda: gone(control, "cc-r2"), 60, "the failed revision's deployment removed")
     serve(cluster, "down", "cc")
 
 
@@ -274,14 +265,14 @@ def test_a_canary_goes_on_after_the_controller_is_killed_and_is_promoted(cluster
     control.deployments.wait_ready("cd", timeout_s=READY_S)
     with Traffic(http, "cd") as traffic:
         serve(cluster, "update", "-f", spec(tmp_path / "v2.yaml", "cd", model, context=640, rollout=rollout))
-        first = wait_until(lambda: (s := control.services.get("cd")).rollout.HasField("step_start_time") and s,
+        first = wait_for_sync(lambda: (s := control.services.get("cd")).rollout.HasField("step_start_time") and s,
                            READY_S, "the canary's first step")
         assert first.rollout.step == 0 and [t.percent for t in first.traffic] == [75, 25]
         controller = cluster.component("controller")
         os.kill(controller["pid"], signal.SIGKILL)
         # The supervisor starts a new controller; it leads once the old one's lease expires, and goes on from the
         # step etcd holds.
-        service = wait_until(lambda: (s := answered(control, "cd")) is not None and s.rollout.state
+        service = wait_for_sync(lambda: (s := answered(control, "cd")) is not None and s.rollout.state
                              == resources_pb2.ROLLOUT_STATE_STABLE and s.rollout.stable_revision == 2 and s,
                              120, "revision 2 promoted")
     assert cluster.component("controller")["restarts"] == 1
@@ -290,5 +281,5 @@ def test_a_canary_goes_on_after_the_controller_is_killed_and_is_promoted(cluster
     assert service.events[-1].reason == "promoted"
     assert [r for r in traffic.results if r[1] != 200] == []
     assert {served_by(http, "cd") for _ in range(5)} == {"2"}
-    wait_until(lambda: gone(control, "cd"), 60, "revision 1's deployment removed after the promotion")
+    wait_for_sync(lambda: gone(control, "cd"), 60, "revision 1's deployment removed after the promotion")
     serve(cluster, "down", "cd")

@@ -7,14 +7,13 @@ import json
 import time
 
 import aiohttp
-import grpc
 import llama_cpp
 import pytest
 from clowder.controller.v1 import resources_pb2
-from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
+from clowder.runtime.v1 import runtime_pb2
+from runtime_helpers import running_runtime, runtime_stub, wait_for_stats
 from runtime_lora import write_lora_adapter
 
-from clowder_runtime.app import create_runtime
 from clowder_runtime.config import RuntimeConfig
 from clowder_runtime.prefix import block_hashes
 
@@ -48,16 +47,14 @@ async def runtime(model_path, tmp_path_factory):
         adapters=(f"{ADAPTER}={adapter}",),
         metrics_listen="127.0.0.1:0",
     )
-    app = await create_runtime(config, resources_pb2.ImageConfiguration())
-    await app.start()
-    yield app
-    await app.stop()
+    async with running_runtime(config, resources_pb2.ImageConfiguration()) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
 async def stub(runtime):
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.port}") as channel:
-        yield runtime_pb2_grpc.RuntimeServiceStub(channel)
+    async with runtime_stub(runtime) as stub:
+        yield stub
 
 
 def completion(prompt: str, **sampling) -> runtime_pb2.GenerateRequest:
@@ -81,17 +78,6 @@ async def stats(stub) -> runtime_pb2.GetStatsResponse:
     return await stub.GetStats(runtime_pb2.GetStatsRequest(), timeout=5)
 
 
-async def wait_for_stats(stub, predicate, timeout: float = 10.0) -> runtime_pb2.GetStatsResponse:
-    deadline = time.monotonic() + timeout
-    while True:
-        current = await stats(stub)
-        if predicate(current):
-            return current
-        if time.monotonic() > deadline:
-            raise AssertionError(f"stats never matched: {current}")
-        await asyncio.sleep(0.02)
-
-
 @pytest.fixture
 async def fresh_stub(model_path):
     """A replica with nothing cached and a slot per prompt, so every prompt is evaluated whole."""
@@ -99,13 +85,8 @@ async def fresh_stub(model_path):
         model_path=str(model_path), context_size=CONTEXT_SIZE, threads=THREADS, slots=FRESH_SLOTS,
         prefill_chunk=PREFILL_CHUNK, max_waiting=8,
     )
-    app = await create_runtime(config)
-    await app.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-            yield runtime_pb2_grpc.RuntimeServiceStub(channel)
-    finally:
-        await app.stop()
+    async with running_runtime(config) as app, runtime_stub(app) as stub:
+        yield stub
 
 
 async def test_concurrent_requests_give_the_same_text_as_single_sequence_runs(fresh_stub, model_path):

@@ -8,13 +8,13 @@ import grpc
 import numpy as np
 import pytest
 from clowder.controller.v1 import resources_pb2
-from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
+from clowder.runtime.v1 import runtime_pb2
 
 from clowder_common.errors import InvalidArgument, from_rpc_error
-from clowder_runtime.app import create_runtime
 from clowder_runtime.config import RuntimeConfig
 from clowder_runtime.embeddings import EMBED_SEQUENCES
 from clowder_runtime.validation import MAX_EMBED_INPUTS
+from runtime_helpers import running_runtime, runtime_stub
 
 pytestmark = pytest.mark.inprocess
 
@@ -26,16 +26,14 @@ N_EMBD = 576
 @pytest.fixture(scope="module")
 async def runtime(model_path):
     config = RuntimeConfig(model_path=str(model_path), context_size=CONTEXT_SIZE, threads=1, slots=1)
-    app = await create_runtime(config, resources_pb2.ImageConfiguration())
-    await app.start()
-    yield app
-    await app.stop()
+    async with running_runtime(config, resources_pb2.ImageConfiguration()) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
 async def stub(runtime):
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.port}") as channel:
-        yield runtime_pb2_grpc.RuntimeServiceStub(channel)
+    async with runtime_stub(runtime) as stub:
+        yield stub
 
 
 async def embed(stub, *inputs: str) -> tuple[np.ndarray, int]:

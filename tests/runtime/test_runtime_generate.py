@@ -9,11 +9,11 @@ import grpc
 import llama_cpp
 import pytest
 from clowder.controller.v1 import resources_pb2
-from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
+from clowder.runtime.v1 import runtime_pb2
 
 from clowder_common.errors import InvalidArgument, ResourceExhausted, from_rpc_error
-from clowder_runtime.app import create_runtime
 from clowder_runtime.config import RuntimeConfig
+from runtime_helpers import running_runtime, runtime_stub, wait_for_stats
 
 pytestmark = pytest.mark.inprocess
 
@@ -41,16 +41,14 @@ async def runtime(model_path):
         threads=THREADS,
         slots=SLOTS,
     )
-    app = await create_runtime(config, resources_pb2.ImageConfiguration(system_prompt=SYSTEM_PROMPT))
-    await app.start()
-    yield app
-    await app.stop()
+    async with running_runtime(config, resources_pb2.ImageConfiguration(system_prompt=SYSTEM_PROMPT)) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
 async def stub(runtime):
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.port}") as channel:
-        yield runtime_pb2_grpc.RuntimeServiceStub(channel)
+    async with runtime_stub(runtime) as stub:
+        yield stub
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +94,6 @@ async def run_direct(llm: llama_cpp.Llama, call, *args, **kwargs):
         return call(*args, **kwargs)
 
     return await asyncio.to_thread(work)
-
-
-async def wait_for_stats(stub, predicate, timeout: float = 5.0) -> runtime_pb2.GetStatsResponse:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = await stub.GetStats(runtime_pb2.GetStatsRequest(), timeout=5)
-        if predicate(stats):
-            return stats
-        if time.monotonic() > deadline:
-            raise AssertionError(f"stats never matched: {stats}")
-        await asyncio.sleep(0.02)
 
 
 async def test_chat_streams_pieces_and_ends_with_finish_and_usage(stub):

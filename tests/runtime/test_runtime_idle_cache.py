@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 from clowder.controller.v1 import resources_pb2
-from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
+from clowder.runtime.v1 import runtime_pb2
 
-from clowder_runtime.app import create_runtime
 from clowder_runtime.config import RuntimeConfig
+from runtime_helpers import running_runtime, runtime_stub
 
 pytestmark = pytest.mark.inprocess
 
@@ -19,20 +18,14 @@ SECOND = "A recipe for country bread: flour, water, salt and a sourdough starter
 async def serve_and_repeat(model_path, budget: int) -> list[int]:
     """Cached prompt tokens of FIRST, SECOND, FIRST, FIRST on a two-slot replica."""
     config = RuntimeConfig(model_path=str(model_path), context_size=256, threads=1, slots=2, idle_cache_tokens=budget)
-    app = await create_runtime(config, resources_pb2.ImageConfiguration())
-    await app.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-            stub = runtime_pb2_grpc.RuntimeServiceStub(channel)
-            cached = []
-            for prompt in (FIRST, SECOND, FIRST, FIRST):
-                request = runtime_pb2.GenerateRequest(
-                    request_id="c", prompt=prompt, sampling=runtime_pb2.SamplingParams(temperature=0.0, max_tokens=2))
-                responses = [r async for r in stub.Generate(request)]
-                cached.append(responses[-1].usage.cached_prompt_tokens)
-            return cached
-    finally:
-        await app.stop()
+    async with running_runtime(config, resources_pb2.ImageConfiguration()) as app, runtime_stub(app) as stub:
+        cached = []
+        for prompt in (FIRST, SECOND, FIRST, FIRST):
+            request = runtime_pb2.GenerateRequest(
+                request_id="c", prompt=prompt, sampling=runtime_pb2.SamplingParams(temperature=0.0, max_tokens=2))
+            responses = [r async for r in stub.Generate(request)]
+            cached.append(responses[-1].usage.cached_prompt_tokens)
+        return cached
 
 
 async def test_only_the_most_recent_idle_caches_within_the_budget_are_kept(model_path):

@@ -7,11 +7,11 @@ import math
 import grpc
 import pytest
 from clowder.controller.v1 import resources_pb2
-from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
+from clowder.runtime.v1 import runtime_pb2
 
 from clowder_common.errors import InvalidArgument, from_rpc_error
-from clowder_runtime.app import create_runtime
 from clowder_runtime.config import RuntimeConfig
+from runtime_helpers import running_runtime, runtime_stub
 
 pytestmark = pytest.mark.inprocess
 
@@ -21,11 +21,8 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 async def stub(model_path):
     config = RuntimeConfig(model_path=str(model_path), context_size=256, threads=1, slots=2)
-    app = await create_runtime(config, resources_pb2.ImageConfiguration())
-    await app.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-        yield runtime_pb2_grpc.RuntimeServiceStub(channel)
-    await app.stop()
+    async with running_runtime(config, resources_pb2.ImageConfiguration()) as app, runtime_stub(app) as stub:
+        yield stub
 
 
 async def generate(stub, **sampling) -> list[runtime_pb2.GenerateResponse]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import pytest
@@ -14,19 +12,9 @@ from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 
 from clowder_common.clients import sync_channel
 from clowder_common.processes import spawn, terminate
+from helpers.wait import wait_for_port_file
 
 pytestmark = pytest.mark.processes
-
-
-def wait_for_port_file(path, proc: subprocess.Popen, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"runtime exited with {proc.returncode} before writing its port")
-        if path.exists():
-            return int(path.read_text())
-        time.sleep(0.05)
-    raise AssertionError(f"no port file after {timeout:.0f}s")
 
 
 def test_process_serves_a_completion_and_exits_zero_on_sigterm(model_path, tmp_path):

@@ -11,13 +11,12 @@ from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
 from clowder_common.etcd import EtcdState
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
 from clowder_storage.app import create_storage
-from clowder_storage.config import StorageConfig
 from clowder_balancer.app import create_balancer
-from clowder_balancer.config import BalancerConfig
 
-from sdk_helpers import MODEL, TOKEN, wait_for
+from sdk_helpers import MODEL, TOKEN
+from helpers.wait import wait_for
+from helpers.configs import balancer_config, controller_config, storage_config
 
 
 @dataclasses.dataclass
@@ -35,15 +34,12 @@ async def cluster(etcd, model_path, tmp_path_factory):
     prefix = f"/test-sdk-{uuid.uuid4().hex[:8]}/"
     state = EtcdState([etcd.endpoint], prefix)
     await state.connect()
-    storage = await create_storage(StorageConfig(
-        listen="127.0.0.1:0", data_dir=str(work / "n1"), node_name="n1", etcd_endpoints=(etcd.endpoint,),
-        etcd_prefix=prefix, lease_ttl_s=3, progress_interval_s=0.05), TOKEN)
-    controller = await create_controller(ControllerConfig(
-        listen="127.0.0.1:0", data_dir=str(work / "controller"), etcd_endpoints=(etcd.endpoint,), etcd_prefix=prefix,
-        resync_interval_s=0.5, runtime_threads=1, runtime_stop_grace_s=5), TOKEN)
-    balancer = await create_balancer(BalancerConfig(
-        etcd_endpoints=(etcd.endpoint,), etcd_prefix=prefix, http_listen="127.0.0.1:0", grpc_listen="127.0.0.1:0",
-        ready_timeout_s=5.0, drain_grace_s=2.0), admin_token=TOKEN)
+    storage = await create_storage(storage_config(etcd.endpoint, prefix, work / "n1", "n1", lease_ttl_s=3,
+                                                  progress_interval_s=0.05), TOKEN)
+    controller = await create_controller(controller_config(etcd.endpoint, prefix, work / "controller",
+                                                           runtime_threads=1, runtime_stop_grace_s=5), TOKEN)
+    balancer = await create_balancer(balancer_config(etcd.endpoint, prefix, ready_timeout_s=5.0, drain_grace_s=2.0),
+                                     admin_token=TOKEN)
     started = []
     try:
         for app in (storage, controller, balancer):

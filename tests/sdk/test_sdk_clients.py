@@ -15,7 +15,8 @@ from clowder.client import (AlreadyExists, AsyncClient, Client, Completion, Fail
                             NotFound, Unauthenticated)
 from clowder.controller.v1 import resources_pb2
 
-from sdk_helpers import CHAT, MODEL, TOKEN, wait_for
+from sdk_helpers import CHAT, MODEL, TOKEN
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.processes
 

@@ -11,9 +11,9 @@ import pytest
 from clowder.client import AsyncClient, Client, Unavailable
 from clowder_common.processes import free_port
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
 
 from sdk_helpers import TOKEN
+from helpers.configs import controller_config
 
 pytestmark = pytest.mark.inprocess
 
@@ -32,8 +32,8 @@ async def test_idempotent_calls_are_retried_until_the_controller_comes_up(etcd, 
         listing = asyncio.create_task(asyncio.to_thread(client.nodes.list))
         await asyncio.sleep(1.0)
         assert not listing.done()  # still retrying, not failed
-        controller = await create_controller(ControllerConfig(
-            listen=address, data_dir=str(tmp_path), etcd_endpoints=(etcd.endpoint,), etcd_prefix=prefix), TOKEN)
+        controller = await create_controller(controller_config(etcd.endpoint, prefix, tmp_path, listen=address,
+                                                               resync_interval_s=5.0), TOKEN)
         await controller.start()
         try:
             assert await asyncio.wait_for(listing, 30) == []

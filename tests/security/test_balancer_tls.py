@@ -23,9 +23,9 @@ from clowder_common.etcd import EtcdState
 from clowder_common.processes import spawn, terminate
 from clowder_common.security import SERVICE_TOKEN_ENV, ClusterSecurity, Tls
 from clowder_balancer.app import create_balancer
-from clowder_balancer.config import BalancerConfig
 
 from security_helpers import TestCA
+from helpers.configs import balancer_config
 
 pytestmark = pytest.mark.processes
 
@@ -58,10 +58,9 @@ async def test_balancer_serves_tls_and_calls_a_tls_runtime_with_the_credential(e
         while await state.get(state.key(keys.endpoint(DEPLOYMENT, "r1")), runtime_pb2.Endpoint) is None:
             assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
             await asyncio.sleep(0.1)
-        config = BalancerConfig(etcd_endpoints=(etcd.endpoint,), etcd_prefix=prefix, http_listen="127.0.0.1:0",
-                                grpc_listen="127.0.0.1:0", ready_timeout_s=10.0, drain_grace_s=3.0,
-                                tls_cert_file=str(balancer_cert.cert), tls_key_file=str(balancer_cert.key),
-                                tls_ca_file=str(ca.path), service_token_file=str(token_file))
+        config = balancer_config(etcd.endpoint, prefix, ready_timeout_s=10.0, tls_cert_file=str(balancer_cert.cert),
+                                 tls_key_file=str(balancer_cert.key), tls_ca_file=str(ca.path),
+                                 service_token_file=str(token_file))
         app = await create_balancer(config)
         await app.start()
         body = {"model": DEPLOYMENT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}

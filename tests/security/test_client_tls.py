@@ -13,11 +13,10 @@ import pytest
 
 from clowder.client import Client, InvalidArgument, Unavailable
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
 from clowder_balancer.app import create_balancer
-from clowder_balancer.config import BalancerConfig
 
 from security_helpers import TestCA
+from helpers.configs import balancer_config, controller_config
 
 TOKEN = "client-tls-admin-token"
 
@@ -28,14 +27,15 @@ async def tls_cluster(etcd, tmp_path):
     ca = TestCA(tmp_path / "pki")
     controller_cert, balancer_cert, client_cert = ca.issue("controller"), ca.issue("balancer"), ca.issue("client")
     prefix = f"/test-client-tls-{uuid.uuid4().hex[:8]}/"
-    controller = await create_controller(ControllerConfig(
-        listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"), etcd_endpoints=(etcd.endpoint,),
-        etcd_prefix=prefix, tls_cert_file=str(controller_cert.cert), tls_key_file=str(controller_cert.key),
-        tls_ca_file=str(ca.path), tls_client_auth=True), TOKEN)
-    balancer = await create_balancer(BalancerConfig(
-        etcd_endpoints=(etcd.endpoint,), etcd_prefix=prefix, http_listen="127.0.0.1:0", grpc_listen="127.0.0.1:0",
-        ready_timeout_s=5.0, drain_grace_s=1.0, tls_cert_file=str(balancer_cert.cert),
-        tls_key_file=str(balancer_cert.key), tls_ca_file=str(ca.path)), admin_token=TOKEN)
+    controller = await create_controller(controller_config(etcd.endpoint, prefix, tmp_path / "controller",
+                                                           tls_cert_file=str(controller_cert.cert),
+                                                           tls_key_file=str(controller_cert.key),
+                                                           tls_ca_file=str(ca.path), tls_client_auth=True,
+                                                           resync_interval_s=5.0), TOKEN)
+    balancer = await create_balancer(balancer_config(etcd.endpoint, prefix, ready_timeout_s=5.0, drain_grace_s=1.0,
+                                                     tls_cert_file=str(balancer_cert.cert),
+                                                     tls_key_file=str(balancer_cert.key), tls_ca_file=str(ca.path)),
+                                     admin_token=TOKEN)
     await controller.start()
     try:
         await balancer.start()

@@ -19,26 +19,15 @@ from clowder_common.errors import from_rpc_error
 from clowder_common.processes import spawn, terminate
 from clowder_common.security import SERVICE_TOKEN_ENV, SERVICE_TOKEN_HEADER, ClusterSecurity, Tls
 from clowder_storage.app import create_storage
-from clowder_storage.config import StorageConfig
 
+from helpers.configs import storage_config
+from helpers.wait import wait_for_port_file
 from security_helpers import TestCA
 
 pytestmark = pytest.mark.processes
 
 PROMPT = runtime_pb2.GenerateRequest(prompt="The sky is", sampling=runtime_pb2.SamplingParams(temperature=0,
                                                                                               max_tokens=4))
-
-
-def wait_for_port_file(path, proc, timeout: float) -> int:
-    import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"runtime exited with {proc.returncode} before writing its port")
-        if path.exists() and path.read_text().strip():
-            return int(path.read_text())
-        time.sleep(0.05)
-    raise AssertionError(f"no port file after {timeout:.0f}s")
 
 
 def reason(err: grpc.RpcError) -> str:
@@ -112,8 +101,7 @@ def test_a_runtime_refuses_direct_calls_and_plaintext(tls_runtime):
 
 async def test_storage_takes_the_service_credential_or_the_admin_token(tmp_path, etcd, etcd_prefix):
     admin, service = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    config = StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "store"), node_name="node-s",
-                           etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, lease_ttl_s=5)
+    config = storage_config(etcd.endpoint, etcd_prefix, tmp_path / "store", "node-s", lease_ttl_s=5)
     app = await create_storage(config, admin, ClusterSecurity(service))
     await app.start()
     try:
@@ -148,10 +136,9 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path, etcd,
     server, client = ca.issue("storage"), ca.issue("balancer")
     stranger = TestCA(tmp_path / "other", name="stranger ca").issue("mallory")
     service = secrets.token_urlsafe(24)
-    config = StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "store"), node_name="node-m",
-                           etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, lease_ttl_s=5,
-                           tls_cert_file=str(server.cert), tls_key_file=str(server.key), tls_ca_file=str(ca.path),
-                           tls_client_auth=True, service_token_file=str(_write(tmp_path / "svc", service)))
+    config = storage_config(etcd.endpoint, etcd_prefix, tmp_path / "store", "node-m", lease_ttl_s=5,
+                            tls_cert_file=str(server.cert), tls_key_file=str(server.key), tls_ca_file=str(ca.path),
+                            tls_client_auth=True, service_token_file=str(_write(tmp_path / "svc", service)))
     app = await create_storage(config, None)
     await app.start()
     try:

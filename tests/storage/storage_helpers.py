@@ -18,7 +18,7 @@ from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
 from clowder_common.auth import bearer_metadata
 from clowder_common.clients import aio_channel
 from clowder_storage.app import create_storage
-from clowder_storage.config import StorageConfig
+from helpers.configs import storage_config
 
 TOKEN = secrets.token_urlsafe(24)
 CALL_TIMEOUT = 30
@@ -149,15 +149,7 @@ async def source():
 
 @contextlib.asynccontextmanager
 async def running_storage(tmp_path: pathlib.Path, etcd, prefix: str, name: str = "node-a", **overrides):
-    config = StorageConfig(
-        listen="127.0.0.1:0",
-        data_dir=str(tmp_path / name),
-        node_name=name,
-        etcd_endpoints=(etcd.endpoint,),
-        etcd_prefix=prefix,
-        lease_ttl_s=5,
-        **overrides,
-    )
+    config = storage_config(etcd.endpoint, prefix, tmp_path / name, name, lease_ttl_s=5, **overrides)
     app = await create_storage(config, TOKEN)
     await app.start()
     channel = aio_channel(f"127.0.0.1:{app.port}")

@@ -23,6 +23,7 @@ from clowder_common.errors import from_rpc_error
 from clowder_common.processes import free_port
 from clowder_storage.app import StorageApp
 
+from helpers.wait import wait_for
 from storage_helpers import (CALL_TIMEOUT, TOKEN, digest_of, pull, rpc_error, running_storage, serve_loopback,
                              tmp_files)
 
@@ -130,13 +131,6 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             h.update(block)
     return "sha256:" + h.hexdigest()
-
-
-async def wait_until(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 # -- pulling ----------------------------------------------------------------------
@@ -349,11 +343,11 @@ async def test_cancelled_pull_removes_its_partial_file(app, stub, source):
     await first_progress(call)
     assert len(tmp_files(app)) == 1
     call.cancel()
-    await wait_until(lambda: tmp_files(app) == [] and app.puller.active == 0)
+    await wait_for(lambda: tmp_files(app) == [] and app.puller.active == 0)
     assert list(app.store.blob_dir.iterdir()) == []
     # The transfer itself stopped: the source finds the connection closed when it resumes.
     source.gate.set()
-    await wait_until(lambda: source.aborted == 1)
+    await wait_for(lambda: source.aborted == 1)
 
 
 @pytest.mark.inprocess

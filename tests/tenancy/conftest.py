@@ -8,31 +8,31 @@ import aiohttp
 import pytest
 
 from clowder.balancer.v1 import apikeys_pb2
-from clowder_common.etcd import EtcdState
 
 from clowder_balancer.app import create_balancer
 
 # Not `from tenancy_helpers import ...`: other folders' tests do `from conftest import ADMIN`, and must never
 # get this folder's names by accident when several conftest modules are loaded.
-import tenancy_helpers as helpers
-from balancer_helpers import balancer_config, put_deployment, runtime_processes, wait_until
+import tenancy_helpers as tenancy
+from helpers.configs import balancer_config
+from helpers.records import put_deployment
+from helpers.runtimes import runtime_processes
+from helpers.state import fresh_prefix, prefixed_state
+from helpers.wait import wait_for
 
 
 @pytest.fixture(scope="module")
 async def cluster_state(etcd):
-    state = EtcdState([etcd.endpoint], f"/test-tenancy-{uuid.uuid4().hex[:8]}/")
-    await state.connect()
-    await put_deployment(state, helpers.MODEL, replicas=1)
-    yield state
-    await state.delete_prefix(state.prefix)
-    await state.close()
+    async with prefixed_state(etcd.endpoint, fresh_prefix("test-tenancy")) as state:
+        await put_deployment(state, tenancy.MODEL, replicas=1)
+        yield state
 
 
 @pytest.fixture(scope="module")
 async def replica(etcd, cluster_state, model_path, tmp_path_factory):
     work = tmp_path_factory.mktemp("runtime")
-    async with runtime_processes(cluster_state, etcd.endpoint, helpers.MODEL, ["r1"], model_path, work,
-                                 extra_args=["--slots", str(helpers.SLOTS), "--context-size", "512"]) as started:
+    async with runtime_processes(cluster_state, etcd.endpoint, tenancy.MODEL, ["r1"], model_path, work,
+                                 extra_args=["--slots", str(tenancy.SLOTS), "--context-size", "512"]) as started:
         yield started[0]
 
 
@@ -43,13 +43,13 @@ async def balancers(etcd, cluster_state, replica):
         app = await create_balancer(balancer_config(etcd.endpoint, cluster_state.prefix, name=name,
                                                     ready_timeout_s=10, stats_interval_s=0.2,
                                                     usage_flush_interval_s=0.3, controller_address=""),
-                                    admin_token=helpers.ADMIN)
+                                    admin_token=tenancy.ADMIN)
         await app.start()
         apps.append(app)
     for app in apps:
-        await wait_until(lambda a=app: len(a.discovery.endpoints(helpers.MODEL)) == 1, timeout=20,
+        await wait_for(lambda a=app: len(a.discovery.endpoints(tenancy.MODEL)) == 1, timeout=20,
                          what="the endpoint")
-        await wait_until(lambda a=app: a._model_slots(helpers.MODEL) == helpers.SLOTS, timeout=20,
+        await wait_for(lambda a=app: a._model_slots(tenancy.MODEL) == tenancy.SLOTS, timeout=20,
                          what="the replica's slots")
     yield apps
     for app in apps:
@@ -69,7 +69,7 @@ def make_key(balancers):
         record, secret = await balancers[0].api_keys.create(
             f"tenancy test {uuid.uuid4().hex[:6]}", list(groups), apikeys_pb2.KeyLimits(priority=priority, **limits))
         for app in balancers:
-            await wait_until(lambda a=app: a.api_keys.cache.items.get(a.api_keys._prefix + record.id) is not None,
+            await wait_for(lambda a=app: a.api_keys.cache.items.get(a.api_keys._prefix + record.id) is not None,
                              timeout=10, what="the key on every balancer")
         return record.id, secret
     return make

@@ -13,7 +13,8 @@ from clowder.balancer.v1 import apikeys_pb2
 from clowder_cli.main import main as clowder_main
 
 from tenancy_helpers import ADMIN, MODEL
-from balancer_helpers import sse_events, wait_until
+from helpers.sse import sse_events
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -103,7 +104,7 @@ async def test_usage_equals_the_sum_of_the_usage_clients_received(balancers, htt
 
     async def flushed() -> bool:
         return int((await recorded()).get("requests", 0)) >= received["requests"]
-    await wait_until(flushed, timeout=15, what="usage flushed by both balancers")
+    await wait_for(flushed, timeout=15, what="usage flushed by both balancers")
     usage = await recorded()
     assert int(usage["requests"]) == received["requests"]
     assert int(usage["promptTokens"]) == received["prompt_tokens"]
@@ -137,7 +138,7 @@ async def test_under_saturation_a_small_tenant_is_not_starved_by_a_burst(balance
         done.append(tenant)
 
     burst = [asyncio.create_task(one("a", a)) for _ in range(50)]
-    await wait_until(lambda: app.tenancy.queue.depth(MODEL) >= 40, timeout=30, what="A's burst queued")
+    await wait_for(lambda: app.tenancy.queue.depth(MODEL) >= 40, timeout=30, what="A's burst queued")
     small = [asyncio.create_task(one("b", b)) for _ in range(5)]
     await asyncio.wait_for(asyncio.gather(*burst, *small), timeout=240)
     last_b = max(i for i, tenant in enumerate(done) if tenant == "b")
@@ -154,7 +155,7 @@ async def test_a_groups_limit_holds_all_its_keys_together_across_both_balancers(
                         headers={"Authorization": f"Bearer {ADMIN}"}) as response:
         assert response.status == 200, await response.text()
     for app in balancers:
-        await wait_until(lambda a=app: a.tenancy.groups.limits(group).rpm == 4, what="the group's limits")
+        await wait_for(lambda a=app: a.tenancy.groups.limits(group).rpm == 4, what="the group's limits")
     first = await make_key(groups=[group])
     second = await make_key(groups=[group])
     results = await asyncio.gather(*(_chat(http, balancers[i % 2], (first, second)[i // 2 % 2][1])
@@ -185,7 +186,7 @@ async def test_cli_sets_limits_and_reads_usage(balancers, http, make_key, monkey
                                    "sheddable") == 0
     assert "2 rpm, 5000 tokens/month" in capsys.readouterr().out
     for app in balancers:
-        await wait_until(lambda a=app: a.api_keys.authenticate(secret, required=True).limits.rpm == 2,
+        await wait_for(lambda a=app: a.api_keys.authenticate(secret, required=True).limits.rpm == 2,
                          what="the new limits everywhere")
     statuses = [(await _chat(http, balancers[i % 2], secret))[0] for i in range(3)]
     assert statuses == [200, 200, 429]
@@ -196,7 +197,7 @@ async def test_cli_sets_limits_and_reads_usage(balancers, http, make_key, monkey
         reply = await asyncio.to_thread(cli, "usage", "--balancer", address, "--key", key_id, "--json")
         out = capsys.readouterr().out
         return reply == 0 and json.loads(out)["requests"] in ("2", 2)
-    await wait_until(counted, timeout=15, what="usage of the two requests")
+    await wait_for(counted, timeout=15, what="usage of the two requests")
 
 
 async def test_a_stream_the_client_cuts_short_is_counted_up_to_what_it_was_sent(balancers, http, make_key):
@@ -223,7 +224,7 @@ async def test_a_stream_the_client_cuts_short_is_counted_up_to_what_it_was_sent(
 
     async def counted() -> bool:
         return int((await recorded()).get("requests", 0)) == 1
-    await wait_until(counted, timeout=15, what="the cut stream's usage")
+    await wait_for(counted, timeout=15, what="the cut stream's usage")
     usage = await recorded()
     assert int(usage["promptTokens"]) > 0
     # At least what the client read; beyond it only the messages in flight when it hung up, far from the 400

@@ -21,7 +21,10 @@ from clowder_common.etcd_server import start_etcd
 from clowder_balancer.app import create_balancer
 
 from tenancy_helpers import ADMIN
-from balancer_helpers import balancer_config, put_deployment, runtime_processes, wait_until
+from helpers.configs import balancer_config
+from helpers.records import put_deployment
+from helpers.runtimes import runtime_processes
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -62,8 +65,8 @@ async def cluster(own_etcd, model_path, tmp_path_factory):
             apps.append(app)
         try:
             for app in apps:
-                await wait_until(lambda a=app: len(a.discovery.endpoints(MODEL)) == 1, timeout=20, what="endpoint")
-                await wait_until(lambda a=app: a.discovery.image_configuration(MODEL) == configuration,
+                await wait_for(lambda a=app: len(a.discovery.endpoints(MODEL)) == 1, timeout=20, what="endpoint")
+                await wait_for(lambda a=app: a.discovery.image_configuration(MODEL) == configuration,
                                  what="the image's middleware")
             yield state, apps
         finally:
@@ -92,7 +95,7 @@ async def test_while_etcd_is_paused_limits_count_locally_and_usage_waits(cluster
     state, apps = cluster
     record, secret = await apps[0].api_keys.create("outage", [], apikeys_pb2.KeyLimits(requests_per_minute=3))
     for app in apps:
-        await wait_until(lambda a=app: a.api_keys.cache.items.get(a.api_keys._prefix + record.id) is not None,
+        await wait_for(lambda a=app: a.api_keys.cache.items.get(a.api_keys._prefix + record.id) is not None,
                          what="the key everywhere")
     received = 0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
@@ -119,5 +122,5 @@ async def test_while_etcd_is_paused_limits_count_locally_and_usage_waits(cluster
 
         async def flushed() -> bool:
             return int((await usage()).get("requests", 0)) == 6
-        await wait_until(flushed, timeout=30, what="the usage counted during the pause flushed")
+        await wait_for(flushed, timeout=30, what="the usage counted during the pause flushed")
         assert int((await usage())["promptTokens"]) + int((await usage())["completionTokens"]) == received

@@ -1,0 +1,9 @@
+"""What tests in more than one folder share; a folder's own pieces stay in its <folder>_helpers.py.
+
+- wait: bounded polling (`wait_for`, `wait_for_sync`) and a child's port file (`wait_for_port_file`);
+- configs: service configs for tests (`controller_config`, `storage_config`, `balancer_config`);
+- records: what a balancer reads from etcd (`put_deployment`, `put_endpoint`);
+- runtimes: real runtime processes serving the bundled model, registered in etcd (`runtime_processes`);
+- sse: the events of an OpenAI stream (`sse_events`).
+The bundled model is `clowder_cli.bundled.bundled_model_path` (the `model_path` fixture in tests/conftest.py).
+"""
