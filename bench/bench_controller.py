@@ -73,15 +73,9 @@ class InstantStorage:
 
 
 async def put_batched(state: EtcdState, items: list[tuple[str, bytes, int | None]]) -> None:
-    tx = state.client.transactions
-
-    async def one(batch):
-        await state.client.transaction(compare=[], success=[tx.put(k.encode(), v, lease=l) for k, v, l in batch],
-                                       failure=[])
-
     batches = [items[i:i + TXN_OPS] for i in range(0, len(items), TXN_OPS)]
     for i in range(0, len(batches), 16):
-        await asyncio.gather(*(one(b) for b in batches[i:i + 16]))
+        await asyncio.gather(*(state.put_many(b) for b in batches[i:i + 16]))
 
 
 async def populate(state: EtcdState, nodes: int, deployments: int) -> tuple[int, int]:

@@ -1,12 +1,14 @@
 """The etcd state layer: typed protobuf values, compare-and-swap writes, leases, and prefix caches.
 
 Everything Clowder knows about the cluster lives in etcd under one prefix; this
-module is the only place that talks to it.
+module is the only place that talks to it: callers use EtcdState's methods (typed reads and writes,
+compare-and-put, claims, leases, watches) and never see aetcd's client or transaction builders.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import dataclasses
 import ipaddress
@@ -14,7 +16,7 @@ import logging
 import random
 import socket
 import time
-from typing import AsyncIterator, Awaitable, Callable, Generic, Iterable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Generic, Iterable, Sequence, TypeVar
 
 import aetcd
 import aetcd.exceptions
@@ -105,14 +107,14 @@ async def grpc_target(endpoints: list[str]) -> str:
         host, port = _split_endpoint(endpoint)
         try:
             literal = ipaddress.ip_address(host)
-            addresses = [(literal.version, str(literal))]
+            addresses: list[tuple[int, str]] = [(literal.version, str(literal))]
         except ValueError:
             try:
                 infos = await bounded(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), CALL_TIMEOUT_S)
             except (OSError, TimeoutError) as exc:
                 log.warning("cannot resolve etcd endpoint %s: %s", endpoint, exc)
                 continue
-            addresses = [(6 if info[0] == socket.AF_INET6 else 4, info[4][0]) for info in infos]
+            addresses = [(6 if info[0] == socket.AF_INET6 else 4, str(info[4][0])) for info in infos]
         for version, address in addresses:
             if version == 4 and f"{address}:{port}" not in v4:
                 v4.append(f"{address}:{port}")
@@ -134,6 +136,36 @@ class Versioned(Generic[M]):
     value: M
     mod_revision: int
     create_revision: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """The raw bytes at a key with their revisions and lease (0: none)."""
+
+    data: bytes
+    mod_revision: int
+    create_revision: int
+    lease: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Swap:
+    """What a compare_and_put did."""
+
+    done: bool
+    # Not done: what the key holds now (None when absent), read in the same round trip, so a retry
+    # can compare against it without a second read.
+    current: Stored | None = None
+    # Not done because the key named by `while_present` no longer exists.
+    orphaned: bool = False
+
+
+def _stored(response: list) -> Stored | None:
+    """The first key-value of a range response inside a transaction ([] when the key is absent)."""
+    if not response:
+        return None
+    value, meta = response[0]
+    return Stored(value, meta.mod_revision, meta.create_revision, meta.lease)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +208,7 @@ class _TlsClient(aetcd.Client):
     def __init__(self, *args, credentials: grpc.ChannelCredentials, server_name: str, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._credentials = credentials
-        self._options = {**self._options, "grpc.ssl_target_name_override": server_name}
+        self._options = {**self._options, "grpc.ssl_target_name_override": server_name}  # type: ignore[has-type]
 
     async def connect(self) -> None:
         if self._connected.is_set():
@@ -205,7 +237,9 @@ class EtcdState:
         self._client: aetcd.Client | None = None
 
     @property
-    def client(self) -> aetcd.Client:
+    def _kv(self) -> aetcd.Client:
+        """The connected client. Private on purpose: callers say what they want of etcd through the methods
+        below (add one here when a new kind of access is needed), never through aetcd's own types."""
         if self._client is None:
             raise Unavailable("etcd client is not connected")
         return self._client
@@ -251,7 +285,7 @@ class EtcdState:
     async def ping(self, timeout: float = 2.0) -> bool:
         """Whether etcd answers a linearizable read (so a quorum is up) within `timeout`."""
         try:
-            await bounded(self.client.get((self.prefix + "-ping").encode()), timeout)
+            await bounded(self._kv.get((self.prefix + "-ping").encode()), timeout)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -265,7 +299,7 @@ class EtcdState:
 
     async def get(self, key: str, cls: type[M]) -> Versioned[M] | None:
         try:
-            result = await self.client.get(key.encode())
+            result = await self._kv.get(key.encode())
         except aetcd.exceptions.ClientError as exc:
             raise Unavailable(f"etcd get failed: {exc}", retry_after=1.0) from exc
         if result is None:
@@ -278,7 +312,7 @@ class EtcdState:
     async def list(self, prefix: str, cls: type[M]) -> tuple[list[Versioned[M]], int]:
         """All values under `prefix` sorted by key, with the store revision of the read."""
         try:
-            result = await self.client.get_prefix(prefix.encode(), sort_order="ascend", sort_target="key")
+            result = await self._kv.get_prefix(prefix.encode(), sort_order="ascend", sort_target="key")
         except aetcd.exceptions.ClientError as exc:
             raise Unavailable(f"etcd range failed: {exc}", retry_after=1.0) from exc
         items = []
@@ -289,26 +323,91 @@ class EtcdState:
                 items.append(Versioned(key, value, kv.mod_revision, kv.create_revision))
         return items, result.header.revision
 
+    async def get_raw(self, key: str) -> Stored | None:
+        """The undecoded bytes at `key`: for compare-and-swap on exact bytes, and for values of any type."""
+        try:
+            result = await self._kv.get(key.encode())
+        except aetcd.exceptions.ClientError as exc:
+            raise Unavailable(f"etcd get failed: {exc}", retry_after=1.0) from exc
+        if result is None:
+            return None
+        return Stored(result.value, result.mod_revision, result.create_revision, result.lease)
+
+    async def list_keys(self, prefix: str) -> builtins.list[str]:
+        """The keys under `prefix`, sorted; no values travel."""
+        try:
+            result = await self._kv.get_prefix(prefix.encode(), keys_only=True, sort_order="ascend",
+                                               sort_target="key")
+        except aetcd.exceptions.ClientError as exc:
+            raise Unavailable(f"etcd range failed: {exc}", retry_after=1.0) from exc
+        return [kv.key.decode() for kv in result]
+
     # -- writes ----------------------------------------------------------------
 
     async def put(self, key: str, value: Message, lease: int | None = None) -> int:
         """Unconditional write; returns the new revision."""
         try:
-            result = await self.client.put(key.encode(), value.SerializeToString(), lease=lease)
+            result = await self._kv.put(key.encode(), value.SerializeToString(), lease=lease)
         except aetcd.exceptions.ClientError as exc:
             raise Unavailable(f"etcd put failed: {exc}", retry_after=1.0) from exc
         return result.header.revision
 
-    async def transaction(self, compare: list, success: list, failure: list,
-                          fence: Fence = UNFENCED) -> tuple[bool, list]:
+    async def put_many(self, items: Sequence[tuple[str, bytes, int | None]]) -> None:
+        """Unconditional writes of (key, bytes, lease or None) in one transaction (etcd caps its size, 128
+        operations by default: callers split bigger batches)."""
+        tx = self._kv.transactions
+        await self._transaction([], [tx.put(k.encode(), v, lease=lease) for k, v, lease in items], [])
+
+    async def compare_and_put(self, key: str, data: bytes, *, expect_value: bytes | None = None,
+                              expect_mod_revision: int | None = None, while_present: str = "",
+                              lease: int | None = None, fence: Fence = UNFENCED) -> Swap:
+        """Write `data` only if the key still holds `expect_value` (its exact bytes) or was last changed at
+        `expect_mod_revision` (0: the key is absent), and, with `while_present`, only while that key exists.
+
+        One round trip either way: a lost compare returns what the key holds now. Exactly one expectation.
+        """
+        if (expect_value is None) == (expect_mod_revision is None):
+            raise ValueError("compare_and_put takes exactly one of expect_value and expect_mod_revision")
+        tx = self._kv.transactions
+        raw = key.encode()
+        compare = [tx.value(raw) == expect_value] if expect_value is not None else [tx.mod(raw) == expect_mod_revision]
+        failure = [tx.get(raw)]
+        if while_present:
+            compare.append(tx.version(while_present.encode()) > 0)
+            failure.append(tx.get(while_present.encode()))
+        ok, responses = await self._transaction(compare, [tx.put(raw, data, lease=lease)], failure, fence)
+        if ok:
+            return Swap(True)
+        return Swap(False, _stored(responses[0]), orphaned=bool(while_present) and not responses[1])
+
+    async def claim(self, key: str, value: Message, lease: int) -> Fence | None:
+        """Create `key` on `lease` unless it exists: the new term's Fence (its create_revision, read in the same
+        transaction), or None when the key is someone else's."""
+        tx = self._kv.transactions
+        raw = key.encode()
+        won, responses = await self._transaction(
+            [tx.create(raw) == 0], [tx.put(raw, value.SerializeToString(), lease=lease), tx.get(raw)], [])
+        if not won:
+            return None
+        return Fence(key, responses[1][0][1].create_revision)
+
+    async def put_if_absent(self, key: str, value: Message, others: Iterable[str] = ()) -> bool:
+        """Write `key` only if neither it nor any key in `others` exists; True when this wrote it."""
+        tx = self._kv.transactions
+        compare = [tx.create(k.encode()) == 0 for k in (key, *others)]
+        ok, _ = await self._transaction(compare, [tx.put(key.encode(), value.SerializeToString())], [])
+        return ok
+
+    async def _transaction(self, compare: builtins.list, success: builtins.list, failure: builtins.list,
+                           fence: Fence = UNFENCED) -> tuple[bool, builtins.list]:
         """One round trip; with a fence, also compares the leader key and raises LeadershipLost when it is gone.
 
         The fence's read is appended to `failure`, so the responses returned are
         those of the caller's own failure ops.
         """
-        tx = self.client.transactions
+        tx = self._kv.transactions
         try:
-            ok, responses = await self.client.transaction(
+            ok, responses = await self._kv.transaction(
                 compare=compare + fence.compares(tx), success=success, failure=failure + fence.checks(tx))
         except aetcd.exceptions.ClientError as exc:
             raise Unavailable(f"etcd transaction failed: {exc}", retry_after=1.0) from exc
@@ -325,18 +424,18 @@ class EtcdState:
         if not fence.key:
             return True
         try:
-            current = await self.client.get(fence.key.encode())
+            current = await self._kv.get(fence.key.encode())
         except aetcd.exceptions.ClientError as exc:
             raise Unavailable(f"etcd get failed: {exc}", retry_after=1.0) from exc
         return current is not None and current.create_revision == fence.create_revision
 
     async def _txn(self, compare, success, fence: Fence) -> bool:
-        ok, _ = await self.transaction(compare, success, [], fence)
+        ok, _ = await self._transaction(compare, success, [], fence)
         return ok
 
     async def create(self, key: str, value: Message, lease: int | None = None, fence: Fence = UNFENCED) -> None:
         """Write only if the key does not exist (create_revision == 0)."""
-        tx = self.client.transactions
+        tx = self._kv.transactions
         ok = await self._txn(
             [tx.create(key.encode()) == 0],
             [tx.put(key.encode(), value.SerializeToString(), lease=lease)],
@@ -348,7 +447,7 @@ class EtcdState:
     async def update(self, key: str, value: Message, mod_revision: int, lease: int | None = None,
                      fence: Fence = UNFENCED) -> bool:
         """Write only if nobody changed the key since `mod_revision`; False when someone did."""
-        tx = self.client.transactions
+        tx = self._kv.transactions
         return await self._txn(
             [tx.mod(key.encode()) == mod_revision],
             [tx.put(key.encode(), value.SerializeToString(), lease=lease)],
@@ -357,13 +456,13 @@ class EtcdState:
 
     async def delete(self, key: str, mod_revision: int | None = None, fence: Fence = UNFENCED) -> bool:
         """Delete the key; with `mod_revision`, only if it is still the version we read."""
-        tx = self.client.transactions
+        tx = self._kv.transactions
         compare = [tx.mod(key.encode()) == mod_revision] if mod_revision else [tx.version(key.encode()) > 0]
         return await self._txn(compare, [tx.delete(key.encode())], fence)
 
     async def delete_prefix(self, prefix: str) -> None:
         try:
-            await self.client.delete_prefix(prefix.encode())
+            await self._kv.delete_prefix(prefix.encode())
         except aetcd.exceptions.ClientError as exc:
             raise Unavailable(f"etcd delete failed: {exc}", retry_after=1.0) from exc
 
@@ -371,7 +470,7 @@ class EtcdState:
 
     async def grant_lease(self, ttl: int) -> int:
         try:
-            lease = await self.client.lease(ttl)
+            lease = await self._kv.lease(ttl)
         except aetcd.exceptions.ClientError as exc:
             raise Unavailable(f"etcd lease grant failed: {exc}", retry_after=1.0) from exc
         return lease.id
@@ -380,14 +479,14 @@ class EtcdState:
         """Returns the remaining TTL; 0 means the lease is gone."""
         try:
             # The keep-alive stream carries aetcd's deadline; the outer bound covers its stream set-up too.
-            reply = await bounded(self.client.refresh_lease(lease_id), CALL_TIMEOUT_S + 1)
+            reply = await bounded(self._kv.refresh_lease(lease_id), CALL_TIMEOUT_S + 1)
         except (aetcd.exceptions.ClientError, TimeoutError) as exc:
             raise Unavailable(f"etcd lease refresh failed: {exc}", retry_after=1.0) from exc
         return int(reply.TTL) if reply is not None else 0
 
     async def revoke_lease(self, lease_id: int) -> None:
         with contextlib.suppress(Exception):
-            await bounded(self.client.revoke_lease(lease_id), CALL_TIMEOUT_S + 1)
+            await bounded(self._kv.revoke_lease(lease_id), CALL_TIMEOUT_S + 1)
 
     # -- watches ---------------------------------------------------------------
 
@@ -399,7 +498,7 @@ class EtcdState:
         """
         try:
             # aetcd bounds the create itself, but waits unbounded for its watcher's lock and request queue.
-            watch = await bounded(self.client.watch_prefix(prefix.encode(), start_revision=start_revision),
+            watch = await bounded(self._kv.watch_prefix(prefix.encode(), start_revision=start_revision),
                                   CALL_TIMEOUT_S * 2)
         except TimeoutError as exc:
             raise Unavailable(f"etcd watch on {prefix} was not created in time", retry_after=1.0) from exc

@@ -118,28 +118,23 @@ class EventRecorder:
 
     async def _append(self, deployment: str, events: list[resources_pb2.DeploymentEvent]) -> None:
         """Compare on the bytes we last wrote (one round trip); a mismatch returns the stored list to merge."""
-        key = self._state.key(events_key(deployment)).encode()
-        dep_key = self._state.key(keys.deployment(deployment)).encode()
-        client = self._state.client
-        tx = client.transactions
+        key = self._state.key(events_key(deployment))
+        dep_key = self._state.key(keys.deployment(deployment))
         base = self._last.get(deployment)
         for _ in range(5):
             merged = resources_pb2.DeploymentEvents.FromString(base) if base else resources_pb2.DeploymentEvents()
             merged.events.extend(events)
             del merged.events[:-self._limit]
             data = merged.SerializeToString()
-            same = tx.value(key) == base if base is not None else tx.create(key) == 0
-            ok, responses = await client.transaction(
-                compare=[same, tx.version(dep_key) > 0],
-                success=[tx.put(key, data)],
-                failure=[tx.get(key), tx.get(dep_key)],
-            )
-            if ok:
+            # No list yet: expect the key absent (mod revision 0).
+            swap = await self._state.compare_and_put(
+                key, data, expect_value=base, expect_mod_revision=None if base is not None else 0,
+                while_present=dep_key)
+            if swap.done:
                 self._last[deployment] = data
                 return
-            stored, dep = responses
-            if not dep:
+            if swap.orphaned:
                 self._last.pop(deployment, None)
                 return  # the deployment is gone: its events go with it
-            base = stored[0][0] if stored else None
+            base = swap.current.data if swap.current is not None else None
         raise RuntimeError(f"events of {deployment} kept changing")

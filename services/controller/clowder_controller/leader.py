@@ -90,23 +90,18 @@ class LeaderElector:
         lease = await self._state.grant_lease(self._ttl)
         value = resources_pb2.ControllerLeader(identity=self.identity, address=self._address)
         value.acquire_time.GetCurrentTime()
-        tx = self._state.client.transactions
-        key = self.key.encode()
         try:
-            # The read in the same transaction gives this term's create_revision, the fence of its writes.
-            won, responses = await self._state.transaction(
-                compare=[tx.create(key) == 0],
-                success=[tx.put(key, value.SerializeToString(), lease=lease), tx.get(key)],
-                failure=[],
-            )
+            # The claim reads the key back in the same transaction: this term's create_revision, the fence
+            # of its writes.
+            fence = await self._state.claim(self.key, value, lease)
         except BaseException:
             await self._state.revoke_lease(lease)
             raise
-        if not won:
+        if fence is None:
             await self._state.revoke_lease(lease)
             return False
         self._lease = lease
-        self.fence = Fence(self.key, responses[1][0][1].create_revision)
+        self.fence = fence
         return True
 
     async def _still_ours(self) -> bool:

@@ -10,18 +10,26 @@ is missing from etcd is only acted on after it has been missing for
 `node_lost_grace_s` of time during which etcd answered (AnsweringClock); a
 lease that expired because etcd itself was paused or away is no evidence that
 anything died. Every write is fenced by this leader's term (etcd.Fence).
+
+Reading order: reconcile_once (one pass) -> _drive (one replica: _fail_without_image, _place, or
+_look_after -> _serving / _without_endpoint) -> the actions (_start, _requeue, _remove, _set), each run
+by _act as the replica's one task. What the controller remembers per replica between passes is one
+ReplicaTrack (ReplicaTracker.forget drops it); everything else is read from etcd each pass.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
 import time
 from collections import defaultdict, deque
-from typing import Awaitable, Callable
+from typing import Any, Callable, Coroutine, TypeVar
+
+from google.protobuf.message import Message
 
 from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2
@@ -41,6 +49,8 @@ from clowder_controller.scheduling.profiles import build_scheduler
 from clowder_controller.storage_client import StorageClients
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
 
 ReplicaState = resources_pb2.ReplicaState
 PENDING = resources_pb2.REPLICA_STATE_PENDING
@@ -110,14 +120,111 @@ def plan_rollout(wanted: int, template: str, replicas: list[resources_pb2.Replic
     return create, remove
 
 
+ReplicaKey = tuple[str, str]
+
+
+def key_of(replica: resources_pb2.Replica) -> ReplicaKey:
+    return replica.deployment, replica.id
+
+
+def _stamp(replica: resources_pb2.Replica) -> tuple[int, int]:
+    return replica.update_time.seconds, replica.update_time.nanos
+
+
+@dataclasses.dataclass
+class ReplicaTrack:
+    """What this controller remembers about one replica between passes; etcd holds everything else."""
+
+    # The action running for it: one at a time, and a pass skips a replica that has one.
+    action: asyncio.Task[None] | None = None
+    # Failures in a row and the monotonic time before which a gated action may not start (backoff).
+    failures: int = 0
+    not_before: float = 0.0
+    # update_time of our last write: a cached copy older than that is stale, and acting on it would redo
+    # what was just done (start a runtime twice).
+    written: tuple[int, int] = (0, 0)
+    # The bytes we last wrote, for one-round-trip compare-and-put.
+    last_bytes: bytes | None = None
+    # A placement decided but not yet visible in the cache: (node, monotonic time of the decision).
+    assumed: tuple[str, float] | None = None
+    # Answering-clock time since which the started replica has had no endpoint in etcd.
+    no_endpoint_since: float | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.action is not None
+
+    def gate_open(self) -> bool:
+        return time.monotonic() >= self.not_before
+
+    def failed(self) -> float:
+        """One more failure in a row: back off for longer. Returns the delay now in force."""
+        self.failures += 1
+        delay = backoff_delay(self.failures)
+        self.not_before = time.monotonic() + delay
+        return delay
+
+
+class ReplicaTracker:
+    """Every ReplicaTrack, keyed by (deployment, replica id); `forget` is the one way to drop what is known."""
+
+    def __init__(self) -> None:
+        self._tracks: dict[ReplicaKey, ReplicaTrack] = {}
+
+    def track(self, key: ReplicaKey) -> ReplicaTrack:
+        """The replica's track, begun empty if there is none."""
+        return self._tracks.setdefault(key, ReplicaTrack())
+
+    def peek(self, key: ReplicaKey) -> ReplicaTrack | None:
+        return self._tracks.get(key)
+
+    def busy(self, key: ReplicaKey) -> bool:
+        track = self._tracks.get(key)
+        return track is not None and track.busy
+
+    def gate_open(self, key: ReplicaKey) -> bool:
+        track = self._tracks.get(key)
+        return track is None or track.gate_open()
+
+    def actions(self) -> list[asyncio.Task[None]]:
+        return [t.action for t in self._tracks.values() if t.action is not None]
+
+    def forget(self, key: ReplicaKey) -> None:
+        """Drop everything known about the replica; an action still running for it stays registered (the
+        replica stays busy) until the action ends."""
+        track = self._tracks.pop(key, None)
+        if track is not None and track.action is not None:
+            self._tracks[key] = ReplicaTrack(action=track.action)
+
+    def forget_all(self) -> None:
+        for key in list(self._tracks):
+            self.forget(key)
+
+    def forget_gone(self, live: set[ReplicaKey]) -> None:
+        """Forget replicas that etcd no longer has and nothing works on."""
+        for key in [k for k, t in self._tracks.items() if k not in live and not t.busy]:
+            del self._tracks[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassView:
+    """What one pass decides from: etcd's caches indexed for lookups, and the nodes with their placements."""
+
+    images: dict[str, resources_pb2.Image]
+    endpoints: dict[ReplicaKey, runtime_pb2.Endpoint]
+    nodes: dict[str, NodeInfo]
+    # Nodes that replicas sit on and that have been missing for the grace period (see _lost_nodes).
+    lost_nodes: set[str]
+
+
 class Reconciler:
     def __init__(self, state: EtcdState, storage: StorageClients, launcher: Launcher,
-                 config: ControllerConfig, events: EventRecorder | None = None) -> None:
+                 config: ControllerConfig, events: EventRecorder) -> None:
         self._state = state
         self._storage = storage
         self._launcher = launcher
         self._config = config
-        self.events = events or EventRecorder(state)
+        self.events = events
         self.scheduler = build_scheduler(config.placement, config.locality_weight)
         self._wake = asyncio.Event()
         self._etcd_slots = asyncio.Semaphore(ETCD_CONCURRENCY)
@@ -126,36 +233,24 @@ class Reconciler:
         self._clock = AnsweringClock(state)
         # Answering-clock time at which a node referenced by replicas was first seen missing.
         self._absent: dict[str, float] = {}
-        # Answering-clock time since which a started replica has had no endpoint in etcd.
-        self._no_endpoint: dict[tuple[str, str], float] = {}
-
-        def cache(prefix: str, cls):
-            return PrefixCache(state, state.key(prefix), cls, on_change=self._wake.set)
-
-        self._deployments = cache(keys.DEPLOYMENTS, resources_pb2.Deployment)
-        self._replicas = cache(keys.REPLICAS, resources_pb2.Replica)
-        self._nodes = cache(keys.NODES, resources_pb2.Node)
-        self._endpoints = cache(keys.ENDPOINTS, runtime_pb2.Endpoint)
-        self._images = cache(keys.IMAGES, resources_pb2.Image)
-        self._caches = [self._deployments, self._replicas, self._nodes, self._endpoints, self._images]
-        # One action at a time per replica (keyed by deployment and id); the pass skips busy replicas.
-        self._busy: dict[tuple[str, str], asyncio.Task] = {}
-        self._failures: dict[tuple[str, str], int] = defaultdict(int)
-        self._not_before: dict[tuple[str, str], float] = {}
-        # update_time of our last write per replica: a cached copy older than that is stale, and acting on
-        # it would redo what was just done (start a runtime twice).
-        self._written: dict[tuple[str, str], tuple[int, int]] = {}
-        # The bytes we last wrote per replica, for one-round-trip compare-and-swap.
-        self._last_bytes: dict[tuple[str, str], bytes] = {}
+        self._deployments = self._cache(keys.DEPLOYMENTS, resources_pb2.Deployment)
+        self._replicas = self._cache(keys.REPLICAS, resources_pb2.Replica)
+        self._nodes = self._cache(keys.NODES, resources_pb2.Node)
+        self._endpoints = self._cache(keys.ENDPOINTS, runtime_pb2.Endpoint)
+        self._images = self._cache(keys.IMAGES, resources_pb2.Image)
+        self._caches: list[PrefixCache[Any]] = [self._deployments, self._replicas, self._nodes, self._endpoints,
+                                                self._images]
+        self._tracks = ReplicaTracker()
         # Replicas per node in the current pass, for preemption.
         self._placed: dict[str, list[Placed]] = defaultdict(list)
-        # Placements decided but not yet visible in the cache: (deployment, id) -> (node, since).
-        self._assumed: dict[tuple[str, str], tuple[str, float]] = {}
         # Scheduling decision times in seconds (the benchmark reads them).
         self.decision_seconds: deque[float] = deque(maxlen=100_000)
         self.last_pass_s = 0.0
-        self._loop_task: asyncio.Task | None = None
-        self._exit_watch_task: asyncio.Task | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._exit_watch_task: asyncio.Task[None] | None = None
+
+    def _cache(self, prefix: str, cls: type[M]) -> PrefixCache[M]:
+        return PrefixCache(self._state, self._state.key(prefix), cls, on_change=self._wake.set)
 
     async def start(self, fence: Fence = UNFENCED) -> None:
         """Begin reconciling; `fence` is the elected term (UNFENCED only for tests and tools outside elections)."""
@@ -175,7 +270,7 @@ class Reconciler:
         self._exit_watch_task = None
         await cancel_and_wait(self._loop_task)
         self._loop_task = None
-        tasks = list(self._busy.values())
+        tasks = self._tracks.actions()
         for task in tasks:
             task.cancel()
         if tasks:
@@ -184,12 +279,10 @@ class Reconciler:
                 log.warning("%d replica action(s) did not unwind within %.0fs", len(pending), STOP_ACTIONS_S)
         await stop_caches(self._caches)
         await self._clock.stop()
-        # Another leader may write meanwhile: what we remember about our own writes is no longer evidence.
-        self._assumed.clear()
-        self._written.clear()
-        self._last_bytes.clear()
+        # Another leader may write meanwhile: what we remember about our own writes is no longer evidence, and
+        # a next term starts from etcd alone, as another controller elected instead would.
+        self._tracks.forget_all()
         self._absent.clear()
-        self._no_endpoint.clear()
         self._fence = UNFENCED
         await self.events.stop()
 
@@ -220,7 +313,7 @@ class Reconciler:
         while True:
             await asyncio.sleep(EXIT_POLL_S)
             exited = {(r.deployment, r.id, r.pid) for r in self._replicas.values()
-                      if r.state in (STARTING, READY) and (r.deployment, r.id) not in self._busy
+                      if r.state in (STARTING, READY) and not self._tracks.busy(key_of(r))
                       and self._launcher.status(r).state is RuntimeState.EXITED}
             if exited - reported:
                 self._wake.set()
@@ -233,13 +326,16 @@ class Reconciler:
             return
         deployments = {d.name: d for d in self._deployments.values()}
         images = {i.alias: i for i in self._images.values()}
-        endpoints = {(e.deployment, e.replica_id): e for e in self._endpoints.values()}
         by_deployment: dict[str, list[resources_pb2.Replica]] = defaultdict(list)
         for replica in self._replicas.values():
             by_deployment[replica.deployment].append(replica)
         requests = {d.name: self._request(d, images.get(d.image)) for d in deployments.values()}
-        nodes = self._node_infos(requests, deployments)
-        lost = self._lost_nodes()
+        view = PassView(
+            images=images,
+            endpoints={(e.deployment, e.replica_id): e for e in self._endpoints.values()},
+            nodes=self._node_infos(requests, deployments),
+            lost_nodes=self._lost_nodes(),
+        )
 
         for name, replicas in by_deployment.items():
             if name not in deployments:
@@ -258,10 +354,8 @@ class Reconciler:
                 self._act(replica, self._remove(replica, record=True))
             for replica in replicas:
                 if replica.id not in gone:
-                    self._drive(deployment, replica, images, nodes, lost, endpoints, requests[deployment.name])
-        live = {(r.deployment, r.id) for r in self._replicas.values()}
-        for key in [k for k in self._no_endpoint if k not in live]:
-            del self._no_endpoint[key]
+                    self._drive(view, deployment, replica, requests[deployment.name])
+        self._tracks.forget_gone({key_of(r) for r in self._replicas.values()})
 
     def _lost_nodes(self) -> set[str]:
         """Nodes that replicas sit on and that have been missing for the grace period, timed while etcd answered."""
@@ -300,14 +394,14 @@ class Reconciler:
         now = time.monotonic()
         empty = PlacementRequest(deployment="")
         for replica in self._replicas.values():
-            key = (replica.deployment, replica.id)
             node_name = replica.node
-            assumed = self._assumed.get(key)
-            if assumed is not None:
-                if assumed[0] == node_name or (key not in self._busy and now - assumed[1] > ASSUME_S):
-                    del self._assumed[key]
+            track = self._tracks.peek(key_of(replica))
+            if track is not None and track.assumed is not None:
+                assumed_node, since = track.assumed
+                if assumed_node == node_name or (not track.busy and now - since > ASSUME_S):
+                    track.assumed = None
                 else:
-                    node_name = assumed[0]
+                    node_name = assumed_node
             info = nodes.get(node_name) if node_name else None
             if info is not None:
                 request = requests.get(replica.deployment, empty)
@@ -318,11 +412,11 @@ class Reconciler:
                     info.digests.add(replica.image_digest)
         return nodes
 
-    def _new_replica(self, deployment, template: str, slot: int) -> resources_pb2.Replica:
+    def _new_replica(self, deployment: resources_pb2.Deployment, template: str, slot: int) -> resources_pb2.Replica:
         return resources_pb2.Replica(id=replica_id(template, slot), deployment=deployment.name, state=PENDING,
                                      message="waiting for placement", slot=slot, template_hash=template)
 
-    async def _create(self, deployment, template: str, slot: int) -> None:
+    async def _create(self, deployment: resources_pb2.Deployment, template: str, slot: int) -> None:
         replica = self._new_replica(deployment, template, slot)
         replica.update_time.GetCurrentTime()
         try:
@@ -333,52 +427,67 @@ class Reconciler:
             return  # another reconciler (or an earlier pass) added this slot: nothing to do
         log.info("replica %s/%s created", deployment.name, replica.id)
 
-    def _drive(self, deployment, replica, images, nodes: dict[str, NodeInfo], lost_nodes: set[str], endpoints,
+    # -- one replica: each step decides, and at most one action runs per replica ---------------------------
+
+    def _drive(self, view: PassView, deployment: resources_pb2.Deployment, replica: resources_pb2.Replica,
                request: PlacementRequest) -> None:
-        """Decide the next action for one replica; at most one runs at a time."""
-        key = (replica.deployment, replica.id)
-        if key in self._busy:
-            return
-        if (replica.update_time.seconds, replica.update_time.nanos) < self._written.get(key, (0, 0)):
-            return  # the watch has not delivered our last write yet
-        image = images.get(deployment.image)
+        """Decide the next action for one replica: fail it (no image), place it (no node, or its node is lost),
+        or look after it on its node."""
+        track = self._tracks.peek(key_of(replica))
+        if track is not None and (track.busy or _stamp(replica) < track.written):
+            return  # an action is running, or the watch has not delivered our last write yet
+        image = view.images.get(deployment.image)
         if image is None:
-            message = f"image {deployment.image!r} does not exist"
-            if replica.state != FAILED or replica.message != message:
-                self._act(replica, self._set(replica, FAILED, message))
+            self._fail_without_image(deployment, replica)
             return
-        info = nodes.get(replica.node) if replica.node else None
-        if info is None and replica.node and replica.node not in lost_nodes:
-            return  # its node is missing but not yet lost (etcd blip, lease re-registering): leave it running
-        if info is None:
-            lost = replica.node
-            started = time.perf_counter()
-            decision = self.scheduler.schedule(request, list(nodes.values()))
-            self.decision_seconds.append(time.perf_counter() - started)
-            if decision.node is None and deployment.priority > 0 and self._gate_open(key):
-                decision = self._preempt(deployment, replica, request, nodes) or decision
-            if decision.node is None:
-                reason = NO_NODE_MESSAGE if not nodes else decision.reason
-                if replica.state != PENDING or replica.node or replica.message != reason:
-                    self.events.record(deployment.name, "unschedulable", reason, replica.id)
-                    self._act(replica, self._requeue(replica, reason))
-                return
-            if not self._gate_open(key):
-                return
-            chosen = decision.node
-            chosen.assign(request)
-            self._assumed[key] = (chosen.name, time.monotonic())
-            if lost:
-                self.events.record(deployment.name, "rescheduled", f"node {lost} lost; placed on {chosen.name}",
-                                   replica.id)
-            else:
-                self.events.record(deployment.name, "scheduled", f"placed on {chosen.name}", replica.id)
-            restart = f"node {lost} was lost" if lost else None
-            self._act(replica, self._start(deployment, replica, chosen.node, image, restart_reason=restart))
+        info = view.nodes.get(replica.node) if replica.node else None
+        if info is not None:
+            self._look_after(view, deployment, replica, image, info.node)
+        elif not replica.node or replica.node in view.lost_nodes:
+            self._place(view, deployment, replica, image, request)
+        # Else its node is missing but not yet lost (etcd blip, lease re-registering): leave it running.
+
+    def _fail_without_image(self, deployment: resources_pb2.Deployment, replica: resources_pb2.Replica) -> None:
+        message = f"image {deployment.image!r} does not exist"
+        if replica.state != FAILED or replica.message != message:
+            self._act(replica, self._set(replica, FAILED, message))
+
+    def _place(self, view: PassView, deployment: resources_pb2.Deployment, replica: resources_pb2.Replica,
+               image: resources_pb2.Image, request: PlacementRequest) -> None:
+        """Schedule a replica without a (live) node, preempting lower priorities if it has one; start it there."""
+        key = key_of(replica)
+        lost = replica.node
+        started = time.perf_counter()
+        decision = self.scheduler.schedule(request, list(view.nodes.values()))
+        self.decision_seconds.append(time.perf_counter() - started)
+        if decision.node is None and deployment.priority > 0 and self._tracks.gate_open(key):
+            decision = self._preempt(deployment, request, view.nodes) or decision
+        if decision.node is None:
+            reason = NO_NODE_MESSAGE if not view.nodes else decision.reason
+            if replica.state != PENDING or replica.node or replica.message != reason:
+                self.events.record(deployment.name, "unschedulable", reason, replica.id)
+                self._act(replica, self._requeue(replica, reason))
             return
-        node = info.node
+        if not self._tracks.gate_open(key):
+            return
+        chosen = decision.node
+        chosen.assign(request)
+        self._tracks.track(key).assumed = (chosen.name, time.monotonic())
+        if lost:
+            self.events.record(deployment.name, "rescheduled", f"node {lost} lost; placed on {chosen.name}",
+                               replica.id)
+        else:
+            self.events.record(deployment.name, "scheduled", f"placed on {chosen.name}", replica.id)
+        restart = f"node {lost} was lost" if lost else None
+        self._act(replica, self._start(deployment, replica, chosen.node, image, restart_reason=restart))
+
+    def _look_after(self, view: PassView, deployment: resources_pb2.Deployment, replica: resources_pb2.Replica,
+                    image: resources_pb2.Image, node: resources_pb2.Node) -> None:
+        """A replica on a live node: (re)start it, or follow its runtime to ready by the endpoint in etcd."""
+        key = key_of(replica)
         if replica.state in (PENDING, PULLING, FAILED):
-            self._no_endpoint.pop(key, None)
+            if (track := self._tracks.peek(key)) is not None:
+                track.no_endpoint_since = None
             # Nothing is working on it (not busy): begin, or retry after backoff.
             self._act(replica, self._start(deployment, replica, node, image), gated=True)
             return
@@ -387,20 +496,34 @@ class Reconciler:
             why = "runtime exited" + (f" with code {status.exit_code}" if status.exit_code is not None else "")
             self._act(replica, self._start(deployment, replica, node, image, restart_reason=why), gated=True)
             return
-        endpoint = endpoints.get((deployment.name, replica.id))
+        endpoint = view.endpoints.get(key)
         if endpoint is not None:
-            self._no_endpoint.pop(key, None)
-            if replica.state != READY or replica.endpoint != endpoint.address:
-                self._failures.pop(key, None)
-                if replica.state != READY:
-                    self.events.record(deployment.name, "ready", f"serving at {endpoint.address}", replica.id)
-                self._act(replica, self._set(replica, READY, "serving", endpoint=endpoint.address))
-            return
-        # The process runs but etcd has no endpoint: timed on the answering clock, so an etcd outage (which
-        # expires every endpoint lease) neither marks the replica unready nor restarts its runtime; the runtime
-        # registers again by itself once etcd answers.
+            self._serving(deployment, replica, endpoint)
+        else:
+            self._without_endpoint(deployment, replica, image, node)
+
+    def _serving(self, deployment: resources_pb2.Deployment, replica: resources_pb2.Replica,
+                 endpoint: runtime_pb2.Endpoint) -> None:
+        track = self._tracks.peek(key_of(replica))
+        if track is not None:
+            track.no_endpoint_since = None
+        if replica.state != READY or replica.endpoint != endpoint.address:
+            if track is not None:
+                track.failures = 0
+            if replica.state != READY:
+                self.events.record(deployment.name, "ready", f"serving at {endpoint.address}", replica.id)
+            self._act(replica, self._set(replica, READY, "serving", endpoint=endpoint.address))
+
+    def _without_endpoint(self, deployment: resources_pb2.Deployment, replica: resources_pb2.Replica,
+                          image: resources_pb2.Image, node: resources_pb2.Node) -> None:
+        """The process runs but etcd has no endpoint: timed on the answering clock, so an etcd outage (which
+        expires every endpoint lease) neither marks the replica unready nor restarts its runtime; the runtime
+        registers again by itself once etcd answers."""
+        track = self._tracks.track(key_of(replica))
         now = self._clock.now()
-        missing_s = now - self._no_endpoint.setdefault(key, now)
+        if track.no_endpoint_since is None:
+            track.no_endpoint_since = now
+        missing_s = now - track.no_endpoint_since
         if replica.state == READY:
             if missing_s >= self._config.node_lost_grace_s:
                 self._act(replica, self._set(replica, STARTING, "endpoint lease lost; waiting for the runtime"))
@@ -408,9 +531,10 @@ class Reconciler:
             self._act(replica, self._start(deployment, replica, node, image,
                                            restart_reason="runtime did not become ready in time"), gated=True)
 
-    def _preempt(self, deployment, replica, request: PlacementRequest, nodes: dict[str, NodeInfo]):
+    def _preempt(self, deployment: resources_pb2.Deployment, request: PlacementRequest,
+                 nodes: dict[str, NodeInfo]) -> Decision | None:
         """Evict lower-priority replicas (not busy ones: their action would race the eviction) to make room."""
-        placed = {name: [p for p in items if (p.replica.deployment, p.replica.id) not in self._busy]
+        placed = {name: [p for p in items if not self._tracks.busy(key_of(p.replica))]
                   for name, items in self._placed.items()}
         found = pick_victims(request, deployment.priority, list(nodes.values()), placed)
         if found is None:
@@ -425,19 +549,17 @@ class Reconciler:
             self._act(v, self._requeue(v, why))
         return Decision(node, "", 0.0)
 
-    def _gate_open(self, key: tuple[str, str]) -> bool:
-        return time.monotonic() >= self._not_before.get(key, 0.0)
-
-    def _act(self, replica: resources_pb2.Replica, action: Awaitable[None], gated: bool = False) -> None:
-        key = (replica.deployment, replica.id)
-        if key in self._busy or (gated and not self._gate_open(key)):
-            action.close()  # type: ignore[attr-defined]
+    def _act(self, replica: resources_pb2.Replica, action: Coroutine[Any, Any, None], gated: bool = False) -> None:
+        """Run `action` for the replica unless one runs already (or, gated, while it backs off)."""
+        track = self._tracks.track(key_of(replica))
+        if track.busy or (gated and not track.gate_open()):
+            action.close()
             return
-        task = asyncio.create_task(self._guard(replica, action), name=f"replica {replica.deployment}/{replica.id}")
-        self._busy[key] = task
+        track.action = asyncio.create_task(self._guard(replica, action),
+                                           name=f"replica {replica.deployment}/{replica.id}")
 
-    async def _guard(self, replica: resources_pb2.Replica, action: Awaitable[None]) -> None:
-        key = (replica.deployment, replica.id)
+    async def _guard(self, replica: resources_pb2.Replica, action: Coroutine[Any, Any, None]) -> None:
+        key = key_of(replica)
         try:
             await action
         except asyncio.CancelledError:
@@ -446,9 +568,7 @@ class Reconciler:
             # Deposed: nothing may be written, not even the failure; the elector steps down.
             log.warning("replica %s/%s: %s", replica.deployment, replica.id, exc)
         except Exception as exc:
-            failures = self._failures[key] = self._failures[key] + 1
-            delay = backoff_delay(failures)
-            self._not_before[key] = time.monotonic() + delay
+            delay = self._tracks.track(key).failed()
             message = str(exc) or type(exc).__name__
             log.warning("replica %s/%s failed (%s); retrying in %.0fs", replica.deployment, replica.id, message,
                         delay)
@@ -456,7 +576,8 @@ class Reconciler:
             with contextlib.suppress(Exception):
                 await self._write(replica, lambda r: _set_state(r, FAILED, message))
         finally:
-            self._busy.pop(key, None)
+            if (track := self._tracks.peek(key)) is not None:
+                track.action = None
             self._wake.set()
 
     # -- actions -------------------------------------------------------------------
@@ -465,34 +586,31 @@ class Reconciler:
                      mutate: Callable[[resources_pb2.Replica], None]) -> resources_pb2.Replica | None:
         """Read-modify-write on the replica's key; None if the replica is gone.
 
-        One round trip when our copy is current: the transaction compares the stored bytes with what we
-        last wrote (or the cached copy) and, when they differ, returns the stored value to retry on.
+        One round trip when our copy is current: the write compares the stored bytes with what we last wrote
+        (or the cached copy) and, when they differ, comes back with the stored value to retry on.
         """
-        key = (replica.deployment, replica.id)
-        etcd_key = self._state.key(keys.replica(replica.deployment, replica.id)).encode()
-        base = self._last_bytes.get(key) or replica.SerializeToString()
-        tx = self._state.client.transactions
+        track = self._tracks.track(key_of(replica))
+        etcd_key = self._state.key(keys.replica(replica.deployment, replica.id))
+        base = track.last_bytes or replica.SerializeToString()
         for _ in range(5):
             updated = resources_pb2.Replica.FromString(base)
             mutate(updated)
             updated.update_time.GetCurrentTime()
             data = updated.SerializeToString()
             async with self._etcd_slots:
-                ok, responses = await self._state.transaction(
-                    compare=[tx.value(etcd_key) == base], success=[tx.put(etcd_key, data)],
-                    failure=[tx.get(etcd_key)], fence=self._fence)
-            if ok:
-                self._last_bytes[key] = data
-                self._written[key] = (updated.update_time.seconds, updated.update_time.nanos)
+                swap = await self._state.compare_and_put(etcd_key, data, expect_value=base, fence=self._fence)
+            if swap.done:
+                track.last_bytes = data
+                track.written = _stamp(updated)
                 return updated
-            stored = responses[0] if responses else []
-            if not stored:
-                self._last_bytes.pop(key, None)
+            if swap.current is None:
+                track.last_bytes = None
                 return None
-            base = stored[0][0]
+            base = swap.current.data
         raise RuntimeError(f"replica {replica.id} kept changing under the reconciler")
 
-    async def _set(self, replica, state: int, message: str, endpoint: str | None = None) -> None:
+    async def _set(self, replica: resources_pb2.Replica, state: int, message: str,
+                   endpoint: str | None = None) -> None:
         def mutate(r: resources_pb2.Replica) -> None:
             _set_state(r, state, message)
             if endpoint is not None:
@@ -517,7 +635,7 @@ class Reconciler:
         if not held:
             raise LeadershipLost(f"leadership ({self._fence.key}) was lost; not stopping a runtime")
 
-    async def _requeue(self, replica, message: str) -> None:
+    async def _requeue(self, replica: resources_pb2.Replica, message: str) -> None:
         await self._check_fence()
         await self._launcher.stop(replica, self._config.runtime_stop_grace_s)
         await self._release_pin(replica)
@@ -528,9 +646,10 @@ class Reconciler:
 
         await self._write(replica, mutate)
 
-    async def _start(self, deployment, replica, node, image, restart_reason: str | None = None) -> None:
+    async def _start(self, deployment: resources_pb2.Deployment, replica: resources_pb2.Replica,
+                     node: resources_pb2.Node, image: resources_pb2.Image, restart_reason: str | None = None) -> None:
         """Pull the image onto the node (a no-op when present), then (re)start the runtime."""
-        key = (replica.deployment, replica.id)
+        key = key_of(replica)
         if restart_reason:
             await self._check_fence()
             log.warning("replica %s/%s: %s; starting it again", deployment.name, replica.id, restart_reason)
@@ -539,8 +658,7 @@ class Reconciler:
             # pass cannot take it for the new runtime's and call the replica ready at a dead address.
             await self._state.delete(self._state.key(keys.endpoint(replica.deployment, replica.id)),
                                      fence=self._fence)
-            self._failures[key] += 1
-            self._not_before[key] = time.monotonic() + backoff_delay(self._failures[key])
+            self._tracks.track(key).failed()
 
         def pulling(r: resources_pb2.Replica) -> None:
             _set_state(r, PULLING, f"pulling {image.alias} onto {node.name}")
@@ -575,12 +693,13 @@ class Reconciler:
             node_cpus=0 if settings.threads else (node.cpus or os.cpu_count() or 1),
         )
         pid = await self._launcher.start(spec)
-        self._no_endpoint.pop(key, None)
+        self._tracks.track(key).no_endpoint_since = None
+        stored = blob
 
         def started(r: resources_pb2.Replica) -> None:
             _set_state(r, STARTING, f"runtime started (pid {pid})" + (f" after: {restart_reason}"
                                                                       if restart_reason else ""))
-            r.pid, r.image_digest = pid, blob.digest
+            r.pid, r.image_digest = pid, stored.digest
             if restart_reason:
                 r.restarts += 1
 
@@ -594,18 +713,12 @@ class Reconciler:
         return max(1, cores // on_node)
 
     async def _remove(self, replica: resources_pb2.Replica, record: bool = False) -> None:
-        key = (replica.deployment, replica.id)
         await self._check_fence()
         await self._launcher.stop(replica, self._config.runtime_stop_grace_s)
         await self._release_pin(replica)
         async with self._etcd_slots:
             await self._state.delete(self._state.key(keys.replica(replica.deployment, replica.id)), fence=self._fence)
-        self._failures.pop(key, None)
-        self._not_before.pop(key, None)
-        self._assumed.pop(key, None)
-        self._written.pop(key, None)
-        self._last_bytes.pop(key, None)
-        self._no_endpoint.pop(key, None)
+        self._tracks.forget(key_of(replica))
         if record:
             self.events.record(replica.deployment, "stopped", "replica removed", replica.id)
         log.info("replica %s/%s removed", replica.deployment, replica.id)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import aetcd.exceptions
-
 from clowder.balancer.v1 import batch_pb2
-from clowder_common.errors import AlreadyExists, NotFound, Unavailable
+from clowder_common.errors import AlreadyExists, NotFound
 from clowder_common.etcd import EtcdState, Versioned
 
 log = logging.getLogger(__name__)
@@ -106,22 +104,14 @@ class BatchStore:
         """Record line `index`'s outcome unless one is recorded already (either outcome): True if this wrote it."""
         ok_key, err_key = self._result(batch_id, index, OK), self._result(batch_id, index, ERR)
         key = ok_key if result.status_code == 200 else err_key
-        tx = self.state.client.transactions
-        done, _ = await self.state.transaction(
-            [tx.create(ok_key.encode()) == 0, tx.create(err_key.encode()) == 0],
-            [tx.put(key.encode(), result.SerializeToString())], [])
-        return done
+        return await self.state.put_if_absent(key, result, others=[k for k in (ok_key, err_key) if k != key])
 
     async def result_outcomes(self, batch_id: str) -> dict[int, bool]:
         """Line index -> succeeded, for every line with a recorded result (keys only: no values travel)."""
         prefix = self._results(batch_id)
-        try:
-            found = await self.state.client.get_prefix(prefix.encode(), keys_only=True)
-        except aetcd.exceptions.ClientError as exc:
-            raise Unavailable(f"etcd range failed: {exc}", retry_after=1.0) from exc
         out: dict[int, bool] = {}
-        for kv in found:
-            name = kv.key.decode().removeprefix(prefix)
+        for key in await self.state.list_keys(prefix):
+            name = key.removeprefix(prefix)
             index, _, outcome = name.partition(".")
             out[int(index)] = outcome == OK
         return out

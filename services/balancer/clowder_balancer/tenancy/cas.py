@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Callable, TypeVar
 
-import aetcd.exceptions
 from google.protobuf.message import DecodeError, Message
 
 from clowder_common.errors import Unavailable
@@ -27,9 +26,8 @@ async def swap(state: EtcdState, key: str, cls: type[M], change: Callable[[M], R
     within `timeout_s` in all.
     """
     async def rounds() -> R:
-        current = await state.client.get(key.encode())
-        raw, revision = (current.value, current.mod_revision) if current is not None else (b"", 0)
-        tx = state.client.transactions
+        current = await state.get_raw(key)
+        raw, revision = (current.data, current.mod_revision) if current is not None else (b"", 0)
         for _ in range(MAX_ROUNDS):
             value = cls()
             try:
@@ -38,19 +36,16 @@ async def swap(state: EtcdState, key: str, cls: type[M], change: Callable[[M], R
                 value = cls()  # an unreadable record starts over rather than blocking the key forever
             result = change(value)
             # A missing key has mod revision 0, so one compare covers "still absent" and "unchanged".
-            ok, responses = await state.client.transaction(
-                compare=[tx.mod(key.encode()) == revision],
-                success=[tx.put(key.encode(), value.SerializeToString())],
-                failure=[tx.get(key.encode())],
-            )
-            if ok:
+            swapped = await state.compare_and_put(key, value.SerializeToString(), expect_mod_revision=revision)
+            if swapped.done:
                 return result
             # The losing round's answer already holds the winner's value: no second read.
-            found = responses[0]
-            raw, revision = (found[0][0], found[0][1].mod_revision) if found else (b"", 0)
+            found = swapped.current
+            raw, revision = (found.data, found.mod_revision) if found is not None else (b"", 0)
         raise Unavailable(f"{key}: too much contention", retry_after=1.0)
 
     try:
         return await asyncio.wait_for(rounds(), timeout_s)
-    except (asyncio.TimeoutError, aetcd.exceptions.ClientError) as exc:
+    except asyncio.TimeoutError as exc:
+        # etcd errors arrive as Unavailable from the state layer already.
         raise Unavailable(f"etcd did not answer: {exc!r}", retry_after=1.0) from None
