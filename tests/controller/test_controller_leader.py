@@ -185,7 +185,7 @@ async def test_a_deposed_leader_cannot_write(etcd, etcd_prefix, state, tmp_path,
         term = app.elector.fence
         first, _ = await state.list(state.key(keys.replicas_of("d")), resources_pb2.Replica)
         leader_key = state.key(LEADER)
-        held = await state.client.get(leader_key.encode())
+        held = await state.get_raw(leader_key)
         assert held.create_revision == term.create_revision
         if how == "key deleted":
             await state.delete(leader_key)

@@ -9,7 +9,6 @@ from clowder.controller.v1 import controller_pb2, controller_pb2_grpc
 from clowder_common.etcd import EtcdState, Fence
 from clowder_common.grpc_server import create_grpc_server
 from clowder_common.security import NO_SECURITY, ClusterSecurity, child_environment, load_security
-from clowder_controller.adapters import AdapterSync, adapter_registrar
 from clowder_controller.autoscaler import Autoscaler, Windows
 from clowder_controller.config import ControllerConfig
 from clowder_controller.deployments import DeploymentServicer
@@ -67,9 +66,7 @@ class ControllerApp:
         self.autoscaler = Autoscaler(self.state, self.events, config.autoscale_interval_s,
                                      Windows(config.scale_up_window_s, config.scale_down_window_s))
         self.rollouts = RolloutDriver(self.state)
-        self.adapter_sync = AdapterSync(self.state, admin_token, self.security)
         self.identity = new_identity()
-        self.elector: LeaderElector | None = None
 
         def images(server):
             controller_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.state, self.storage), server)
@@ -90,10 +87,12 @@ class ControllerApp:
             controller_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.state), server)
             return _service_name("NodeService")
 
-        adapters = adapter_registrar(self.state)
-        self.grpc = create_grpc_server(config.listen, [images, deployments, nodes, services, adapters], admin_token=admin_token,
+        self.grpc = create_grpc_server(config.listen, [images, deployments, nodes, services], admin_token=admin_token,
                                        tls=self.security.tls)
         self.port = self.grpc.port
+        # Campaigns from start() on, publishing the address of the port bound above.
+        self.elector = LeaderElector(self.state, self.identity, config.listen.rsplit(":", 1)[0] + f":{self.port}",
+                                     config.leader_ttl_s, self._lead, self._follow)
         self._stopped = False
 
     async def start(self) -> None:
@@ -101,24 +100,19 @@ class ControllerApp:
         if isinstance(self.launcher, KubernetesLauncher):
             await self.launcher.start_watching()
         await self.grpc.start()
-        address = self.config.listen.rsplit(":", 1)[0] + f":{self.port}"
-        self.elector = LeaderElector(self.state, self.identity, address, self.config.leader_ttl_s,
-                                     self._lead, self._follow)
         self.elector.start()
         log.info("serving on %s", self.config.listen.rsplit(":", 1)[0] + f":{self.port}")
 
     @property
     def is_leader(self) -> bool:
-        return self.elector is not None and self.elector.is_leader
+        return self.elector.is_leader
 
     async def _lead(self, fence: Fence) -> None:
         await self.reconciler.start(fence)
         await self.autoscaler.start(fence)
         await self.rollouts.start(fence)
-        await self.adapter_sync.start(fence)
 
     async def _follow(self) -> None:
-        await self.adapter_sync.stop()
         await self.rollouts.stop()
         await self.autoscaler.stop()
         await self.reconciler.stop()
@@ -129,8 +123,8 @@ class ControllerApp:
             return
         self._stopped = True
         await self.grpc.stop(grace=5)
-        if self.elector is not None:
-            await self.elector.stop()
+        # Never started (start() failed early): stepping down finds nothing to release.
+        await self.elector.stop()
         await self.launcher.stop_all(self.config.runtime_stop_grace_s)
         await self.storage.close()
         await self.state.close()
