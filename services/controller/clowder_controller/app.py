@@ -9,6 +9,7 @@ from clowder.controller.v1 import controller_pb2, controller_pb2_grpc
 from clowder_common.etcd import EtcdState, Fence
 from clowder_common.grpc_server import create_grpc_server
 from clowder_common.security import NO_SECURITY, ClusterSecurity, child_environment, load_security
+from clowder_controller.adapters import AdapterSync, adapter_registrar
 from clowder_controller.autoscaler import Autoscaler, Windows
 from clowder_controller.config import ControllerConfig
 from clowder_controller.deployments import DeploymentServicer
@@ -66,6 +67,7 @@ class ControllerApp:
         self.autoscaler = Autoscaler(self.state, self.events, config.autoscale_interval_s,
                                      Windows(config.scale_up_window_s, config.scale_down_window_s))
         self.rollouts = RolloutDriver(self.state)
+        self.adapter_sync = AdapterSync(self.state, admin_token, self.security)
         self.identity = new_identity()
 
         def images(server):
@@ -87,7 +89,8 @@ class ControllerApp:
             controller_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.state), server)
             return _service_name("NodeService")
 
-        self.grpc = create_grpc_server(config.listen, [images, deployments, nodes, services], admin_token=admin_token,
+        adapters = adapter_registrar(self.state)
+        self.grpc = create_grpc_server(config.listen, [images, deployments, nodes, services, adapters], admin_token=admin_token,
                                        tls=self.security.tls)
         self.port = self.grpc.port
         # Campaigns from start() on, publishing the address of the port bound above.
@@ -111,8 +114,10 @@ class ControllerApp:
         await self.reconciler.start(fence)
         await self.autoscaler.start(fence)
         await self.rollouts.start(fence)
+        await self.adapter_sync.start(fence)
 
     async def _follow(self) -> None:
+        await self.adapter_sync.stop()
         await self.rollouts.stop()
         await self.autoscaler.stop()
         await self.reconciler.stop()
