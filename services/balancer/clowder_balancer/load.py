@@ -31,6 +31,9 @@ class LoadTracker:
 
     def __init__(self) -> None:
         self._loads: dict[str, _DeploymentLoad] = {}
+        # Set when a request starts waiting for a replica: the reporter (which waits on it) reports at once,
+        # so activation of a deployment scaled to zero does not lag a tick.
+        self.started_waiting = asyncio.Event()
 
     def _get(self, model: str) -> _DeploymentLoad:
         return self._loads.setdefault(model, _DeploymentLoad())
@@ -43,6 +46,7 @@ class LoadTracker:
     @contextlib.contextmanager
     def waiting(self, model: str):
         self._get(model).waiting += 1
+        self.started_waiting.set()
         try:
             yield
         finally:
@@ -83,20 +87,16 @@ class LoadReporter:
         self._interval = interval_s
         self._lease = LeaseKeeper(state, lease_ttl_s, self._write)
         self._task: asyncio.Task | None = None
-        self._wake = asyncio.Event()
 
     async def _write(self, lease_id: int) -> None:
         await self._state.put(self._key, self._tracker.snapshot(self._balancer), lease=lease_id)
-
-    def poke(self) -> None:
-        """Report now rather than at the next tick (a request started waiting: activation should not lag)."""
-        self._wake.set()
 
     async def start(self) -> None:
         await self._lease.start()
         # A failed report (etcd down) is retried at the next tick; the lease TTL bounds how stale it gets.
         self._task = asyncio.create_task(
-            run_periodically(self._report, self._interval, self._wake, "load report"), name="load-reporter")
+            run_periodically(self._report, self._interval, self._tracker.started_waiting, "load report"),
+            name="load-reporter")
 
     async def _report(self) -> None:
         lease = self._lease.lease_id

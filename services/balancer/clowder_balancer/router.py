@@ -141,8 +141,6 @@ class Router:
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._known: set[str] = set()
         self._tracer = trace.get_tracer("clowder.balancer", tracer_provider=tracer_provider)
-        # Called when a request starts waiting for a replica (the load reporter reports at once).
-        self.on_waiting = lambda: None
         # Hashing prompts into blocks is for prefix scoring; profiles without it skip the work.
         self._uses_blocks = self.scheduler.uses_blocks
 
@@ -202,7 +200,6 @@ class Router:
             return await self._discovery.wait_for_endpoints(model, deadline - time.monotonic(), exclude=tried)
         # No ready replica: count the request as waiting, which is what wakes a deployment scaled to zero.
         with self.tracker.waiting(model):
-            self.on_waiting()
             return await self._discovery.wait_for_endpoints(model, deadline - time.monotonic(), exclude=tried)
 
     def generate(
