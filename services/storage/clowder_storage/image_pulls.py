@@ -12,7 +12,7 @@ import logging
 import posixpath
 import urllib.parse
 import uuid
-from typing import AsyncIterator
+from typing import AsyncGenerator
 
 from clowder_common.errors import DataLoss, InvalidArgument
 
@@ -43,7 +43,7 @@ class ImagePuller:
         self._registry = registry
 
     async def pull(self, name: str, layers: list[LayerSpec],
-                   configuration_json: str) -> AsyncIterator[LayerUpdate | ImageView]:
+                   configuration_json: str) -> AsyncGenerator[LayerUpdate | ImageView, None]:
         """Pull every layer (in parallel), then write config and manifest; progress per layer, the image last."""
         validate_image_name(name)
         if not layers:
@@ -76,7 +76,8 @@ class ImagePuller:
         finally:
             await self._space.unpin(holder)
 
-    async def pull_oci(self, name: str, url: str, credential: Credential) -> AsyncIterator[LayerUpdate | ImageView]:
+    async def pull_oci(self, name: str, url: str, credential: Credential
+                       ) -> AsyncGenerator[LayerUpdate | ImageView, None]:
         """The image at oci://REGISTRY/REPO:TAG (or @sha256:...): its manifest, then config and layers by digest."""
         ref = parse_oci(url, field="source_url")
         manifest_digest, data = await self._registry.fetch_manifest(ref, credential)
@@ -99,7 +100,7 @@ class ImagePuller:
             await self._space.unpin(holder)
 
     async def _pull_blobs(self, specs: list[BlobSpec], holder: str,
-                          done: dict[int, Pulled]) -> AsyncIterator[LayerUpdate]:
+                          done: dict[int, Pulled]) -> AsyncGenerator[LayerUpdate, None]:
         """Pull blobs in parallel, merging their progress; each stored blob is pinned for `holder` (the caller
         unpins once a manifest names them) and recorded in `done` by index."""
         queue: asyncio.Queue[LayerUpdate | tuple[int, Pulled]] = asyncio.Queue()

@@ -61,7 +61,9 @@ class Descriptor:
         media_type, digest, size = raw.get("mediaType"), raw.get("digest"), raw.get("size")
         if not isinstance(media_type, str) or not isinstance(size, int) or size < 0:
             raise InvalidArgument(f"{field} needs mediaType and a non-negative size", field=field)
-        parse_digest(digest if isinstance(digest, str) else "", field=field)
+        if not isinstance(digest, str):
+            digest = ""
+        parse_digest(digest, field=field)
         annotations = raw.get("annotations") or {}
         if not isinstance(annotations, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
@@ -243,10 +245,10 @@ class ImageIndex:
                     return known, desc
             raise NotFound(f"no stored image has manifest {name}", metadata={"name": name})
         validate_image_name(name)
-        desc = self._names.get(name)
-        if desc is None:
+        named = self._names.get(name)
+        if named is None:
             raise NotFound(f"image {name} is not in the store", metadata={"name": name})
-        return name, desc
+        return name, named
 
     async def _view(self, name: str, desc: Descriptor, with_paths: bool) -> ImageView:
         manifest = self._manifests[desc.digest]

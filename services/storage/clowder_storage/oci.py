@@ -7,10 +7,11 @@ import dataclasses
 import hashlib
 import ipaddress
 import logging
+import pathlib
 import re
 import time
 import urllib.parse
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator, BinaryIO
 
 import aiohttp
 
@@ -184,7 +185,7 @@ class OciClient:
                            metadata={"expected_digest": ref.reference, "actual_digest": digest})
         return digest, data
 
-    async def push(self, name: str, url: str, credential: Credential) -> AsyncIterator[LayerUpdate | str]:
+    async def push(self, name: str, url: str, credential: Credential) -> AsyncGenerator[LayerUpdate | str, None]:
         ref = parse_oci(url, field="target_url")
         if ref.is_digest:
             raise InvalidArgument("push to a tag: oci://REGISTRY/REPO:TAG", field="target_url")
@@ -210,7 +211,8 @@ class OciClient:
             put = await self._send(
                 "PUT", ref.registry, f"{upload}{sep}digest={desc.digest}", credential,
                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(desc.size)},
-                data=lambda: self._read_file(path, sent))
+                # Bound now: the request retries (a 401 challenge) call it again, always within this layer.
+                data=lambda path=path, sent=sent: self._read_file(path, sent))
             async with put:
                 raise_for_status(put.status, f"oci://{ref.registry}/{ref.repository}")
             yield LayerUpdate(index, desc.digest, Progress(desc.size, desc.size, 0.0, 0.0))
@@ -224,8 +226,8 @@ class OciClient:
         log.info("pushed %s to oci://%s/%s:%s", name, ref.registry, ref.repository, ref.reference)
         yield manifest_digest
 
-    async def _read_file(self, path, sent: list[int]) -> AsyncIterator[bytes]:
-        handle = await self._store.run(open, path, "rb")
+    async def _read_file(self, path: pathlib.Path, sent: list[int]) -> AsyncGenerator[bytes, None]:
+        handle: BinaryIO = await self._store.run(open, path, "rb")
         try:
             while chunk := await self._store.run(handle.read, UPLOAD_CHUNK):
                 sent[0] += len(chunk)

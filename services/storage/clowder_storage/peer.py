@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import random
 import urllib.parse
-from typing import AsyncIterator, Protocol
+from typing import AsyncGenerator, AsyncIterator, Protocol
 
 import grpc
 
@@ -77,7 +77,8 @@ class PeerFetcher:
             raise Unavailable(f"peer {address} stalled", reason="SOURCE_TIMEOUT") from None
         return None if message is grpc.aio.EOF else message
 
-    async def _chunks(self, call, first: storage_pb2.ReadBlobResponse | None, address: str) -> AsyncIterator[bytes]:
+    async def _chunks(self, call, first: storage_pb2.ReadBlobResponse | None,
+                      address: str) -> AsyncGenerator[bytes, None]:
         message = first
         while message is not None:
             yield message.data

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncGenerator, AsyncIterator, Callable
 
 from clowder_common.errors import DataLoss, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
@@ -161,7 +161,7 @@ class Puller:
         return sum(max(d.bytes_total - d.bytes_done, 0) for d in self._downloads.values() if d is not exclude)
 
     async def pull(self, url: str, expected_digest: str = "",
-                   credential: Credential = NO_CREDENTIAL) -> AsyncIterator[PullUpdate]:
+                   credential: Credential = NO_CREDENTIAL) -> AsyncGenerator[PullUpdate, None]:
         """Progress updates at most every `progress_interval_s`, then one Pulled."""
         fetcher = self._sources.resolve(url)
         if expected_digest:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import urllib.parse
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from clowder_common.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 
@@ -92,7 +92,7 @@ class S3Fetcher:
         finally:
             await self._run(body.close)
 
-    async def _chunks(self, body: Any, bucket: str, key: str) -> AsyncIterator[bytes]:
+    async def _chunks(self, body: Any, bucket: str, key: str) -> AsyncGenerator[bytes, None]:
         from botocore.exceptions import BotoCoreError  # noqa: PLC0415
 
         while True:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import AsyncIterator, Callable
+from typing import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -181,7 +181,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 
     async def PullImage(self, request: storage_pb2.PullImageRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[storage_pb2.PullImageResponse]:
-        updates: AsyncIterator[LayerUpdate | ImageView]
+        updates: AsyncGenerator[LayerUpdate | ImageView, None]
         if request.source_url:
             if request.layers:
                 raise InvalidArgument("give layers or an oci:// source_url, not both", field="layers")

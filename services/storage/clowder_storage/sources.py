@@ -9,7 +9,7 @@ import dataclasses
 import os
 import re
 import urllib.parse
-from typing import IO, Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Protocol
+from typing import IO, Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Protocol
 
 import aiohttp
 
@@ -101,7 +101,7 @@ def resolve_secret_ref(ref: str, field: str = "credentials.secret_ref") -> str:
 class Opened:
     """An open source read from `start`: its bytes and what the source said about the whole resource."""
 
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncGenerator[bytes, None]
     # Bytes this read will deliver; None when the source does not say.
     size: int | None
     # Size of the whole resource; None when unknown.
@@ -119,7 +119,10 @@ class Opened:
 class Fetcher(Protocol):
     """Reads one kind of source. `check` runs before anything is downloaded, so a bad URL fails fast."""
 
-    schemes: tuple[str, ...]
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        """URL schemes it reads (a class attribute in every fetcher)."""
+        ...
 
     def check(self, parts: urllib.parse.SplitResult, url: str) -> None: ...
 
@@ -191,7 +194,7 @@ class FileFetcher:
         finally:
             await self._run(handle.close)
 
-    async def _chunks(self, handle: IO[bytes], path: str, start: int, stop: int) -> AsyncIterator[bytes]:
+    async def _chunks(self, handle: IO[bytes], path: str, start: int, stop: int) -> AsyncGenerator[bytes, None]:
         offset = start
         while offset < stop:
             try:
@@ -283,15 +286,15 @@ class HttpFetcher:
                              validator=current, digest=digest)
             else:
                 ranges = response.headers.get("Accept-Ranges", "").lower() == "bytes"
-                size = response.content_length
-                yield Opened(self._chunks(response, shown), size, size, start=0, ranges=ranges,
+                length = response.content_length
+                yield Opened(self._chunks(response, shown), length, length, start=0, ranges=ranges,
                              validator=current, digest=digest)
         finally:
             # close, not release: a part reader that stops early must not drain the rest of the body.
             response.close()
 
     @staticmethod
-    async def _chunks(response: aiohttp.ClientResponse, shown: str) -> AsyncIterator[bytes]:
+    async def _chunks(response: aiohttp.ClientResponse, shown: str) -> AsyncGenerator[bytes, None]:
         content = response.content
         try:
             while True:
