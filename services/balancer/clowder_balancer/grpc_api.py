@@ -14,14 +14,13 @@ from google.protobuf import json_format
 from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import HTTP_STATUS, ClowderError, InvalidArgument
+from clowder_common.limits import MAX_CHOICES, MAX_EMBED_REQUEST_INPUTS
 
 from clowder_balancer import logcontext, request_ids, traffic_split
 from clowder_balancer.apikeys import ApiKeyStore, Principal, bearer
 from clowder_balancer.discovery import Discovery
 from clowder_balancer.metrics import CLIENT_CLOSED, UNKNOWN_MODEL, Metrics
-from clowder_balancer.openai_api import MAX_N, ROLES
-from clowder_balancer.openai_embeddings import MAX_INPUTS
-from clowder_balancer.openai_logprobs import MAX_CHAT_TOP_LOGPROBS
+from clowder_balancer.openai_api import ROLES
 from clowder_balancer.openai_tools import name_tool_messages, parse_tools
 from clowder_balancer.request_ids import HEADER as REQUEST_ID_HEADER
 from clowder_balancer.middleware.base import RequestContext
@@ -67,13 +66,9 @@ def _normalized(message: runtime_pb2.ChatMessage) -> runtime_pb2.ChatMessage:
 
 
 def _validate_choices(n: int, sampling: runtime_pb2.SamplingParams) -> int:
-    if n > MAX_N:
-        raise InvalidArgument(f"n must be between 1 and {MAX_N}", field="n")
-    if sampling.top_logprobs > MAX_CHAT_TOP_LOGPROBS:
-        raise InvalidArgument(f"sampling.top_logprobs must be at most {MAX_CHAT_TOP_LOGPROBS}",
-                              field="sampling.top_logprobs")
-    if sampling.top_logprobs and not sampling.logprobs:
-        raise InvalidArgument("sampling.top_logprobs needs sampling.logprobs", field="sampling.top_logprobs")
+    # top_logprobs is checked with the rest of sampling (validate_sampling).
+    if n > MAX_CHOICES:
+        raise InvalidArgument(f"n must be between 1 and {MAX_CHOICES}", field="n")
     return n or 1
 
 
@@ -160,8 +155,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise InvalidArgument("model is required", field="model")
         if not request.inputs:
             raise InvalidArgument("inputs must not be empty", field="inputs")
-        if len(request.inputs) > MAX_INPUTS:
-            raise InvalidArgument(f"inputs takes at most {MAX_INPUTS} texts", field="inputs")
+        if len(request.inputs) > MAX_EMBED_REQUEST_INPUTS:
+            raise InvalidArgument(f"inputs takes at most {MAX_EMBED_REQUEST_INPUTS} texts", field="inputs")
         for i, text in enumerate(request.inputs):
             if not text:
                 raise InvalidArgument(f"inputs[{i}] must not be empty", field=f"inputs[{i}]")

@@ -8,10 +8,11 @@ from typing import Any, AsyncIterator, Literal
 
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import HTTP_STATUS, ClowderError, InvalidArgument
+from clowder_common.limits import (INT64_MAX, INT64_MIN, MAX_CHOICES, MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS,
+                                   UINT32_MAX)
 
 from clowder_balancer import openai_logprobs, openai_tools, request_ids
-from clowder_balancer.openai_logprobs import MAX_CHAT_TOP_LOGPROBS, MAX_COMPLETION_LOGPROBS
-from clowder_balancer.sampling import INT64_MAX, INT64_MIN, UINT32_MAX, validate_sampling
+from clowder_balancer.sampling import validate_sampling
 
 Kind = Literal["chat", "completion"]
 
@@ -23,9 +24,6 @@ FINISH_REASONS = {
     runtime_pb2.FINISH_REASON_LENGTH: "length",
     runtime_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
-
-# Choices per request: each is a generation of its own on the runtime, so keep it modest.
-MAX_N = 16
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -237,7 +235,7 @@ def _response_format(body: dict[str, Any]) -> int:
 def _logprobs(body: dict[str, Any], kind: Kind, sampling: runtime_pb2.SamplingParams) -> None:
     if kind == "chat":
         wanted = bool(_get(body, "logprobs", bool, "a boolean"))
-        top = _int_in(body, "top_logprobs", 0, MAX_CHAT_TOP_LOGPROBS)
+        top = _int_in(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         if top is not None and not wanted:
             raise _bad("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
     else:
@@ -318,7 +316,7 @@ def parse_request(body: dict[str, Any], kind: Kind) -> OpenAIRequest:
     prompt = _prompt(body) if kind == "completion" else ""
     if not _UNSUPPORTED_KEYS.isdisjoint(body):
         _reject_unsupported(body, kind)
-    n = _int_in(body, "n", 1, MAX_N) or 1
+    n = _int_in(body, "n", 1, MAX_CHOICES) or 1
     tools, tool_choice = (), None
     if kind == "chat" and not _TOOL_KEYS.isdisjoint(body):
         tools, tool_choice = _tools(body)

@@ -10,9 +10,7 @@ from typing import Any, Literal, Sequence
 
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import InvalidArgument
-
-# OpenAI's limit on inputs per request.
-MAX_INPUTS = 2048
+from clowder_common.limits import MAX_EMBED_REQUEST_INPUTS
 
 
 @dataclass(frozen=True)
@@ -41,8 +39,8 @@ def parse_embedding_request(body: dict[str, Any]) -> EmbeddingRequest:
         raise _bad("input", "Invalid type for 'input': expected a string or an array of strings.")
     if not inputs:
         raise _bad("input", "'input' must not be an empty array.")
-    if len(inputs) > MAX_INPUTS:
-        raise _bad("input", f"'input' takes at most {MAX_INPUTS} items.")
+    if len(inputs) > MAX_EMBED_REQUEST_INPUTS:
+        raise _bad("input", f"'input' takes at most {MAX_EMBED_REQUEST_INPUTS} items.")
     for i, item in enumerate(inputs):
         param = "input" if isinstance(value, str) else f"input[{i}]"
         if isinstance(item, bool) or isinstance(item, (int, list)):

@@ -6,10 +6,6 @@ from typing import Any, Sequence
 
 from clowder.runtime.v1 import runtime_pb2
 
-# OpenAI's limits: chat top_logprobs 0..20, legacy completions logprobs 0..5.
-MAX_CHAT_TOP_LOGPROBS = 20
-MAX_COMPLETION_LOGPROBS = 5
-
 
 def chat_content(entries: Sequence[runtime_pb2.TokenLogprob]) -> list[dict[str, Any]]:
     """choices[].logprobs.content items: {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}."""

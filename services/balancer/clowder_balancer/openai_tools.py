@@ -10,10 +10,10 @@ from google.protobuf import struct_pb2
 
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import InvalidArgument
+from clowder_common.limits import MAX_TOOLS
 
-# OpenAI's own limits: function names are identifiers of at most 64 characters, at most 128 tools.
+# OpenAI's rule: function names are identifiers of at most 64 characters.
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-MAX_TOOLS = 128
 
 _MODES = {
     "none": runtime_pb2.ToolChoice.MODE_NONE,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 from clowder.controller.v1 import resources_pb2
@@ -10,6 +9,7 @@ from clowder.runtime.v1 import runtime_pb2
 from google.protobuf import json_format
 
 from clowder_common.errors import FieldViolation, InvalidArgument
+from clowder_common.limits import MAX_EMBED_INPUTS, MAX_TOOLS, SAMPLING_RANGES, sampling_violations
 from clowder_runtime.chat_template import check_template
 from clowder_runtime.generation import (
     ChatTurn, GenerationJob, Priority, SamplingSettings, ToolCall, ToolChoice, ToolMode,
@@ -18,8 +18,6 @@ from clowder_runtime.generation import (
 ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's rule for function names; it also keeps them safe inside a GBNF literal.
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-MAX_TOOLS = 128
-MAX_EMBED_INPUTS = 256
 _TOOL_MODES = {
     runtime_pb2.ToolChoice.MODE_UNSPECIFIED: ToolMode.AUTO,
     runtime_pb2.ToolChoice.MODE_AUTO: ToolMode.AUTO,
@@ -32,58 +30,30 @@ _PRIORITIES = {
     runtime_pb2.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
     runtime_pb2.PRIORITY_BATCH: Priority.BATCH,
 }
-# OpenAI's bound on top_logprobs.
-MAX_TOP_LOGPROBS = 20
+# Limits (stop strings, ranges, tools, embedding inputs) are clowder_common.limits, shared with the balancer.
 # llama.cpp's own defaults, used when neither the request nor the image sets a value.
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
 DEFAULT_MAX_TOKENS = 256
-MAX_TEMPERATURE = 2.0
 DEFAULT_MIN_P = 0.05
-# OpenAI's ranges for frequency/presence; a repetition penalty is a divisor, so it must stay positive.
-PENALTY_RANGES = {
-    "repetition_penalty": (0.01, 10.0),
-    "frequency_penalty": (-2.0, 2.0),
-    "presence_penalty": (-2.0, 2.0),
-}
-# Each stop string is searched after every token; keep that work small.
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
+DEFAULT_PENALTIES = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
 
 # Field names follow the OpenAI request parameters, so the balancer can relay them as `param`.
-
-
-def _temperature_problem(value: float) -> str | None:
-    if math.isnan(value) or not 0.0 <= value <= MAX_TEMPERATURE:
-        return f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {value:g}"
-    return None
-
-
-def _top_p_problem(value: float) -> str | None:
-    if math.isnan(value) or not 0.0 < value <= 1.0:
-        return f"top_p must be in (0, 1], got {value:g}"
-    return None
 
 
 def validate_image_config(image: resources_pb2.ImageConfiguration) -> None:
     """An aimage's defaults must be valid on their own, or every request would fail."""
     violations: list[FieldViolation] = []
-    if image.HasField("temperature") and (problem := _temperature_problem(image.temperature)):
-        violations.append(FieldViolation("image_config.temperature", problem))
-    if image.HasField("top_p") and (problem := _top_p_problem(image.top_p)):
-        violations.append(FieldViolation("image_config.top_p", problem))
+    for name in ("temperature", "top_p"):
+        value = getattr(image, name)
+        if image.HasField(name) and not SAMPLING_RANGES[name].contains(value):
+            violations.append(FieldViolation(f"image_config.{name}", f"{name} {SAMPLING_RANGES[name].problem(value)}"))
     if image.HasField("max_tokens") and image.max_tokens == 0:
         violations.append(FieldViolation("image_config.max_tokens", "max_tokens must be at least 1"))
     _raise_if_any(violations)
     if image.chat_template:
         check_template(image.chat_template, "image_config.chat_template")
-
-
-def _penalty_problem(name: str, value: float, low: float, high: float) -> str | None:
-    if math.isnan(value) or not low <= value <= high:
-        return f"{name} must be between {low:g} and {high:g}, got {value:g}"
-    return None
 
 
 def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageConfiguration) -> GenerationJob:
@@ -130,46 +100,19 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
         tools, tool_choice, assistant_prefix = (), ToolChoice(), ""
 
     sampling = request.sampling
-    temperature = image.temperature if image.HasField("temperature") else DEFAULT_TEMPERATURE
-    if sampling.HasField("temperature"):
-        temperature = sampling.temperature
-        if problem := _temperature_problem(temperature):
-            violations.append(FieldViolation("temperature", problem))
-    top_p = image.top_p if image.HasField("top_p") else DEFAULT_TOP_P
-    if sampling.HasField("top_p"):
-        top_p = sampling.top_p
-        if problem := _top_p_problem(top_p):
-            violations.append(FieldViolation("top_p", problem))
+    # The limits every service checks (clowder_common.limits): ranges, stop strings, max_tokens, top_logprobs.
+    violations += [FieldViolation(v.path(v.field), v.message(v.field)) for v in sampling_violations(sampling)]
+    # The request's value, else the image's default, else llama.cpp's.
+    temperature = _setting(sampling, image, "temperature", DEFAULT_TEMPERATURE)
+    top_p = _setting(sampling, image, "top_p", DEFAULT_TOP_P)
     top_k = sampling.top_k if sampling.HasField("top_k") else DEFAULT_TOP_K
     max_tokens = image.max_tokens if image.HasField("max_tokens") and image.max_tokens else DEFAULT_MAX_TOKENS
     if sampling.HasField("max_tokens"):
         max_tokens = sampling.max_tokens
-        if max_tokens == 0:
-            violations.append(FieldViolation("max_tokens", "max_tokens must be at least 1 (leave it unset for the default)"))
     stops = tuple(sampling.stop)
-    if len(stops) > MAX_STOP_STRINGS:
-        violations.append(FieldViolation("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}"))
-    for index, stop in enumerate(stops):
-        if not stop:
-            violations.append(FieldViolation(f"stop[{index}]", "stop strings must not be empty"))
-        elif len(stop) > MAX_STOP_CHARS:
-            violations.append(FieldViolation(f"stop[{index}]", f"stop strings are at most {MAX_STOP_CHARS} characters"))
-    min_p = DEFAULT_MIN_P
-    if sampling.HasField("min_p"):
-        min_p = sampling.min_p
-        if math.isnan(min_p) or not 0.0 <= min_p <= 1.0:
-            violations.append(FieldViolation("min_p", f"min_p must be between 0 and 1, got {min_p:g}"))
-    penalties = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
-    for name, (low, high) in PENALTY_RANGES.items():
-        if sampling.HasField(name):
-            penalties[name] = getattr(sampling, name)
-            if problem := _penalty_problem(name, penalties[name], low, high):
-                violations.append(FieldViolation(name, problem))
-    if sampling.top_logprobs > MAX_TOP_LOGPROBS:
-        violations.append(FieldViolation(
-            "top_logprobs", f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {sampling.top_logprobs}"))
-    elif sampling.top_logprobs and not sampling.logprobs:
-        violations.append(FieldViolation("top_logprobs", "top_logprobs needs logprobs set to true"))
+    min_p = sampling.min_p if sampling.HasField("min_p") else DEFAULT_MIN_P
+    penalties = {name: getattr(sampling, name) if sampling.HasField(name) else default
+                 for name, default in DEFAULT_PENALTIES.items()}
     if kind == "chat" and tool_choice.mode in (ToolMode.REQUIRED, ToolMode.FUNCTION) and (
         sampling.response_format == runtime_pb2.RESPONSE_FORMAT_JSON_OBJECT
     ):
@@ -183,8 +126,6 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
         # A grammar starts at the answer's first character: it would not accept the prefix's continuation.
         violations.append(FieldViolation(
             "assistant_prefix", "assistant_prefix cannot be combined with response_format or a forced tool call"))
-    if sampling.response_format not in runtime_pb2.ResponseFormat.values():
-        violations.append(FieldViolation("response_format", f"unknown response_format {sampling.response_format}"))
     priority = _PRIORITIES.get(request.priority)
     if priority is None:
         violations.append(FieldViolation("priority", f"unknown priority {request.priority}"))
@@ -215,6 +156,13 @@ def build_job(request: runtime_pb2.GenerateRequest, image: resources_pb2.ImageCo
         assistant_prefix=assistant_prefix,
         priority=Priority.INTERACTIVE if priority is None else priority,
     )
+
+
+def _setting(sampling: runtime_pb2.SamplingParams, image: resources_pb2.ImageConfiguration, name: str,
+             default: float) -> float:
+    if sampling.HasField(name):
+        return float(getattr(sampling, name))
+    return float(getattr(image, name)) if image.HasField(name) else default
 
 
 def _tools(chat: runtime_pb2.ChatInput, violations: list[FieldViolation]) -> tuple[tuple[dict, ...], ToolChoice]:
