@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clowder.controller.v1 import resources_pb2
+from clowder_cli import adapter_commands
 from clowder_cli import apikey_commands
 from clowder_cli import batch_commands
 from clowder_cli import describe as describe_command
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     describe_command.add_parser(sub)
     storage_commands.add_parsers(sub, image)
     apikey_commands.add_parser(sub)
+    adapter_commands.add_parser(sub)
     batch_commands.add_parser(sub)
     usage_commands.add_parser(sub)
     return parser
@@ -242,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             return usage_commands.run(args, data_dir, console)
         control = connect(args, data_dir)
         try:
+            if adapter_commands.handles(args):
+                return adapter_commands.run(args, control, console)
             if args.command == "image":
                 return cmd_image(args, control, console)
             if args.command == "deploy":

@@ -192,6 +192,23 @@ async def test_removing_an_adapter_lets_its_running_stream_finish_then_requests_
     assert await complete(client) == await complete(client)
 
 
+async def test_the_cli_and_the_sdk_add_list_and_remove_an_adapter(cluster, client, reference, lora):
+    added = await asyncio.to_thread(cluster.cli, "adapter", "add", MODEL, "cli-pirate", lora["pirate"])
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert "adapter cli-pirate loaded on 1/1 replicas of smol (sha256:" in added.stdout
+    listed = await asyncio.to_thread(cluster.cli, "adapter", "ls", MODEL)
+    assert listed.returncode == 0 and "cli-pirate" in listed.stdout and "1/1" in listed.stdout, listed.stdout
+    # Another name over the same weights: the same text.
+    assert await complete(client, adapter="cli-pirate") == await reference_text(reference, 24)
+    control = cluster.control()
+    assert [(a.name, a.loaded_replicas) for a in control.adapters.list(MODEL)] == [("cli-pirate", 1)]
+    removed = await asyncio.to_thread(cluster.cli, "adapter", "rm", MODEL, "cli-pirate")
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert control.adapters.list(MODEL) == []
+    missing = await asyncio.to_thread(cluster.cli, "adapter", "rm", MODEL, "cli-pirate")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stdout
+
+
 async def test_bad_adapters_are_refused_naming_the_field(cluster, controller, lora):
     stub, metadata = controller
 

@@ -17,7 +17,9 @@ from clowder_common.clients import aio_channel
 from clowder_common.errors import ClowderError, DeadlineExceeded, Unavailable, from_rpc_error
 
 from clowder.balancer.v1 import batch_pb2_grpc
+from clowder.client.adapters import AsyncAdapters
 from clowder.client.batches import AsyncBatches
+from clowder.controller.v1 import adapters_pb2_grpc
 from clowder.client import _settings
 from clowder.client._shared import (Chunk, Collector, Completion, Embeddings, Message, Tool, ToolChoiceSpec,
                                     api_key_request, chat_request, chunk_of, completion_request, deployment,
@@ -276,6 +278,7 @@ class AsyncClient:
         self.deployments = Deployments(control, controller_pb2_grpc.DeploymentServiceStub(self._control_channel))
         self.nodes = Nodes(control, controller_pb2_grpc.NodeServiceStub(self._control_channel))
         self.services = Services(control, controller_pb2_grpc.ServingServiceStub(self._control_channel))
+        self.adapters = AsyncAdapters(control, adapters_pb2_grpc.AdapterServiceStub(self._control_channel))
         # API keys live with the balancers, behind the admin token.
         self.api_keys = ApiKeys(control, apikeys_pb2_grpc.ApiKeyServiceStub(self._inference_channel))
         # Batch jobs (files and batches) run under the client's API key.
