@@ -5,12 +5,13 @@ from __future__ import annotations
 import helm_python
 import pytest
 
-from deploy_helpers import CHART, KUSTOMIZE, assert_clowder_invariants, by_kind, containers, documents, validate_all
+from deploy_helpers import (CHART, KUSTOMIZE, assert_clowder_invariants, assert_runtime_pods_are_reachable, by_kind,
+                            containers, documents, runtime_pod, validate_all)
 from kustomize_lite import build
 
-NON_DEFAULT = {
 pytestmark = pytest.mark.unit
 
+NON_DEFAULT = {
     "image": {"repository": "registry.example.com/ml/clowder", "tag": "1.2.3", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "regcred"}],
     "adminToken": {"existingSecret": "ml-admin", "key": "admin"},
@@ -39,6 +40,7 @@ def test_default_values_render_valid_objects_like_the_kustomize_base():
     objects, notes = render()
     validate_all(objects)
     assert_clowder_invariants(objects)
+    assert_runtime_pods_are_reachable(objects)
     # The same objects as deploy/k8s/base (which adds the Namespace itself).
     base = {(o["kind"], o["metadata"]["name"]) for o in build(KUSTOMIZE / "base") if o["kind"] != "Namespace"}
     assert {(o["kind"], o["metadata"]["name"]) for o in objects} == base
@@ -118,6 +120,30 @@ def test_runtime_values_become_the_controllers_runtime_defaults():
     # 0 (the default) passes nothing: the runtime's own defaults apply.
     defaults, _ = render({"runtime": {"slots": 0}})
     assert not [k for k in controller_env(defaults) if k.startswith("CLOWDER_RUNTIME_")]
+
+
+def test_runtime_pods_follow_the_installs_image_secrets_store_and_tls():
+    objects, _ = render(NON_DEFAULT)
+    pod = runtime_pod(objects)
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == "registry.example.com/ml/clowder:1.2.3"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CLOWDER_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "ml-admin", "key": "admin"}
+    assert pod["spec"]["volumes"][0]["hostPath"]["path"] == "/mnt/nvme/clowder"
+    assert "readinessProbe" in container and "grpc" in container["readinessProbe"]
+    # With TLS, runtime pods serve it from the same Secret as every component, and are probed by TCP
+    # (Kubernetes' gRPC probes cannot speak TLS).
+    objects, _ = render({"tls": {"existingSecret": "clowder-tls", "clientAuth": True},
+                         "etcdTls": {"existingSecret": "etcd-client"}})
+    pod = runtime_pod(objects)
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CLOWDER_TLS_CERT_FILE"] == "/etc/clowder/tls/tls.crt" and env["CLOWDER_TLS_CLIENT_AUTH"] == "true"
+    assert env["CLOWDER_ETCD_CA_FILE"] == "/etc/clowder/etcd-tls/ca.crt"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "clowder-tls"
+    assert volumes["etcd-tls"]["secret"]["secretName"] == "etcd-client"
+    assert "tcpSocket" in container["readinessProbe"] and "tcpSocket" in container["startupProbe"]
 
 
 @pytest.mark.parametrize("values, mentions", [

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from deploy_helpers import KUSTOMIZE, REPO, assert_clowder_invariants, by_kind, containers, validate_all
+from deploy_helpers import KUSTOMIZE, REPO, assert_clowder_invariants, assert_runtime_pods_are_reachable, by_kind, containers, validate_all
 from kustomize_lite import build
 
 pytestmark = pytest.mark.unit
@@ -23,6 +23,7 @@ def base():
 def test_base_validates_and_holds_every_component(base):
     validate_all(base)
     assert_clowder_invariants(base)
+    assert_runtime_pods_are_reachable(base)
     kinds = {(o["kind"], o["metadata"]["name"]) for o in base}
     assert {("StatefulSet", "clowder-etcd"), ("Deployment", "clowder-controller"), ("DaemonSet", "clowder-storage"),
             ("Deployment", "clowder-balancer"), ("Service", "clowder-balancer"), ("Role", "clowder-controller"),

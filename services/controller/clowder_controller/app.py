@@ -14,7 +14,7 @@ from clowder_controller.autoscaler import Autoscaler, Windows
 from clowder_controller.config import ControllerConfig
 from clowder_controller.deployments import DeploymentServicer
 from clowder_controller.images import ImageServicer
-from clowder_controller.kubernetes_launcher import KubernetesLauncher, KubernetesSettings
+from clowder_controller.kubernetes_launcher import KubernetesLauncher, kubernetes_settings
 from clowder_controller.events import EventRecorder
 from clowder_controller.launcher import Launcher, LocalProcessLauncher
 from clowder_controller.leader import LeaderElector, new_identity
@@ -40,13 +40,8 @@ def default_launcher(config: ControllerConfig, admin_token: str, security: Clust
             kube_config.load_incluster_config()
         except kube_config.ConfigException:
             kube_config.load_kube_config()
-        settings = KubernetesSettings(
-            namespace=config.kubernetes_namespace, runtime_image=config.kubernetes_runtime_image,
-            store_path=config.kubernetes_store_path, token_secret=config.kubernetes_token_secret,
-            service_token_secret=config.kubernetes_service_token_secret,
-            owner_configmap=config.kubernetes_owner_configmap,
-        )
-        return KubernetesLauncher(client.ApiClient(), settings, config.etcd_endpoints, config.etcd_prefix)
+        return KubernetesLauncher(client.ApiClient(), kubernetes_settings(config), config.etcd_endpoints,
+                                  config.etcd_prefix)
     if config.launcher != "local":
         raise ValueError(f"launcher must be 'local' or 'kubernetes', not {config.launcher!r}")
     return LocalProcessLauncher(config.etcd_endpoints, config.etcd_prefix, config.runtime_listen,

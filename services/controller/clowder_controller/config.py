@@ -64,11 +64,19 @@ class ControllerConfig(EtcdConfig, SecurityConfig):
     kubernetes_runtime_image: str = "ghcr.io/clowder/clowder:latest"
     # The storage DaemonSet's hostPath, mounted read-only into runtime pods.
     kubernetes_store_path: str = "/var/lib/clowder/storage"
-    # Secret with the admin token (key "token") and the ConfigMap that owns runtime pods.
+    # Secret (and its key) with the admin token, and the ConfigMap that owns runtime pods.
     kubernetes_token_secret: str = "clowder-admin-token"
-    # Secret with the cluster's service credential (key "token") that runtime pods demand of their callers.
+    kubernetes_token_key: str = "token"
+    # Secret (and its key) with the cluster's service credential that runtime pods demand of their callers.
     kubernetes_service_token_secret: str = "clowder-service-token"
+    kubernetes_service_token_key: str = "token"
     kubernetes_owner_configmap: str = "clowder-controller"
+    # Extra labels of runtime pods, "name=value,name=value" (the install's, for its network policies).
+    kubernetes_pod_labels: str = ""
+    # Secrets mounted into runtime pods for TLS (tls.crt, tls.key, ca.crt) and etcd client TLS; empty: none.
+    # Runtimes demand client certificates when this controller's own tls_client_auth is set.
+    kubernetes_tls_secret: str = ""
+    kubernetes_etcd_tls_secret: str = ""
 
     @property
     def runtime_settings(self) -> RuntimeSettings:

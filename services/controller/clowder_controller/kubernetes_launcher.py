@@ -23,6 +23,7 @@ from google.protobuf import json_format
 from clowder.controller.v1 import resources_pb2
 from clowder_common.auth import TOKEN_ENV
 from clowder_common.security import SERVICE_TOKEN_ENV
+from clowder_controller.config import ControllerConfig
 from clowder_controller.launcher import RuntimeSpec, RuntimeState, RuntimeStatus
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,18 @@ class KubernetesSettings:
     token_key: str = "token"
     # Secret holding the cluster's service credential: a runtime takes calls only from holders (the balancers).
     service_token_secret: str = "clowder-service-token"
+    service_token_key: str = "token"
     # ConfigMap owned by the controller's install; pods are owned by it, so uninstalling removes them.
     owner_configmap: str = "clowder-controller"
+    # Labels every runtime pod carries besides Clowder's own (the install's, so its network policies select
+    # runtime pods: balancers may call them, they may call storage and etcd).
+    pod_labels: tuple[tuple[str, str], ...] = ()
+    # Secret with tls.crt, tls.key and ca.crt (the chart's `tls.existingSecret`): runtimes serve TLS only, and
+    # demand client certificates when tls_client_auth is set. Empty: plaintext.
+    tls_secret: str = ""
+    tls_client_auth: bool = False
+    # Secret with etcd's ca.crt and this install's client tls.crt/tls.key (the chart's `etcdTls.existingSecret`).
+    etcd_tls_secret: str = ""
     # Pod listing interval for status().
     resync_s: float = 5.0
 
@@ -69,10 +80,56 @@ def pod_name(deployment: str, replica_id: str) -> str:
     return f"{name[:54].rstrip('-')}-{digest}"
 
 
+def parse_pod_labels(value: str) -> tuple[tuple[str, str], ...]:
+    """`name=value,name=value` (the controller's kubernetes_pod_labels setting) as pairs."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        name, sep, label = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"kubernetes_pod_labels: {item!r} is not name=value")
+        pairs.append((name.strip(), label.strip()))
+    return tuple(pairs)
+
+
+def kubernetes_settings(config: ControllerConfig) -> KubernetesSettings:
+    """The launcher's settings from the controller's configuration (CLOWDER_KUBERNETES_* in the manifests)."""
+    return KubernetesSettings(
+        namespace=config.kubernetes_namespace, runtime_image=config.kubernetes_runtime_image,
+        store_path=config.kubernetes_store_path, token_secret=config.kubernetes_token_secret,
+        token_key=config.kubernetes_token_key, service_token_secret=config.kubernetes_service_token_secret,
+        service_token_key=config.kubernetes_service_token_key,
+        owner_configmap=config.kubernetes_owner_configmap, pod_labels=parse_pod_labels(config.kubernetes_pod_labels),
+        tls_secret=config.kubernetes_tls_secret, tls_client_auth=config.tls_client_auth,
+        etcd_tls_secret=config.kubernetes_etcd_tls_secret,
+    )
+
+
+def _secret_files(settings: KubernetesSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                           list[dict[str, Any]]]:
+    """Env, mounts and volumes for the TLS Secrets: paths by environment, the material only in files."""
+    env: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    for volume, secret, prefix in (("tls", settings.tls_secret, "CLOWDER_TLS"),
+                                   ("etcd-tls", settings.etcd_tls_secret, "CLOWDER_ETCD")):
+        if not secret:
+            continue
+        path = f"/etc/clowder/{volume}"
+        env += [{"name": f"{prefix}_CERT_FILE", "value": f"{path}/tls.crt"},
+                {"name": f"{prefix}_KEY_FILE", "value": f"{path}/tls.key"},
+                {"name": f"{prefix}_CA_FILE", "value": f"{path}/ca.crt"}]
+        mounts.append({"name": volume, "mountPath": path, "readOnly": True})
+        volumes.append({"name": volume, "secret": {"secretName": secret, "defaultMode": 0o400}})
+    if settings.tls_secret:
+        env.append({"name": "CLOWDER_TLS_CLIENT_AUTH", "value": "true" if settings.tls_client_auth else "false"})
+    return env, mounts, volumes
+
+
 def build_pod(spec: RuntimeSpec, settings: KubernetesSettings, etcd_endpoints: tuple[str, ...], etcd_prefix: str,
               owner: dict[str, str]) -> dict[str, Any]:
     """The pod for one replica, as the JSON the API server takes."""
     port = settings.runtime_port
+    tls_env, tls_mounts, tls_volumes = _secret_files(settings)
     args = [
         "-m", "clowder_runtime",
         "--deployment", spec.deployment,
@@ -88,7 +145,10 @@ def build_pod(spec: RuntimeSpec, settings: KubernetesSettings, etcd_endpoints: t
         "--etcd-prefix", etcd_prefix,
         "--image-config", json_format.MessageToJson(spec.configuration, indent=None),
     ]
-    probe_port = {"port": port, "service": ""}
+    # Kubernetes' gRPC probes cannot speak TLS: a TLS runtime is probed by TCP (ready once it listens, which
+    # it does only after loading its model).
+    probe: dict[str, Any] = {"tcpSocket": {"port": port}} if settings.tls_secret else {
+        "grpc": {"port": port, "service": ""}}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -97,6 +157,7 @@ def build_pod(spec: RuntimeSpec, settings: KubernetesSettings, etcd_endpoints: t
             "namespace": settings.namespace,
             "labels": {
                 "app.kubernetes.io/name": "clowder-runtime",
+                **dict(settings.pod_labels),
                 LABEL_MANAGED: MANAGED_BY,
                 LABEL_DEPLOYMENT: _dns_label(spec.deployment)[:63],
                 LABEL_REPLICA: _dns_label(spec.replica_id)[:63],
@@ -125,16 +186,18 @@ def build_pod(spec: RuntimeSpec, settings: KubernetesSettings, etcd_endpoints: t
                     {"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": settings.token_secret,
                                                                        "key": settings.token_key}}},
                     {"name": SERVICE_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": settings.service_token_secret,
-                                                                               "key": "token"}}},
+                                                                               "key": settings.service_token_key}}},
+                    *tls_env,
                 ],
                 "resources": {"requests": {"cpu": str(spec.threads)}},
                 # Ready once the runtime's gRPC health says SERVING (model loaded).
-                "readinessProbe": {"grpc": probe_port, "periodSeconds": 2, "failureThreshold": 3},
-                "startupProbe": {"grpc": probe_port, "periodSeconds": 2, "failureThreshold": 90},
-                "volumeMounts": [{"name": "models", "mountPath": settings.store_path, "readOnly": True}],
+                "readinessProbe": {**probe, "periodSeconds": 2, "failureThreshold": 3},
+                "startupProbe": {**probe, "periodSeconds": 2, "failureThreshold": 90},
+                "volumeMounts": [{"name": "models", "mountPath": settings.store_path, "readOnly": True}, *tls_mounts],
                 "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
             }],
-            "volumes": [{"name": "models", "hostPath": {"path": settings.store_path, "type": "Directory"}}],
+            "volumes": [{"name": "models", "hostPath": {"path": settings.store_path, "type": "Directory"}},
+                        *tls_volumes],
             "terminationGracePeriodSeconds": 30,
         },
     }
