@@ -609,7 +609,7 @@ class Reconciler:
             base = swap.current.data
         raise RuntimeError(f"replica {replica.id} kept changing under the reconciler")
 
-    async def _set(self, replica: resources_pb2.Replica, state: int, message: str,
+    async def _set(self, replica: resources_pb2.Replica, state: ReplicaState, message: str,
                    endpoint: str | None = None) -> None:
         def mutate(r: resources_pb2.Replica) -> None:
             _set_state(r, state, message)
@@ -728,6 +728,6 @@ def pin_holder(replica: resources_pb2.Replica) -> str:
     return f"{replica.deployment}/{replica.id}"
 
 
-def _set_state(replica: resources_pb2.Replica, state: int, message: str) -> None:
+def _set_state(replica: resources_pb2.Replica, state: ReplicaState, message: str) -> None:
     replica.state = state
     replica.message = message
