@@ -73,6 +73,12 @@ lint-proto: $(BUF) gen ## buf lint (STANDARD) and build of the contracts
 	$(BUF) lint
 	$(BUF) build -o /dev/null
 
+.PHONY: lint
+lint: $(DEPS_STAMP) ## ruff and mypy on our code (generated code aside; pyproject.toml), and no import cycles
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) tools/check_import_cycles.py
+
 .PHONY: test
 test: install check-gen lint-proto ## run the whole test suite
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

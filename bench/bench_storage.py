@@ -50,7 +50,8 @@ def write_random(path: pathlib.Path, size: int) -> str:
 def pull(stub, metadata, url: str, expected: str) -> float:
     started = time.perf_counter()
     last = None
-    for last in stub.PullBlob(storage_pb2.PullBlobRequest(source_url=url, expected_digest=expected),
+    # The loop keeps the last message: the pull's result, checked below.
+    for last in stub.PullBlob(storage_pb2.PullBlobRequest(source_url=url, expected_digest=expected),  # noqa: B007
                               metadata=metadata, timeout=600):
         pass
     elapsed = time.perf_counter() - started

@@ -17,6 +17,7 @@ import hashlib
 import json
 import pathlib
 import time
+from typing import Any
 
 import yaml
 from google.protobuf import json_format
@@ -49,8 +50,8 @@ class ServiceSpec:
     text: str = ""
 
     def template(self) -> resources_pb2.Deployment:
-        return resources_pb2.Deployment(name=self.name, image=self.image_alias, replicas=self.replicas,
-                                        **self.runtime)
+        runtime: dict[str, Any] = dict(self.runtime)
+        return resources_pb2.Deployment(name=self.name, image=self.image_alias, replicas=self.replicas, **runtime)
 
     def matches(self, deployment: resources_pb2.Deployment) -> bool:
         """The deployment runs this spec already: same aimage, replicas and runtime settings."""
@@ -268,6 +269,7 @@ def serve_status(control: Client, name: str, console: Console) -> int:
                   title=f"window: last {window:.0f}s" if window else None)
     for number, deployment in deployments.items():
         revision = _revision(service, number)
+        assert revision is not None  # the deployments listed are the service's revisions'
         shown = f"{deployment.ready_replicas}/{deployment.replicas}" if deployment is not None else "-"
         m = metrics.get(number)
         table.add_row(str(number), revision.deployment, revision.template.image, f"{weights.get(number, 0)}%", shown,
@@ -278,7 +280,7 @@ def serve_status(control: Client, name: str, console: Console) -> int:
     now = time.time()
     for event in list(service.events)[-5:]:
         console.print(f"  {_ago(event.time, now):>8}  {event.reason:<12} {event.message}", highlight=False)
-    _replica_table(control, [_revision(service, n).deployment for n in live if _revision(service, n)], console)
+    _replica_table(control, [r.deployment for r in (_revision(service, n) for n in live) if r], console)
     return 0
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import grpc
 from google.protobuf import json_format
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 from rich.table import Table
 
@@ -108,13 +108,13 @@ def _storage_address(args: argparse.Namespace, data_dir: pathlib.Path) -> str:
     return cluster["storage"]
 
 
-def show_layers(title: str, stream: Iterable, console: Console, final: Callable[[object], bool]) -> object:
+def show_layers(title: str, stream: Iterable[Any], console: Console, final: Callable[[Any], bool]) -> Any:
     """One bar per layer (bytes, rate, ETA); returns the message `final` accepts."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
     last = None
     with Progress(*columns, console=console, transient=False) as bar:
-        tasks: dict[int, int] = {}
+        tasks: dict[int, TaskID] = {}
         for message in stream:
             if final(message):
                 last = message

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import grpc
 import pytest
 
 from clowder.storage.v1 import storage_pb2
 from clowder_balancer.batch.blobs import BlobClient, holder_of
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "storage"))
-from storage_helpers import TOKEN, digest_of, md, rpc_error, running_storage  # noqa: E402
+from helpers.storage import TOKEN, digest_of, md, rpc_error, running_storage
 
 pytestmark = pytest.mark.inprocess
 

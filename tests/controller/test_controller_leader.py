@@ -112,7 +112,7 @@ async def test_two_reconcilers_at_once_never_duplicate(etcd, state, tmp_path):
             await state.put(state.key(keys.deployment("d")), deployment)
             wanted = [replica_id(template_hash(deployment), s) for s in range(count)]
 
-            async def exact():
+            async def exact(wanted=wanted):
                 await asyncio.gather(*(r.reconcile_once() for r in reconcilers))
                 return await replica_ids(state, "d") == sorted(wanted)
 

@@ -48,7 +48,7 @@ def test_tls_and_etcd_tls_come_from_mounted_secrets():
     values = {"serviceToken": {"existingSecret": "svc", "key": "k"},
               "tls": {"existingSecret": "clowder-tls", "clientAuth": True},
               "etcdTls": {"existingSecret": "etcd-client"}}
-    for name, workload in render(values).items():
+    for workload in render(values).values():
         env = env_of(workload)
         assert env["CLOWDER_SERVICE_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "svc", "key": "k"}
         assert env["CLOWDER_TLS_CERT_FILE"]["value"] == "/etc/clowder/tls/tls.crt"

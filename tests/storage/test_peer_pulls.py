@@ -20,7 +20,7 @@ from clowder_common.clients import aio_channel
 from clowder_common.etcd_server import start_etcd
 from clowder_common.processes import async_wait_for_port, free_port
 
-from storage_helpers import TOKEN, digest_of, md, pull, rpc_error, source  # noqa: F401 - source is a fixture
+from helpers.storage import TOKEN, digest_of, md, pull, rpc_error
 from test_storage_process import wait_serving
 
 pytestmark = pytest.mark.processes

@@ -10,7 +10,7 @@ import pytest
 
 from clowder.storage.v1 import storage_pb2
 from clowder_common.auth import TOKEN_ENV
-from storage_helpers import CALL_TIMEOUT, TOKEN, digest_of, md, pull, running_storage, stored_names
+from helpers.storage import CALL_TIMEOUT, TOKEN, digest_of, md, pull, running_storage, stored_names
 
 pytestmark = pytest.mark.processes
 

@@ -14,7 +14,7 @@ import pytest
 
 from clowder_storage.durability import JOURNAL_NAME
 from clowder_storage.store import BlobStore
-from storage_helpers import digest_of, pull, running_storage, stored_names
+from helpers.storage import digest_of, pull, running_storage, stored_names
 
 # The process stores one blob with background flushing and is killed (SIGKILL) the moment the blob has been
 # renamed into place, before its bytes are flushed: the state a power cut can leave, short of the torn bytes.

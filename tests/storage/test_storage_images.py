@@ -10,7 +10,7 @@ import pytest
 
 from clowder.storage.v1 import storage_pb2
 from clowder_common.errors import from_rpc_error
-from storage_helpers import CALL_TIMEOUT, digest_of, md, rpc_error, running_storage, stored_names
+from helpers.storage import CALL_TIMEOUT, digest_of, md, rpc_error, running_storage, stored_names
 
 pytestmark = pytest.mark.inprocess
 

@@ -16,7 +16,7 @@ from aiohttp import web
 from clowder.storage.v1 import storage_pb2
 from clowder_common.processes import async_wait_for_port, free_port, terminate
 from clowder_storage.oci import parse_oci
-from storage_helpers import CALL_TIMEOUT, digest_of, md, rpc_error, running_storage, serve_loopback
+from helpers.storage import CALL_TIMEOUT, digest_of, md, rpc_error, running_storage, serve_loopback
 
 USER, PASSWORD, TOKEN = "robot", "registry-pass-42", "registry-token-xyz"
 

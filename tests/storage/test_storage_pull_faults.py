@@ -15,8 +15,8 @@ import pytest
 from clowder.storage.v1 import storage_pb2
 from clowder_common.errors import ResourceExhausted, from_rpc_error
 from clowder_storage.store import _write
-from storage_helpers import (digest_of, md, pull, rpc_error, running_storage, source,  # noqa: F401 - a fixture
-                             stored_names, tmp_files)
+from helpers.storage import (digest_of, md, pull, rpc_error, running_storage, stored_names,
+                             tmp_files)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from clowder_common.clients import aio_channel
 from clowder_common.processes import async_wait_for_port, free_port
 from clowder_storage import resume
 from clowder_storage.store import BlobStore
-from storage_helpers import TOKEN, RangedSource, digest_of, pull, source  # noqa: F401 - source is a fixture
+from helpers.storage import TOKEN, RangedSource, digest_of, pull
 from test_storage_process import env_without_token, storage_argv, wait_serving
 
 MIB = 1 << 20

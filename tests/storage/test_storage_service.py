@@ -24,7 +24,7 @@ from clowder_common.processes import free_port
 from clowder_storage.app import StorageApp
 
 from helpers.wait import wait_for
-from storage_helpers import (CALL_TIMEOUT, TOKEN, digest_of, pull, rpc_error, running_storage, serve_loopback,
+from helpers.storage import (CALL_TIMEOUT, TOKEN, digest_of, pull, rpc_error, running_storage, serve_loopback,
                              tmp_files)
 
 # The labels the node registers with (checked in its Node record).

@@ -17,7 +17,7 @@ from clowder.storage.v1 import storage_pb2
 from clowder_common.errors import from_rpc_error
 from clowder_common.processes import async_wait_for_port, free_port, terminate
 from clowder_storage.hf import parse_hf
-from storage_helpers import RangedSource, digest_of, md, pull, rpc_error, running_storage, serve_loopback, stored_names
+from helpers.storage import RangedSource, digest_of, md, pull, rpc_error, running_storage, serve_loopback, stored_names
 
 HUB_TOKEN = "hf_test_token_0123456789"
 

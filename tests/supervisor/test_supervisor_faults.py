@@ -14,7 +14,6 @@ import json
 import os
 import pathlib
 import signal
-import sys
 import threading
 import time
 
@@ -28,11 +27,9 @@ from clowder_cli.up import pull_with_retry
 from clowder_common.errors import ClowderError
 from clowder_common.processes import SUPERVISOR_ENV, free_port, pid_alive
 
+from cluster_helpers import UpCluster, up_cluster
 # The storage tests' ranged HTTP source (it can hold a response after its first MiB).
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "storage"))
-from storage_helpers import RangedSource  # noqa: E402
-
-from cluster_helpers import UpCluster, up_cluster  # noqa: E402
+from helpers.storage import RangedSource
 
 pytestmark = [pytest.mark.processes, pytest.mark.e2e]
 

@@ -169,7 +169,7 @@ def from_rpc_error(error: grpc.RpcError) -> ClowderError:
     retry_after = None
     status = None
     try:
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        status = rpc_status.from_call(error)
     except Exception:  # a non-call RpcError, or details that do not parse
         status = None
     if status is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from clowder.runtime.v1 import runtime_pb2
 
@@ -39,7 +39,7 @@ def choice_requests(request: runtime_pb2.GenerateRequest, n: int) -> list[runtim
 
 async def generate_choices(
     router: Router, model: str, requests: list[runtime_pb2.GenerateRequest], session: str = ""
-) -> AsyncIterator[tuple[int, runtime_pb2.GenerateResponse]]:
+) -> AsyncGenerator[tuple[int, runtime_pb2.GenerateResponse], None]:
     """(choice index, runtime message) pairs of all choices until each has finished; the first failure ends
     the whole request (raised here, the other generations cancelled)."""
     if len(requests) == 1:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import cast
 
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import HTTP_STATUS, ClowderError, InvalidArgument
@@ -21,6 +22,8 @@ from clowder_balancer.tenancy.gate import Tenancy, Ticket
 
 log = logging.getLogger(__name__)
 
+# A choice's (index, message) pair, as several choices stream them.
+_Pair = tuple[int, runtime_pb2.GenerateResponse]
 # Output kept for audit and webhooks, per request (all choices together).
 MAX_KEPT_OUTPUT = 64 * 1024
 
@@ -40,7 +43,7 @@ class Pipeline:
 
     async def generate(
         self, ctx: RequestContext, request: runtime_pb2.GenerateRequest, session: str = "", n: int = 1
-    ) -> AsyncIterator[tuple[int, runtime_pb2.GenerateResponse]]:
+    ) -> AsyncGenerator[tuple[int, runtime_pb2.GenerateResponse], None]:
         """(choice index, message) pairs of the router's streams for `request` (n choices of it) after the
         model's middleware; texts and tool calls pass the output filters."""
         stages = self._stages(ctx.model)
@@ -63,7 +66,7 @@ class Pipeline:
                       generate_choices(self._router, ctx.model, choice_requests(request, n), session=session))
             async with contextlib.aclosing(stream):
                 async for item in stream:
-                    index, message = (0, item) if n == 1 else item
+                    index, message = (0, cast(runtime_pb2.GenerateResponse, item)) if n == 1 else cast(_Pair, item)
                     text = message.text
                     last = message.finish_reason != runtime_pb2.FINISH_REASON_UNSPECIFIED
                     if filters[index]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from clowder.controller.v1 import controller_pb2, controller_pb2_grpc, resources_pb2
 from clowder_common import keys
@@ -35,7 +36,7 @@ async def list_replicas(state: EtcdState, deployment: str) -> list[resources_pb2
 
 
 def with_status(deployment: resources_pb2.Deployment, replicas: list[resources_pb2.Replica],
-                events: list[resources_pb2.DeploymentEvent] = ()):
+                events: Iterable[resources_pb2.DeploymentEvent] = ()):
     out = resources_pb2.Deployment()
     out.CopyFrom(deployment)
     out.events.extend(events)

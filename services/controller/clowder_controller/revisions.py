@@ -158,7 +158,8 @@ def add_event(service: resources_pb2.Service, reason: str, message: str) -> None
     del service.events[:-MAX_SERVICE_EVENTS]
 
 
-def set_stable(service: resources_pb2.Service, number: int, state: int, message: str) -> None:
+def set_stable(service: resources_pb2.Service, number: int, state: resources_pb2.RolloutState,
+               message: str) -> None:
     """All traffic to revision `number`, nothing in progress."""
     del service.traffic[:]
     service.traffic.add(revision=number, percent=100)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from clowder.controller.v1 import resources_pb2
 from clowder_common import keys
@@ -69,7 +70,7 @@ class RolloutDriver:
         self._deployments = PrefixCache(state, state.key(keys.DEPLOYMENTS), resources_pb2.Deployment,
                                         on_change=self._wake.set)
         self._replicas = PrefixCache(state, state.key(keys.REPLICAS), resources_pb2.Replica, on_change=self._wake.set)
-        self._caches = [self._services, self._reports, self._deployments, self._replicas]
+        self._caches: list[PrefixCache[Any]] = [self._services, self._reports, self._deployments, self._replicas]
         self._fence: Fence = UNFENCED
         self._task: asyncio.Task | None = None
 

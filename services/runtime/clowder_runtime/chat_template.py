@@ -70,7 +70,8 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         try:
-            return self._formatter(messages=messages, tools=tools).prompt
+            # llama_cpp types messages and tools as its TypedDicts; ours are the same shapes, checked by validation.
+            return self._formatter(messages=messages, tools=tools).prompt  # type: ignore[arg-type]
         except (jinja2.TemplateError, ValueError, TypeError, AttributeError, KeyError) as exc:
             # Templates reject some conversations on purpose (raise_exception), e.g. bad role order.
             raise InvalidArgument(

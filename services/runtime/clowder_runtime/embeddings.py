@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -29,7 +30,8 @@ class Embedder:
         self._context_size = context_size
         self._threads = threads
         self._ctx = None
-        self._batch = None
+        # llama_cpp's ctypes batch struct, once the context exists (its fields are C arrays mypy cannot index).
+        self._batch: Any = None
 
     def embed(self, model: Model, inputs: list[str]) -> tuple[list[list[float]], int]:
         """L2-normalized mean of the last hidden states over each input's tokens, and the token count."""

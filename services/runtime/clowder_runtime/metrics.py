@@ -86,7 +86,8 @@ class MetricsServer:
         await site.start()
         server = site._server  # aiohttp exposes the bound port only through the asyncio server
         assert server is not None
-        self.port = server.sockets[0].getsockname()[1]
+        # aiohttp types it as an AbstractServer; it is the asyncio.Server that bound the socket.
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", self.port)
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -124,7 +124,8 @@ def retrying_kwargs(deadline: float, max_attempts: int) -> dict[str, Any]:
 
     return dict(
         retry=tenacity.retry_if_exception(lambda exc: isinstance(exc, Unavailable)),
-        stop=tenacity.stop_after_attempt(max_attempts) | out_of_time,
+        # tenacity types `|` for its own stop classes; it takes any stop callable, as here.
+        stop=tenacity.stop_after_attempt(max_attempts) | out_of_time,  # type: ignore[operator]
         wait=wait,
         reraise=True,
     )
@@ -274,7 +275,7 @@ RUNTIME_SETTINGS = ("slots", "threads", "context_size", "batch_size")
 
 def deployment(name: str, image: str | None, replicas: int, settings: Mapping[str, int | None] | None = None
                ) -> resources_pb2.Deployment:
-    given = {k: v for k, v in (settings or {}).items() if v is not None}
+    given: dict[str, Any] = {k: v for k, v in (settings or {}).items() if v is not None}
     return resources_pb2.Deployment(name=name, image=image or name, replicas=replicas, **given)
 
 

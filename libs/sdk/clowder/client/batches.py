@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import pathlib
 import time
@@ -96,7 +97,8 @@ class Batches:
                 raise DeadlineExceeded(f"batch {batch_id} has not ended within {timeout_s:g}s")
             time.sleep(poll_s)
 
-    def results(self, batch_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    # builtins.list: `list` in this class is the method above.
+    def results(self, batch_id: str) -> tuple[builtins.list[dict[str, Any]], builtins.list[dict[str, Any]]]:
         """(output lines, error lines) of a batch that has ended; ([], []) for files it does not have."""
         batch = self.get(batch_id)
         return ([] if not batch.output_file_id else parse_lines(self.content(batch.output_file_id)),

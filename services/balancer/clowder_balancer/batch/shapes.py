@@ -8,7 +8,7 @@ from typing import Any
 from clowder.balancer.v1 import batch_pb2
 
 S = batch_pb2
-STATUS_NAMES = {
+STATUS_NAMES: dict[int, str] = {
     S.BATCH_STATUS_VALIDATING: "validating",
     S.BATCH_STATUS_FAILED: "failed",
     S.BATCH_STATUS_IN_PROGRESS: "in_progress",

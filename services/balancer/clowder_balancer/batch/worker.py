@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from clowder.balancer.v1 import apikeys_pb2, batch_pb2
 from clowder_common.errors import AlreadyExists, ClowderError, NotFound
@@ -410,7 +411,8 @@ class BatchWorker:
         lines: list[Line] = []
         if batch.in_progress_at:
             lines, _ = await self._api.input_lines(batch)
-        output, errors = [], []
+        output: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
         for i, line in enumerate(lines):
             result = results.get(i)
             if result is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, overload
 
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import InvalidArgument
@@ -93,6 +93,16 @@ class BaseStage:
 
 def bad_option(stage: str, message: str) -> InvalidArgument:
     return InvalidArgument(f"middleware '{stage}': {message}", field="configuration.middleware")
+
+
+@overload
+def number(options: Mapping[str, Any], key: str, stage: str, default: float, low: float = ...,
+           high: float = ...) -> float: ...
+
+
+@overload
+def number(options: Mapping[str, Any], key: str, stage: str, default: None = None, low: float = ...,
+           high: float = ...) -> float | None: ...
 
 
 def number(options: Mapping[str, Any], key: str, stage: str, default: float | None = None,

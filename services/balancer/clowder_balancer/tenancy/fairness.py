@@ -13,13 +13,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from clowder.balancer.v1 import apikeys_pb2
 from clowder_common.errors import ResourceExhausted, Unavailable
 
-CLASSES = {
+CLASSES: dict[int, str] = {
     apikeys_pb2.PRIORITY_CLASS_CRITICAL: "critical",
     apikeys_pb2.PRIORITY_CLASS_STANDARD: "standard",
     apikeys_pb2.PRIORITY_CLASS_SHEDDABLE: "sheddable",
 }
 # Queue order: lower first.
-_RANK = {apikeys_pb2.PRIORITY_CLASS_CRITICAL: 0, apikeys_pb2.PRIORITY_CLASS_STANDARD: 1,
+_RANK: dict[int, int] = {apikeys_pb2.PRIORITY_CLASS_CRITICAL: 0, apikeys_pb2.PRIORITY_CLASS_STANDARD: 1,
          apikeys_pb2.PRIORITY_CLASS_SHEDDABLE: 2}
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

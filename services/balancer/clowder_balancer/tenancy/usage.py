@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import functools
 import logging
 import re
 import time
@@ -119,7 +120,7 @@ class UsageMeter:
                 for entry in list(batch):
                     sums = batch[entry]
                     await swap(self._state, self._state.key(USAGE, *entry), apikeys_pb2.UsageRecord,
-                               lambda record, e=entry, s=sums: _add(record, e, s), self._timeout)
+                               functools.partial(_add, entry=entry, sums=sums), self._timeout)
                     del batch[entry]
             finally:
                 # Unflushed sums go back, merged with what arrived meanwhile.

@@ -1,4 +1,5 @@
-"""Shared by the storage tests: a ranged HTTP source that can misbehave, a hub-like server, a running service."""
+"""A ranged HTTP source that can misbehave and a storage service in this process: the storage tests' own, and the
+batch and supervisor tests' too."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import re
 import secrets
 
 import grpc
-import pytest
 from aiohttp import web
 
 from clowder.storage.v1 import storage_pb2, storage_pb2_grpc
@@ -136,15 +136,6 @@ class RangedSource:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-
-
-@pytest.fixture
-async def source():
-    """A started RangedSource (a fixture: import it by name into the test module that uses it)."""
-    src = RangedSource()
-    await src.start()
-    yield src
-    await src.stop()
 
 
 @contextlib.asynccontextmanager
