@@ -21,6 +21,9 @@ from helpers.runtimes import RuntimeProcess, runtime_processes  # noqa: F401
 from helpers.sse import sse_events  # noqa: F401
 from helpers.wait import wait_for as wait_until  # noqa: F401
 
+# The admin token of the balancers the `make_balancer` fixture starts.
+ADMIN = "admin-token-for-tests"
+
 Behaviour = Callable[[runtime_pb2.GenerateRequest, grpc.aio.ServicerContext], AsyncIterator[runtime_pb2.GenerateResponse]]
 
 

@@ -7,9 +7,8 @@ import pytest
 
 from clowder_balancer.app import create_balancer
 
-from balancer_helpers import ScriptedRuntime, balancer_config
-
-ADMIN = "admin-token-for-tests"
+from balancer_helpers import ADMIN, ScriptedRuntime
+from helpers.configs import balancer_config
 
 
 @pytest.fixture

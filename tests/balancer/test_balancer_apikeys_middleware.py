@@ -16,11 +16,10 @@ from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
 from clowder_common.auth import bearer_metadata
 
-from balancer_helpers import speak
+from balancer_helpers import ADMIN, speak
 from helpers.records import put_deployment, put_endpoint
 from helpers.wait import wait_for
 
-from conftest import ADMIN
 
 pytestmark = pytest.mark.inprocess
 

@@ -12,7 +12,9 @@ from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
 from clowder_common.errors import Internal
 
-from balancer_helpers import ScriptedRuntime, put_deployment, put_endpoint, speak, wait_until
+from balancer_helpers import ScriptedRuntime, speak
+from helpers.records import put_deployment, put_endpoint
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.inprocess
 
@@ -34,7 +36,7 @@ async def cluster(state, make_balancer, runtimes, behaviours, cls=ScriptedRuntim
         await put_endpoint(state, deployment, f"r{i}", runtime.address)
         started.append(runtime)
     app = await make_balancer(**overrides)
-    await wait_until(lambda: len(app.discovery.endpoints(deployment)) == len(behaviours), what="endpoints")
+    await wait_for(lambda: len(app.discovery.endpoints(deployment)) == len(behaviours), what="endpoints")
     return app, started
 
 
@@ -89,7 +91,7 @@ async def test_replica_reporting_a_queue_is_avoided(state, make_balancer, runtim
     app, rts = await cluster(state, make_balancer, runtimes, [speak(["ok"])] * 2, cls=Waiting,
                              stats_interval_s=0.05)
     rts[0].queued = 50
-    await wait_until(lambda: app.router.stats.get(rts[0].address).waiting == 50, what="stats poll")
+    await wait_for(lambda: app.router.stats.get(rts[0].address).waiting == 50, what="stats poll")
     for _ in range(6):
         assert await chat(http, app, [{"role": "user", "content": "hi"}]) == 200
     assert served(rts) == [0, 6]
@@ -131,7 +133,7 @@ async def test_failing_replica_is_ejected_then_recovers(state, make_balancer, ru
         assert await chat(http, app, [{"role": "user", "content": "hi"}]) == 200
     assert served(rts)[0] == before[0], "an ejected replica got traffic"
     broken["on"] = False
-    await wait_until(lambda: not app.router.outliers.ejected(rts[0].address), timeout=5, what="ejection to end")
+    await wait_for(lambda: not app.router.outliers.ejected(rts[0].address), timeout=5, what="ejection to end")
     for _ in range(4):
         assert await chat(http, app, [{"role": "user", "content": "hi"}]) == 200
     assert served(rts)[0] > before[0], "the replica never came back"
@@ -160,7 +162,7 @@ async def test_load_report_counts_in_flight_waiting_and_totals(state, make_balan
         report = await _load(state, "bal-1")
         return report is not None and pred(report)
 
-    await wait_until(lambda: report_shows(
+    await wait_for(lambda: report_shows(
         lambda r: r.deployments["d"].in_flight == 1 and r.deployments["cold"].waiting == 1), what="busy report")
     report = await _load(state, "bal-1")
     assert report.balancer == "bal-1"
@@ -173,7 +175,7 @@ async def test_load_report_counts_in_flight_waiting_and_totals(state, make_balan
     assert await cold == 200
     gate.set()
     assert await first == 200
-    await wait_until(lambda: report_shows(
+    await wait_for(lambda: report_shows(
         lambda r: r.deployments["d"].in_flight == 0 and r.deployments["cold"].waiting == 0), what="idle report")
     await app.stop()
     assert await _load(state, "bal-1") is None, "the report outlived its balancer"
@@ -188,7 +190,7 @@ async def test_unknown_model_is_not_reported(state, make_balancer, runtimes, htt
         report = await _load(state, "bal-2")
         return report is not None and report.deployments["d"].requests_total == 1
 
-    await wait_until(counted, what="report")
+    await wait_for(counted, what="report")
     assert "no-such-model" not in (await _load(state, "bal-2")).deployments
 
 
@@ -223,7 +225,7 @@ async def test_stream_that_stalls_after_its_first_token_with_no_other_replica_en
         body = await resp.text()
     assert loop.time() - started < 5
     assert '"content":"a"' in body and '"code":"stream_idle_timeout"' in body and body.endswith("data: [DONE]\n\n")
-    await wait_until(lambda: rts[0].cancelled == 1, what="runtime call cancelled")
+    await wait_for(lambda: rts[0].cancelled == 1, what="runtime call cancelled")
 
 
 async def test_access_log_line_names_request_and_replica(state, make_balancer, runtimes, http, caplog):

@@ -11,8 +11,6 @@ from clowder.balancer.v1 import apikeys_pb2
 
 from clowder_balancer.app import create_balancer
 
-# Not `from tenancy_helpers import ...`: other folders' tests do `from conftest import ADMIN`, and must never
-# get this folder's names by accident when several conftest modules are loaded.
 import tenancy_helpers as tenancy
 from helpers.configs import balancer_config
 from helpers.records import put_deployment
