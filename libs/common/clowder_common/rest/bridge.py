@@ -93,7 +93,7 @@ class RestBridge:
             raise ValueError(f"no gRPC address for {', '.join(missing)}")
         self.options = options or BridgeOptions()
         self.routes = routes_of(self.services)
-        self.channels = Channels(options.security)
+        self.channels = Channels(self.options.security)
         for route in self.routes:
             if not route.template.text.startswith(self.prefix + "/"):
                 raise ValueError(f"{route.method.full_name}: {route.template.text} is outside {self.prefix}/")

@@ -6,10 +6,10 @@ import re
 from typing import Any, Iterable
 
 from google.protobuf import descriptor
+from google.protobuf.descriptor import FieldDescriptor as FD
 
 from clowder_common.rest.routes import Route
 
-FD = descriptor.FieldDescriptor
 STATUS_SCHEMA = "google.rpc.Status"
 _INT32 = {FD.TYPE_INT32, FD.TYPE_SINT32, FD.TYPE_SFIXED32}
 _UINT32 = {FD.TYPE_UINT32, FD.TYPE_FIXED32}
@@ -30,7 +30,7 @@ _WKT: dict[str, dict[str, Any]] = {
         "additionalProperties": True,
     },
 }
-_WRAPPER_INNER = {
+_WRAPPER_INNER: dict[str, dict[str, Any]] = {
     "DoubleValue": {"type": "number", "format": "double"},
     "FloatValue": {"type": "number", "format": "float"},
     "Int64Value": {"type": "string", "format": "int64"},
@@ -217,8 +217,8 @@ def openapi_document(routes: Iterable[Route], *, title: str, version: str = "v1"
         path_text, names = canonical.setdefault(shape, (path_text, [v.field_path for v in route.template.variables]))
         path = paths.setdefault(path_text, {})
         path[_HTTP_METHODS[route.http_method]] = _operation(schemas, route, names)
-    for path, operations in (extra_paths or {}).items():
-        paths.setdefault(path, {}).update(operations)
+    for extra_path, operations in (extra_paths or {}).items():
+        paths.setdefault(extra_path, {}).update(operations)
     return {
         "openapi": "3.0.3",
         "info": {"title": title, "version": version,

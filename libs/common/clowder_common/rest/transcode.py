@@ -7,13 +7,13 @@ from typing import Any, Iterable, Mapping
 
 import grpc
 from google.protobuf import descriptor, json_format, message
+from google.protobuf.descriptor import FieldDescriptor as FD
 from google.rpc import error_details_pb2, status_pb2  # noqa: F401  (registers the detail types for Any)
 from grpc_status import rpc_status
 
 from clowder_common.errors import InvalidArgument
 from clowder_common.rest.routes import Route, find_field
 
-FD = descriptor.FieldDescriptor
 _INT32 = {FD.TYPE_INT32, FD.TYPE_SINT32, FD.TYPE_SFIXED32, FD.TYPE_UINT32, FD.TYPE_FIXED32}
 _INT64 = {FD.TYPE_INT64, FD.TYPE_SINT64, FD.TYPE_SFIXED64, FD.TYPE_UINT64, FD.TYPE_FIXED64}
 _FLOAT = {FD.TYPE_FLOAT, FD.TYPE_DOUBLE}
@@ -178,7 +178,7 @@ def status_of_rpc_error(error: grpc.RpcError) -> status_pb2.Status:
     """The google.rpc.Status the server sent (details intact), else one built from code and message."""
     status = None
     try:
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        status = rpc_status.from_call(error)
     except Exception:  # details that do not parse are dropped rather than failing the response
         status = None
     if status is None:

@@ -162,7 +162,7 @@ def _worker_fields(body: bytes) -> dict[str, str]:
     violations = [FieldViolation(k, "unknown field") for k in data if k not in _WORKER_FIELDS]
     violations += [FieldViolation(k, "must be a string") for k in _WORKER_FIELDS
                    if k in data and not isinstance(data[k], str)]
-    fields = {k: data.get(k) if isinstance(data.get(k), str) else "" for k in _WORKER_FIELDS}
+    fields = {k: value if isinstance(value := data.get(k), str) else "" for k in _WORKER_FIELDS}
     violations += [FieldViolation(k, "is required") for k in ("modelUrl", "modelAlias")
                    if k in data and isinstance(data[k], str) and not data[k] or k not in data]
     if fields["credentials"]:
