@@ -6,6 +6,7 @@ import argparse
 import os
 import pathlib
 import sys
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -134,7 +135,7 @@ def source_url(value: str) -> str:
 
 def cmd_image(args, control: Client, console: Console) -> int:
     if args.image_command == "add":
-        flags = {k: v for k, v in runtime_flags(args).items() if v is not None and k != "context_size"}
+        flags: dict[str, Any] = {k: v for k, v in runtime_flags(args).items() if v is not None and k != "context_size"}
         config = resources_pb2.ImageConfiguration(system_prompt=args.system_prompt, context_size=args.context_size,
                                                   **flags)
         control.images.create(args.alias, source_url(args.url), config, credentials_ref=args.credentials_ref,
@@ -164,7 +165,7 @@ def pull(control: Client, alias: str, node: str, console: Console) -> None:
 
 def cmd_deploy(args, control: Client, console: Console) -> int:
     name = args.name or args.image
-    settings = runtime_flags(args)
+    settings: dict[str, Any] = runtime_flags(args)
     given = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items() if v is not None)
     try:
         control.deployments.get(name)

@@ -19,7 +19,7 @@ Kind = Literal["chat", "completion"]
 # "developer" is OpenAI's newer name for the system role.
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
-FINISH_REASONS = {
+FINISH_REASONS: dict[int, str] = {
     runtime_pb2.FINISH_REASON_STOP: "stop",
     runtime_pb2.FINISH_REASON_LENGTH: "length",
     runtime_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
@@ -218,7 +218,7 @@ def _stop(body: dict[str, Any]) -> list[str]:
     return list(stop)
 
 
-def _response_format(body: dict[str, Any]) -> int:
+def _response_format(body: dict[str, Any]) -> runtime_pb2.ResponseFormat:
     spec = _get(body, "response_format", dict, "an object")
     if spec is None:
         return runtime_pb2.RESPONSE_FORMAT_UNSPECIFIED
@@ -317,7 +317,8 @@ def parse_request(body: dict[str, Any], kind: Kind) -> OpenAIRequest:
     if not _UNSUPPORTED_KEYS.isdisjoint(body):
         _reject_unsupported(body, kind)
     n = _int_in(body, "n", 1, MAX_CHOICES) or 1
-    tools, tool_choice = (), None
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice = None
     if kind == "chat" and not _TOOL_KEYS.isdisjoint(body):
         tools, tool_choice = _tools(body)
 

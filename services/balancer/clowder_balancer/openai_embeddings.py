@@ -6,7 +6,7 @@ import array
 import base64
 import sys
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, cast
 
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import InvalidArgument
@@ -60,7 +60,7 @@ def parse_embedding_request(body: dict[str, Any]) -> EmbeddingRequest:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise _bad("user", "Invalid type for 'user': expected a string.")
-    return EmbeddingRequest(model, tuple(inputs), encoding)
+    return EmbeddingRequest(model, tuple(inputs), cast(Literal["float", "base64"], encoding))
 
 
 def _base64(values: Sequence[float]) -> str:

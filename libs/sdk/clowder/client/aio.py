@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import time
+from collections.abc import AsyncGenerator
 from typing import Any, AsyncIterator, Callable, Iterable
 
 import grpc
@@ -56,7 +58,7 @@ class _Caller:
             return await attempt()
         return await tenacity.AsyncRetrying(**retrying_kwargs(deadline, self.max_attempts))(attempt)
 
-    async def stream(self, method: Callable[..., Any], request: Any, timeout_s: float) -> AsyncIterator[Any]:
+    async def stream(self, method: Callable[..., Any], request: Any, timeout_s: float) -> AsyncGenerator[Any, None]:
         call = method(request, metadata=self.metadata, timeout=timeout_s)
         try:
             async for reply in call:
@@ -156,7 +158,7 @@ class Deployments:
         await self._call.unary(self._stub.DeleteDeployment, controller_pb2.DeleteDeploymentRequest(name=name),
                                idempotent=False)
 
-    async def replicas(self, name: str = "-") -> list[resources_pb2.Replica]:
+    async def replicas(self, name: str = "-") -> builtins.list[resources_pb2.Replica]:  # `list` here: the method
         reply = await self._call.unary(self._stub.ListReplicas, controller_pb2.ListReplicasRequest(deployment=name),
                                        idempotent=True)
         return list(reply.replicas)
@@ -291,7 +293,7 @@ class AsyncClient:
 
     def chat_stream(self, model: str, messages: Iterable[Message], *, n: int | None = None,
                     tools: Iterable[Tool] | None = None, tool_choice: ToolChoiceSpec | None = None,
-                    timeout_s: float | None = None, **sampling: Any) -> AsyncIterator[Chunk]:
+                    timeout_s: float | None = None, **sampling: Any) -> AsyncGenerator[Chunk, None]:
         """Leaving the `async for` early (or `aclose()`) cancels the generation."""
         request = chat_request(model, messages, sampling, n, tools, tool_choice)
         return self._chunks(self._stub.CreateChatCompletion, request, timeout_s)
@@ -305,7 +307,7 @@ class AsyncClient:
                                                timeout_s=timeout_s, **sampling))
 
     def complete_stream(self, model: str, prompt: str, *, n: int | None = None, timeout_s: float | None = None,
-                        **sampling: Any) -> AsyncIterator[Chunk]:
+                        **sampling: Any) -> AsyncGenerator[Chunk, None]:
         request = completion_request(model, prompt, sampling, n)
         return self._chunks(self._stub.CreateCompletion, request, timeout_s)
 
@@ -320,7 +322,7 @@ class AsyncClient:
         return embeddings_of(reply)
 
     async def _chunks(self, method: Callable[..., Any], request: Any, timeout_s: float | None
-                      ) -> AsyncIterator[Chunk]:
+                      ) -> AsyncGenerator[Chunk, None]:
         replies = self._inference.stream(method, request, timeout_s or self.settings.timeout_s)
         async with contextlib.aclosing(replies):
             async for reply in replies:
@@ -337,7 +339,7 @@ class AsyncClient:
         await self.close()
 
 
-async def _collect(chunks: AsyncIterator[Chunk]) -> Completion:
+async def _collect(chunks: AsyncGenerator[Chunk, None]) -> Completion:
     collector = Collector()
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:

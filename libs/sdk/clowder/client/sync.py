@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import time
+from collections.abc import Generator
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import grpc
@@ -57,7 +59,7 @@ class _Caller:
             return attempt()
         return tenacity.Retrying(**retrying_kwargs(deadline, self.max_attempts))(attempt)
 
-    def stream(self, method: Callable[..., Any], request: Any, timeout_s: float) -> Iterator[Any]:
+    def stream(self, method: Callable[..., Any], request: Any, timeout_s: float) -> Generator[Any, None, None]:
         call = method(request, metadata=self.metadata, timeout=timeout_s)
         try:
             for reply in call:
@@ -158,7 +160,7 @@ class Deployments:
         self._call.unary(self._stub.DeleteDeployment, controller_pb2.DeleteDeploymentRequest(name=name),
                          idempotent=False)
 
-    def replicas(self, name: str = "-") -> list[resources_pb2.Replica]:
+    def replicas(self, name: str = "-") -> builtins.list[resources_pb2.Replica]:  # `list` here: the method
         """Replicas of one deployment, or of every deployment with "-"."""
         return list(self._call.unary(self._stub.ListReplicas, controller_pb2.ListReplicasRequest(deployment=name),
                                      idempotent=True).replicas)
