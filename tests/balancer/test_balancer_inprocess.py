@@ -17,9 +17,10 @@ from clowder.balancer.v1 import inference_pb2, inference_pb2_grpc
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
 from clowder_common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from clowder_common.plugins import Plugin
 from clowder_common.processes import free_port
 
-from clowder_balancer.routing.base import Candidate, Picker, RoutingEnv
+from clowder_balancer.routing.base import Candidate, Picker
 from clowder_balancer.routing.registry import builtin_plugins
 
 from balancer_helpers import (
@@ -31,12 +32,8 @@ pytestmark = pytest.mark.inprocess
 CHAT = {"model": "d", "messages": [{"role": "user", "content": "hi"}]}
 
 
-class InKeyOrder(Picker):
+class InKeyOrder(Plugin, Picker):
     """A picker plugin that always takes the first untried replica by id, so tests know the order."""
-
-    @classmethod
-    def create(cls, params, env: RoutingEnv) -> InKeyOrder:
-        return cls()
 
     def pick(self, scored) -> Candidate:
         return min((c for c, _ in scored), key=lambda c: c.replica_id)

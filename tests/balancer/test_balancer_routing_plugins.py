@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from clowder_common.errors import InvalidArgument
-from clowder_common.plugins import ParamError, parse_params, weighted_sum
+from clowder_common.plugins import ParamError, Plugin, parse_params, weighted_sum
 
-from clowder_balancer.routing.base import Candidate, Observer, RouteRequest, RoutingEnv, Scorer
+from clowder_balancer.routing.base import Candidate, Observer, RouteRequest, Scorer
 from clowder_balancer.routing.load_scorer import LoadScorer
 from clowder_balancer.routing.prefix_scorer import PrefixScorer
 from clowder_balancer.routing.profiles import BUILTIN_PROFILES, EMBEDDINGS_PROFILE, build_scheduler, scheduler_for
@@ -77,12 +77,8 @@ def test_parameters_are_a_frozen_dataclass_with_defaults() -> None:
     assert info.value.key == "saturation"
 
 
-class Remembers(Scorer, Observer):
+class Remembers(Plugin, Scorer, Observer):
     """Declares Observer but spells one hook wrong: the class cannot be registered."""
-
-    @classmethod
-    def create(cls, params, env: RoutingEnv) -> Remembers:
-        return cls()
 
     def score(self, request: RouteRequest, candidates) -> dict[str, float]:
         return {}
@@ -97,16 +93,12 @@ class Remembers(Scorer, Observer):
 
 
 class Undeclared:
-    """Does not declare Observer and misspells one of its hooks: the registry refuses it when building."""
+    """Does not declare Observer, and has only part of it: the registry refuses it when building."""
 
     def score(self, request: RouteRequest, candidates) -> dict[str, float]:
         return {}
 
     def routed(self, request: RouteRequest, chosen: Candidate) -> None: ...
-
-    def prefilled(self, request: RouteRequest, chosen: Candidate) -> None: ...
-
-    def finish(self, request: RouteRequest, chosen: Candidate, blocks: tuple[int, ...]) -> None: ...
 
     def forget(self, address: str) -> None: ...
 
@@ -116,7 +108,7 @@ def test_a_misspelled_hook_is_an_error_at_registration_or_build() -> None:
     with pytest.raises(TypeError, match="prefilled"):
         plugins.register("scorer", "remembers", Remembers.create)
     plugins.register("scorer", "undeclared", lambda params, env: Undeclared())
-    with pytest.raises(TypeError, match="not finished"):
+    with pytest.raises(TypeError, match="has routed, forget of Observer but not prefilled, finished"):
         build_scheduler("p", {"scorers": ["undeclared"]}, plugins=plugins)
 
 

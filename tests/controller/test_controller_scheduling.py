@@ -18,7 +18,7 @@ from clowder_controller.scheduling.profiles import build_profile, build_schedule
 from clowder_controller.scheduling.framework import Scorer
 from clowder_controller.scheduling.registry import builtin_plugins
 from clowder_common.errors import InvalidArgument
-from clowder_common.plugins import parse_params
+from clowder_common.plugins import Plugin
 from clowder_controller.scheduling.spread import BinPack, Spread
 
 GIB = 1 << 30
@@ -155,11 +155,7 @@ def test_placement_profiles_are_plugin_instances_from_the_registry():
 
 @pytest.mark.unit
 def test_a_placement_plugin_registered_by_type_runs_under_its_own_name():
-    class Cheapest(Scorer):
-        @classmethod
-        def create(cls, params, env):
-            return cls(parse_params(cls.Params, params).prefer)
-
+    class Cheapest(Plugin, Scorer):
         @dataclasses.dataclass(frozen=True)
         class Params:
             prefer: str = ""
@@ -171,7 +167,7 @@ def test_a_placement_plugin_registered_by_type_runs_under_its_own_name():
             return {n.name: 1.0 if n.name == self.prefer else 0.0 for n in nodes}
 
     plugins = builtin_plugins()
-    plugins.register("scorer", "named", Cheapest.create)
+    plugins.register("scorer", "named", Cheapest.create)  # under a type name of the caller's choice
     spec = {"filters": ["labels"], "scorers": [{"type": "named", "name": "likes-c", "weight": 5, "prefer": "c"},
                                               {"type": "spread", "weight": 1}]}
     decision = build_profile("custom", spec, plugins).schedule(PlacementRequest("d"), [node("a"), node("b"), node("c")])

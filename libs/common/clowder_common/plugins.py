@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from clowder_common.errors import InvalidArgument
 
@@ -91,6 +91,21 @@ def _check(key: str, kind: Any, value: Any, bounds: Mapping[str, Any]) -> Any:
     if not ok or (low is not None and value < low) or (high is not None and value > high):
         raise ParamError(key, f"must be {what}, not {value!r}")
     return value
+
+
+class Plugin:
+    """Base of a plugin class: its type name, its parameters, and the factory a registry calls (`Registry.add`).
+
+    The default factory parses the profile's parameters into `Params` (a frozen dataclass; none by default) and
+    passes its fields to the constructor as keywords; a plugin that also needs the framework's `env` overrides it.
+    """
+
+    TYPE: ClassVar[str] = ""
+    Params: ClassVar[type[Any]] = NoParams
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any], env: Any) -> Self:
+        return cls(**dataclasses.asdict(parse_params(cls.Params, params)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +206,11 @@ class Registry(Generic[EnvT]):
         if isinstance(owner, type):
             self._check(owner, kind, type_name)
         self._factories[kind][type_name] = factory
+
+    def add(self, kind: str, *classes: type[Plugin]) -> None:
+        """Register plugin classes under their TYPE, with their create() as the factory."""
+        for cls in classes:
+            self.register(kind, cls.TYPE, cls.create)
 
     def types(self, kind: str) -> list[str]:
         return sorted(self._factories[kind])

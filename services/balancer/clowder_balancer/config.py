@@ -36,8 +36,8 @@ class BalancerConfig(EtcdConfig, SecurityConfig):
     # ("" serves only the balancer's own ApiKeyService through the bridge).
     controller_address: str = "127.0.0.1:3092"
     # Routing profile: a built-in one (default, least-load, round-robin, random, least-in-flight) or one
-    # defined in routing_profiles_file (YAML: `profiles: {NAME: {filters: [...], scorers: [{name, weight}],
-    # picker: NAME}}`).
+    # defined in routing_profiles_file (YAML: `profiles: {NAME: {filters: [...], scorers: [{type, name, weight,
+    # ...parameters}], picker: TYPE}}`; the `embeddings` profile routes embedding requests).
     routing_profile: str = "default"
     routing_profiles_file: str = ""
     # Characters per prompt block in the prefix-affinity index.

@@ -343,7 +343,7 @@ class Router:
 
     async def _embed(self, model: str, request: runtime_pb2.EmbedRequest) -> runtime_pb2.EmbedResponse:
         """Embeddings of all of `request.inputs`, in order: batches of at most EMBED_BATCH inputs (what one
-        runtime call takes), each on the least loaded ready replica, so a big request spreads over replicas."""
+        runtime call takes), each routed on its own, so a big request spreads over replicas."""
         if len(request.inputs) <= EMBED_BATCH:
             return await self._embed_batch(model, request)
         batches = []
@@ -437,13 +437,13 @@ class Router:
                                              "clowder.request_id": rid},
         )
         with self._sent(model, self.scheduler, route, choice) as sent, contextlib.closing(_SpanEnder(span)):
-            per_model.in_flight.inc()
             metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
             if span.get_span_context().is_valid:
                 # The runtime's server span becomes a child of this one.
                 carrier: dict[str, str] = {}
                 propagate.inject(carrier, context=trace.set_span_in_context(span))
                 metadata += tuple(carrier.items())
+            per_model.in_flight.inc()
             try:
                 async with self._channels.stub(address) as stub:
                     call = stub.Generate(request, timeout=max(0.001, deadline - time.monotonic()),

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import ClassVar, Sequence
 
-from clowder_common.plugins import NoParams, parse_params
+from clowder_common.plugins import Plugin
 
-from clowder_balancer.routing.base import Candidate, RouteRequest, RoutingEnv, Scorer
+from clowder_balancer.routing.base import Candidate, RouteRequest, Scorer
 
 
-class AdapterScorer(Scorer):
+class AdapterScorer(Plugin, Scorer):
     TYPE: ClassVar[str] = "adapter"
-
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> AdapterScorer:
-        parse_params(NoParams, params)
-        return cls()
 
     def score(self, request: RouteRequest, candidates: Sequence[Candidate]) -> dict[str, float]:
         if not request.adapter:

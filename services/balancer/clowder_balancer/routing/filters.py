@@ -3,46 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import ClassVar, Sequence
 
 from clowder_common.errors import Unavailable
-from clowder_common.plugins import NoParams, param, parse_params
+from clowder_common.plugins import Plugin, param
 
-from clowder_balancer.routing.base import Candidate, Filter, RouteRequest, RoutingEnv
+from clowder_balancer.routing.base import Candidate, Filter, RouteRequest
 from clowder_balancer.routing.load_scorer import DEFAULT_SATURATION
 
 
-class ReadyFilter(Filter):
+class ReadyFilter(Plugin, Filter):
     """Drops replicas whose stats polls keep failing (a registered endpoint whose process is gone)."""
 
     TYPE: ClassVar[str] = "ready"
     hard = False
 
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> ReadyFilter:
-        parse_params(NoParams, params)
-        return cls()
-
     def filter(self, request: RouteRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
         return [c for c in candidates if c.reachable]
 
 
-class NotEjectedFilter(Filter):
+class NotEjectedFilter(Plugin, Filter):
     """Drops replicas outlier detection has ejected."""
 
     TYPE: ClassVar[str] = "not-ejected"
     hard = False
 
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> NotEjectedFilter:
-        parse_params(NoParams, params)
-        return cls()
-
     def filter(self, request: RouteRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
         return [c for c in candidates if not c.ejected]
 
 
-class SaturationFilter(Filter):
+class SaturationFilter(Plugin, Filter):
     """Drops replicas at or past `saturation` load, so affinity yields to load instead of making hotspots."""
 
     TYPE: ClassVar[str] = "not-saturated"
@@ -52,10 +42,6 @@ class SaturationFilter(Filter):
     class Params:
         saturation: int = param(DEFAULT_SATURATION, min=1)
 
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> SaturationFilter:
-        return cls(parse_params(cls.Params, params).saturation)
-
     def __init__(self, saturation: int = DEFAULT_SATURATION) -> None:
         self.saturation = max(1, int(saturation))
 
@@ -63,16 +49,11 @@ class SaturationFilter(Filter):
         return [c for c in candidates if c.load < self.saturation]
 
 
-class AdapterFilter(Filter):
+class AdapterFilter(Plugin, Filter):
     """Keeps replicas that have the requested adapter; a request for the base model keeps all."""
 
     TYPE: ClassVar[str] = "adapter"
     hard = True
-
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> AdapterFilter:
-        parse_params(NoParams, params)
-        return cls()
 
     def filter(self, request: RouteRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
         if not request.adapter:

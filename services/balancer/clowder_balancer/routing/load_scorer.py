@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import ClassVar, Sequence
 
-from clowder_common.plugins import param, parse_params
+from clowder_common.plugins import Plugin, param
 
-from clowder_balancer.routing.base import Candidate, RouteRequest, RoutingEnv, Scorer
+from clowder_balancer.routing.base import Candidate, RouteRequest, Scorer
 
 # Load (requests in flight plus queued) at which a replica counts as full, when a profile does not say
 # (this scorer's and the not-saturated filter's).
 DEFAULT_SATURATION = 4
 
 
-class LoadScorer(Scorer):
+class LoadScorer(Plugin, Scorer):
     TYPE: ClassVar[str] = "load"
 
     @dataclass(frozen=True)
     class Params:
         saturation: int = param(DEFAULT_SATURATION, min=1)
-
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> LoadScorer:
-        return cls(parse_params(cls.Params, params).saturation)
 
     def __init__(self, saturation: int = DEFAULT_SATURATION) -> None:
         # An absolute scale rather than min/max over the candidates: one request more must not flip a

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Self, Sequence
 
-from clowder_common.plugins import NoParams, parse_params
+from clowder_common.plugins import Plugin, parse_params
 
 from clowder_balancer.routing.base import Candidate, Picker, RoutingEnv
 
@@ -19,17 +19,23 @@ def _require(scored: Sequence[tuple[Candidate, float]]) -> None:
         raise ValueError("no candidates to pick from")
 
 
-class MaxScorePicker(Picker):
-    TYPE: ClassVar[str] = "max-score"
+class _RandomTies(Plugin):
+    """A picker that draws among equals with the profile's random source (a seeded one in tests)."""
 
     @classmethod
-    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> MaxScorePicker:
-        parse_params(NoParams, params)
+    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> Self:
+        parse_params(cls.Params, params)
         return cls(env.rng)
 
     def __init__(self, rng: random.Random | None = None) -> None:
-        # Random ties keep several balancers that each see the same scores from piling onto one replica.
         self._rng = rng or random.Random()
+
+
+class MaxScorePicker(_RandomTies, Picker):
+    """The highest score; random ties keep several balancers that each see the same scores from piling onto one
+    replica."""
+
+    TYPE: ClassVar[str] = "max-score"
 
     def pick(self, scored: Sequence[tuple[Candidate, float]]) -> Candidate:
         _require(scored)
@@ -37,13 +43,8 @@ class MaxScorePicker(Picker):
         return self._rng.choice([c for c, score in scored if score >= best - TIE_EPSILON])
 
 
-class RoundRobinPicker(Picker):
+class RoundRobinPicker(Plugin, Picker):
     TYPE: ClassVar[str] = "round-robin"
-
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> RoundRobinPicker:
-        parse_params(NoParams, params)
-        return cls()
 
     def __init__(self) -> None:
         self._counter = itertools.count()
@@ -54,23 +55,15 @@ class RoundRobinPicker(Picker):
         return ordered[next(self._counter) % len(ordered)]
 
 
-class RandomPicker(Picker):
+class RandomPicker(_RandomTies, Picker):
     TYPE: ClassVar[str] = "random"
-
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> RandomPicker:
-        parse_params(NoParams, params)
-        return cls(env.rng)
-
-    def __init__(self, rng: random.Random | None = None) -> None:
-        self._rng = rng or random.Random()
 
     def pick(self, scored: Sequence[tuple[Candidate, float]]) -> Candidate:
         _require(scored)
         return self._rng.choice([c for c, _ in scored])
 
 
-class LeastInFlightPicker(Picker):
+class LeastInFlightPicker(_RandomTies, Picker):
     """The replica with the fewest requests in flight from this balancer; ties broken at random.
 
     Random ties keep several balancers that each see zero load from all piling
@@ -78,14 +71,6 @@ class LeastInFlightPicker(Picker):
     """
 
     TYPE: ClassVar[str] = "least-in-flight"
-
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> LeastInFlightPicker:
-        parse_params(NoParams, params)
-        return cls(env.rng)
-
-    def __init__(self, rng: random.Random | None = None) -> None:
-        self._rng = rng or random.Random()
 
     def pick(self, scored: Sequence[tuple[Candidate, float]]) -> Candidate:
         _require(scored)

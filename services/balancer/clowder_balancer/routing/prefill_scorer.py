@@ -10,11 +10,9 @@ that share only a system prompt spread out instead of queueing behind each other
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Callable, ClassVar, Sequence
 
-from clowder_common.plugins import NoParams, parse_params
-
-from clowder_balancer.routing.base import Candidate, RouteRequest, RoutingEnv
+from clowder_balancer.routing.base import Candidate, RouteRequest
 from clowder_balancer.routing.prefix_index import DEFAULT_BLOCK_CHARS, PrefixIndex
 from clowder_balancer.routing.prefix_scorer import PrefixScorer
 
@@ -31,11 +29,6 @@ class PrefillScorer(PrefixScorer):
     the work (relative to the best, so the weight against other scorers does not depend on prompt size)."""
 
     TYPE: ClassVar[str] = "prefill"
-
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> PrefillScorer:
-        parse_params(NoParams, params)
-        return cls(block_chars=env.block_chars)
 
     def __init__(self, index: PrefixIndex | None = None, block_chars: int = DEFAULT_BLOCK_CHARS,
                  clock: Callable[[], float] = time.monotonic) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Self, Sequence
 
-from clowder_common.plugins import NoParams, parse_params
+from clowder_common.plugins import Plugin, parse_params
 
 from clowder_balancer.routing.base import (
     BlockReader, Candidate, Observer, RouteRequest, RoutingEnv, Scorer, StatsConsumer,
@@ -24,12 +24,12 @@ SLACK = 2
 PROTECT_S = 30.0
 
 
-class PrefixScorer(Scorer, Observer, StatsConsumer, BlockReader):
+class PrefixScorer(Plugin, Scorer, Observer, StatsConsumer, BlockReader):
     TYPE: ClassVar[str] = "prefix"
 
     @classmethod
-    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> PrefixScorer:
-        parse_params(NoParams, params)
+    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> Self:
+        parse_params(cls.Params, params)
         return cls(block_chars=env.block_chars)
 
     def __init__(self, index: PrefixIndex | None = None, block_chars: int = DEFAULT_BLOCK_CHARS,

@@ -22,17 +22,7 @@ RoutingPlugins = Registry[RoutingEnv]
 def builtin_plugins() -> RoutingPlugins:
     """A new registry holding every built-in type (a caller may register more on it)."""
     plugins: RoutingPlugins = Registry(KINDS, HOOKS)
-    plugins.register("filter", ReadyFilter.TYPE, ReadyFilter.create)
-    plugins.register("filter", NotEjectedFilter.TYPE, NotEjectedFilter.create)
-    plugins.register("filter", SaturationFilter.TYPE, SaturationFilter.create)
-    plugins.register("filter", AdapterFilter.TYPE, AdapterFilter.create)
-    plugins.register("scorer", LoadScorer.TYPE, LoadScorer.create)
-    plugins.register("scorer", PrefixScorer.TYPE, PrefixScorer.create)
-    plugins.register("scorer", PrefillScorer.TYPE, PrefillScorer.create)
-    plugins.register("scorer", SessionScorer.TYPE, SessionScorer.create)
-    plugins.register("scorer", AdapterScorer.TYPE, AdapterScorer.create)
-    plugins.register("picker", MaxScorePicker.TYPE, MaxScorePicker.create)
-    plugins.register("picker", RoundRobinPicker.TYPE, RoundRobinPicker.create)
-    plugins.register("picker", RandomPicker.TYPE, RandomPicker.create)
-    plugins.register("picker", LeastInFlightPicker.TYPE, LeastInFlightPicker.create)
+    plugins.add("filter", ReadyFilter, NotEjectedFilter, SaturationFilter, AdapterFilter)
+    plugins.add("scorer", LoadScorer, PrefixScorer, PrefillScorer, SessionScorer, AdapterScorer)
+    plugins.add("picker", MaxScorePicker, RoundRobinPicker, RandomPicker, LeastInFlightPicker)
     return plugins

@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import ClassVar, Sequence
 
-from clowder_common.plugins import param, parse_params
+from clowder_common.plugins import Plugin, param
 
-from clowder_balancer.routing.base import Candidate, Observer, RouteRequest, RoutingEnv, Scorer
+from clowder_balancer.routing.base import Candidate, Observer, RouteRequest, Scorer
 
 DEFAULT_CAPACITY = 100_000
 
 
-class SessionScorer(Scorer, Observer):
+class SessionScorer(Plugin, Scorer, Observer):
     TYPE: ClassVar[str] = "session"
 
     @dataclass(frozen=True)
     class Params:
         # Sessions remembered (least recently used forgotten first).
         capacity: int = param(DEFAULT_CAPACITY, min=1)
-
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: RoutingEnv) -> SessionScorer:
-        return cls(parse_params(cls.Params, params).capacity)
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         self._capacity = max(1, capacity)

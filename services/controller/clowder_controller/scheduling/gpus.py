@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import ClassVar, Sequence
 
-from clowder_common.plugins import NoParams, parse_params
+from clowder_common.plugins import Plugin
 from clowder_controller.scheduling.framework import Filter, NodeInfo, PlacementRequest
 
 
-class GpuFit(Filter):
+class GpuFit(Plugin, Filter):
     TYPE: ClassVar[str] = "gpus"
-
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: None) -> GpuFit:
-        parse_params(NoParams, params)
-        return cls()
 
     def filter(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> list[NodeInfo]:
         if not request.gpus:

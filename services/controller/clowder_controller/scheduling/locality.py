@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import ClassVar, Sequence
 
-from clowder_common.plugins import NoParams, parse_params
+from clowder_common.plugins import Plugin
 from clowder_controller.scheduling.framework import NodeInfo, PlacementRequest, Scorer
 
 
-class Locality(Scorer):
+class Locality(Plugin, Scorer):
     TYPE: ClassVar[str] = "locality"
-
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: None) -> Locality:
-        parse_params(NoParams, params)
-        return cls()
 
     def score(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> dict[str, float]:
         digest = request.digest

@@ -8,10 +8,10 @@ Image.model_shape; without it, the weights plus a fixed margin stand in.
 from __future__ import annotations
 
 import pathlib
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import ClassVar, Sequence
 
 from clowder.controller.v1 import resources_pb2
-from clowder_common.plugins import NoParams, parse_params
+from clowder_common.plugins import Plugin
 from clowder_common.runtime_settings import DEFAULT_CONTEXT_SIZE, RuntimeSettings, resolve, with_defaults
 from clowder_controller.scheduling.framework import Filter, NodeInfo, PlacementRequest
 
@@ -76,13 +76,8 @@ def _gib(size: int) -> str:
     return f"{size / (1 << 30):.2f} GiB"
 
 
-class MemoryFit(Filter):
+class MemoryFit(Plugin, Filter):
     TYPE: ClassVar[str] = "memory"
-
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: None) -> MemoryFit:
-        parse_params(NoParams, params)
-        return cls()
 
     def filter(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> list[NodeInfo]:
         need = request.memory_bytes

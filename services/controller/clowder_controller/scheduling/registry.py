@@ -20,10 +20,6 @@ SchedulingPlugins = Registry[None]
 def builtin_plugins() -> SchedulingPlugins:
     """A new registry holding every built-in type (a caller may register more on it)."""
     plugins: SchedulingPlugins = Registry(KINDS)
-    plugins.register("filter", LabelMatch.TYPE, LabelMatch.create)
-    plugins.register("filter", GpuFit.TYPE, GpuFit.create)
-    plugins.register("filter", MemoryFit.TYPE, MemoryFit.create)
-    plugins.register("scorer", Spread.TYPE, Spread.create)
-    plugins.register("scorer", BinPack.TYPE, BinPack.create)
-    plugins.register("scorer", Locality.TYPE, Locality.create)
+    plugins.add("filter", LabelMatch, GpuFit, MemoryFit)
+    plugins.add("scorer", Spread, BinPack, Locality)
     return plugins

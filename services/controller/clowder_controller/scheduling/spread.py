@@ -7,9 +7,9 @@ locality preference cannot pile every replica onto the nodes holding a model.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import ClassVar, Sequence
 
-from clowder_common.plugins import NoParams, parse_params
+from clowder_common.plugins import Plugin
 from clowder_controller.scheduling.framework import NodeInfo, PlacementRequest, Scorer
 
 
@@ -30,15 +30,10 @@ def _relative(values: list[float]) -> list[float]:
     return [(v - lo) / span for v in values]
 
 
-class Spread(Scorer):
+class Spread(Plugin, Scorer):
     """Prefer nodes without a replica of this deployment, then the least used ones."""
 
     TYPE: ClassVar[str] = "spread"
-
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: None) -> Spread:
-        parse_params(NoParams, params)
-        return cls()
 
     def score(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> dict[str, float]:
         dep = request.deployment
@@ -46,15 +41,10 @@ class Spread(Scorer):
         return {n.name: 0.5 / (1 + n.per_deployment.get(dep, 0)) + 0.5 * (1.0 - f) for n, f in zip(nodes, fullness)}
 
 
-class BinPack(Scorer):
+class BinPack(Plugin, Scorer):
     """Prefer the fullest node that still fits, leaving whole nodes free for big models."""
 
     TYPE: ClassVar[str] = "binpack"
-
-    @classmethod
-    def create(cls, params: Mapping[str, Any], env: None) -> BinPack:
-        parse_params(NoParams, params)
-        return cls()
 
     def score(self, request: PlacementRequest, nodes: Sequence[NodeInfo]) -> dict[str, float]:
         return {n.name: f for n, f in zip(nodes, _relative([_used(n, request) for n in nodes]))}
