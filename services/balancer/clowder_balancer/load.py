@@ -12,8 +12,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from clowder.balancer.v1 import load_pb2
 from clowder_common import keys
-from clowder_common.etcd import EtcdState, LeaseKeeper
-from clowder_common.tasks import cancel_and_wait, run_periodically
+from clowder_common.etcd import EtcdState
+
+from clowder_balancer.leased_report import LeasedReport
 
 log = logging.getLogger(__name__)
 
@@ -75,36 +76,11 @@ class LoadTracker:
         return report
 
 
-class LoadReporter:
-    """Writes the tracker's snapshot every `interval_s` on a lease, so a dead balancer's report disappears."""
+class LoadReporter(LeasedReport):
+    """Writes the tracker's snapshot to load/<balancer> every `interval_s`, and at once when a request starts
+    waiting for a replica (other balancers route around a queue sooner)."""
 
     def __init__(self, state: EtcdState, tracker: LoadTracker, balancer: str,
                  interval_s: float = 1.0, lease_ttl_s: int = 5) -> None:
-        self._state = state
-        self._tracker = tracker
-        self._balancer = balancer
-        self._key = state.key(keys.load(balancer))
-        self._interval = interval_s
-        self._lease = LeaseKeeper(state, lease_ttl_s, self._write)
-        self._task: asyncio.Task | None = None
-
-    async def _write(self, lease_id: int) -> None:
-        await self._state.put(self._key, self._tracker.snapshot(self._balancer), lease=lease_id)
-
-    async def start(self) -> None:
-        await self._lease.start()
-        # A failed report (etcd down) is retried at the next tick; the lease TTL bounds how stale it gets.
-        self._task = asyncio.create_task(
-            run_periodically(self._report, self._interval, self._tracker.started_waiting, "load report"),
-            name="load-reporter")
-
-    async def _report(self) -> None:
-        lease = self._lease.lease_id
-        if lease is not None:
-            await asyncio.wait_for(self._write(lease), timeout=max(1.0, self._interval * 2))
-
-    async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._lease.stop(), timeout=3.0)
+        super().__init__(state, state.key(keys.load(balancer)), lambda: tracker.snapshot(balancer), "load report",
+                         interval_s=interval_s, lease_ttl_s=lease_ttl_s, wake=tracker.started_waiting)

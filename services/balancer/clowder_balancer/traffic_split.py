@@ -26,9 +26,9 @@ from clowder.controller.v1 import resources_pb2
 from clowder.runtime.v1 import runtime_pb2
 from clowder_common import keys
 from clowder_common.errors import ClowderError, FailedPrecondition, InvalidArgument, NotFound
-from clowder_common.etcd import EtcdState, LeaseKeeper, PrefixCache
-from clowder_common.tasks import cancel_and_wait, run_periodically
+from clowder_common.etcd import EtcdState, PrefixCache
 
+from clowder_balancer.leased_report import LeasedReport
 from clowder_balancer.metrics import TTFT_BUCKETS
 
 log = logging.getLogger(__name__)
@@ -336,36 +336,13 @@ class TrafficSplit:
         return bool(self._counts)
 
 
-class RevisionReporter:
+class RevisionReporter(LeasedReport):
     """Writes the split's counters to revstats/<balancer> every `interval_s` on a lease (a dead balancer's
     counters disappear with it; the controller treats counters that went down as a fresh start)."""
 
     def __init__(self, state: EtcdState, split: TrafficSplit, balancer: str, interval_s: float = 1.0,
                  lease_ttl_s: int = 5) -> None:
-        self._state = state
-        self._split = split
-        self._balancer = balancer
-        self._key = state.key(keys.revstats(balancer))
-        self._interval = interval_s
-        self._lease = LeaseKeeper(state, lease_ttl_s, self._write)
-        self._task: asyncio.Task | None = None
-
-    async def _write(self, lease_id: int) -> None:
-        await self._state.put(self._key, self._split.report(self._balancer), lease=lease_id)
-
-    async def start(self) -> None:
-        await self._lease.start()
-        self._task = asyncio.create_task(run_periodically(self._report, self._interval, None, "revision report"),
-                                         name="revision-reporter")
-
-    async def _report(self) -> None:
-        lease = self._lease.lease_id
         # Nothing to say until a service's request came by: no write a second for clusters without services.
-        if lease is not None and self._split.counting:
-            await asyncio.wait_for(self._write(lease), timeout=max(1.0, self._interval * 2))
-
-    async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._lease.stop(), timeout=3.0)
+        super().__init__(state, state.key(keys.revstats(balancer)), lambda: split.report(balancer),
+                         "revision report", interval_s=interval_s, lease_ttl_s=lease_ttl_s,
+                         due=lambda: split.counting)
