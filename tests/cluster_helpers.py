@@ -13,8 +13,10 @@ import time
 from collections.abc import Iterator
 
 from clowder.client import Client
+from clowder.controller.v1 import resources_pb2
 from clowder_cli.control import open_control_plane
 from clowder_common.auth import read_admin_token
+from clowder_common.errors import ClowderError
 from clowder_common.processes import free_port
 from clowder_common.security import SERVICE_TOKEN_ENV, ClusterSecurity, service_token_path
 
@@ -97,6 +99,25 @@ class UpCluster:
                 return
             time.sleep(0.2)
         raise AssertionError(f"{text!r} not in {path}")
+
+
+def smol_replica(cluster: UpCluster, timeout: float = 60) -> resources_pb2.Replica:
+    """smol's one replica once it is ready (the controller may be restarting: retried, bounded)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        control = cluster.control()
+        try:
+            replicas = list(control.deployments.replicas("smol"))
+            if len(replicas) == 1 and replicas[0].state == resources_pb2.REPLICA_STATE_READY:
+                return replicas[0]
+            last = replicas
+        except ClowderError as err:
+            last = err
+        finally:
+            control.close()
+        time.sleep(0.3)
+    raise AssertionError(f"smol has no ready replica: {last}")
 
 
 @contextlib.contextmanager

@@ -22,16 +22,14 @@ import openai
 import pytest
 
 from clowder.balancer.v1 import batch_pb2, batch_pb2_grpc
-from clowder.controller.v1 import resources_pb2
 from clowder_common.auth import TOKEN_ENV, read_admin_token
-from clowder_common.errors import ClowderError
 from clowder_common.processes import free_port, wait_for_port
 from clowder_common.security import SERVICE_TOKEN_ENV, service_token_path
 
 from clowder_cli.bundled import DEMO_SLOTS
 
 from batch_helpers import chat_lines, custom_ids, ended, jsonl, lines_of, poll, upload
-from cluster_helpers import UpCluster, up_cluster
+from cluster_helpers import smol_replica, up_cluster
 
 pytestmark = [pytest.mark.processes, pytest.mark.e2e]
 
@@ -58,24 +56,6 @@ def cluster(tmp_path_factory):
 def client(cluster):
     return openai.OpenAI(base_url=f"http://127.0.0.1:{cluster.http_port}/v1", api_key="unused", timeout=60,
                          max_retries=0)
-
-
-def smol_replica(cluster: UpCluster, timeout: float = 60) -> resources_pb2.Replica:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        control = cluster.control()
-        try:
-            replicas = list(control.deployments.replicas("smol"))
-            if len(replicas) == 1 and replicas[0].state == resources_pb2.REPLICA_STATE_READY:
-                return replicas[0]
-            last = replicas
-        except ClowderError as err:
-            last = err
-        finally:
-            control.close()
-        time.sleep(0.3)
-    raise AssertionError(f"smol has no ready replica: {last}")
 
 
 def test_batch_runs_every_line_once_and_reports_unknown_models_in_the_error_file(client):

@@ -6,17 +6,15 @@ import asyncio
 import json
 import time
 
-import openai
 import pytest
 
 from clowder.controller.v1 import resources_pb2
-from clowder_balancer.app import create_balancer
 from clowder_common import keys
-from clowder_controller.app import create_controller
-from clowder_storage.app import create_storage
 
 from batch_helpers import chat_lines, jsonl
-from helpers.configs import balancer_config, controller_config, storage_config
+from helpers.records import replicas_of
+from helpers.runtimes import openai_client
+from helpers.services import services_in_process
 
 pytestmark = pytest.mark.processes
 
@@ -24,20 +22,14 @@ TOKEN = "batch-wake-test-token"
 
 
 async def test_a_batch_wakes_a_deployment_at_zero(etcd, etcd_prefix, state, tmp_path, model_path):
-    node = await create_storage(storage_config(etcd.endpoint, etcd_prefix, tmp_path / "n1", "n1", lease_ttl_s=2), TOKEN)
-    await node.start()
-    controller = await create_controller(controller_config(etcd.endpoint, etcd_prefix, tmp_path / "controller",
-                                                           runtime_threads=1, runtime_stop_grace_s=3,
-                                                           autoscale_interval_s=0.3, scale_down_window_s=1), TOKEN)
-    await controller.start()
     # The admin token lets the balancer keep batch files in the storage node.
-    balancer = await create_balancer(balancer_config(etcd.endpoint, etcd_prefix, ready_timeout_s=120, drain_grace_s=3,
-                                                     name="b1", load_report_interval_s=0.3),
-        admin_token=TOKEN)
-    await balancer.start()
-    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{balancer.http_port}/v1", api_key="unused",
-                                timeout=60, max_retries=0)
-    try:
+    async with services_in_process(etcd.endpoint, etcd_prefix, tmp_path, TOKEN, node=dict(lease_ttl_s=2),
+                                   controller=dict(runtime_threads=1, runtime_stop_grace_s=3,
+                                                   autoscale_interval_s=0.3, scale_down_window_s=1),
+                                   balancer=dict(ready_timeout_s=120, drain_grace_s=3, name="b1",
+                                                 load_report_interval_s=0.3),
+                                   balancer_admin_token=TOKEN) as services, \
+            openai_client(services.balancer) as client:
         await state.put(state.key(keys.image("smol")), resources_pb2.Image(alias="smol",
                                                                            source_url=model_path.as_uri()))
         await state.put(state.key(keys.deployment("smol")), resources_pb2.Deployment(
@@ -47,7 +39,7 @@ async def test_a_batch_wakes_a_deployment_at_zero(etcd, etcd_prefix, state, tmp_
         while "smol" not in [m.id for m in (await client.models.list()).data]:
             assert time.monotonic() < deadline, "the balancer never saw the deployment"
             await asyncio.sleep(0.1)
-        assert await _replicas(state) == []
+        assert await replicas_of(state, "smol") == []
 
         source = await client.files.create(file=("wake.jsonl", jsonl(chat_lines(3))), purpose="batch")
         batch = await client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
@@ -60,15 +52,5 @@ async def test_a_batch_wakes_a_deployment_at_zero(etcd, etcd_prefix, state, tmp_
         assert batch.status == "completed" and batch.request_counts.completed == 3, batch
         output = (await client.files.content(batch.output_file_id)).text.splitlines()
         assert sorted(json.loads(line)["custom_id"] for line in output) == ["req-0", "req-1", "req-2"]
-        woken = await _replicas(state)
+        woken = await replicas_of(state, "smol")
         assert len(woken) == 1 and woken[0].state == resources_pb2.REPLICA_STATE_READY
-    finally:
-        await client.close()
-        await balancer.stop()
-        await controller.stop()
-        await node.stop()
-
-
-async def _replicas(state):
-    items, _ = await state.list(state.key(keys.replicas_of("smol")), resources_pb2.Replica)
-    return [i.value for i in items]

@@ -10,12 +10,10 @@ import aiohttp
 import pytest
 
 from clowder.controller.v1 import resources_pb2
-from clowder_balancer.app import create_balancer
 from clowder_common import keys
 from clowder_common.processes import pid_alive
-from clowder_controller.app import create_controller
-from clowder_storage.app import create_storage
-from helpers.configs import balancer_config, controller_config, storage_config
+from helpers.records import replicas_of
+from helpers.services import services_in_process
 
 pytestmark = pytest.mark.processes
 
@@ -24,16 +22,12 @@ TOKEN = "activation-test-token"
 
 async def test_request_wakes_a_deployment_at_zero_and_idle_returns_it_to_zero(etcd, etcd_prefix, state, tmp_path,
                                                                               model_path):
-    node = await create_storage(storage_config(etcd.endpoint, etcd_prefix, tmp_path / "n1", "n1", lease_ttl_s=2), TOKEN)
-    await node.start()
-    controller = await create_controller(controller_config(etcd.endpoint, etcd_prefix, tmp_path / "controller",
-                                                           runtime_threads=1, runtime_stop_grace_s=3,
-                                                           autoscale_interval_s=0.3, scale_down_window_s=1), TOKEN)
-    await controller.start()
-    balancer = await create_balancer(balancer_config(etcd.endpoint, etcd_prefix, ready_timeout_s=120, drain_grace_s=3,
-                                                     name="b1", load_report_interval_s=0.3))
-    await balancer.start()
-    try:
+    async with services_in_process(etcd.endpoint, etcd_prefix, tmp_path, TOKEN, node=dict(lease_ttl_s=2),
+                                   controller=dict(runtime_threads=1, runtime_stop_grace_s=3,
+                                                   autoscale_interval_s=0.3, scale_down_window_s=1),
+                                   balancer=dict(ready_timeout_s=120, drain_grace_s=3, name="b1",
+                                                 load_report_interval_s=0.3)) as services:
+        balancer = services.balancer
         await state.put(state.key(keys.image("smol")), resources_pb2.Image(alias="smol",
                                                                            source_url=model_path.as_uri()))
         await state.put(state.key(keys.deployment("smol")), resources_pb2.Deployment(
@@ -50,32 +44,25 @@ async def test_request_wakes_a_deployment_at_zero_and_idle_returns_it_to_zero(et
                         break
                 assert time.monotonic() < deadline, "the balancer never saw the deployment"
                 await asyncio.sleep(0.1)
-            assert await _replicas(state) == []
+            assert await replicas_of(state, "smol") == []
             async with http.post(url, json=body) as resp:
                 answer = await resp.json()
                 assert resp.status == 200, answer
         assert answer["choices"][0]["message"]["content"]
-        served_by = await _replicas(state)
+        served_by = await replicas_of(state, "smol")
         assert len(served_by) == 1 and served_by[0].state == resources_pb2.REPLICA_STATE_READY
 
         # No more requests: after scale_to_zero_after_s the deployment returns to zero and its runtime stops.
         deadline = time.monotonic() + 60
-        while await _replicas(state) or (await _deployment(state)).replicas != 0:
+        while await replicas_of(state, "smol") or (await _deployment(state)).replicas != 0:
             assert time.monotonic() < deadline, "did not scale back to zero"
             await asyncio.sleep(0.3)
         deadline = time.monotonic() + 20
         while pid_alive(served_by[0].pid):
             assert time.monotonic() < deadline, "the idle runtime kept running"
             await asyncio.sleep(0.2)
-    finally:
-        await balancer.stop()
-        await controller.stop()
-        await node.stop()
 
 
-async def _replicas(state):
-    items, _ = await state.list(state.key(keys.replicas_of("smol")), resources_pb2.Replica)
-    return [i.value for i in items]
 
 
 async def _deployment(state):

@@ -24,35 +24,15 @@ from rich.console import Console
 from clowder.controller.v1 import resources_pb2
 from clowder.storage.v1 import storage_pb2
 from clowder_cli.up import pull_with_retry
-from clowder_common.errors import ClowderError
 from clowder_common.processes import SUPERVISOR_ENV, free_port, pid_alive
 
-from cluster_helpers import UpCluster, up_cluster
+from cluster_helpers import UpCluster, smol_replica, up_cluster
 # The storage tests' ranged HTTP source (it can hold a response after its first MiB).
 from helpers.storage import RangedSource
 
 pytestmark = [pytest.mark.processes, pytest.mark.e2e]
 
 READY = resources_pb2.REPLICA_STATE_READY
-
-
-def smol_replica(cluster: UpCluster, timeout: float = 60) -> resources_pb2.Replica:
-    """smol's one replica once it is ready (the controller may be restarting: retried, bounded)."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        control = cluster.control()
-        try:
-            replicas = list(control.deployments.replicas("smol"))
-            if len(replicas) == 1 and replicas[0].state == READY:
-                return replicas[0]
-            last = replicas
-        except ClowderError as err:
-            last = err
-        finally:
-            control.close()
-        time.sleep(0.3)
-    raise AssertionError(f"smol has no ready replica: {last}")
 
 
 class Traffic:
