@@ -96,6 +96,20 @@ def bearer(value: str | None) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
+def check_admin(expected: bytes | None, authorization: str | None, unusable: str = "") -> None:
+    """The admin token check of ApiKeyService and of the gateway's own routes, with the same answers:
+    FAILED_PRECONDITION without an admin token (`unusable`: what cannot be done then), else UNAUTHENTICATED
+    for a missing or wrong bearer token."""
+    if expected is None:
+        raise FailedPrecondition("this balancer runs without an admin token" + (f": {unusable}" if unusable else ""),
+                                 reason="NO_ADMIN_TOKEN")
+    token = bearer(authorization)
+    if not token:
+        raise Unauthenticated("missing bearer token: send 'authorization: Bearer <admin token>'")
+    if not hmac.compare_digest(token.encode(), expected):
+        raise Unauthenticated("invalid bearer token", reason="INVALID_TOKEN")
+
+
 def validate_limits(limits: apikeys_pb2.KeyLimits, field: str = "limits") -> None:
     if limits.budget_period not in apikeys_pb2.BudgetPeriod.values():
         raise InvalidArgument("budget_period must be DAY or MONTH", field=f"{field}.budget_period")
@@ -245,15 +259,9 @@ class ApiKeyServicer(apikeys_pb2_grpc.ApiKeyServiceServicer):
         return SERVICE_NAME
 
     def _check_admin(self, context: grpc.aio.ServicerContext) -> None:
-        if self._token is None:
-            raise FailedPrecondition("this balancer runs without an admin token: API keys cannot be managed",
-                                     reason="NO_ADMIN_TOKEN")
         presented = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
-        token = bearer(presented if isinstance(presented, str) else presented.decode(errors="replace"))
-        if not token:
-            raise Unauthenticated("missing bearer token: send 'authorization: Bearer <admin token>'")
-        if not hmac.compare_digest(token.encode(), self._token):
-            raise Unauthenticated("invalid bearer token", reason="INVALID_TOKEN")
+        check_admin(self._token, presented if isinstance(presented, str) else presented.decode(errors="replace"),
+                    "API keys cannot be managed")
 
     async def CreateApiKey(self, request, context) -> apikeys_pb2.CreateApiKeyResponse:
         self._check_admin(context)

@@ -10,7 +10,6 @@ Counters are totals since each runtime started; a client takes rates from two re
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from typing import Any
 
@@ -18,10 +17,10 @@ import grpc
 from aiohttp import web
 
 from clowder.runtime.v1 import runtime_pb2
-from clowder_common.errors import ClowderError, FailedPrecondition, Unauthenticated
+from clowder_common.errors import ClowderError
 from clowder_common.rest import error_response, error_response_spec
 
-from clowder_balancer.apikeys import bearer
+from clowder_balancer.apikeys import check_admin
 from clowder_balancer.channels import ChannelPool
 from clowder_balancer.discovery import Discovery
 
@@ -64,19 +63,10 @@ class RuntimeStatsApi:
                 "default": error_response_spec()},
         }}}
 
-    def _check_admin(self, request: web.Request) -> None:
-        # The same answers as ApiKeyService's check, so the console treats every /api/v1 refusal alike.
-        if self._token is None:
-            raise FailedPrecondition("this balancer runs without an admin token", reason="NO_ADMIN_TOKEN")
-        token = bearer(request.headers.get("Authorization"))
-        if not token:
-            raise Unauthenticated("missing bearer token: send 'Authorization: Bearer <admin token>'")
-        if not hmac.compare_digest(token.encode(), self._token):
-            raise Unauthenticated("invalid bearer token", reason="INVALID_TOKEN")
-
     async def handle(self, request: web.Request) -> web.Response:
         try:
-            self._check_admin(request)
+            # ApiKeyService's check, so the console treats every /api/v1 refusal alike.
+            check_admin(self._token, request.headers.get("Authorization"))
             wanted = request.query.get("deployment", "")
             targets = [(model.name, endpoint) for model in self._discovery.models()
                        if not wanted or model.name == wanted
