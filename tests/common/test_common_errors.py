@@ -23,13 +23,27 @@ class Nodes(controller_pb2_grpc.NodeServiceServicer):
         raise NotFound(f"node {request.name} not found", reason="NODE_NOT_FOUND", metadata={"node": request.name})
 
 
+class Images(controller_pb2_grpc.ImageServiceServicer):
+    """A stream that fails after its first message: the status must still carry the error's code."""
+
+    async def PullImage(self, request, context):
+        yield controller_pb2.PullImageResponse(node="n1")
+        if request.alias == "bad":
+            raise InvalidArgument("alias is bad", field="alias")
+        raise RuntimeError("secret database password is hunter2")
+
+
 @pytest.fixture
 async def server():
     def register(srv):
         controller_pb2_grpc.add_NodeServiceServicer_to_server(Nodes(), srv)
         return "clowder.controller.v1.NodeService"
 
-    srv = create_grpc_server("127.0.0.1:0", [register], admin_token="tok")
+    def register_images(srv):
+        controller_pb2_grpc.add_ImageServiceServicer_to_server(Images(), srv)
+        return "clowder.controller.v1.ImageService"
+
+    srv = create_grpc_server("127.0.0.1:0", [register, register_images], admin_token="tok")
     await srv.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}")
     yield srv, controller_pb2_grpc.NodeServiceStub(channel), channel
@@ -63,6 +77,25 @@ async def test_unexpected_errors_become_opaque_internal(server):
     err = await call(stub, "boom")
     assert err.code() == grpc.StatusCode.INTERNAL
     assert "hunter2" not in err.details() and "incident" in err.details()
+
+
+@pytest.mark.inprocess
+async def test_a_stream_that_fails_midway_ends_with_the_errors_status(server):
+    _, _, channel = server
+    stub = controller_pb2_grpc.ImageServiceStub(channel)
+    for alias, code in (("bad", grpc.StatusCode.INVALID_ARGUMENT), ("boom", grpc.StatusCode.INTERNAL)):
+        received = []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for message in stub.PullImage(controller_pb2.PullImageRequest(alias=alias),
+                                                metadata=bearer_metadata("tok")):
+                received.append(message.node)
+        assert received == ["n1"] and info.value.code() == code
+        assert "hunter2" not in info.value.details()
+    # The guard (here the admin token) runs before the stream's first message.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in stub.PullImage(controller_pb2.PullImageRequest(alias="bad")):
+            pass
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.mark.inprocess

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_status import rpc_status
@@ -30,26 +31,30 @@ def _internal(method: str, exc: BaseException) -> Internal:
     return Internal(f"internal error (incident {incident})", metadata={"incident": incident})
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Callable[[Any], Awaitable[None]] | None):
-    """Return a handler whose behaviour maps exceptions and runs `guard` first."""
-
-    async def check(context) -> None:
+@contextlib.asynccontextmanager
+async def _mapped(context: grpc.aio.ServicerContext, method: str,
+                  guard: Callable[[Any], Awaitable[None]] | None) -> AsyncIterator[None]:
+    """Run `guard`, then the body; a ClowderError leaves as its status, anything else as INTERNAL."""
+    try:
         if guard is not None:
             await guard(context)
+        yield
+    except ClowderError as err:
+        await _abort(context, err)
+    except (grpc.aio.AbortError, grpc.aio.UsageError):
+        raise
+    except Exception as exc:
+        await _abort(context, _internal(method, exc))
 
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Callable[[Any], Awaitable[None]] | None):
+    """Return a handler whose behaviour maps exceptions and runs `guard` first."""
     if handler.unary_unary:
         inner = handler.unary_unary
 
         async def unary_unary(request, context):
-            try:
-                await check(context)
+            async with _mapped(context, method, guard):
                 return await inner(request, context)
-            except ClowderError as err:
-                await _abort(context, err)
-            except (grpc.aio.AbortError, grpc.aio.UsageError):
-                raise
-            except Exception as exc:
-                await _abort(context, _internal(method, exc))
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, handler.request_deserializer, handler.response_serializer
@@ -58,16 +63,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Callable[[Any], Aw
         inner_stream = handler.unary_stream
 
         async def unary_stream(request, context):
-            try:
-                await check(context)
+            async with _mapped(context, method, guard):
                 async for item in inner_stream(request, context):
                     yield item
-            except ClowderError as err:
-                await _abort(context, err)
-            except (grpc.aio.AbortError, grpc.aio.UsageError):
-                raise
-            except Exception as exc:
-                await _abort(context, _internal(method, exc))
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, handler.request_deserializer, handler.response_serializer
@@ -76,15 +74,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Callable[[Any], Aw
         inner_su = handler.stream_unary
 
         async def stream_unary(request_iterator, context):
-            try:
-                await check(context)
+            async with _mapped(context, method, guard):
                 return await inner_su(request_iterator, context)
-            except ClowderError as err:
-                await _abort(context, err)
-            except (grpc.aio.AbortError, grpc.aio.UsageError):
-                raise
-            except Exception as exc:
-                await _abort(context, _internal(method, exc))
 
         return grpc.stream_unary_rpc_method_handler(
             stream_unary, handler.request_deserializer, handler.response_serializer
@@ -92,16 +83,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Callable[[Any], Aw
     inner_ss = handler.stream_stream
 
     async def stream_stream(request_iterator, context):
-        try:
-            await check(context)
+        async with _mapped(context, method, guard):
             async for item in inner_ss(request_iterator, context):
                 yield item
-        except ClowderError as err:
-            await _abort(context, err)
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception as exc:
-            await _abort(context, _internal(method, exc))
 
     return grpc.stream_stream_rpc_method_handler(
         stream_stream, handler.request_deserializer, handler.response_serializer
