@@ -14,12 +14,6 @@ import grpc
 from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 from clowder_common.grpc_server import GrpcServer, create_grpc_server
 
-# Re-exported while the balancer tests H1 is reshaping still import them from here; new code imports tests/helpers.
-from helpers.configs import balancer_config  # noqa: F401
-from helpers.records import put_deployment, put_endpoint  # noqa: F401
-from helpers.runtimes import RuntimeProcess, runtime_processes  # noqa: F401
-from helpers.sse import sse_events  # noqa: F401
-from helpers.wait import wait_for as wait_until  # noqa: F401
 
 # The admin token of the balancers the `make_balancer` fixture starts.
 ADMIN = "admin-token-for-tests"

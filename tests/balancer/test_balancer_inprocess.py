@@ -23,9 +23,9 @@ from clowder_common.processes import free_port
 from clowder_balancer.routing.base import Candidate, Picker
 from clowder_balancer.routing.registry import builtin_plugins
 
-from balancer_helpers import (
-    fail, put_deployment, put_endpoint, speak, wait_until,
-)
+from balancer_helpers import fail, speak
+from helpers.records import put_deployment, put_endpoint
+from helpers.wait import wait_for
 
 pytestmark = pytest.mark.inprocess
 
@@ -63,7 +63,7 @@ async def serve(state, make_balancer, runtimes, *behaviours, deployment="d", **o
         await put_endpoint(state, deployment, f"r{i}", runtime.address)
         started.append(runtime)
     app = await make_balancer(**overrides)
-    await wait_until(lambda: len(app.discovery.endpoints(deployment)) == len(behaviours), what="endpoints")
+    await wait_for(lambda: len(app.discovery.endpoints(deployment)) == len(behaviours), what="endpoints")
     return app, started
 
 
@@ -125,7 +125,7 @@ async def test_invalid_body_is_400_with_param(state, make_balancer, http):
 async def test_models_healthz_and_unknown_model(state, make_balancer, runtimes, http):
     app, _ = await serve(state, make_balancer, runtimes, speak(["a"]))
     await put_deployment(state, "other")
-    await wait_until(lambda: app.discovery.has_model("other"), what="second deployment")
+    await wait_for(lambda: app.discovery.has_model("other"), what="second deployment")
     async with http.get(url(app, "/v1/models")) as resp:
         body = await resp.json()
     assert body["object"] == "list"
@@ -160,7 +160,7 @@ async def test_request_id_is_kept_or_made_and_reaches_the_runtime(state, make_ba
 async def test_deployment_without_replica_is_503_after_ready_timeout(state, make_balancer, http):
     await put_deployment(state, "d")
     app = await make_balancer(ready_timeout_s=0.5)
-    await wait_until(lambda: app.discovery.has_model("d"))
+    await wait_for(lambda: app.discovery.has_model("d"))
     started = time.monotonic()
     async with http.post(url(app, "/v1/chat/completions"), json=CHAT) as resp:
         assert resp.status == 503
@@ -172,7 +172,7 @@ async def test_deployment_without_replica_is_503_after_ready_timeout(state, make
 async def test_request_waits_for_a_replica_to_register(state, make_balancer, runtimes, http):
     await put_deployment(state, "d")
     app = await make_balancer(ready_timeout_s=10)
-    await wait_until(lambda: app.discovery.has_model("d"))
+    await wait_for(lambda: app.discovery.has_model("d"))
     runtime = await runtimes(speak(["late"]))
 
     async def register_later():
@@ -230,7 +230,7 @@ async def test_refused_connection_fails_over_and_cools_the_replica_down(state, m
     await put_endpoint(state, "d", "r0", f"127.0.0.1:{free_port()}")
     await put_endpoint(state, "d", "r1", live.address)
     app = await make_balancer(**in_key_order(tmp_path))
-    await wait_until(lambda: len(app.discovery.endpoints("d")) == 2)
+    await wait_for(lambda: len(app.discovery.endpoints("d")) == 2)
     for _ in range(3):
         async with http.post(url(app, "/v1/chat/completions"), json=CHAT) as resp:
             assert resp.status == 200
@@ -248,7 +248,7 @@ async def test_first_token_timeout_is_504_and_cancels_the_call(state, make_balan
     async with http.post(url(app, "/v1/chat/completions"), json=CHAT) as resp:
         assert resp.status == 504
         assert (await resp.json())["error"]["code"] == "first_token_timeout"
-    await wait_until(lambda: slow.cancelled == 1 and slow.running == 0, what="runtime call cancelled")
+    await wait_for(lambda: slow.cancelled == 1 and slow.running == 0, what="runtime call cancelled")
 
 
 async def test_runtime_invalid_argument_is_400_with_its_field(state, make_balancer, runtimes, http):
@@ -301,9 +301,9 @@ async def test_client_disconnect_cancels_the_runtime_call(state, make_balancer, 
         await resp.content.readline()
     assert runtime.running == 1
     resp.close()  # drops the connection mid-stream
-    await wait_until(lambda: runtime.running == 0, timeout=3, what="runtime call cancelled")
+    await wait_for(lambda: runtime.running == 0, timeout=3, what="runtime call cancelled")
     assert runtime.cancelled == 1
-    await wait_until(lambda: app.router.total_in_flight == 0, timeout=3)
+    await wait_for(lambda: app.router.total_in_flight == 0, timeout=3)
     async with http.get(url(app, "/metrics")) as m:
         assert metric(await m.text(), "clowder_balancer_requests_total", model="d", status="499") == 1
 
@@ -311,7 +311,7 @@ async def test_client_disconnect_cancels_the_runtime_call(state, make_balancer, 
 async def test_shutdown_lets_in_flight_streams_finish(state, make_balancer, runtimes, http):
     app, (runtime,) = await serve(state, make_balancer, runtimes, speak(["a"] * 8, delay=0.1))
     resp = await http.post(url(app, "/v1/completions"), json={"model": "d", "prompt": "x", "stream": True})
-    await wait_until(lambda: runtime.running == 1)
+    await wait_for(lambda: runtime.running == 1)
     stopping = asyncio.create_task(app.stop())
     events = await read_sse(resp)
     await stopping
@@ -328,7 +328,7 @@ async def test_channel_of_a_vanished_endpoint_is_closed(state, make_balancer, ru
         assert resp.status == 200
     assert runtime.address in app.channels.addresses()
     await state.delete(state.key(keys.endpoint("d", "r0")))
-    await wait_until(lambda: runtime.address not in app.channels.addresses(), what="channel closed")
+    await wait_for(lambda: runtime.address not in app.channels.addresses(), what="channel closed")
 
 
 async def test_metrics_count_requests_ttft_and_tokens(state, make_balancer, runtimes, http):
@@ -365,7 +365,7 @@ def _field_violations(err: grpc.aio.AioRpcError) -> list[str]:
 async def test_grpc_completion_and_errors(state, make_balancer, runtimes):
     app, (runtime,) = await serve(state, make_balancer, runtimes, speak(["x", "y"]), ready_timeout_s=0.3)
     await put_deployment(state, "empty")
-    await wait_until(lambda: app.discovery.has_model("empty"))
+    await wait_for(lambda: app.discovery.has_model("empty"))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         call = stub.CreateCompletion(
@@ -407,6 +407,6 @@ async def test_grpc_client_cancel_cancels_the_runtime_call(state, make_balancer,
             await call.read()
         assert runtime.running == 1
         call.cancel()
-        await wait_until(lambda: runtime.running == 0, timeout=3, what="runtime call cancelled")
+        await wait_for(lambda: runtime.running == 0, timeout=3, what="runtime call cancelled")
     assert runtime.cancelled == 1
-    await wait_until(lambda: app.router.total_in_flight == 0, timeout=3)
+    await wait_for(lambda: app.router.total_in_flight == 0, timeout=3)

@@ -10,5 +10,6 @@
 - state: an EtcdState on a fresh prefix (`prefixed_state`, `fresh_prefix`);
 - storage: a misbehaving ranged HTTP source (`RangedSource`) and a storage service in this process
   (`running_storage`, `pull`, ...).
-`clowder up` as a user runs it is tests/cluster_helpers.py. The bundled model is `clowder_cli.bundled.bundled_model_path` (the `model_path` fixture in tests/conftest.py).
+`clowder up` as a user runs it is tests/cluster_helpers.py. The bundled model is
+`clowder_cli.bundled.bundled_model_path` (the `model_path` fixture in tests/conftest.py).
 """

@@ -11,18 +11,16 @@ from aiohttp import web
 
 from clowder_balancer.gateway import CONTROLLER_SERVICES, RuntimeStatsApi, install_gateway
 from clowder_controller.app import create_controller
-from clowder_controller.config import ControllerConfig
 from clowder_storage.app import create_storage
-from clowder_storage.config import StorageConfig
 
+from helpers.configs import controller_config, storage_config
 from rest_helpers import TOKEN
 
 
 @pytest.fixture
 async def controller(etcd, etcd_prefix, state, tmp_path: pathlib.Path):
-    config = ControllerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "controller"),
-                              etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, resync_interval_s=0.5,
-                              runtime_threads=1, runtime_stop_grace_s=5)
+    config = controller_config(etcd.endpoint, etcd_prefix, tmp_path / "controller", runtime_threads=1,
+                               runtime_stop_grace_s=5)
     app = await create_controller(config, TOKEN)
     await app.start()
     yield app
@@ -31,9 +29,7 @@ async def controller(etcd, etcd_prefix, state, tmp_path: pathlib.Path):
 
 @pytest.fixture
 async def storage_node(etcd, etcd_prefix, state, tmp_path: pathlib.Path):
-    config = StorageConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "n1"), node_name="n1",
-                           etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, lease_ttl_s=3,
-                           progress_interval_s=0.05)
+    config = storage_config(etcd.endpoint, etcd_prefix, tmp_path / "n1", "n1", lease_ttl_s=3, progress_interval_s=0.05)
     app = await create_storage(config, TOKEN)
     await app.start()
     yield app

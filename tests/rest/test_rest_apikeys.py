@@ -7,10 +7,10 @@ from aiohttp import web
 
 import clowder.balancer.v1.apikeys_pb2  # noqa: F401  (registers ApiKeyService for the bridge)
 from clowder_balancer.app import create_balancer
-from clowder_balancer.config import BalancerConfig
 from clowder_balancer.gateway import CONTROLLER_SERVICES, install_gateway
 
 from rest_helpers import TOKEN, call
+from helpers.configs import balancer_config
 
 pytestmark = pytest.mark.inprocess
 
@@ -19,9 +19,8 @@ API_KEYS = "clowder.balancer.v1.ApiKeyService"
 
 @pytest.fixture
 async def both(etcd, etcd_prefix, controller):
-    balancer = await create_balancer(BalancerConfig(
-        etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, http_listen="127.0.0.1:0",
-        grpc_listen="127.0.0.1:0", drain_grace_s=1.0), admin_token=TOKEN)
+    balancer = await create_balancer(balancer_config(etcd.endpoint, etcd_prefix, drain_grace_s=1.0,
+                                                     ready_timeout_s=60.0), admin_token=TOKEN)
     await balancer.start()
     app = web.Application()
     targets = {name: f"127.0.0.1:{controller.port}" for name in CONTROLLER_SERVICES}
