@@ -67,6 +67,23 @@ def test_bad_instances_are_refused_naming_what_is_wrong(spec, named) -> None:
     assert info.value.violations[0].field == "routing_profiles_file"
 
 
+@pytest.mark.parametrize(
+    ("spec", "path"),
+    [
+        ({"scorers": ["session", {"type": "load", "name": "l", "saturation": 0}]}, "profiles.p.scorers[1].saturation"),
+        ({"filters": ["ready", {"type": "not-ejected", "weight": 2}]}, "profiles.p.filters[1].weight"),
+        ({"scorers": ["load", "load"]}, "profiles.p.scorers[1].name"),
+        ({"picker": "best"}, "profiles.p.picker.type"),
+        ({"picker": {"type": "random", "seed": 1}}, "profiles.p.picker.seed"),
+        ({"scorer": []}, "profiles.p.scorer"),
+    ],
+)
+def test_the_error_names_the_place_in_the_file_too(spec, path) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        build_scheduler("p", spec)
+    assert [v.field for v in info.value.violations] == ["routing_profiles_file", path]
+
+
 def test_parameters_are_a_frozen_dataclass_with_defaults() -> None:
     params = parse_params(LoadScorer.Params, {})
     assert params.saturation == 4

@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
-from clowder_common.errors import InvalidArgument
+from clowder_common.errors import FieldViolation, InvalidArgument
 
 EnvT = TypeVar("EnvT")
 ParamsT = TypeVar("ParamsT")
@@ -118,26 +118,35 @@ class PluginSpec:
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def parse_spec(item: Any, *, weighted: bool, where: str, field: str) -> PluginSpec:
+def invalid(message: str, field: str, path: str = "") -> InvalidArgument:
+    """INVALID_ARGUMENT on the configuration `field`, and on `path` inside it (e.g. profiles.p.scorers[1].weight)."""
+    violations = [FieldViolation(field, message)]
+    if path:
+        violations.append(FieldViolation(path, message))
+    return InvalidArgument(message, violations=violations)
+
+
+def _at(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else ""
+
+
+def parse_spec(item: Any, *, weighted: bool, where: str, field: str, path: str = "") -> PluginSpec:
     """A profile entry: `T`, or `{type: T, name: N, weight: W, ...parameters}`; `{name: T}` alone means type T."""
     if isinstance(item, str):
         return PluginSpec(item, item)
-    if not isinstance(item, Mapping):
-        raise InvalidArgument(f"{where}: expected a plugin type or a mapping with 'type' (or 'name'), not {item!r}",
-                              field=field)
-    type_name = item.get("type", item.get("name"))
-    name = item.get("name", type_name)
+    type_name = item.get("type", item.get("name")) if isinstance(item, Mapping) else None
+    name = item.get("name", type_name) if isinstance(item, Mapping) else None
     if not isinstance(type_name, str) or not isinstance(name, str) or not type_name or not name:
-        raise InvalidArgument(f"{where}: expected a plugin type or a mapping with 'type' (or 'name'), not {item!r}",
-                              field=field)
+        raise invalid(f"{where}: expected a plugin type or a mapping with 'type' (or 'name'), not {item!r}",
+                      field, path)
     weight = 1.0
     if "weight" in item:
         if not weighted:
-            raise InvalidArgument(f"{where}: {name!r}: 'weight' applies to scorers only", field=field)
+            raise invalid(f"{where}: {name!r}: 'weight' applies to scorers only", field, _at(path, "weight"))
         try:
             weight = _check("weight", float, item["weight"], {"min": 0})
         except ParamError as err:
-            raise InvalidArgument(f"{where}: {name!r}: {err}", field=field) from None
+            raise invalid(f"{where}: {name!r}: {err}", field, _at(path, "weight")) from None
     return PluginSpec(type_name, name, weight, {k: v for k, v in item.items() if k not in SPEC_KEYS})
 
 
@@ -221,33 +230,37 @@ class Registry(Generic[EnvT]):
             other._factories[kind].update(factories)
         return other
 
-    def build(self, kind: str, spec: PluginSpec, env: EnvT, *, where: str, field: str) -> Instance[Any]:
-        """The plugin of `spec`; InvalidArgument (on `field`) for an unknown type or bad parameters."""
+    def build(self, kind: str, spec: PluginSpec, env: EnvT, *, where: str, field: str,
+              path: str = "") -> Instance[Any]:
+        """The plugin of `spec`; InvalidArgument (on `field`, and `path` in it) for an unknown type or a bad
+        parameter."""
         factory = self._factories[kind].get(spec.type)
         if factory is None:
             known = ", ".join(self.types(kind))
-            raise InvalidArgument(f"{where}: unknown {kind} {spec.type!r} (known: {known})", field=field)
+            raise invalid(f"{where}: unknown {kind} {spec.type!r} (known: {known})", field, _at(path, "type"))
         try:
             plugin = factory(spec.params, env)
         except ParamError as err:
-            raise InvalidArgument(f"{where}: {kind} {spec.name!r} (type {spec.type}): {err}", field=field) from None
+            raise invalid(f"{where}: {kind} {spec.name!r} (type {spec.type}): {err}", field,
+                          _at(path, err.key)) from None
         self._check(plugin, kind, spec.type)
         return Instance(spec.name, spec.type, spec.weight, plugin)
 
-    def build_all(self, kind: str, items: Any, env: EnvT, *, where: str, field: str,
+    def build_all(self, kind: str, items: Any, env: EnvT, *, where: str, field: str, path: str = "",
                   weighted: bool = False) -> list[Instance[Any]]:
-        """The instances of one slot's list, in order; two instances under one name are refused."""
+        """The instances of one slot's list (at `path` in `field`), in order; two under one name are refused."""
         if items is None:
             return []
         if not isinstance(items, (list, tuple)):
-            raise InvalidArgument(f"{where}: {kind}s must be a list, not {items!r}", field=field)
+            raise invalid(f"{where}: {kind}s must be a list, not {items!r}", field, path)
         built: list[Instance[Any]] = []
-        for item in items:
-            spec = parse_spec(item, weighted=weighted, where=where, field=field)
+        for index, item in enumerate(items):
+            at = f"{path}[{index}]" if path else ""
+            spec = parse_spec(item, weighted=weighted, where=where, field=field, path=at)
             if any(i.name == spec.name for i in built):
-                raise InvalidArgument(f"{where}: two {kind}s named {spec.name!r}; give one a 'name' of its own",
-                                      field=field)
-            built.append(self.build(kind, spec, env, where=where, field=field))
+                raise invalid(f"{where}: two {kind}s named {spec.name!r}; give one a 'name' of its own", field,
+                              _at(at, "name"))
+            built.append(self.build(kind, spec, env, where=where, field=field, path=at))
         return built
 
     def _check(self, subject: object, kind: str, type_name: str) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import yaml
 
 from clowder_common.errors import InvalidArgument
+from clowder_common.plugins import invalid, parse_spec
 
 from clowder_balancer.routing.base import RoutingEnv
 from clowder_balancer.routing.registry import RoutingPlugins, builtin_plugins
@@ -65,11 +66,15 @@ def build_scheduler(name: str, spec: Mapping[str, Any], env: RoutingEnv | None =
     plugins = plugins or builtin_plugins()
     unknown = sorted(str(k) for k in spec if k not in _SLOTS)
     if unknown:
-        raise InvalidArgument(f"{where}: unknown key(s) {', '.join(unknown)} (keys: {', '.join(_SLOTS)})",
-                              field=FIELD)
-    filters = plugins.build_all("filter", spec.get("filters"), env, where=where, field=FIELD)
-    scorers = plugins.build_all("scorer", spec.get("scorers"), env, where=where, field=FIELD, weighted=True)
-    (picker,) = plugins.build_all("picker", [spec.get("picker", "max-score")], env, where=where, field=FIELD)
+        raise invalid(f"{where}: unknown key(s) {', '.join(unknown)} (keys: {', '.join(_SLOTS)})", FIELD,
+                      f"profiles.{name}.{unknown[0]}")
+    path = f"profiles.{name}"
+    filters = plugins.build_all("filter", spec.get("filters"), env, where=where, field=FIELD, path=f"{path}.filters")
+    scorers = plugins.build_all("scorer", spec.get("scorers"), env, where=where, field=FIELD, path=f"{path}.scorers",
+                                weighted=True)
+    at = f"{path}.picker"
+    picker_spec = parse_spec(spec.get("picker", "max-score"), weighted=False, where=where, field=FIELD, path=at)
+    picker = plugins.build("picker", picker_spec, env, where=where, field=FIELD, path=at)
     return Scheduler(name, filters, scorers, picker)
 
 
