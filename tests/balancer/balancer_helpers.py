@@ -21,6 +21,16 @@ ADMIN = "admin-token-for-tests"
 Behaviour = Callable[[runtime_pb2.GenerateRequest, grpc.aio.ServicerContext], AsyncIterator[runtime_pb2.GenerateResponse]]
 
 
+class Clock:
+    """A clock a test moves by hand (`clock.now += 5`), for code that takes a `clock` callable."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def final(text: str = "", reason: int = runtime_pb2.FINISH_REASON_STOP, prompt_tokens: int = 3,
           completion_tokens: int = 1) -> runtime_pb2.GenerateResponse:
     return runtime_pb2.GenerateResponse(

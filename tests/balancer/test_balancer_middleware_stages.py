@@ -20,6 +20,8 @@ from clowder_balancer.middleware.rate_limit import RateLimitStage
 from clowder_balancer.middleware.redaction import redact
 from clowder_balancer.middleware.system_prompt import SystemPromptStage
 
+from balancer_helpers import Clock
+
 pytestmark = pytest.mark.unit
 
 
@@ -104,16 +106,8 @@ async def test_group_access(key, groups, error) -> None:
             await stage.before(ctx(key, groups), chat(("user", "hi")))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_rate_limit_requests_per_minute_per_key() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     stage = RateLimitStage({"requests_per_minute": 2}, clock=clock)
     for _ in range(2):
         await stage.before(ctx("a"), chat(("user", "hi")))
@@ -126,7 +120,7 @@ async def test_rate_limit_requests_per_minute_per_key() -> None:
 
 
 async def test_rate_limit_tokens_per_minute() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     stage = RateLimitStage({"tokens_per_minute": 100}, clock=clock)
     served = ctx("a")
     await stage.before(served, chat(("user", "hi")))

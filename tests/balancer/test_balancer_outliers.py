@@ -6,15 +6,9 @@ import pytest
 
 from clowder_balancer.outliers import OutlierDetector
 
+from balancer_helpers import Clock
+
 pytestmark = pytest.mark.unit
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,8 @@ from clowder_balancer.routing.prefix_scorer import PrefixScorer
 from clowder_balancer.routing.session_scorer import SessionScorer
 from clowder_balancer.stats import RuntimeStats
 
+from balancer_helpers import Clock
+
 pytestmark = pytest.mark.unit
 
 
@@ -83,14 +85,6 @@ def test_prefix_scorer_corrected_by_runtime_report(runtime_blocks, tokens_per_bl
     if kept_of_four == 2:
         # The newest blocks stay: the prefix (1, 2) is gone, so nothing of it matches any more.
         assert scorer.score(RouteRequest("m", blocks=(1, 2, 3, 4)), [c("a")]) == {"a": 0.0}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.mark.parametrize(

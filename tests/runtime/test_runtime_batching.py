@@ -51,12 +51,6 @@ async def runtime(model_path, tmp_path_factory):
         yield app
 
 
-@pytest.fixture(scope="module")
-async def stub(runtime):
-    async with runtime_stub(runtime) as stub:
-        yield stub
-
-
 def completion(prompt: str, **sampling) -> runtime_pb2.GenerateRequest:
     return runtime_pb2.GenerateRequest(request_id="b", prompt=prompt, sampling=runtime_pb2.SamplingParams(**sampling))
 

@@ -14,7 +14,7 @@ from clowder_common.errors import InvalidArgument, from_rpc_error
 from clowder_runtime.config import RuntimeConfig
 from clowder_runtime.embeddings import EMBED_SEQUENCES
 from clowder_runtime.validation import MAX_EMBED_INPUTS
-from runtime_helpers import running_runtime, runtime_stub
+from runtime_helpers import running_runtime
 
 pytestmark = pytest.mark.inprocess
 
@@ -28,12 +28,6 @@ async def runtime(model_path):
     config = RuntimeConfig(model_path=str(model_path), context_size=CONTEXT_SIZE, threads=1, slots=1)
     async with running_runtime(config, resources_pb2.ImageConfiguration()) as app:
         yield app
-
-
-@pytest.fixture(scope="module")
-async def stub(runtime):
-    async with runtime_stub(runtime) as stub:
-        yield stub
 
 
 async def embed(stub, *inputs: str) -> tuple[np.ndarray, int]:

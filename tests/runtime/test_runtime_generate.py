@@ -13,7 +13,7 @@ from clowder.runtime.v1 import runtime_pb2
 
 from clowder_common.errors import InvalidArgument, ResourceExhausted, from_rpc_error
 from clowder_runtime.config import RuntimeConfig
-from runtime_helpers import running_runtime, runtime_stub, wait_for_stats
+from runtime_helpers import running_runtime, wait_for_stats
 
 pytestmark = pytest.mark.inprocess
 
@@ -43,12 +43,6 @@ async def runtime(model_path):
     )
     async with running_runtime(config, resources_pb2.ImageConfiguration(system_prompt=SYSTEM_PROMPT)) as app:
         yield app
-
-
-@pytest.fixture(scope="module")
-async def stub(runtime):
-    async with runtime_stub(runtime) as stub:
-        yield stub
 
 
 @pytest.fixture(scope="module")
