@@ -238,3 +238,17 @@ async def test_bad_adapters_are_refused_naming_the_field(cluster, controller, lo
     assert "cannot load" in status.message and status.loaded_replicas == 0
     await stub.DeleteAdapter(adapters_pb2.DeleteAdapterRequest(deployment=MODEL, name="noise"), metadata=metadata,
                              timeout=10)
+
+
+async def test_deleting_the_deployment_removes_its_adapters(cluster, controller, lora):
+    """Last: it removes the deployment the other tests use."""
+    stub, metadata = controller
+    await stub.CreateAdapter(adapters_pb2.CreateAdapterRequest(adapter=adapters_pb2.Adapter(
+        deployment=MODEL, name="orphan", source_url=f"file://{lora['pirate']}")), metadata=metadata, timeout=10)
+    removed = await asyncio.to_thread(cluster.cli, "undeploy", MODEL)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    deadline = time.monotonic() + 60
+    while (await stub.ListAdapters(adapters_pb2.ListAdaptersRequest(deployment=MODEL), metadata=metadata,
+                                   timeout=10)).adapters:
+        assert time.monotonic() < deadline, "the deleted deployment's adapter stayed"
+        await asyncio.sleep(0.2)

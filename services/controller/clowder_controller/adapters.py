@@ -63,6 +63,17 @@ def holds(endpoint: runtime_pb2.Endpoint, adapter: adapters_pb2.Adapter) -> bool
     return False
 
 
+def plan(endpoint: runtime_pb2.Endpoint, wanted: dict[str, adapters_pb2.Adapter]
+         ) -> tuple[list[str], list[adapters_pb2.Adapter]]:
+    """What a replica must unload (names) and load to serve `wanted`: adapters it has that are no longer wanted,
+    or wanted from another digest, go; wanted ones it lacks come. Adapters it was started with (fixed) stay."""
+    fixed = {a.name for a in endpoint.adapters if a.fixed}
+    unload = [a.name for a in endpoint.adapters
+              if not a.fixed and (a.name not in wanted or not holds(endpoint, wanted[a.name]))]
+    load = [a for name, a in sorted(wanted.items()) if name not in fixed and not holds(endpoint, a)]
+    return unload, load
+
+
 def validate_adapter(adapter: adapters_pb2.Adapter) -> None:
     validate_name(adapter.deployment, "adapter.deployment")
     validate_name(adapter.name, "adapter.name")
@@ -178,7 +189,8 @@ class AdapterSync:
         self._adapters = cache(ADAPTERS, adapters_pb2.Adapter)
         self._endpoints = cache(keys.ENDPOINTS, runtime_pb2.Endpoint)
         self._nodes = cache(keys.NODES, resources_pb2.Node)
-        self._caches = [self._adapters, self._endpoints, self._nodes]
+        self._deployments = cache(keys.DEPLOYMENTS, resources_pb2.Deployment)
+        self._caches = [self._adapters, self._endpoints, self._nodes, self._deployments]
         # One convergence at a time per replica; failures back off per replica.
         self._busy: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._failures: dict[tuple[str, str], int] = {}
@@ -211,7 +223,12 @@ class AdapterSync:
         if not all(c.ready for c in self._caches):
             return
         wanted: dict[str, dict[str, adapters_pb2.Adapter]] = {}
+        deployments = {d.name for d in self._deployments.values()}
         for adapter in self._adapters.values():
+            if adapter.deployment not in deployments:
+                # The deployment was deleted: its adapters go with it (a new one of that name starts without).
+                await self._forget(adapter)
+                continue
             wanted.setdefault(adapter.deployment, {})[adapter.name] = adapter
         storage = {n.name: n.storage_address for n in self._nodes.values()}
         now = time.monotonic()
@@ -220,11 +237,7 @@ class AdapterSync:
             busy = self._busy.get(key)
             if (busy is not None and not busy.done()) or self._not_before.get(key, 0.0) > now:
                 continue
-            want = wanted.get(endpoint.deployment, {})
-            fixed = {a.name for a in endpoint.adapters if a.fixed}
-            unload = [a.name for a in endpoint.adapters if not a.fixed
-                      and (a.name not in want or not holds(endpoint, want[a.name]))]
-            load = [a for name, a in sorted(want.items()) if name not in fixed and not holds(endpoint, a)]
+            unload, load = plan(endpoint, wanted.get(endpoint.deployment, {}))
             if not (unload or load):
                 continue
             if load and not storage.get(endpoint.node):
@@ -285,6 +298,17 @@ class AdapterSync:
                     await self._note(adapter, f"replica {endpoint.replica_id}: {exc.message}")
                     raise
                 await self._note(adapter, "", digest)
+
+    async def _forget(self, adapter: adapters_pb2.Adapter) -> None:
+        # The caches are separate watches: a deployment created just before its adapter may not be in ours yet.
+        if await self._state.get(self._state.key(keys.deployment(adapter.deployment)),
+                                 resources_pb2.Deployment) is not None:
+            return
+        key = self._state.key(adapter_key(adapter.deployment, adapter.name))
+        current = await self._state.get(key, adapters_pb2.Adapter)
+        if current is not None and current.value == adapter:
+            if await self._state.delete(key, current.mod_revision, fence=self._fence):
+                log.info("adapter %s/%s removed with its deployment", adapter.deployment, adapter.name)
 
     async def _pull(self, address: str, adapter: adapters_pb2.Adapter) -> str:
         """The node's storage pulls the GGUF (at once when it holds the digest); its digest."""
