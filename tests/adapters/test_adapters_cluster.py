@@ -9,6 +9,7 @@ import os
 import signal
 import time
 
+import aiohttp
 import grpc
 import openai
 import pytest
@@ -202,6 +203,13 @@ async def test_the_cli_and_the_sdk_add_list_and_remove_an_adapter(cluster, clien
     assert await complete(client, adapter="cli-pirate") == await reference_text(reference, 24)
     control = cluster.control()
     assert [(a.name, a.loaded_replicas) for a in control.adapters.list(MODEL)] == [("cli-pirate", 1)]
+    # And over REST, through the balancer's gateway.
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{cluster.http_port}/api/v1/deployments/{MODEL}/adapters",
+                            headers={"Authorization": f"Bearer {read_admin_token(cluster.data_dir)}"}) as reply:
+            assert reply.status == 200, await reply.text()
+            body = await reply.json()
+    assert [(a["name"], a["loadedReplicas"], a["readyReplicas"]) for a in body["adapters"]] == [("cli-pirate", 1, 1)]
     removed = await asyncio.to_thread(cluster.cli, "adapter", "rm", MODEL, "cli-pirate")
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert control.adapters.list(MODEL) == []

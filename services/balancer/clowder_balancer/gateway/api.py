@@ -14,6 +14,7 @@ from typing import Mapping
 
 from aiohttp import web
 
+import clowder.controller.v1.adapters_pb2  # noqa: F401  (as controller_pb2)
 import clowder.controller.v1.controller_pb2  # noqa: F401  (registers the controller's services for the bridge)
 from clowder_common.rest import BridgeOptions, RestBridge, RestRoutes, install_rest_bridge
 from clowder_common.security import NO_SECURITY, ClusterSecurity
@@ -29,6 +30,7 @@ CONTROLLER_SERVICES = (
     "clowder.controller.v1.DeploymentService",
     "clowder.controller.v1.NodeService",
     "clowder.controller.v1.ServingService",
+    "clowder.controller.v1.AdapterService",
 )
 
 
