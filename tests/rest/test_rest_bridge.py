@@ -239,7 +239,7 @@ async def test_openapi_document_validates_and_lists_every_route(api, http):
     assert {p["name"] for p in listing["parameters"]} >= {"pageSize", "pageToken"}
 
 
-@pytest.mark.inprocess
+@pytest.mark.processes  # the controller starts a real runtime for the deployed model
 async def test_original_clowder_worker_routes_deploy_and_list_a_model(api, http, storage_node, model_path):
     status, body = await call(http, "POST", f"{api}/api/v1/workers", json={"modelUrl": model_path.as_uri()})
     assert status == 400

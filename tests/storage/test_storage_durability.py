@@ -118,7 +118,7 @@ async def test_crash_before_flush_journals_the_blob_and_startup_keeps_it_when_in
     assert journal_lines(root) == [] and list(store.quarantine_dir.iterdir()) == []
 
 
-@pytest.mark.inprocess
+@pytest.mark.processes  # a child process writes and crashes
 async def test_torn_journaled_blob_is_quarantined_at_startup_and_the_store_stays_usable(tmp_path, etcd, etcd_prefix,
                                                                                     state):
     root = tmp_path / "node-a"
