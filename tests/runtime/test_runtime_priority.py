@@ -1,0 +1,322 @@
+"""Request priority on the real model: interactive requests go first and preempt batch sequences, which resume by
+recomputing (same text at temperature 0 and with a seed, no token repeated or lost); cancelling a preempted one;
+and a batch job beside interactive requests on a real cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import grpc
+import openai
+import pytest
+from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
+
+from clowder_runtime.app import RuntimeApp, create_runtime
+from clowder_runtime.config import RuntimeConfig
+
+# The batch tests' input-file helpers (tests/batch is not a package).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "batch"))
+from batch_helpers import chat_lines, custom_ids, ended, lines_of, poll, upload
+from cluster_helpers import up_cluster
+
+SLOTS = 3
+CONTEXT_SIZE = 512
+# Small chunks, as in test_runtime_batching: prompts and recomputed sequences take several steps.
+PREFILL_CHUNK = 32
+# One llama.cpp thread: more spin at barriers against the other processes on a two-core machine.
+THREADS = 1
+BATCH = runtime_pb2.PRIORITY_BATCH
+# Continued at temperature 0 for 400 tokens without an end-of-sequence (checked on the bundled model).
+STORIES = [f"Story {i}: Once upon a time" for i in range(SLOTS)]
+
+
+@contextlib.asynccontextmanager
+async def serving(model_path: pathlib.Path) -> AsyncIterator[tuple[RuntimeApp, runtime_pb2_grpc.RuntimeServiceStub]]:
+    """A fresh replica: nothing cached, so runs of the same prompts are evaluated the same way."""
+    config = RuntimeConfig(
+        model_path=str(model_path), deployment="smol-priority", context_size=CONTEXT_SIZE, threads=THREADS,
+        slots=SLOTS, prefill_chunk=PREFILL_CHUNK, max_waiting=8, metrics_listen="127.0.0.1:0",
+    )
+    app = await create_runtime(config)
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            yield app, runtime_pb2_grpc.RuntimeServiceStub(channel)
+    finally:
+        await app.stop()
+
+
+def completion(prompt: str, priority: int = runtime_pb2.PRIORITY_UNSPECIFIED, **sampling) -> runtime_pb2.GenerateRequest:
+    return runtime_pb2.GenerateRequest(request_id=f"{prompt[:20]}-{priority}", prompt=prompt, priority=priority,
+                                       sampling=runtime_pb2.SamplingParams(**sampling))
+
+
+def chat(content: str, priority: int = runtime_pb2.PRIORITY_UNSPECIFIED, **sampling) -> runtime_pb2.GenerateRequest:
+    return runtime_pb2.GenerateRequest(
+        request_id=f"chat-{priority}", priority=priority,
+        chat=runtime_pb2.ChatInput(messages=[runtime_pb2.ChatMessage(role="user", content=content)]),
+        sampling=runtime_pb2.SamplingParams(**sampling))
+
+
+@dataclass
+class Stream:
+    """One Generate call read to its end in the background, with when its first text and its end came."""
+
+    call: grpc.aio.UnaryStreamCall
+    sent_at: float = field(default_factory=time.monotonic)
+    messages: list[runtime_pb2.GenerateResponse] = field(default_factory=list)
+    first_text_at: float | None = None
+    done_at: float | None = None
+    error: grpc.aio.AioRpcError | None = None
+    task: asyncio.Task | None = None
+
+    @classmethod
+    def start(cls, stub: runtime_pb2_grpc.RuntimeServiceStub, request: runtime_pb2.GenerateRequest) -> Stream:
+        stream = cls(stub.Generate(request, timeout=180))
+        stream.task = asyncio.create_task(stream._read())
+        return stream
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.call:
+                if message.text and self.first_text_at is None:
+                    self.first_text_at = time.monotonic()
+                self.messages.append(message)
+        except grpc.aio.AioRpcError as err:
+            self.error = err
+        self.done_at = time.monotonic()
+
+    @property
+    def text(self) -> str:
+        return "".join(m.text for m in self.messages)
+
+    @property
+    def tokens(self) -> int:
+        return self.messages[-1].completion_tokens if self.messages else 0
+
+    @property
+    def last(self) -> runtime_pb2.GenerateResponse:
+        return self.messages[-1]
+
+    async def finished(self, timeout: float = 180) -> Stream:
+        assert self.task is not None
+        await asyncio.wait_for(asyncio.shield(self.task), timeout)
+        assert self.error is None, self.error
+        return self
+
+
+async def until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.01)
+
+
+async def stats(stub: runtime_pb2_grpc.RuntimeServiceStub) -> runtime_pb2.GetStatsResponse:
+    return await stub.GetStats(runtime_pb2.GetStatsRequest(), timeout=5)
+
+
+async def wait_for_stats(stub, predicate, timeout: float = 30.0) -> runtime_pb2.GetStatsResponse:
+    deadline = time.monotonic() + timeout
+    while True:
+        current = await stats(stub)
+        if predicate(current):
+            return current
+        if time.monotonic() > deadline:
+            raise AssertionError(f"stats never matched: {current}")
+        await asyncio.sleep(0.02)
+
+
+async def preemptions(app: RuntimeApp) -> float:
+    """The runtime's clowder_runtime_preemptions_total from /metrics."""
+    assert app.metrics is not None
+    url = f"http://127.0.0.1:{app.metrics.port}/metrics"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.get(url) as response:
+            body = await response.text()
+    for line in body.splitlines():
+        if line.startswith("clowder_runtime_preemptions_total{"):
+            return float(line.rpartition(" ")[2])
+    raise AssertionError("no clowder_runtime_preemptions_total in /metrics")
+
+
+def assert_counts_consistent(stream: Stream) -> None:
+    """Cumulative token counts never go back, and the last message's equals the usage."""
+    counts = [m.completion_tokens for m in stream.messages]
+    assert counts == sorted(counts)
+    assert stream.last.completion_tokens == stream.last.usage.completion_tokens
+
+
+@pytest.mark.inprocess
+async def test_an_interactive_request_gets_its_first_token_while_batch_requests_hold_every_slot(model_path):
+    async with serving(model_path) as (app, stub):
+        batch = [Stream.start(stub, completion(p, BATCH, temperature=0, max_tokens=400)) for p in STORIES]
+        await until(lambda: all(s.tokens >= 4 for s in batch), 60, "every batch request decoding")
+        assert (await stats(stub)).num_requests_running == SLOTS
+
+        interactive = Stream.start(stub, completion("The capital of France is", temperature=0, max_tokens=8))
+        await interactive.finished(60)
+        assert interactive.first_text_at is not None
+        ttft = interactive.first_text_at - interactive.sent_at
+        # It took a slot from a batch sequence: none of them had finished (or given up its slot) by then.
+        assert all(s.done_at is None or s.done_at > interactive.first_text_at for s in batch)
+        assert await preemptions(app) >= 1
+
+        for stream in batch:
+            await stream.finished()
+            assert stream.last.finish_reason == runtime_pb2.FINISH_REASON_LENGTH
+            assert stream.last.usage.completion_tokens == 400
+            assert_counts_consistent(stream)
+        remaining = max(s.done_at for s in batch if s.done_at) - interactive.first_text_at
+        # Without priority it waits for a slot, i.e. about `remaining`.
+        assert ttft < remaining / 4, (ttft, remaining)
+
+
+@pytest.mark.inprocess
+async def test_preempted_sequences_finish_with_the_text_of_an_unpreempted_run(model_path):
+    requests = [
+        # Temperature 0 with logprobs: one entry per token, so a token repeated or lost would show.
+        completion(STORIES[0], BATCH, temperature=0, max_tokens=96, logprobs=True),
+        # A seed: the sampler's random state goes on across the preemption.
+        completion(STORIES[1], BATCH, temperature=0.9, seed=1234, max_tokens=96),
+        # A stop string that ends the output (held-back text survives the preemption).
+        chat("Describe the sea in five sentences.", BATCH, temperature=0, max_tokens=96, stop=["horizon."]),
+        # More requests than slots: one waits, and takes the slot the short one above leaves, so every slot stays
+        # held and each interactive request below has to preempt.
+        completion("The history of the lighthouse:", BATCH, temperature=0, max_tokens=96, logprobs=True),
+        completion(STORIES[2], BATCH, temperature=0, max_tokens=96, logprobs=True),
+    ]
+    async with serving(model_path) as (_, stub):
+        # Unpreempted: the same requests batched together (equal to single-sequence runs, test_runtime_batching).
+        alone = [Stream.start(stub, r) for r in requests]
+        expected = [await s.finished() for s in alone]
+
+    async with serving(model_path) as (app, stub):
+        batch = [Stream.start(stub, r) for r in requests]
+        for round_ in range(4):
+            # Every slot held by a sequence some tokens further on: the next interactive request preempts one
+            # of them mid-stream (the one preempted last resumes once the interactive one is done).
+            progress = 8 + 16 * round_
+
+            def ready(p: int = progress) -> bool:
+                going = [s for s in batch if s.done_at is None]
+                return not going or sum(s.tokens >= p for s in going) >= min(SLOTS, len(going))
+
+            await until(ready, 120, f"batch requests at {progress} tokens")
+            if all(s.done_at is not None for s in batch):
+                break
+            interactive = Stream.start(stub, completion(f"Question {round_}: the capital of France is",
+                                                        temperature=0, max_tokens=12))
+            await interactive.finished(60)
+        got = [await s.finished() for s in batch]
+        assert await preemptions(app) >= 3
+
+    for result, reference in zip(got, expected):
+        assert result.text == reference.text
+        assert result.last.finish_reason == reference.last.finish_reason
+        assert result.last.usage.completion_tokens == reference.last.usage.completion_tokens
+        assert result.last.usage.prompt_tokens == reference.last.usage.prompt_tokens
+        assert_counts_consistent(result)
+    for result, request in zip(got, requests):
+        if request.sampling.logprobs:
+            logprobs = [lp for m in result.messages for lp in m.logprobs]
+            assert len(logprobs) == result.last.usage.completion_tokens
+            assert b"".join(lp.bytes for lp in logprobs).decode() == result.text
+    assert got[2].last.finish_reason == runtime_pb2.FINISH_REASON_STOP and "horizon." not in got[2].text
+
+
+@pytest.mark.inprocess
+async def test_a_preempted_request_can_be_cancelled_while_it_waits_to_resume(model_path):
+    # Two long prompts and a short one: the short one is the cheapest to recompute, so it is preempted.
+    long_prompt = "The keepers of the lighthouse wrote in their logbook every night. " * 6
+    async with serving(model_path) as (app, stub):
+        longs = [Stream.start(stub, completion(f"{long_prompt}Entry {i}:", BATCH, temperature=0, max_tokens=400))
+                 for i in range(SLOTS - 1)]
+        short = Stream.start(stub, completion(STORIES[0], BATCH, temperature=0, max_tokens=400))
+        batch = [*longs, short]
+        await until(lambda: all(s.tokens >= 2 for s in batch), 60, "every batch request decoding")
+
+        interactive = Stream.start(stub, completion("Once upon a time", temperature=0, max_tokens=300))
+        await until(lambda: interactive.tokens >= 1, 30, "the interactive request's first token")
+        await wait_for_stats(stub, lambda s: s.num_requests_waiting == 1 and s.num_requests_running == SLOTS)
+        assert await preemptions(app) == 1
+        stalled_at = short.tokens
+        short.call.cancel()
+        await wait_for_stats(stub, lambda s: s.num_requests_waiting == 0)
+        assert short.tokens == stalled_at
+
+        # The others go on and end normally; the replica is left empty and serves the next request.
+        await interactive.finished()
+        assert interactive.last.usage.completion_tokens == 300
+        for stream in longs:
+            await stream.finished()
+            assert stream.last.usage.completion_tokens == 400
+        await wait_for_stats(stub, lambda s: s.num_requests_running == 0 and s.kv_cache_usage_perc == 0)
+        after = await Stream.start(stub, completion("Hello", BATCH, temperature=0, max_tokens=4)).finished(60)
+        assert after.last.usage.completion_tokens == 4
+
+
+@pytest.mark.processes
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_interactive_requests_go_first_while_a_batch_fills_the_replica(tmp_path):
+    """`clowder up --demo`: a batch whose lines hold every slot the batch worker may take (the demo's 16 less the
+    one held back), and bursts of three interactive streams: the batch worker's PRIORITY_BATCH travels through the
+    balancer's pipeline, so the runtime preempts batch lines for them and they get their first token quickly."""
+    with up_cluster(tmp_path / "clowder", wide_console=False) as cluster:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{cluster.http_port}/v1", api_key="unused", timeout=300,
+                               max_retries=0)
+        client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        # More lines than batch slots: a second wave follows the first.
+        lines = chat_lines(20, max_tokens=32)
+        started = time.monotonic()
+        batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        poll(client, batch.id, lambda b: b.status != "validating", 60, "started")
+        # The worker sends the first wave within a poll of its capacity (a fraction of a second).
+        time.sleep(2)
+        ttfts: list[float] = []
+
+        def interactive(index: int) -> None:
+            sent = time.monotonic()
+            stream = client.chat.completions.create(
+                model="smol", messages=[{"role": "user", "content": f"Name a colour ({index})."}], max_tokens=8,
+                stream=True)
+            first = None
+            for chunk in stream:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.monotonic() - sent
+            assert first is not None
+            ttfts.append(first)
+
+        bursts = 0
+        while bursts < 3 and client.batches.retrieve(batch.id).status == "in_progress":
+            # Three at once: one finds the slot held back for interactive traffic, the others find every slot held.
+            burst = [threading.Thread(target=interactive, args=(i,)) for i in range(3)]
+            for thread in burst:
+                thread.start()
+            for thread in burst:
+                thread.join(300)
+            bursts += 1
+            time.sleep(1)
+        done = ended(client, batch.id, timeout=600)
+        elapsed = time.monotonic() - started
+        assert done.status == "completed", done
+        output = lines_of(client, done.output_file_id)
+        assert sorted(custom_ids(output)) == sorted(line["custom_id"] for line in lines)
+        assert all(line["response"]["status_code"] == 200 for line in output)
+        assert len(ttfts) == 3 * bursts and bursts >= 1
+        ttfts.sort()
+        # Waiting for a batch line to end would take a good part of a wave, i.e. of half the batch's time.
+        assert ttfts[len(ttfts) // 2] < elapsed / 8, (ttfts, elapsed)
+        logs = (tmp_path / "clowder").rglob("runtime-*.log")
+        assert any("generation preempted" in p.read_text() for p in logs), "no batch line was preempted"
