@@ -158,6 +158,10 @@ class Discovery:
             for key, (ep, _) in self._recently_departed().items() if key.startswith(prefix)
         ), key=lambda e: e.replica_id)
 
+    async def wait_for_change(self, timeout: float) -> None:
+        """Return once the registered endpoints change, or after `timeout` seconds."""
+        await self._endpoints.wait_for_change(timeout)
+
     def connect_failed(self, address: str) -> None:
         """A call to `address` failed to connect: if it is a fallback, it is one no more."""
         if self._departed:

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 REQUEST_ID_KEY = "x-request-id"
 # Inputs per runtime Embed call (the runtime's own limit).
 EMBED_BATCH = 256
+# How long a request for an adapter no ready replica lists yet waits for one to (a load reaches balancers
+# through an etcd watch, moments after the controller reports it loaded).
+ADAPTER_WAIT_S = 2.0
 
 # Failures before the first message that another replica may not have. Nothing has reached the client
 # yet and generation has no side effects, so trying elsewhere is safe.
@@ -326,12 +329,26 @@ class Router:
             if attempt > 1 and not tries.continuing:
                 self._metrics.retries.labels(model).inc()
             tries.continuing = False
+            if route.adapter:
+                endpoints = await self._adapter_holders(model, route.adapter, endpoints, tries)
             choice = self._choose(scheduler, route, endpoints, tries.tried, prefer)
             tries.tried.add(choice.address)
             yield choice
         log.warning("request_id=%s model=%s gave up after %d attempts", tries.request_id, model, len(tries.tried))
         assert tries.last_error is not None
         raise tries.last_error
+
+    async def _adapter_holders(self, model: str, adapter: str, endpoints: list[ReadyEndpoint], tries: _Tries
+                               ) -> list[ReadyEndpoint]:
+        """The endpoints once one of them lists `adapter`, waiting up to ADAPTER_WAIT_S (within the ready
+        deadline) for one to; the adapter filter then refuses the request if none does."""
+        deadline = min(tries.ready_deadline, time.monotonic() + ADAPTER_WAIT_S)
+        while (not any(adapter in e.adapters or adapter in self.stats.get(e.address).adapters for e in endpoints)
+               and (left := deadline - time.monotonic()) > 0):
+            # Short slices: a GetStats poll (a runtime whose endpoint does not list its adapters) changes no key.
+            await self._discovery.wait_for_change(min(left, 0.25))
+            endpoints = [e for e in self._discovery.endpoints(model) if e.address not in tries.tried] or endpoints
+        return endpoints
 
     async def embed(self, model: str, request: runtime_pb2.EmbedRequest) -> runtime_pb2.EmbedResponse:
         """_embed's answer; a service's name first goes to the revision its traffic split chooses."""
