@@ -11,7 +11,7 @@ from clowder.runtime.v1 import adapters_pb2, adapters_pb2_grpc, runtime_pb2, run
 from runtime_lora import write_lora_adapter
 
 from clowder_common import keys
-from clowder_common.errors import from_rpc_error
+from clowder_common.errors import InvalidArgument, from_rpc_error
 from clowder_runtime.app import create_runtime
 from clowder_runtime.config import RuntimeConfig
 
@@ -211,3 +211,30 @@ async def test_bad_adapters_are_refused_naming_the_field(live, lora_files, tmp_p
     assert [a.name for a in listed.adapters] == ["pirate"]
     text, last = await generate(stub, completion("pirate"))
     assert text and last.finish_reason != runtime_pb2.FINISH_REASON_UNSPECIFIED
+
+
+async def test_max_adapters_bounds_what_a_replica_holds(model_path, lora_files):
+    app = await create_runtime(_config(model_path, max_adapters=2, adapters=(f"pirate={lora_files['pirate']}",)))
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            adapters = adapters_pb2_grpc.AdapterServiceStub(channel)
+            await adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(name="parrot", path=lora_files["parrot"]),
+                                       timeout=60)
+            with pytest.raises(grpc.aio.AioRpcError) as full:
+                await adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(name="third", path=lora_files["parrot"]),
+                                           timeout=60)
+            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_adapters 2" in full.value.details()
+            # A fixed adapter (given at start) can be unloaded by hand too; that makes room.
+            await adapters.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="pirate"), timeout=60)
+            await adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(name="third", path=lora_files["parrot"]),
+                                       timeout=60)
+            listed = await adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(), timeout=5)
+            assert [(a.name, a.fixed) for a in listed.adapters] == [("parrot", False), ("third", False)]
+    finally:
+        await app.stop()
+    with pytest.raises(InvalidArgument) as too_many:
+        await create_runtime(_config(model_path, max_adapters=1, adapters=tuple(
+            f"{n}={p}" for n, p in lora_files.items())))
+    assert too_many.value.violations[0].field == "adapters"

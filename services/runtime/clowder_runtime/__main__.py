@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KV tokens idle slots keep for prefix reuse, all together (default 8192)")
     parser.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=PATH",
                         help="LoRA adapter GGUF to load; repeat for more (requests select one by name)")
+    parser.add_argument("--max-adapters", type=int, metavar="N",
+                        help="adapters loaded at once at most, at start and since (AdapterService); default 0: no bound")
+    parser.add_argument("--adapter-unload-grace", dest="adapter_unload_grace_s", type=float, metavar="SECONDS",
+                        help="an unloading adapter is still served this long after it is unlisted (default 2)")
     parser.add_argument("--chat-template-file", metavar="FILE",
                         help="Jinja chat template to use instead of the model's own (e.g. one that supports tools)")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here (default: off)")
@@ -71,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 _CONFIG_FLAGS = (
     "listen", "advertise_host", "deployment", "replica_id", "node", "model_path", "digest", "storage_address",
     "threads", "node_cpus", "context_size", "max_waiting", "slots", "prefill_chunk", "idle_cache_tokens", "adapters",
+    "max_adapters", "adapter_unload_grace_s",
     "chat_template_file", "metrics_listen", "lease_ttl_s", "drain_grace_s", "port_file", "etcd_endpoints",
     "etcd_prefix",
 )

@@ -131,7 +131,7 @@ class RuntimeApp:
         # Adapters loaded while serving (AdapterService) join the ones given at start.
         self.adapters = LiveAdapters(self.engine, parse_adapters(cfg.adapters),
                                      self._adapter_path if cfg.storage_address else None, self._publish_adapters,
-                                     cfg.adapter_unload_grace_s)
+                                     cfg.adapter_unload_grace_s, cfg.max_adapters)
         servicer = RuntimeServicer(self.engine, self.model_name, self.image_config, adapters=self.adapters.names)
         self._server = create_grpc_server(cfg.listen, [registrar(servicer),
                                                        adapter_registrar(AdapterServicer(self.adapters))],
@@ -237,6 +237,11 @@ async def create_runtime(
         raise InvalidArgument(f"metrics_listen {config.metrics_listen!r} is not host:port", field="metrics_listen")
     parse_adapters(config.adapters)
     chat_template(config)
+    if config.max_adapters < 0:
+        raise InvalidArgument("max_adapters must not be negative", field="max_adapters")
+    if config.max_adapters and len(config.adapters) > config.max_adapters:
+        raise InvalidArgument(f"{len(config.adapters)} adapters given, more than max_adapters ({config.max_adapters})",
+                              field="adapters")
     if config.drain_grace_s < 0:
         raise InvalidArgument("drain_grace_s must not be negative", field="drain_grace_s")
     if config.lease_ttl_s < 1:

@@ -58,6 +58,9 @@ class RuntimeConfig(EtcdConfig, SecurityConfig):
     # An adapter being unloaded (AdapterService) is still served this long after it stopped being listed,
     # for requests balancers routed before they saw it go (live_adapters.py).
     adapter_unload_grace_s: float = 2.0
+    # Adapters loaded at once at most, the ones given at start included (each holds its tensors in memory);
+    # a LoadAdapter beyond it gets RESOURCE_EXHAUSTED. 0: no bound.
+    max_adapters: int = 0
     # Jinja chat template used instead of the model's own (tokenizer.chat_template), for models whose
     # template is weak (no tool support, wrong turns): inline text, or a file holding it. At most one.
     chat_template: str = ""

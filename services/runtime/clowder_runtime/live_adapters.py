@@ -10,7 +10,7 @@ from typing import Awaitable, Callable, Protocol
 
 from clowder.runtime.v1 import adapters_pb2
 
-from clowder_common.errors import ClowderError, FailedPrecondition, InvalidArgument, NotFound
+from clowder_common.errors import ClowderError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from clowder_common.keys import validate_name
 from clowder_common.tasks import cancel_and_wait
 from clowder_runtime.model_source import DIGEST_RE
@@ -47,8 +47,9 @@ class LiveAdapters:
     def __init__(self, engine: AdapterEngine, fixed: dict[str, str],
                  resolve: Callable[[str], Awaitable[str]] | None,
                  publish: Callable[[list[adapters_pb2.AdapterInfo]], Awaitable[None]] | None = None,
-                 unload_grace_s: float = DEFAULT_UNLOAD_GRACE_S) -> None:
+                 unload_grace_s: float = DEFAULT_UNLOAD_GRACE_S, max_adapters: int = 0) -> None:
         self._engine = engine
+        self._max = max_adapters
         self._resolve = resolve
         self._publish = publish
         self._grace = unload_grace_s
@@ -89,6 +90,10 @@ class LiveAdapters:
                                      reason="ADAPTER_UNLOADING")
         if name in self._loading:
             raise FailedPrecondition(f"adapter {name!r} is being loaded by another call", reason="ADAPTER_LOADING")
+        held = len(self._listed) + len(self._loading) + len(self._unloading)
+        if self._max and held >= self._max:
+            raise ResourceExhausted(f"this replica holds {held} adapters, its most (max_adapters {self._max}); "
+                                    "unload one first", reason="TOO_MANY_ADAPTERS")
         self._loading.add(name)
         try:
             if source == "digest":
