@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import pathlib
 
 from rich.console import Console
 from rich.table import Table
 
 from clowder.client import Client
-from clowder_common.errors import NotFound
+from clowder_cli import paths
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,18 +33,9 @@ def handles(args: argparse.Namespace) -> bool:
     return args.command == "adapter"
 
 
-def _source_url(value: str) -> str:
-    if "://" in value:
-        return value
-    path = pathlib.Path(value).expanduser().resolve()
-    if not path.is_file():
-        raise NotFound(f"{value} is neither a URL nor a file")
-    return path.as_uri()
-
-
 def run(args: argparse.Namespace, control: Client, console: Console) -> int:
     if args.adapter_command == "add":
-        added = control.adapters.add(args.deployment, args.name, _source_url(args.source), digest=args.digest,
+        added = control.adapters.add(args.deployment, args.name, paths.source_url(args.source), digest=args.digest,
                                      credentials_ref=args.credentials_ref)
         if args.no_wait:
             console.print(f"adapter {added.name} added to {added.deployment}")

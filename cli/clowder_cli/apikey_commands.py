@@ -13,7 +13,7 @@ from clowder.balancer.v1 import apikeys_pb2
 from clowder.client import Client
 from clowder_cli import paths
 from clowder_common.auth import read_admin_token
-from clowder_common.errors import InvalidArgument, NotFound
+from clowder_common.errors import InvalidArgument
 
 CALL_DEADLINE_S = 30
 
@@ -101,12 +101,7 @@ def handles(args: argparse.Namespace) -> bool:
 
 
 def balancer_address(args: argparse.Namespace, data_dir: pathlib.Path) -> str:
-    if args.balancer:
-        return args.balancer
-    cluster = paths.read_cluster(data_dir)
-    if cluster is None or not cluster.get("balancer_grpc"):
-        raise NotFound(f"no local cluster is running from {data_dir}: run `clowder up` (or pass --balancer)")
-    return cluster["balancer_grpc"]
+    return args.balancer or paths.local_address(data_dir, "balancer_grpc", "--balancer")
 
 
 def run(args: argparse.Namespace, data_dir: pathlib.Path, console: Console) -> int:

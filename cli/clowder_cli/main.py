@@ -115,22 +115,8 @@ def runtime_flags(args: argparse.Namespace) -> dict[str, int | None]:
 
 
 def connect(args: argparse.Namespace, data_dir: pathlib.Path) -> Client:
-    address = args.controller
-    if not address:
-        cluster = paths.read_cluster(data_dir)
-        if cluster is None:
-            raise NotFound(f"no local cluster is running from {data_dir}: run `clowder up` (or pass --controller)")
-        address = cluster["controller"]
+    address = args.controller or paths.local_address(data_dir, "controller", "--controller")
     return open_control_plane(address, read_admin_token(data_dir))
-
-
-def source_url(value: str) -> str:
-    if "://" in value:
-        return value
-    path = pathlib.Path(value).expanduser().resolve()
-    if not path.is_file():
-        raise NotFound(f"{value} is neither a URL nor a file")
-    return path.as_uri()
 
 
 def cmd_image(args, control: Client, console: Console) -> int:
@@ -138,7 +124,7 @@ def cmd_image(args, control: Client, console: Console) -> int:
         flags: dict[str, Any] = {k: v for k, v in runtime_flags(args).items() if v is not None and k != "context_size"}
         config = resources_pb2.ImageConfiguration(system_prompt=args.system_prompt, context_size=args.context_size,
                                                   **flags)
-        control.images.create(args.alias, source_url(args.url), config, credentials_ref=args.credentials_ref,
+        control.images.create(args.alias, paths.source_url(args.url), config, credentials_ref=args.credentials_ref,
                               credentials_username=args.credentials_username)
         console.print(f"image {args.alias} added")
         if not args.no_pull:

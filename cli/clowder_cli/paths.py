@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 
+from clowder_common.errors import NotFound
 from clowder_common.processes import pid_alive
 
 CLUSTER_FILE = "cluster.json"
@@ -31,6 +32,24 @@ def read_cluster(data_dir: pathlib.Path) -> dict | None:
     if not pid_alive(int(info.get("pid", 0))):
         return None
     return info
+
+
+def local_address(data_dir: pathlib.Path, component: str, flag: str) -> str:
+    """The address `component` (a key of cluster.json) has in the local cluster; NotFound names `flag`."""
+    cluster = read_cluster(data_dir)
+    if cluster is None or not cluster.get(component):
+        raise NotFound(f"no local cluster is running from {data_dir}: run `clowder up` (or pass {flag})")
+    return cluster[component]
+
+
+def source_url(value: str) -> str:
+    """A URL as it is; a local file as its file:// URL (what storage nodes on this machine can read)."""
+    if "://" in value:
+        return value
+    path = pathlib.Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise NotFound(f"{value} is neither a URL nor a file")
+    return path.as_uri()
 
 
 def _write_atomic(path: pathlib.Path, info: dict) -> None:

@@ -21,7 +21,7 @@ from clowder.client import Client
 from clowder.client._settings import client_security
 from clowder_common.auth import bearer_metadata, read_admin_token
 from clowder_common.clients import sync_channel
-from clowder_common.errors import FailedPrecondition, InvalidArgument, NotFound, from_rpc_error
+from clowder_common.errors import FailedPrecondition, InvalidArgument, from_rpc_error
 
 CALL_DEADLINE_S = 60
 TRANSFER_DEADLINE_S = 6 * 3600
@@ -100,12 +100,7 @@ class StorageClient:
 
 
 def _storage_address(args: argparse.Namespace, data_dir: pathlib.Path) -> str:
-    if args.storage:
-        return args.storage
-    cluster = paths.read_cluster(data_dir)
-    if cluster is None or not cluster.get("storage"):
-        raise NotFound(f"no local cluster is running from {data_dir}: run `clowder up` (or pass --storage)")
-    return cluster["storage"]
+    return args.storage or paths.local_address(data_dir, "storage", "--storage")
 
 
 def show_layers(title: str, stream: Iterable[Any], console: Console, final: Callable[[Any], bool]) -> Any:
