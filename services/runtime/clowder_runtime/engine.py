@@ -40,11 +40,6 @@ DEFAULT_IDLE_CACHE_TOKENS = 8192
 _MIN_COPY_TOKENS = 16
 # How long the idle worker sleeps between looks at the queue when nobody wakes it.
 _IDLE_WAIT_S = 1.0
-# Batch sequences decode in slices of this many tokens, and an interactive request that arrives meanwhile is
-# prefilled after the current slice, not after every batch token of the step. On CPU a decode costs about the
-# same per token from 2 tokens up (measured on the bundled model, 1 thread: 29 ms/token at 2, 4 and 8 tokens,
-# 35 at 16), so slices cost batch throughput next to nothing.
-_BATCH_SLICE = 4
 
 
 @dataclass(frozen=True)
@@ -92,8 +87,6 @@ class _Slot:
         self.adapter = ""
         self.prefix = HashedPrefix()
         self.last_used = 0.0
-        # When its token was last decoded (LlamaEngine._slices): a batch sequence left out of a step goes first next.
-        self.decoded_at = 0
         self.work: _Work | None = None
         # Per request:
         self.sampler: Sampler | None = None
@@ -178,7 +171,6 @@ class LlamaEngine:
         self._prompt_tokens_total = 0
         self._cached_prompt_tokens_total = 0
         self._preemptions_total = 0
-        self._slices = 0
 
     @property
     def context_size(self) -> int:
@@ -748,30 +740,7 @@ class LlamaEngine:
             for slot in group:
                 self._resume_if_ready(slot)
         if decodes:
-            self._decode_in_slices(group, decodes)
-
-    def _decode_in_slices(self, group: list[_Slot], decodes: list[tuple[_Slot, int, bool]]) -> None:
-        """The interactive sequences' tokens with a first slice of batch ones, then the other batch tokens in
-        slices of _BATCH_SLICE; an interactive request that arrived in between ends the step (its prompt goes
-        next), the batch sequences not decoded keeping their token for the next step, where they go first."""
-        urgent = [d for d in decodes if _priority(d[0]) is Priority.INTERACTIVE]
-        rest = sorted((d for d in decodes if _priority(d[0]) is not Priority.INTERACTIVE),
-                      key=lambda d: d[0].decoded_at)
-        size = _BATCH_SLICE or len(rest) or 1
-        slices = [urgent + rest[:size], *(rest[i:i + size] for i in range(size, len(rest), size))]
-        for index, entries in enumerate(slices):
-            if index and self._interactive_waiting():
-                for slot, token, _ in (e for later in slices[index:] for e in later):
-                    slot.pending = token
-                return
-            self._slices += 1
-            for slot, _, _ in entries:
-                slot.decoded_at = self._slices
-            self._decode(group, entries)
-
-    def _interactive_waiting(self) -> bool:
-        with self._cond:
-            return self._waiting.head_priority() is Priority.INTERACTIVE
+            self._decode(group, decodes)
 
     def _decode(self, group: list[_Slot], entries: list[tuple[_Slot, int, bool]]) -> None:
         """One llama_decode over (slot, token, wants logits) entries, then sample where logits were asked."""
