@@ -144,6 +144,11 @@ class Tenancy:
                 if not request.sampling.max_tokens or request.sampling.max_tokens > allowed:
                     # The budget's remainder, not a 429 later: the answer is cut short (finish_reason length).
                     request.sampling.max_tokens = allowed
+        if request.priority == runtime_pb2.PRIORITY_BATCH:
+            # Batch work takes no slot of the queue: the batch worker sends it only into free slots
+            # (batch/capacity.py) and a replica preempts it for an interactive request, so interactive
+            # requests must not wait here behind it.
+            return Ticket(self, ctx, reservations, None, guessed)
         try:
             await self.queue.acquire(ctx.model, principal.key_id or ANONYMOUS, self.priority(principal))
         except BaseException:
