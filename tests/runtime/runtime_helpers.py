@@ -35,7 +35,7 @@ async def runtime_stub(app: RuntimeApp) -> AsyncIterator[runtime_pb2_grpc.Runtim
 
 async def wait_for_stats(stub: runtime_pb2_grpc.RuntimeServiceStub,
                          predicate: Callable[[runtime_pb2.GetStatsResponse], bool],
-                         timeout: float = 10.0) -> runtime_pb2.GetStatsResponse:
+                         timeout: float = 30.0) -> runtime_pb2.GetStatsResponse:
     """The runtime's stats once `predicate` holds for them, polled every 20 ms (slots change quickly)."""
     last: list[runtime_pb2.GetStatsResponse] = []
 

@@ -19,8 +19,10 @@ import openai
 import pytest
 from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 
-from clowder_runtime.app import RuntimeApp, create_runtime
+from clowder_runtime.app import RuntimeApp
 from clowder_runtime.config import RuntimeConfig
+from helpers.wait import wait_for
+from runtime_helpers import running_runtime, runtime_stub, wait_for_stats
 
 # The batch tests' input-file helpers (tests/batch is not a package).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "batch"))
@@ -45,13 +47,8 @@ async def serving(model_path: pathlib.Path) -> AsyncIterator[tuple[RuntimeApp, r
         model_path=str(model_path), deployment="smol-priority", context_size=CONTEXT_SIZE, threads=THREADS,
         slots=SLOTS, prefill_chunk=PREFILL_CHUNK, max_waiting=8, metrics_listen="127.0.0.1:0",
     )
-    app = await create_runtime(config)
-    await app.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-            yield app, runtime_pb2_grpc.RuntimeServiceStub(channel)
-    finally:
-        await app.stop()
+    async with running_runtime(config) as app, runtime_stub(app) as stub:
+        yield app, stub
 
 
 def completion(prompt: str, priority: int = runtime_pb2.PRIORITY_UNSPECIFIED, **sampling) -> runtime_pb2.GenerateRequest:
@@ -113,27 +110,8 @@ class Stream:
         return self
 
 
-async def until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.01)
-
-
 async def stats(stub: runtime_pb2_grpc.RuntimeServiceStub) -> runtime_pb2.GetStatsResponse:
     return await stub.GetStats(runtime_pb2.GetStatsRequest(), timeout=5)
-
-
-async def wait_for_stats(stub, predicate, timeout: float = 30.0) -> runtime_pb2.GetStatsResponse:
-    deadline = time.monotonic() + timeout
-    while True:
-        current = await stats(stub)
-        if predicate(current):
-            return current
-        if time.monotonic() > deadline:
-            raise AssertionError(f"stats never matched: {current}")
-        await asyncio.sleep(0.02)
 
 
 async def preemptions(app: RuntimeApp) -> float:
@@ -160,7 +138,7 @@ def assert_counts_consistent(stream: Stream) -> None:
 async def test_an_interactive_request_gets_its_first_token_while_batch_requests_hold_every_slot(model_path):
     async with serving(model_path) as (app, stub):
         batch = [Stream.start(stub, completion(p, BATCH, temperature=0, max_tokens=400)) for p in STORIES]
-        await until(lambda: all(s.tokens >= 4 for s in batch), 60, "every batch request decoding")
+        await wait_for(lambda: all(s.tokens >= 4 for s in batch), 60, "every batch request decoding", interval=0.01)
         assert (await stats(stub)).num_requests_running == SLOTS
 
         interactive = Stream.start(stub, completion("The capital of France is", temperature=0, max_tokens=8))
@@ -211,7 +189,7 @@ async def test_preempted_sequences_finish_with_the_text_of_an_unpreempted_run(mo
                 going = [s for s in batch if s.done_at is None]
                 return not going or sum(s.tokens >= p for s in going) >= min(SLOTS, len(going))
 
-            await until(ready, 120, f"batch requests at {progress} tokens")
+            await wait_for(ready, 120, f"batch requests at {progress} tokens", interval=0.01)
             if all(s.done_at is not None for s in batch):
                 break
             interactive = Stream.start(stub, completion(f"Question {round_}: the capital of France is",
@@ -243,10 +221,10 @@ async def test_a_preempted_request_can_be_cancelled_while_it_waits_to_resume(mod
                  for i in range(SLOTS - 1)]
         short = Stream.start(stub, completion(STORIES[0], BATCH, temperature=0, max_tokens=400))
         batch = [*longs, short]
-        await until(lambda: all(s.tokens >= 2 for s in batch), 60, "every batch request decoding")
+        await wait_for(lambda: all(s.tokens >= 2 for s in batch), 60, "every batch request decoding", interval=0.01)
 
         interactive = Stream.start(stub, completion("Once upon a time", temperature=0, max_tokens=300))
-        await until(lambda: interactive.tokens >= 1, 30, "the interactive request's first token")
+        await wait_for(lambda: interactive.tokens >= 1, 30, "the interactive request's first token", interval=0.01)
         await wait_for_stats(stub, lambda s: s.num_requests_waiting == 1 and s.num_requests_running == SLOTS)
         assert await preemptions(app) == 1
         stalled_at = short.tokens
