@@ -19,8 +19,13 @@ import openai
 import pytest
 from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 
+from clowder.controller.v1 import resources_pb2
+from clowder_common.errors import InvalidArgument
 from clowder_runtime.app import RuntimeApp
 from clowder_runtime.config import RuntimeConfig
+from clowder_runtime.generation import GenerationJob, Priority, SamplingSettings
+from clowder_runtime.scheduling import WaitQueue, preemption_victim
+from clowder_runtime.validation import build_job
 from helpers.wait import wait_for
 from runtime_helpers import running_runtime, runtime_stub, wait_for_stats
 
@@ -132,6 +137,58 @@ def assert_counts_consistent(stream: Stream) -> None:
     counts = [m.completion_tokens for m in stream.messages]
     assert counts == sorted(counts)
     assert stream.last.completion_tokens == stream.last.usage.completion_tokens
+
+
+@dataclass
+class Job:
+    job: GenerationJob
+
+
+def job(name: str, priority: Priority) -> Job:
+    return Job(GenerationJob(request_id=name, sampling=SamplingSettings(), prompt="x", priority=priority))
+
+
+@pytest.mark.unit
+def test_the_wait_queue_admits_interactive_work_first_and_requeued_work_ahead_of_its_class():
+    queue: WaitQueue[Job] = WaitQueue()
+    b1, b2, i1, i2, resumed = (job("b1", Priority.BATCH), job("b2", Priority.BATCH), job("i1", Priority.INTERACTIVE),
+                               job("i2", Priority.INTERACTIVE), job("resumed", Priority.BATCH))
+    for item in (b1, i1, b2, i2):
+        queue.append(item)
+    queue.requeue(resumed)
+    assert [j.job.request_id for j in queue] == ["i1", "i2", "resumed", "b1", "b2"]
+    assert (len(queue), queue.head_priority()) == (5, Priority.INTERACTIVE)
+    # A new interactive request counts only the interactive work ahead of it against the queue's bound.
+    assert (queue.count_at_or_above(Priority.INTERACTIVE), queue.count_at_or_above(Priority.BATCH)) == (2, 5)
+    queue.remove(i2)
+    with pytest.raises(ValueError):
+        queue.remove(i2)
+    assert [queue.popleft().job.request_id for _ in range(4)] == ["i1", "resumed", "b1", "b2"]
+    assert not queue and queue.head_priority() is None
+    with pytest.raises(IndexError):
+        queue.popleft()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name, running, waiting, expected", [
+    ("only a less urgent sequence is preempted", [("i", Priority.INTERACTIVE, 5)], Priority.INTERACTIVE, None),
+    ("batch work never preempts batch work", [("b", Priority.BATCH, 5)], Priority.BATCH, None),
+    ("the cheapest to recompute", [("b1", Priority.BATCH, 90), ("i", Priority.INTERACTIVE, 3),
+                                   ("b2", Priority.BATCH, 40)], Priority.INTERACTIVE, "b2"),
+    ("on a tie the later one", [("b1", Priority.BATCH, 40), ("b2", Priority.BATCH, 40)], Priority.INTERACTIVE, "b2"),
+    ("nothing running", [], Priority.INTERACTIVE, None),
+])
+def test_preemption_victim(name, running, waiting, expected):
+    assert preemption_victim(running, waiting) == expected, name
+
+
+@pytest.mark.unit
+def test_an_unknown_priority_is_refused_naming_the_field():
+    with pytest.raises(InvalidArgument) as err:
+        build_job(completion("Hello", 7), resources_pb2.ImageConfiguration())
+    assert [v.field for v in err.value.violations] == ["priority"]
+    assert build_job(completion("Hello", BATCH), resources_pb2.ImageConfiguration()).priority is Priority.BATCH
+    assert build_job(completion("Hello"), resources_pb2.ImageConfiguration()).priority is Priority.INTERACTIVE
 
 
 @pytest.mark.inprocess
