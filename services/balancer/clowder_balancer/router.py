@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from typing import AsyncGenerator, Callable, Iterator, Sequence
 
 import grpc
 from opentelemetry import propagate, trace
@@ -208,7 +208,7 @@ class Router:
     def generate(
         self, model: str, request: runtime_pb2.GenerateRequest, session: str = "", route: RouteRequest | None = None,
         prefer: str = "", on_choice: Callable[[str], None] | None = None,
-    ) -> AsyncIterator[runtime_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[runtime_pb2.GenerateResponse, None]:
         """_generate's messages; a service's name first goes to the revision its traffic split chooses."""
         traffic = self._traffic
         target = traffic.choose(model, session) if traffic is not None else None

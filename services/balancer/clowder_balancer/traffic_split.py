@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -274,7 +274,7 @@ class TrafficSplit:
                 if ttft <= bound:
                     counts.ttft_buckets[i] += 1
 
-    async def observe(self, target: Target, stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    async def observe(self, target: Target, stream: AsyncIterator[T]) -> AsyncGenerator[T, None]:
         """Relay `stream` (a request's messages), counting its outcome and time to first message for the
         revision. A consumer that stops after the last message does not make it a cancellation."""
         started = time.monotonic()

@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import llama_cpp
 
@@ -28,6 +29,9 @@ from clowder_runtime.prefix import BLOCK_TOKENS, HashedPrefix
 from clowder_runtime.scheduling import Suspended, WaitQueue, preemption_victim
 from clowder_runtime.stops import StopMatcher
 from clowder_runtime.tools import ToolCallParser, call_grammar, template_messages
+
+# What the engine's thread hands a generation's stream: text, a piece with logprobs, the end, or an error.
+Output = str | Piece | Finish | BaseException
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +152,8 @@ class LlamaEngine:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._model: Model | None = None
-        self._ctx = None
+        # llama.cpp's context (a ctypes pointer) once the model is loaded.
+        self._ctx: Any = None
         self._adapter_turn = itertools.count()
         self._current_adapter: str | None = None
         # Adapters selectable now (name -> GGUF path): the ones loaded at start, then load_adapter/drop_adapter.
@@ -164,7 +169,7 @@ class LlamaEngine:
         self._embedder = Embedder(settings.context_size, self._threads)
         self._embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime-embed")
         # What the worker produced for streams since its last hand-over to the event loop.
-        self._outbox: list[tuple[GenerationStream, object]] = []
+        self._outbox: list[tuple[GenerationStream, Output]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._requests_total = 0
         self._generation_tokens_total = 0
@@ -771,13 +776,13 @@ class LlamaEngine:
             token = slot.sampler.sample(self._ctx, index)
             sampling = work.job.sampling
             if sampling.logprobs:
-                self._emit(slot, token, token_logprob(self._model, self._ctx, index, token, sampling.top_logprobs))
+                self._emit(slot, token, token_logprob(self._loaded(), self._ctx, index, token, sampling.top_logprobs))
             else:
                 self._emit(slot, token)
         # Before the next decode (a prefill chunk may follow in this step): tokens go out at once.
         self._hand_over()
 
-    def _send(self, stream: GenerationStream, item: object) -> None:
+    def _send(self, stream: GenerationStream, item: Output) -> None:
         self._outbox.append((stream, item))
 
     def _hand_over(self) -> None:
@@ -800,7 +805,8 @@ class LlamaEngine:
     def _set_adapter(self, adapter: str) -> None:
         model = self._loaded()
         if adapter:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(model.adapters[adapter])
+            # llama_cpp types the array's element as a pointer type the handle (a c_void_p) converts to at run time.
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(model.adapters[adapter])  # type: ignore[misc]
             scales = (ctypes.c_float * 1)(1.0)
             code = llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 1, scales)
         else:
@@ -917,7 +923,7 @@ def _drop_suspended(work: _Work) -> None:
         suspended.sampler.close()
 
 
-def _deliver(items: list[tuple[GenerationStream, object]]) -> None:
+def _deliver(items: list[tuple[GenerationStream, Output]]) -> None:
     """On the event loop: a step's outputs into their streams, in the order they were made."""
     for stream, item in items:
         stream.deliver(item)
