@@ -80,7 +80,7 @@ lint: $(DEPS_STAMP) ## ruff and mypy on our code (generated code aside; pyprojec
 	$(PY) tools/check_import_cycles.py
 
 .PHONY: test
-test: install check-gen lint-proto ## run the whole test suite
+test: install check-gen lint-proto lint ## run the whole test suite
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 .PHONY: up
