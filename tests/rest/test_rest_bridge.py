@@ -199,6 +199,40 @@ async def test_requests_the_bridge_refuses_itself(api, http):
     assert status == 404 and "'x'" in body["message"]
 
 
+@pytest.mark.inprocess
+async def test_adapters_of_a_deployment_create_get_list_delete_and_their_errors(api, http):
+    status, _ = await call(http, "POST", f"{api}/api/v1/images", json=image_body("base"))
+    assert status == 200
+    status, body = await call(http, "POST", f"{api}/api/v1/deployments",
+                              json={"name": "tuned", "image": "base", "replicas": 0})
+    assert status == 200, body
+    # The path names the deployment; the body is the adapter.
+    adapter = {"name": "pirate", "sourceUrl": "file:///models/pirate-lora.gguf"}
+    status, body = await call(http, "POST", f"{api}/api/v1/deployments/tuned/adapters", json=adapter)
+    assert status == 200, body
+    assert body["adapter"]["deployment"] == "tuned" and body["adapter"]["name"] == "pirate"
+    status, body = await call(http, "POST", f"{api}/api/v1/deployments/tuned/adapters", json=adapter)
+    assert status == 409
+    status, body = await call(http, "POST", f"{api}/api/v1/deployments/ghost/adapters", json=adapter)
+    assert status == 404
+    status, body = await call(http, "POST", f"{api}/api/v1/deployments/tuned/adapters",
+                              json={"name": "bad", "sourceUrl": "oci://registry/x:1"})
+    assert status == 400 and detail(body, BAD_REQUEST)["fieldViolations"][0]["field"] == "adapter.source_url"
+
+    status, body = await call(http, "GET", f"{api}/api/v1/deployments/tuned/adapters/pirate")
+    assert status == 200 and body["adapter"]["sourceUrl"] == adapter["sourceUrl"]
+    status, body = await call(http, "GET", f"{api}/api/v1/deployments/tuned/adapters")
+    assert status == 200 and [a["name"] for a in body["adapters"]] == ["pirate"]
+    status, body = await call(http, "DELETE", f"{api}/api/v1/deployments/tuned/adapters/pirate")
+    assert status == 200 and body == {}
+    status, body = await call(http, "GET", f"{api}/api/v1/deployments/tuned/adapters/pirate")
+    assert status == 404
+    status, body = await call(http, "GET", f"{api}/api/v1/deployments/tuned/adapters")
+    assert status == 200 and body.get("adapters", []) == []
+    status, _ = await call(http, "DELETE", f"{api}/api/v1/deployments/tuned")
+    assert status == 200
+
+
 @pytest.mark.unit
 async def test_every_annotated_rpc_is_served_and_covered_here():
     """If a new annotated RPC appears, this file must learn to exercise it."""
@@ -215,6 +249,8 @@ async def test_every_annotated_rpc_is_served_and_covered_here():
         "ServingService_ApplyService", "ServingService_GetService", "ServingService_ListServices",
         "ServingService_PromoteService", "ServingService_RollbackService", "ServingService_SetServiceTraffic",
         "ServingService_DeleteService",
+        "AdapterService_CreateAdapter", "AdapterService_GetAdapter", "AdapterService_ListAdapters",
+        "AdapterService_DeleteAdapter",
     }
     assert {r.operation_id for r in routes} == exercised
 
