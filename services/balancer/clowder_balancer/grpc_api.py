@@ -17,15 +17,13 @@ from clowder_common.errors import HTTP_STATUS, ClowderError, InvalidArgument
 from clowder_common.limits import MAX_CHOICES, MAX_EMBED_REQUEST_INPUTS
 
 from clowder_balancer import logcontext, request_ids, traffic_split
-from clowder_balancer.apikeys import ApiKeyStore, Principal, bearer
-from clowder_balancer.discovery import Discovery
-from clowder_balancer.metrics import CLIENT_CLOSED, UNKNOWN_MODEL, Metrics
+from clowder_balancer.apikeys import Principal
+from clowder_balancer.front_door import FrontDoor
+from clowder_balancer.metrics import CLIENT_CLOSED, UNKNOWN_MODEL
 from clowder_balancer.openai_api import ROLES
 from clowder_balancer.openai_tools import name_tool_messages, parse_tools
 from clowder_balancer.request_ids import HEADER as REQUEST_ID_HEADER
 from clowder_balancer.middleware.base import RequestContext
-from clowder_balancer.pipeline import Pipeline
-from clowder_balancer.router import Router
 from clowder_balancer.sampling import validate_sampling
 
 log = logging.getLogger(__name__)
@@ -89,22 +87,9 @@ def _validate_tools(request: inference_pb2.CreateChatCompletionRequest) -> None:
         raise InvalidArgument("tool_choice.mode is not a known mode", field="tool_choice.mode")
 
 
-class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, router: Router, discovery: Discovery, metrics: Metrics,
-                 session_header: str = "x-session-id", pipeline: Pipeline | None = None,
-                 keys: ApiKeyStore | None = None, require_api_keys: bool = False) -> None:
-        self._router = router
-        self._session_header = session_header
-        self._pipeline = pipeline or Pipeline(router, discovery)
-        self._keys = keys
-        self._require_keys = require_api_keys
-        self._discovery = discovery
-        self._metrics = metrics
-
+class InferenceServicer(FrontDoor, inference_pb2_grpc.InferenceServiceServicer):
     def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
-        if self._keys is None:
-            return Principal()
-        return self._keys.authenticate(bearer(_metadata(context, "authorization")), self._require_keys)
+        return self._caller(_metadata(context, "authorization"))
 
     def register(self, server: grpc.aio.Server) -> str:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(self, server)

@@ -16,8 +16,9 @@ from clowder.runtime.v1 import runtime_pb2
 from clowder_common.errors import HTTP_STATUS, ClowderError
 
 from clowder_balancer import logcontext, openai_api, request_ids, traffic_split
-from clowder_balancer.apikeys import ApiKeyStore, Principal, bearer
+from clowder_balancer.apikeys import ApiKeyStore, Principal
 from clowder_balancer.discovery import Discovery, model_not_found
+from clowder_balancer.front_door import FrontDoor
 from clowder_balancer.metrics import CLIENT_CLOSED, UNKNOWN_MODEL, Metrics
 from clowder_balancer.openai_api import Kind, OpenAIRequest
 from clowder_balancer.openai_embeddings import embedding_response, parse_embedding_request
@@ -45,17 +46,11 @@ def _error_response(err: ClowderError, embeddings: bool = False) -> web.Response
     return response
 
 
-class HttpApi:
+class HttpApi(FrontDoor):
     def __init__(self, router: Router, discovery: Discovery, metrics: Metrics, max_body_bytes: int,
                  session_header: str = "x-session-id", pipeline: Pipeline | None = None,
                  keys: ApiKeyStore | None = None, require_api_keys: bool = False) -> None:
-        self._router = router
-        self._session_header = session_header
-        self._pipeline = pipeline or Pipeline(router, discovery)
-        self._keys = keys
-        self._require_keys = require_api_keys
-        self._discovery = discovery
-        self._metrics = metrics
+        super().__init__(router, discovery, metrics, session_header, pipeline, keys, require_api_keys)
         self._max_body_bytes = max_body_bytes
 
     def application(self) -> web.Application:
@@ -116,9 +111,7 @@ class HttpApi:
 
     def _principal(self, request: web.Request) -> Principal:
         """Who is calling /v1/*: Unauthenticated (401) for a bad key, or for none when keys are required."""
-        if self._keys is None:
-            return Principal()
-        return self._keys.authenticate(bearer(request.headers.get("Authorization")), self._require_keys)
+        return self._caller(request.headers.get("Authorization"))
 
     # -- plain endpoints ---------------------------------------------------------------------------
 
