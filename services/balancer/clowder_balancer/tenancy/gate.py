@@ -46,21 +46,24 @@ class Ticket:
         self._guessed_prompt = guessed_prompt
         self._reservations = reservations
         self._slot = slot
-        # Per choice, the usage of the last message relayed (counts are cumulative over a stream).
-        self._usage: dict[int, runtime_pb2.Usage] = {}
+        # Per choice, the last message relayed that carried counts (cumulative over a stream); read at close.
+        self._last: dict[int, runtime_pb2.GenerateResponse] = {}
         self._closed = False
 
     def sent(self, index: int, message: runtime_pb2.GenerateResponse) -> None:
-        if message.HasField("usage"):
-            self._usage[index] = message.usage
-        elif message.completion_tokens:
-            # Mid-stream the counts so far (cumulative on every message): a stream its client cuts short is
-            # counted up to the message relayed last, not dropped for want of a final usage.
-            self._usage[index] = runtime_pb2.Usage(prompt_tokens=message.prompt_tokens,
-                                                   completion_tokens=message.completion_tokens)
+        # Kept, not copied: this runs for every token, and a stream its client cuts short is counted up to the
+        # message relayed last (every message carries the counts so far), not dropped for want of a final usage.
+        if message.completion_tokens or message.HasField("usage"):
+            self._last[index] = message
 
     def embedded(self, prompt_tokens: int) -> None:
-        self._usage[0] = runtime_pb2.Usage(prompt_tokens=prompt_tokens)
+        self._last[0] = runtime_pb2.GenerateResponse(usage=runtime_pb2.Usage(prompt_tokens=prompt_tokens))
+
+    @staticmethod
+    def _usage(message: runtime_pb2.GenerateResponse) -> runtime_pb2.Usage:
+        if message.HasField("usage"):
+            return message.usage
+        return runtime_pb2.Usage(prompt_tokens=message.prompt_tokens, completion_tokens=message.completion_tokens)
 
     def close(self) -> None:
         """The request is over (any outcome): free the slot, count usage, settle the reservations. Never blocks."""
@@ -69,12 +72,13 @@ class Ticket:
         self._closed = True
         if self._slot is not None:
             self._tenancy.queue.release(self._slot, self._ctx.principal.key_id or ANONYMOUS)
-        first = self._usage[min(self._usage)] if self._usage else runtime_pb2.Usage()
-        completion = sum(u.completion_tokens for u in self._usage.values())
+        usage = {index: self._usage(message) for index, message in self._last.items()}
+        first = usage[min(usage)] if usage else runtime_pb2.Usage()
+        completion = sum(u.completion_tokens for u in usage.values())
         principal = self._ctx.principal
-        if self._usage and self._guessed_prompt and first.prompt_tokens:
+        if usage and self._guessed_prompt and first.prompt_tokens:
             self._tenancy.learn_overhead(self._ctx.model, first.prompt_tokens - self._guessed_prompt)
-        if self._usage:
+        if usage:
             # n choices of one prompt: the prompt counts once (what the client's usage field says).
             self._tenancy.meter.record(principal.key_id, principal.groups, self._ctx.model, first.prompt_tokens,
                                        first.cached_prompt_tokens, completion)
