@@ -298,16 +298,13 @@ class EtcdState:
     # -- reads -----------------------------------------------------------------
 
     async def get(self, key: str, cls: type[M]) -> Versioned[M] | None:
-        try:
-            result = await self._kv.get(key.encode())
-        except aetcd.exceptions.ClientError as exc:
-            raise Unavailable(f"etcd get failed: {exc}", retry_after=1.0) from exc
-        if result is None:
+        stored = await self.get_raw(key)
+        if stored is None:
             return None
-        value = _parse(cls, key, result.value)
+        value = _parse(cls, key, stored.data)
         if value is None:
             return None
-        return Versioned(key, value, result.mod_revision, result.create_revision)
+        return Versioned(key, value, stored.mod_revision, stored.create_revision)
 
     async def list(self, prefix: str, cls: type[M]) -> tuple[list[Versioned[M]], int]:
         """All values under `prefix` sorted by key, with the store revision of the read."""
