@@ -46,11 +46,12 @@ STORIES = [f"Story {i}: Once upon a time" for i in range(SLOTS)]
 
 
 @contextlib.asynccontextmanager
-async def serving(model_path: pathlib.Path) -> AsyncIterator[tuple[RuntimeApp, runtime_pb2_grpc.RuntimeServiceStub]]:
+async def serving(model_path: pathlib.Path, context_size: int = CONTEXT_SIZE, prefill_chunk: int = PREFILL_CHUNK,
+                  ) -> AsyncIterator[tuple[RuntimeApp, runtime_pb2_grpc.RuntimeServiceStub]]:
     """A fresh replica: nothing cached, so runs of the same prompts are evaluated the same way."""
     config = RuntimeConfig(
-        model_path=str(model_path), deployment="smol-priority", context_size=CONTEXT_SIZE, threads=THREADS,
-        slots=SLOTS, prefill_chunk=PREFILL_CHUNK, max_waiting=8, metrics_listen="127.0.0.1:0",
+        model_path=str(model_path), deployment="smol-priority", context_size=context_size, threads=THREADS,
+        slots=SLOTS, prefill_chunk=prefill_chunk, max_waiting=8, metrics_listen="127.0.0.1:0",
     )
     async with running_runtime(config) as app, runtime_stub(app) as stub:
         yield app, stub
@@ -119,17 +120,21 @@ async def stats(stub: runtime_pb2_grpc.RuntimeServiceStub) -> runtime_pb2.GetSta
     return await stub.GetStats(runtime_pb2.GetStatsRequest(), timeout=5)
 
 
-async def preemptions(app: RuntimeApp) -> float:
-    """The runtime's clowder_runtime_preemptions_total from /metrics."""
+async def counter(app: RuntimeApp, name: str) -> float:
+    """One of the runtime's counters from /metrics."""
     assert app.metrics is not None
     url = f"http://127.0.0.1:{app.metrics.port}/metrics"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         async with session.get(url) as response:
             body = await response.text()
     for line in body.splitlines():
-        if line.startswith("clowder_runtime_preemptions_total{"):
+        if line.startswith(f"{name}{{"):
             return float(line.rpartition(" ")[2])
-    raise AssertionError("no clowder_runtime_preemptions_total in /metrics")
+    raise AssertionError(f"no {name} in /metrics")
+
+
+async def preemptions(app: RuntimeApp) -> float:
+    return await counter(app, "clowder_runtime_preemptions_total")
 
 
 def assert_counts_consistent(stream: Stream) -> None:
@@ -214,6 +219,33 @@ async def test_an_interactive_request_gets_its_first_token_while_batch_requests_
         remaining = max(s.done_at for s in batch if s.done_at) - interactive.first_text_at
         # Without priority it waits for a slot, i.e. about `remaining`.
         assert ttft < remaining / 4, (ttft, remaining)
+
+
+@pytest.mark.inprocess
+async def test_an_interactive_request_cuts_short_a_batch_prefill_step_which_is_then_redone_unchanged(model_path):
+    # One chunk of about 1,300 prompt tokens: seconds of a single decode step on one thread.
+    prompt = "The keepers of the lighthouse wrote in their logbook every night, whatever the weather. " * 80
+    request = completion(prompt, BATCH, temperature=0, max_tokens=24, logprobs=True)
+    options = {"context_size": 2048, "prefill_chunk": 2048}
+    async with serving(model_path, **options) as (_, stub):
+        reference = await Stream.start(stub, request).finished()
+
+    async with serving(model_path, **options) as (app, stub):
+        batch = Stream.start(stub, request)
+        await wait_for_stats(stub, lambda s: s.num_requests_running == 1)
+        interactive = await Stream.start(stub, completion("The capital of France is", temperature=0,
+                                                          max_tokens=4)).finished(60)
+        await batch.finished()
+        # Without the abort the batch prompt's step ends first, and its first token with it.
+        assert batch.first_text_at is not None and interactive.first_text_at is not None
+        assert interactive.first_text_at < batch.first_text_at
+        assert await counter(app, "clowder_runtime_aborted_steps_total") >= 1
+        # The batch request took its slot at once: nothing was preempted, its step was redone.
+        assert await preemptions(app) == 0
+
+    assert batch.text == reference.text
+    assert [m.logprobs for m in batch.messages if m.logprobs] == [m.logprobs for m in reference.messages if m.logprobs]
+    assert batch.last.usage == reference.last.usage
 
 
 @pytest.mark.inprocess

@@ -27,6 +27,7 @@ from clowder_runtime.logprobs import token_logprob
 from clowder_runtime.model import Model, Sampler
 from clowder_runtime.prefix import BLOCK_TOKENS, HashedPrefix
 from clowder_runtime.scheduling import Suspended, WaitQueue, preemption_victim
+from clowder_runtime.step_abort import StepAbort
 from clowder_runtime.stops import StopMatcher
 from clowder_runtime.tools import ToolCallParser, call_grammar, template_messages
 
@@ -44,6 +45,8 @@ DEFAULT_IDLE_CACHE_TOKENS = 8192
 _MIN_COPY_TOKENS = 16
 # How long the idle worker sleeps between looks at the queue when nobody wakes it.
 _IDLE_WAIT_S = 1.0
+# llama_decode's result for a decode its abort callback stopped.
+_ABORTED = 2
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,12 @@ class LlamaEngine:
         self._prompt_tokens_total = 0
         self._cached_prompt_tokens_total = 0
         self._preemptions_total = 0
+        # An interactive request that arrives while a step decodes batch work cuts the step short (step_abort.py)
+        # instead of waiting it out: the step's work is redone, the request's prompt goes first.
+        self._abort = StepAbort()
+        # Whether the llama_decode running now (or last) may be cut short that way; under the lock.
+        self._abortable = False
+        self._aborted_steps_total = 0
 
     @property
     def context_size(self) -> int:
@@ -256,6 +265,8 @@ class LlamaEngine:
             self._check_admission(job.priority)
             self._waiting.append(work)
             self._requests_total += 1
+            if job.priority is Priority.INTERACTIVE and self._abortable and self._interactive_can_start():
+                self._abort.request()
             self._cond.notify()
         return stream
 
@@ -287,6 +298,7 @@ class LlamaEngine:
                 slots=self.slots,
                 cached_prompt_tokens_total=self._cached_prompt_tokens_total,
                 preemptions_total=self._preemptions_total,
+                aborted_steps_total=self._aborted_steps_total,
                 prefix_block_hashes=tuple(sorted(hashes)),
                 prefix_block_tokens=BLOCK_TOKENS,
                 adapters=self.adapters,
@@ -374,6 +386,10 @@ class LlamaEngine:
                 if slot.work is None and slot.adapter == name:
                     # KV computed with the dropped weights: never reuse it (a new adapter may take the name).
                     slot.adapter = "\0dropped"
+
+    def _interactive_can_start(self) -> bool:
+        """Whether an interactive request would take a slot at once: one is free or held by batch work."""
+        return any(s.work is None or _priority(s) is not Priority.INTERACTIVE for s in self._slots)
 
     def _check_admission(self, priority: Priority) -> None:
         if self._closing:
@@ -484,6 +500,7 @@ class LlamaEngine:
                 reason="CONTEXT_FAILED",
             )
         self._model, self._ctx = model, ctx
+        self._abort.install(ctx)
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
         self._batch_capacity = params.n_batch
@@ -519,6 +536,8 @@ class LlamaEngine:
                         self._cond.wait(_IDLE_WAIT_S)
                     if self._closing:
                         return
+                    # Whatever asked for an abort is admitted now.
+                    self._abort.clear()
                     self._admit()
                     wanted = self._wanted_threads
                 if wanted != self._threads:
@@ -724,6 +743,10 @@ class LlamaEngine:
         # Interactive prompts take the budget first (sorted is stable: slot order within a class).
         for slot in sorted(group, key=_priority):
             if slot.prefilling and slot.work is not None:
+                if prefill and _priority(slot) is not _priority(prefill[0][0]):
+                    # One class of prompts a chunk: an interactive prompt's first token does not wait for batch
+                    # prompts evaluated beside it (they go next step).
+                    break
                 tokens = slot.prefill
                 start = len(slot.cache)
                 # Chunks end at multiples of `chunk` and are never cut short by a neighbour's
@@ -741,17 +764,37 @@ class LlamaEngine:
         # times longer than one stream's). Each sequence has its own KV stream, so the order of the two
         # batches changes no sequence's numbers; the running streams wait the prefill's time either way.
         if prefill:
-            self._decode(group, prefill)
+            if not self._decode(group, prefill, prompts=True):
+                _restore_pending(decodes)
+                return
             for slot in group:
                 self._resume_if_ready(slot)
-        if decodes:
-            self._decode(group, decodes)
+        if decodes and not self._decode(group, decodes, prompts=False):
+            _restore_pending(decodes)
 
-    def _decode(self, group: list[_Slot], entries: list[tuple[_Slot, int, bool]]) -> None:
-        """One llama_decode over (slot, token, wants logits) entries, then sample where logits were asked."""
+    def _decode(self, group: list[_Slot], entries: list[tuple[_Slot, int, bool]], prompts: bool) -> bool:
+        """One llama_decode over (slot, token, wants logits) entries, then sample where logits were asked.
+
+        False: an interactive request arrived and the decode, which held batch work, was cut short and undone
+        (step_abort.py); the caller puts back what it took for it."""
+        # A chunk of prompts is one class; decoding tokens may mix classes (the interactive ones then lose the
+        # part of a step that was computed: at most one step, once per arriving interactive request).
+        abortable = (any(_priority(slot) is Priority.BATCH for slot, _, _ in entries)
+                     and not (prompts and _priority(entries[0][0]) is Priority.INTERACTIVE))
+        with self._cond:
+            self._abortable = abortable
+            if not abortable:
+                self._abort.clear()
+            elif self._waiting.head_priority() is Priority.INTERACTIVE and self._interactive_can_start():
+                # It came during a decode that could not be cut short (an interactive prompt's): this one goes
+                # no further than its first node, and the next step admits it.
+                self._abort.request()
         batch = self._batch
         outputs: list[tuple[_Slot, int]] = []
+        # Where each sequence's entries start: an aborted decode is undone from there.
+        starts: dict[_Slot, int] = {}
         for n, (slot, token, logits) in enumerate(entries):
+            starts.setdefault(slot, len(slot.cache))
             batch.token[n] = token
             batch.pos[n] = len(slot.cache)
             batch.n_seq_id[n] = 1
@@ -762,6 +805,17 @@ class LlamaEngine:
             slot.cache.append(token)
         batch.n_tokens = len(entries)
         code = llama_cpp.llama_decode(self._ctx, batch)
+        if code == _ABORTED and abortable:
+            # llama.cpp dropped the aborted ubatch from the KV cache; with several ubatches the ones before it
+            # stayed, and their logits are lost: every sequence of the decode is set back to where it started.
+            for slot, start in starts.items():
+                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, start, -1)
+                del slot.cache[start:]
+                slot.prefix.truncate(start)
+            with self._cond:
+                self._aborted_steps_total += 1
+            log.debug("decode of %d tokens cut short for an interactive request", len(entries))
+            return False
         if code != 0:
             # Undo the bookkeeping: those tokens are not in the cache.
             self._rollback(group)
@@ -781,6 +835,7 @@ class LlamaEngine:
                 self._emit(slot, token)
         # Before the next decode (a prefill chunk may follow in this step): tokens go out at once.
         self._hand_over()
+        return True
 
     def _send(self, stream: GenerationStream, item: Output) -> None:
         self._outbox.append((stream, item))
@@ -914,6 +969,13 @@ class LlamaEngine:
 
 def _priority(slot: _Slot) -> Priority:
     return slot.work.job.priority if slot.work is not None else Priority.BATCH
+
+
+def _restore_pending(decodes: list[tuple[_Slot, int, bool]]) -> None:
+    """Tokens a step took to decode go back to their sequences, for the next step (that one was cut short)."""
+    for slot, token, _ in decodes:
+        if slot.work is not None:
+            slot.pending = token
 
 
 def _drop_suspended(work: _Work) -> None:

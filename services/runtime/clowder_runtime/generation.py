@@ -180,6 +180,8 @@ class EngineStats:
     threads: int = 0
     # Batch sequences that gave their slot to an interactive request (scheduling.py), since start.
     preemptions_total: int = 0
+    # Decode steps of batch work cut short for an arriving interactive request (step_abort.py), since start.
+    aborted_steps_total: int = 0
 
 
 class Engine(Protocol):

@@ -55,6 +55,9 @@ class EngineCollector(Collector):
         yield counter("clowder_runtime_preemptions",
                       "Batch sequences preempted for an interactive request (resumed later by recomputing).",
                       s.preemptions_total)
+        yield counter("clowder_runtime_aborted_steps",
+                      "Decode steps of batch work cut short (and redone) for an arriving interactive request.",
+                      s.aborted_steps_total)
         # The protocol's LoRA signal: one sample whose labels list adapters by state.
         lora = GaugeMetricFamily(
             "lora_requests_info", "Loaded, running and waiting LoRA adapters.",
