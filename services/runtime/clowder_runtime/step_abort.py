@@ -16,7 +16,6 @@ lines are dropped, so an operator does not read a normal preemption as an error.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import sys
 import weakref
@@ -50,8 +49,8 @@ class StepAbort:
 
     def __init__(self) -> None:
         self._flag = ctypes.create_string_buffer(2)
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        address = ctypes.cast(libc.strlen, ctypes.c_void_p).value
+        # The process's own symbols, libc's among them (find_library would run ldconfig or a compiler).
+        address = ctypes.cast(ctypes.CDLL(None).strlen, ctypes.c_void_p).value
         assert address is not None, "libc has no strlen"
         # Kept on the instance: llama.cpp holds only the raw pointers.
         self._callback = llama_cpp.ggml_abort_callback(address)
