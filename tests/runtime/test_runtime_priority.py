@@ -249,6 +249,23 @@ async def test_an_interactive_request_cuts_short_a_batch_prefill_step_which_is_t
 
 
 @pytest.mark.inprocess
+async def test_batch_work_leaves_a_conversations_cache_alone_while_another_slot_is_free(model_path):
+    async with serving(model_path) as (_, stub):
+        first = await Stream.start(stub, chat("Name three colours.", temperature=0, max_tokens=16)).finished()
+        # It shares the chat template's opening with the conversation: without the rule it would take (and cut
+        # down) the conversation's slot, the one with the longest common prefix.
+        await Stream.start(stub, chat("Describe the sea.", BATCH, temperature=0, max_tokens=16)).finished()
+        turns = [runtime_pb2.ChatMessage(role="user", content="Name three colours."),
+                 runtime_pb2.ChatMessage(role="assistant", content=first.text),
+                 runtime_pb2.ChatMessage(role="user", content="And three animals?")]
+        follow_up = runtime_pb2.GenerateRequest(request_id="turn-2", chat=runtime_pb2.ChatInput(messages=turns),
+                                                sampling=runtime_pb2.SamplingParams(temperature=0, max_tokens=4))
+        second = await Stream.start(stub, follow_up).finished()
+    # The next turn finds the whole first prompt still cached.
+    assert second.last.usage.cached_prompt_tokens >= first.last.usage.prompt_tokens
+
+
+@pytest.mark.inprocess
 async def test_preempted_sequences_finish_with_the_text_of_an_unpreempted_run(model_path):
     requests = [
         # Temperature 0 with logprobs: one entry per token, so a token repeated or lost would show.

@@ -45,6 +45,9 @@ DEFAULT_IDLE_CACHE_TOKENS = 8192
 _MIN_COPY_TOKENS = 16
 # How long the idle worker sleeps between looks at the queue when nobody wakes it.
 _IDLE_WAIT_S = 1.0
+# How long batch work leaves alone (while another slot is free) the cache an interactive request left: a user's
+# next turn comes within this, typically, and finds its conversation still cached.
+_KEPT_FOR_INTERACTIVE_S = 30.0
 # llama_decode's result for a decode its abort callback stopped.
 _ABORTED = 2
 
@@ -94,6 +97,9 @@ class _Slot:
         self.adapter = ""
         self.prefix = HashedPrefix()
         self.last_used = 0.0
+        # Until then batch work takes this idle slot only when no other is free: it holds the prefix of an
+        # interactive request (a conversation's next turn would find it here).
+        self.kept_until = 0.0
         self.work: _Work | None = None
         # Per request:
         self.sampler: Sampler | None = None
@@ -636,6 +642,9 @@ class LlamaEngine:
                  work.job.request_id[:64], suspended.produced, len(tokens))
 
     def _place(self, work: _Work, free: list[_Slot]) -> None:
+        now = time.monotonic()
+        if work.job.priority is Priority.BATCH:
+            free = [s for s in free if s.kept_until <= now] or free
         suspended = work.suspended
         prompt, adapter = (work.tokens if suspended is None else suspended.tokens), work.job.adapter
         # At least the last prompt token is evaluated: its logits give the first output token. A resumed
@@ -657,8 +666,9 @@ class LlamaEngine:
         if best > 0 and source in free:
             target = source
         else:
-            # Keep other prefixes cached as long as possible: take the least recently used free slot.
-            target = min(free, key=lambda s: s.last_used)
+            # Keep other prefixes cached as long as possible: a slot no conversation is expected back to first,
+            # then the least recently used.
+            target = min(free, key=lambda s: (s.kept_until > now, s.last_used))
         own = shared(target)
         if best - own >= _MIN_COPY_TOKENS:
             # Across per-slot streams llama.cpp copies a whole stream (a memcpy of the slot's KV, a few
@@ -954,6 +964,8 @@ class LlamaEngine:
         slot.pending = None
         slot.calls = None
         slot.last_used = time.monotonic()
+        if work is not None and work.job.priority is Priority.INTERACTIVE:
+            slot.kept_until = slot.last_used + _KEPT_FOR_INTERACTIVE_S
         with self._cond:
             slot.work = None
         self._trim_idle_caches()
