@@ -42,6 +42,9 @@ class Model:
         self.ptr = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        # Token -> its bytes (piece()); at most the vocabulary, a few MiB.
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
         self.adapters: dict[str, ctypes.c_void_p] = {}
         try:
             for name, adapter_path in adapters.items():
@@ -103,6 +106,14 @@ class Model:
             size = -n
 
     def piece(self, token: int) -> bytes:
+        """The bytes of a token, from a cache filled as tokens come up: asking llama.cpp costs a buffer and a
+        foreign call (about 25 us), once per generated token and stream otherwise."""
+        data = self._pieces.get(token)
+        if data is None:
+            data = self._pieces[token] = self._piece(token)
+        return data
+
+    def _piece(self, token: int) -> bytes:
         size = 64
         while True:
             buf = ctypes.create_string_buffer(size)
@@ -112,7 +123,10 @@ class Model:
             size = -n  # a longer piece: llama.cpp says how much room it needs
 
     def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The model's chat template applied to `messages` (and `tools`), ending with the assistant's turn."""
