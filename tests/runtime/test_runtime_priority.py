@@ -21,6 +21,7 @@ from clowder.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 
 from clowder.controller.v1 import resources_pb2
 from clowder_common.errors import InvalidArgument
+from clowder_runtime import engine
 from clowder_runtime.app import RuntimeApp
 from clowder_runtime.config import RuntimeConfig
 from clowder_runtime.generation import GenerationJob, Priority, SamplingSettings
@@ -266,7 +267,37 @@ async def test_batch_work_leaves_a_conversations_cache_alone_while_another_slot_
 
 
 @pytest.mark.inprocess
-async def test_preempted_sequences_finish_with_the_text_of_an_unpreempted_run(model_path):
+async def test_batch_work_waits_a_little_rather_than_take_the_only_free_slot_from_a_conversation(model_path):
+    async with serving(model_path) as (_, stub):
+        longs = [Stream.start(stub, completion(p, BATCH, temperature=0, max_tokens=300)) for p in STORIES[:SLOTS - 1]]
+        await wait_for(lambda: all(s.tokens >= 2 for s in longs), 60, "the long batch requests decoding",
+                       interval=0.01)
+        first = await Stream.start(stub, chat("Name three colours.", temperature=0, max_tokens=16)).finished()
+        # The conversation's slot is the only free one: the batch request waits rather than take it.
+        waiting = Stream.start(stub, chat("Describe the sea.", BATCH, temperature=0, max_tokens=8))
+        await wait_for_stats(stub, lambda s: s.num_requests_waiting == 1)
+        # Several steps of the long requests: without the rule it would have taken the free slot by now.
+        await asyncio.sleep(0.3)
+        assert (await stats(stub)).num_requests_waiting == 1
+        turns = [runtime_pb2.ChatMessage(role="user", content="Name three colours."),
+                 runtime_pb2.ChatMessage(role="assistant", content=first.text),
+                 runtime_pb2.ChatMessage(role="user", content="And three animals?")]
+        follow_up = runtime_pb2.GenerateRequest(request_id="turn-2", chat=runtime_pb2.ChatInput(messages=turns),
+                                                sampling=runtime_pb2.SamplingParams(temperature=0, max_tokens=4))
+        second = await Stream.start(stub, follow_up).finished()
+        assert second.last.usage.cached_prompt_tokens >= first.last.usage.prompt_tokens
+        # The wait is short: the batch request runs (in the conversation's slot, once its hold is over).
+        assert (await waiting.finished(60)).last.usage.completion_tokens == 8
+        assert all(s.done_at is None for s in longs)
+        for stream in longs:
+            stream.call.cancel()
+
+
+@pytest.mark.inprocess
+async def test_preempted_sequences_finish_with_the_text_of_an_unpreempted_run(model_path, monkeypatch):
+    # Batch work takes the slot an interactive request left at once (no hold for a conversation, which has its
+    # own test): every slot stays held, so each interactive request below has to preempt.
+    monkeypatch.setattr(engine, "_BATCH_HOLD_S", 0.0)
     requests = [
         # Temperature 0 with logprobs: one entry per token, so a token repeated or lost would show.
         completion(STORIES[0], BATCH, temperature=0, max_tokens=96, logprobs=True),

@@ -45,9 +45,11 @@ DEFAULT_IDLE_CACHE_TOKENS = 8192
 _MIN_COPY_TOKENS = 16
 # How long the idle worker sleeps between looks at the queue when nobody wakes it.
 _IDLE_WAIT_S = 1.0
-# How long batch work leaves alone (while another slot is free) the cache an interactive request left: a user's
-# next turn comes within this, typically, and finds its conversation still cached.
+# How long batch work leaves alone the cache an interactive request left (taking another free slot, or waiting
+# up to _BATCH_HOLD_S for one): a user's next turn comes within this, typically, and finds its conversation cached.
 _KEPT_FOR_INTERACTIVE_S = 30.0
+# How long batch work waits at most, while other sequences run, for a slot other than a conversation's.
+_BATCH_HOLD_S = 2.0
 # llama_decode's result for a decode its abort callback stopped.
 _ABORTED = 2
 
@@ -85,6 +87,8 @@ class _Work:
         self.stream: GenerationStream | None = None
         # Set while the job waits to resume after a preemption (scheduling.py).
         self.suspended: Suspended | None = None
+        # When it last joined the waiting queue.
+        self.queued_at = time.monotonic()
 
 
 class _Slot:
@@ -598,7 +602,23 @@ class LlamaEngine:
             if work.cancelled.is_set():
                 _drop_suspended(work)
                 continue
+            if self._held_for_conversations(work, free):
+                self._waiting.requeue(work)
+                return
             self._place(work, free)
+
+    def _held_for_conversations(self, work: _Work, free: list[_Slot]) -> bool:
+        """Whether batch work waits a little rather than take a slot that holds a conversation's cache.
+
+        Only while other sequences run: their steps bring the worker back here, and one of them may end and
+        free a slot nobody is expected back to (a batch line typically; a preempted batch line waits for a slot
+        the moment the interactive request that took its own ends, and would otherwise take that one)."""
+        if work.job.priority is not Priority.BATCH or not any(s.work is not None for s in self._slots):
+            return False
+        now = time.monotonic()
+        if any(s.kept_until <= now for s in free):
+            return False
+        return now - work.queued_at < _BATCH_HOLD_S
 
     def _preempt_for(self, priority: Priority | None) -> bool:
         """Free a slot for waiting work of `priority` by preempting a less urgent sequence; False: none is."""
@@ -636,6 +656,7 @@ class LlamaEngine:
         slot.calls = None
         slot.last_used = time.monotonic()
         slot.work = None
+        work.queued_at = time.monotonic()
         self._waiting.requeue(work)
         self._preemptions_total += 1
         log.info("generation preempted request_id=%r completion_tokens=%d tokens_to_recompute=%d",
