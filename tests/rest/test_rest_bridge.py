@@ -95,14 +95,20 @@ async def test_the_bearer_token_is_forwarded_and_checked(api, http):
     assert status == 401 and detail(body, ERROR_INFO)["reason"] == "INVALID_TOKEN"
 
 
-@pytest.mark.inprocess
-async def test_deployments_create_get_list_patch_replicas_delete(api, http):
-    status, _ = await call(http, "POST", f"{api}/api/v1/images", json=image_body("smol"))
+async def create_deployment(api: str, http, name: str, image: str) -> dict:
+    """An image `image` and a deployment `name` of it with no replicas, through the bridge: the deployment."""
+    status, _ = await call(http, "POST", f"{api}/api/v1/images", json=image_body(image))
     assert status == 200
     status, body = await call(http, "POST", f"{api}/api/v1/deployments",
-                              json={"name": "web", "image": "smol", "replicas": 0})
+                              json={"name": name, "image": image, "replicas": 0})
     assert status == 200, body
-    assert body["deployment"]["name"] == "web" and body["deployment"]["replicas"] == 0
+    return body["deployment"]
+
+
+@pytest.mark.inprocess
+async def test_deployments_create_get_list_patch_replicas_delete(api, http):
+    deployment = await create_deployment(api, http, "web", "smol")
+    assert deployment["name"] == "web" and deployment["replicas"] == 0
     status, body = await call(http, "POST", f"{api}/api/v1/deployments",
                               json={"name": "web", "image": "smol", "replicas": 0})
     assert status == 409
@@ -201,11 +207,7 @@ async def test_requests_the_bridge_refuses_itself(api, http):
 
 @pytest.mark.inprocess
 async def test_adapters_of_a_deployment_create_get_list_delete_and_their_errors(api, http):
-    status, _ = await call(http, "POST", f"{api}/api/v1/images", json=image_body("base"))
-    assert status == 200
-    status, body = await call(http, "POST", f"{api}/api/v1/deployments",
-                              json={"name": "tuned", "image": "base", "replicas": 0})
-    assert status == 200, body
+    await create_deployment(api, http, "tuned", "base")
     # The path names the deployment; the body is the adapter.
     adapter = {"name": "pirate", "sourceUrl": "file:///models/pirate-lora.gguf"}
     status, body = await call(http, "POST", f"{api}/api/v1/deployments/tuned/adapters", json=adapter)

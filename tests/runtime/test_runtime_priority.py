@@ -249,19 +249,26 @@ async def test_an_interactive_request_cuts_short_a_batch_prefill_step_which_is_t
     assert batch.last.usage == reference.last.usage
 
 
+FIRST_TURN = "Name three colours."
+
+
+def next_turn(answer: str) -> runtime_pb2.GenerateRequest:
+    """The conversation's second turn after `chat(FIRST_TURN)` was answered with `answer`."""
+    turns = [runtime_pb2.ChatMessage(role="user", content=FIRST_TURN),
+             runtime_pb2.ChatMessage(role="assistant", content=answer),
+             runtime_pb2.ChatMessage(role="user", content="And three animals?")]
+    return runtime_pb2.GenerateRequest(request_id="turn-2", chat=runtime_pb2.ChatInput(messages=turns),
+                                       sampling=runtime_pb2.SamplingParams(temperature=0, max_tokens=4))
+
+
 @pytest.mark.inprocess
 async def test_batch_work_leaves_a_conversations_cache_alone_while_another_slot_is_free(model_path):
     async with serving(model_path) as (_, stub):
-        first = await Stream.start(stub, chat("Name three colours.", temperature=0, max_tokens=16)).finished()
+        first = await Stream.start(stub, chat(FIRST_TURN, temperature=0, max_tokens=16)).finished()
         # It shares the chat template's opening with the conversation: without the rule it would take (and cut
         # down) the conversation's slot, the one with the longest common prefix.
         await Stream.start(stub, chat("Describe the sea.", BATCH, temperature=0, max_tokens=16)).finished()
-        turns = [runtime_pb2.ChatMessage(role="user", content="Name three colours."),
-                 runtime_pb2.ChatMessage(role="assistant", content=first.text),
-                 runtime_pb2.ChatMessage(role="user", content="And three animals?")]
-        follow_up = runtime_pb2.GenerateRequest(request_id="turn-2", chat=runtime_pb2.ChatInput(messages=turns),
-                                                sampling=runtime_pb2.SamplingParams(temperature=0, max_tokens=4))
-        second = await Stream.start(stub, follow_up).finished()
+        second = await Stream.start(stub, next_turn(first.text)).finished()
     # The next turn finds the whole first prompt still cached.
     assert second.last.usage.cached_prompt_tokens >= first.last.usage.prompt_tokens
 
@@ -272,19 +279,14 @@ async def test_batch_work_waits_a_little_rather_than_take_the_only_free_slot_fro
         longs = [Stream.start(stub, completion(p, BATCH, temperature=0, max_tokens=300)) for p in STORIES[:SLOTS - 1]]
         await wait_for(lambda: all(s.tokens >= 2 for s in longs), 60, "the long batch requests decoding",
                        interval=0.01)
-        first = await Stream.start(stub, chat("Name three colours.", temperature=0, max_tokens=16)).finished()
+        first = await Stream.start(stub, chat(FIRST_TURN, temperature=0, max_tokens=16)).finished()
         # The conversation's slot is the only free one: the batch request waits rather than take it.
         waiting = Stream.start(stub, chat("Describe the sea.", BATCH, temperature=0, max_tokens=8))
         await wait_for_stats(stub, lambda s: s.num_requests_waiting == 1)
         # Several steps of the long requests: without the rule it would have taken the free slot by now.
         await asyncio.sleep(0.3)
         assert (await stats(stub)).num_requests_waiting == 1
-        turns = [runtime_pb2.ChatMessage(role="user", content="Name three colours."),
-                 runtime_pb2.ChatMessage(role="assistant", content=first.text),
-                 runtime_pb2.ChatMessage(role="user", content="And three animals?")]
-        follow_up = runtime_pb2.GenerateRequest(request_id="turn-2", chat=runtime_pb2.ChatInput(messages=turns),
-                                                sampling=runtime_pb2.SamplingParams(temperature=0, max_tokens=4))
-        second = await Stream.start(stub, follow_up).finished()
+        second = await Stream.start(stub, next_turn(first.text)).finished()
         assert second.last.usage.cached_prompt_tokens >= first.last.usage.prompt_tokens
         # The wait is short: the batch request runs (in the conversation's slot, once its hold is over).
         assert (await waiting.finished(60)).last.usage.completion_tokens == 8
