@@ -105,3 +105,32 @@ def test_a_runtime_spawned_to_outlive_its_parent_does_not_inherit_the_parents_pa
     guarded = spawn([sys.executable, "-c", code], subprocess.PIPE)
     assert free.communicate(timeout=30)[0].decode().strip() == "-"
     assert guarded.communicate(timeout=30)[0].decode().strip() == str(os.getpid())
+
+
+# Its own process: reap_children() collects any exited child of the process that calls it.
+REAPER = """
+import json, os, subprocess, sys, time
+from clowder_common.processes import reap_children
+
+out = {"before": reap_children()}
+kept = subprocess.Popen([sys.executable, "-c", "pass"])
+other = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+deadline = time.monotonic() + 30
+# Both exited and waiting to be collected (WNOWAIT looks without collecting).
+while not all(os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) for p in (kept, other)):
+    assert time.monotonic() < deadline, "children did not exit"
+    time.sleep(0.02)
+out["reaped"] = reap_children(keep=[kept.pid])
+out["kept_code"] = kept.wait(10)
+out["after"] = reap_children()
+out["other"] = other.pid
+print(json.dumps(out))
+"""
+
+
+def test_reap_children_collects_exited_children_and_leaves_the_kept_ones_to_their_popen(tmp_path):
+    (tmp_path / "reaper.py").write_text(REAPER)
+    done = subprocess.run([sys.executable, str(tmp_path / "reaper.py")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out == {"before": [], "reaped": [[out["other"], 3]], "kept_code": 0, "after": [], "other": out["other"]}
