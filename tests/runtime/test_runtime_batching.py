@@ -14,6 +14,7 @@ from clowder.runtime.v1 import runtime_pb2
 from runtime_helpers import running_runtime, runtime_stub, wait_for_stats
 from runtime_lora import write_lora_adapter
 
+from clowder_runtime import engine
 from clowder_runtime.config import RuntimeConfig
 from clowder_runtime.prefix import block_hashes
 
@@ -142,6 +143,36 @@ async def test_concurrent_requests_give_the_same_text_as_single_sequence_runs(fr
     for (text, last), (expected_text, expected_tokens) in zip(together, expected):
         assert text == expected_text
         assert last.usage.completion_tokens == expected_tokens
+
+
+async def test_a_burst_that_finds_the_replica_idle_starts_in_one_step(model_path, monkeypatch):
+    """Requests sent moments apart to an idle replica: the engine waits for the rest of the burst, and all their
+    prompts go in the first decode (not the first alone and the others a step later)."""
+    # Generous windows: what is checked is the wait, not its tuning for a quiet machine.
+    monkeypatch.setattr(engine, "_GATHER_QUIET_S", 0.25)
+    monkeypatch.setattr(engine, "_GATHER_MAX_S", 2.0)
+    decodes: list[tuple[bool, int]] = []
+    original = engine.LlamaEngine._decode
+
+    def recording(self, group, entries, prompts):
+        decodes.append((prompts, len({id(slot) for slot, _, _ in entries})))
+        return original(self, group, entries, prompts)
+
+    monkeypatch.setattr(engine.LlamaEngine, "_decode", recording)
+    config = RuntimeConfig(model_path=str(model_path), context_size=CONTEXT_SIZE, threads=THREADS, slots=SLOTS,
+                           prefill_chunk=64, max_waiting=8)
+    prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Hello, my name is"]
+
+    async def sent_after(delay: float, prompt: str) -> tuple[str, runtime_pb2.GenerateResponse]:
+        await asyncio.sleep(delay)
+        return await generate(stub, completion(prompt, temperature=0, max_tokens=2))
+
+    async with running_runtime(config) as app, runtime_stub(app) as stub:
+        decodes.clear()
+        results = await asyncio.wait_for(
+            asyncio.gather(*(sent_after(0.03 * i, p) for i, p in enumerate(prompts))), 60)
+    assert all(last.usage.completion_tokens == 2 for _, last in results)
+    assert decodes[0] == (True, len(prompts)), decodes
 
 
 async def test_seeded_sample_is_the_same_alone_and_in_a_batch(stub):
