@@ -11,7 +11,9 @@ In one run, on the same model, prompts, thread count (the default: every core) a
 - the decode ceiling: llama_decode alone at batch 1, 8 and 16 (no server, no sampling).
 
 Aggregate tokens/s at 1, 4, 8 and 16 concurrent streams, greedy (temperature 0) and sampled (temperature 0.7,
-seeded). Systems take turns within each level and round, so drift in machine load hits all alike. Also
+seeded). Systems take turns within each level and round (every other round in reverse order), so drift in
+machine load hits all alike; a ratio to llama-server is the median of the rounds' ratios (five rounds by
+default: on a two-core machine a single round moves by 10-20%). Also
 reported: time to first token at 8 streams, memory per slot, and time to first token for a long repeated prefix
 with and without prefix reuse. The last line is JSON; the targets are on the sampled figures.
 """
@@ -93,6 +95,16 @@ class OpenAIStream(Stream):
         self.model = model
 
     async def stream(self, prompt: str, tokens: int, temperature: float, seed: int) -> tuple[int, float, float]:
+        try:
+            return await self._stream(prompt, tokens, temperature, seed)
+        except httpx.RemoteProtocolError as exc:
+            # A pooled connection the server closed as idle just as it was reused (uvicorn and llama-server
+            # close idle ones after 5 s): nothing was answered, so send it again, on a new connection.
+            if "without sending a response" not in str(exc):
+                raise
+            return await self._stream(prompt, tokens, temperature, seed)
+
+    async def _stream(self, prompt: str, tokens: int, temperature: float, seed: int) -> tuple[int, float, float]:
         body = {"model": self.model, "prompt": prompt, "max_tokens": tokens, "temperature": temperature,
                 "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
         started = time.perf_counter()
@@ -248,7 +260,7 @@ async def measure(args: argparse.Namespace, model: str, workdir: pathlib.Path) -
                    "llama_cpp_server": OpenAIStream(cpp_port, "smol")}
         for server in servers.values():  # warm-up: model pages, thread pools, first-request paths
             await server.stream(PROMPTS[0], 8, 0.0, 1)
-        results: dict[str, dict[str, dict[int, dict[str, float]]]] = {mode: {} for mode in MODES}
+        results: dict[str, dict[int, dict[str, dict[str, float]]]] = {mode: {} for mode in MODES}
         memory: dict[str, float] = {}
         for streams in args.levels:
             async with contextlib.AsyncExitStack() as stack:
@@ -260,12 +272,23 @@ async def measure(args: argparse.Namespace, model: str, workdir: pathlib.Path) -
                     turn["llama_server"] = server
                 for mode, temperature in MODES.items():
                     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in turn}
-                    for _ in range(args.repeats):
-                        for name, server in turn.items():
-                            samples[name].append(await level(server, streams, args.tokens, temperature))
+                    for round_ in range(args.repeats):
+                        # Every other round in reverse order, so no system always follows the same one.
+                        names = list(turn) if round_ % 2 == 0 else list(reversed(turn))
+                        for name in names:
+                            if name == "llama_cpp_server" and round_ > 0:
+                                # The weakest baseline and the slowest to measure (it serves one request at a
+                                # time): one round keeps the run within minutes.
+                                continue
+                            samples[name].append(await level(turn[name], streams, args.tokens, temperature))
                     figures = {name: {"tps": statistics.median(s[0] for s in runs),
                                       "ttft_ms": statistics.median(s[1] for s in runs) * 1000}
                                for name, runs in samples.items()}
+                    if "llama_server" in samples:
+                        # Path and llama-server measured in the same round, minutes apart at most: the median of
+                        # the rounds' ratios cancels the machine's drift between rounds (the headline ratio).
+                        figures["path"]["paired_ratio"] = statistics.median(
+                            p[0] / s[0] for p, s in zip(samples["path"], samples["llama_server"]))
                     results[mode][streams] = figures
                     print(f"{mode:>7} {streams:>2} streams: " + "  ".join(
                         f"{name} {f['tps']:6.1f} tok/s" for name, f in figures.items())
@@ -280,7 +303,7 @@ async def measure(args: argparse.Namespace, model: str, workdir: pathlib.Path) -
 
         # Time to first token for a long prefix: first sight (a fresh nonce defeats the cache) vs repeated.
         cold, warm = [], []
-        for _ in range(args.repeats + 1):
+        for _ in range(3):
             prefix = f"[{uuid.uuid4().hex}] " + LONG_PREFIX
             cold.append((await servers["runtime"].stream(prefix + "Question: who built it?", 1, 0.0, 1))[1])
             warm.append((await servers["runtime"].stream(prefix + "Question: when was it lit?", 1, 0.0, 1))[1])
@@ -299,7 +322,8 @@ async def measure(args: argparse.Namespace, model: str, workdir: pathlib.Path) -
 def ratio_text(figures: dict[str, dict[str, float]]) -> str:
     if "llama_server" not in figures:
         return ""
-    return f"   path/llama-server {figures['path']['tps'] / figures['llama_server']['tps']:.2f}x"
+    return (f"   path/llama-server {figures['path']['paired_ratio']:.2f}x paired"
+            f" ({figures['path']['tps'] / figures['llama_server']['tps']:.2f}x of medians)")
 
 
 def decode_throughput(model: str, threads: int, sequences: int, steps: int) -> float:
@@ -380,14 +404,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
     parser.add_argument("--context-size", type=int, default=2048, help="per slot (the runtime's default)")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent streams")
-    parser.add_argument("--repeats", type=int, default=2, help="measured rounds per level (median)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="measured rounds per level and mode (median; the ratios to llama-server: median of the"
+                             " rounds' ratios)")
     args = parser.parse_args()
     model = args.model_path or str(bundled_model_path())
     print(f"model={pathlib.Path(model).name} threads={args.threads} tokens={args.tokens} "
           f"repeats={args.repeats} cpus={os.cpu_count()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
         result = asyncio.run(measure(args, model, pathlib.Path(tmp)))
-    ceiling = decode_ceiling(model, args.threads, args.tokens * 2, args.repeats + 1)
+    ceiling = decode_ceiling(model, args.threads, args.tokens * 2, 3)
     kv_mib = kv_bytes_per_slot(model, args.context_size) / 2**20
     results = result["results"]
     sampled, greedy = results["sampled"], results["greedy"]
@@ -396,7 +422,15 @@ def main() -> None:
         at = figures.get(streams)
         if not at or a not in at or b not in at:
             return None
+        if (a, b) == ("path", "llama_server"):
+            return round(at[a]["paired_ratio"], 3)
         return round(at[a]["tps"] / at[b]["tps"], 3)
+
+    def ratio_of_medians(figures: dict[int, dict[str, dict[str, float]]], streams: int) -> float | None:
+        at = figures.get(streams)
+        if not at or "llama_server" not in at:
+            return None
+        return round(at["path"]["tps"] / at["llama_server"]["tps"], 3)
 
     def column(figures: dict[int, dict[str, dict[str, float]]], name: str) -> dict[str, float]:
         return {str(k): round(v[name]["tps"], 1) for k, v in figures.items() if name in v}
@@ -414,6 +448,7 @@ def main() -> None:
         "single_stream_ratio_vs_llama_server": ratio(sampled, 1, "path", "llama_server"),
         "runtime_vs_decode_ceiling_at_8": round(runtime_at8 / ceiling[8], 3) if runtime_at8 else None,
         "greedy_path_tps_ratio_vs_llama_server_at_8": ratio(greedy, 8, "path", "llama_server"),
+        "path_tps_ratio_of_medians_vs_llama_server": {str(n): ratio_of_medians(sampled, n) for n in sampled},
         "path_vs_runtime_at_8": ratio(sampled, 8, "path", "runtime"),
         "runtime_tps_ratio_vs_llama_cpp_server_at_8": ratio(sampled, 8, "runtime", "llama_cpp_server"),
         "sampled_tps": {name: column(sampled, name)
