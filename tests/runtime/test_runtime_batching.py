@@ -145,12 +145,12 @@ async def test_concurrent_requests_give_the_same_text_as_single_sequence_runs(fr
         assert last.usage.completion_tokens == expected_tokens
 
 
-async def test_a_burst_that_finds_the_replica_idle_starts_in_one_step(model_path, monkeypatch):
+@pytest.mark.parametrize("burst_gap_ms, first_decode_holds", [(250, 4), (0, 1)])
+async def test_a_burst_that_finds_the_replica_idle_starts_in_one_step(model_path, monkeypatch, burst_gap_ms,
+                                                                      first_decode_holds):
     """Requests sent moments apart to an idle replica: the engine waits for the rest of the burst, and all their
-    prompts go in the first decode (not the first alone and the others a step later)."""
-    # Generous windows: what is checked is the wait, not its tuning for a quiet machine.
-    monkeypatch.setattr(engine, "_GATHER_QUIET_S", 0.25)
-    monkeypatch.setattr(engine, "_GATHER_MAX_S", 2.0)
+    prompts go in the first decode (not the first alone and the others a step later); burst_gap_ms 0 turns
+    the wait off."""
     decodes: list[tuple[bool, int]] = []
     original = engine.LlamaEngine._decode
 
@@ -159,8 +159,9 @@ async def test_a_burst_that_finds_the_replica_idle_starts_in_one_step(model_path
         return original(self, group, entries, prompts)
 
     monkeypatch.setattr(engine.LlamaEngine, "_decode", recording)
+    # Generous windows: what is checked is the wait, not its tuning for a quiet machine.
     config = RuntimeConfig(model_path=str(model_path), context_size=CONTEXT_SIZE, threads=THREADS, slots=SLOTS,
-                           prefill_chunk=64, max_waiting=8)
+                           prefill_chunk=64, max_waiting=8, burst_gap_ms=burst_gap_ms, burst_wait_max_ms=2000)
     prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Hello, my name is"]
 
     async def sent_after(delay: float, prompt: str) -> tuple[str, runtime_pb2.GenerateResponse]:
@@ -172,7 +173,7 @@ async def test_a_burst_that_finds_the_replica_idle_starts_in_one_step(model_path
         results = await asyncio.wait_for(
             asyncio.gather(*(sent_after(0.03 * i, p) for i, p in enumerate(prompts))), 60)
     assert all(last.usage.completion_tokens == 2 for _, last in results)
-    assert decodes[0] == (True, len(prompts)), decodes
+    assert decodes[0] == (True, first_decode_holds), decodes
 
 
 async def test_seeded_sample_is_the_same_alone_and_in_a_batch(stub):
@@ -288,3 +289,13 @@ async def test_prometheus_metrics_report_load_and_cache(stub, runtime):
     ) > 0
     assert samples['clowder_runtime_requests_total{model_name="smol-batch"}'] >= current.requests_total
     assert any(name.startswith("lora_requests_info{") and 'max_lora="1"' in name for name in samples)
+    # Every decode step counted: at least the prompt tokens that were not cached went through one.
+    steps = samples['clowder_runtime_step_tokens_count{model_name="smol-batch"}']
+    assert steps > 0
+    assert samples['clowder_runtime_step_seconds_count{model_name="smol-batch"}'] == steps
+    assert samples['clowder_runtime_step_tokens_bucket{le="+Inf",model_name="smol-batch"}'] == steps
+    assert samples['clowder_runtime_step_tokens_sum{model_name="smol-batch"}'] >= (
+        current.prompt_tokens_total - current.cached_prompt_tokens_total)
+    buckets = [samples[f'clowder_runtime_step_tokens_bucket{{le="{le}",model_name="smol-batch"}}']
+               for le in ("1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "128.0", "256.0", "512.0")]
+    assert buckets == sorted(buckets) and buckets[0] > 0  # one-token steps: a lone sequence decoding

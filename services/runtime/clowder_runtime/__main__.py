@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt tokens evaluated per step at most (default: the image's batch_size, else 256)")
     parser.add_argument("--idle-cache-tokens", type=int,
                         help="KV tokens idle slots keep for prefix reuse, all together (default 8192)")
+    parser.add_argument("--burst-gap-ms", type=float,
+                        help="a request finding the replica idle waits for more arriving at most this far apart, so"
+                             " a burst starts in one decode step (default 3; 0: no wait)")
+    parser.add_argument("--burst-wait-max-ms", type=float, help="that wait at most, in all (default 20)")
     parser.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=PATH",
                         help="LoRA adapter GGUF to load; repeat for more (requests select one by name)")
     parser.add_argument("--max-adapters", type=int, metavar="N",
@@ -74,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _CONFIG_FLAGS = (
     "listen", "advertise_host", "deployment", "replica_id", "node", "model_path", "digest", "storage_address",
-    "threads", "node_cpus", "context_size", "max_waiting", "slots", "prefill_chunk", "idle_cache_tokens", "adapters",
+    "threads", "node_cpus", "context_size", "max_waiting", "slots", "prefill_chunk", "idle_cache_tokens",
+    "burst_gap_ms", "burst_wait_max_ms", "adapters",
     "max_adapters", "adapter_unload_grace_s",
     "chat_template_file", "metrics_listen", "lease_ttl_s", "drain_grace_s", "port_file", "etcd_endpoints",
     "etcd_prefix",

@@ -116,6 +116,8 @@ class RuntimeApp:
                 # The runtime's own option wins over the aimage's (an operator fixing one replica by hand).
                 chat_template=chat_template(cfg) or self.image_config.chat_template,
                 idle_cache_tokens=cfg.idle_cache_tokens,
+                burst_gap_s=cfg.burst_gap_ms / 1000,
+                burst_wait_max_s=cfg.burst_wait_max_ms / 1000,
             )
         )
         if self.follows_node:
@@ -220,7 +222,8 @@ async def create_runtime(
     if config.etcd_endpoints:
         validate_name(config.deployment, "deployment")
         validate_name(config.replica_id, "replica_id")
-    for name in ("threads", "node_cpus", "context_size", "max_waiting", "idle_cache_tokens", "slots", "prefill_chunk"):
+    for name in ("threads", "node_cpus", "context_size", "max_waiting", "idle_cache_tokens", "slots", "prefill_chunk",
+                 "burst_gap_ms", "burst_wait_max_ms"):
         if getattr(config, name) < 0:
             raise InvalidArgument(f"{name} must not be negative", field=name)
     settings = runtime_settings(config, image_config)

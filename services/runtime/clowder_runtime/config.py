@@ -49,6 +49,11 @@ class RuntimeConfig(EtcdConfig, SecurityConfig):
     # Prompt tokens prefilled per decode step at most (the image's batch_size): bounds the stall a long prompt
     # causes running streams. 0: the image's, else 256.
     prefill_chunk: int = 0
+    # A request that finds the replica idle waits for the rest of its burst while requests keep coming at most
+    # burst_gap_ms apart, burst_wait_max_ms in all, so a burst's prompts start in one decode step (each but the
+    # first gains a step; a lone request pays burst_gap_ms). 0 turns the wait off.
+    burst_gap_ms: float = 3.0
+    burst_wait_max_ms: float = 20.0
     # KV cache tokens idle slots keep for prefix reuse, all together (least recently used dropped first).
     # With one KV stream per slot, idle entries no longer slow other slots' steps; the bound is for
     # operators who want less kept (0 keeps nothing between requests).

@@ -28,6 +28,7 @@ from clowder_runtime.model import Model, Sampler
 from clowder_runtime.prefix import BLOCK_TOKENS, HashedPrefix
 from clowder_runtime.scheduling import Suspended, WaitQueue, preemption_victim
 from clowder_runtime.step_abort import StepAbort
+from clowder_runtime.step_stats import SECOND_BOUNDS, TOKEN_BOUNDS, StepHistogram
 from clowder_runtime.stops import StopMatcher
 from clowder_runtime.tools import ToolCallParser, call_grammar, template_messages
 
@@ -52,11 +53,6 @@ _KEPT_FOR_INTERACTIVE_S = 30.0
 _BATCH_HOLD_S = 2.0
 # llama_decode's result for a decode its abort callback stopped.
 _ABORTED = 2
-# Work that finds the engine idle waits for requests sent with it while they keep coming at most _GATHER_QUIET_S
-# apart, _GATHER_MAX_S in all: a burst reaches the runtime a request every millisecond or two (each crosses
-# the balancer first), and without the wait its first request starts decoding alone, the others join a step later.
-_GATHER_QUIET_S = 0.003
-_GATHER_MAX_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -77,6 +73,12 @@ class LlamaSettings:
     chat_template: str = ""
     # KV entries idle slots keep for prefix reuse, all together; the least recently used go first.
     idle_cache_tokens: int = DEFAULT_IDLE_CACHE_TOKENS
+    # Work that finds the engine idle waits for requests sent with it while they keep coming at most burst_gap_s
+    # apart, burst_wait_max_s in all: a burst reaches the runtime a request every millisecond or two (each crosses
+    # the balancer first; measured 0.2-4 ms), and without the wait its first request decodes alone and the
+    # others join a step later. 0: no wait.
+    burst_gap_s: float = 0.003
+    burst_wait_max_s: float = 0.02
 
 
 class _Work:
@@ -159,6 +161,9 @@ class LlamaEngine:
             raise InvalidArgument("prefill_chunk must be at least 1", field="prefill_chunk")
         if settings.idle_cache_tokens < 0:
             raise InvalidArgument("idle_cache_tokens must not be negative", field="idle_cache_tokens")
+        for name in ("burst_gap_s", "burst_wait_max_s"):
+            if getattr(settings, name) < 0:
+                raise InvalidArgument(f"{name} must not be negative", field=name)
         self._settings = settings
         self._threads = settings.threads or os.cpu_count() or 1
         # What set_threads asked for; the worker applies it between decode steps (it alone touches the context).
@@ -201,6 +206,8 @@ class LlamaEngine:
         # Whether the llama_decode running now (or last) may be cut short that way; under the lock.
         self._abortable = False
         self._aborted_steps_total = 0
+        self._step_tokens = StepHistogram(TOKEN_BOUNDS)
+        self._step_seconds = StepHistogram(SECOND_BOUNDS)
 
     @property
     def context_size(self) -> int:
@@ -319,6 +326,8 @@ class LlamaEngine:
                 cached_prompt_tokens_total=self._cached_prompt_tokens_total,
                 preemptions_total=self._preemptions_total,
                 aborted_steps_total=self._aborted_steps_total,
+                step_tokens=self._step_tokens.snapshot(),
+                step_seconds=self._step_seconds.snapshot(),
                 prefix_block_hashes=tuple(sorted(hashes)),
                 prefix_block_tokens=BLOCK_TOKENS,
                 adapters=self.adapters,
@@ -556,7 +565,7 @@ class LlamaEngine:
                         # Nothing more to decode: what the last steps made goes out before the worker sleeps.
                         self._hand_over()
                         self._cond.wait(_IDLE_WAIT_S)
-                    if self._waiting and not any(s.work for s in self._slots):
+                    if self._waiting and self._settings.burst_gap_s > 0 and not any(s.work for s in self._slots):
                         self._gather_burst()
                     if self._closing:
                         return
@@ -591,15 +600,15 @@ class LlamaEngine:
                 model.close()
 
     def _gather_burst(self) -> None:
-        """The engine was idle and work came: wait for the rest of its burst (under the lock; see _GATHER_QUIET_S).
+        """The engine was idle and work came: wait for the rest of its burst (under the lock; see burst_gap_s).
 
-        Costs a lone request _GATHER_QUIET_S; saves each request of a burst but the first a whole step (its
+        Costs a lone request burst_gap_s; saves each request of a burst but the first a whole step (its
         first token comes with the first's, and the burst ends a step sooner).
         """
-        deadline = time.monotonic() + _GATHER_MAX_S
+        deadline = time.monotonic() + self._settings.burst_wait_max_s
         seen = len(self._waiting)
         while not self._closing:
-            wait = min(_GATHER_QUIET_S, deadline - time.monotonic())
+            wait = min(self._settings.burst_gap_s, deadline - time.monotonic())
             if wait <= 0:
                 return
             self._cond.wait(wait)
@@ -869,6 +878,7 @@ class LlamaEngine:
         # GIL for llama_decode: woken earlier, the loop's thread would wait for the GIL (and this thread for it)
         # while this one samples and builds the batch (measured: a quarter of a millisecond a step).
         self._hand_over()
+        started = time.perf_counter()
         code = llama_cpp.llama_decode(self._ctx, batch)
         if code == _ABORTED and abortable:
             # llama.cpp dropped the aborted ubatch from the KV cache; with several ubatches the ones before it
@@ -885,6 +895,8 @@ class LlamaEngine:
             # Undo the bookkeeping: those tokens are not in the cache.
             self._rollback(group)
             raise RuntimeError(f"llama_decode returned {code}")
+        self._step_seconds.observe(time.perf_counter() - started)
+        self._step_tokens.observe(len(entries))
         for slot in group:
             slot.prefix.update(slot.cache)
         for slot, index in outputs:

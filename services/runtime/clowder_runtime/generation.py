@@ -8,6 +8,8 @@ import enum
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from clowder_runtime.step_stats import HistogramSnapshot
+
 
 class FinishReason(enum.Enum):
     # End-of-generation token or a stop string.
@@ -182,6 +184,9 @@ class EngineStats:
     preemptions_total: int = 0
     # Decode steps of batch work cut short for an arriving interactive request (step_abort.py), since start.
     aborted_steps_total: int = 0
+    # Tokens per decode step and its duration, since start (step_stats.py); None where an engine keeps none.
+    step_tokens: HistogramSnapshot | None = None
+    step_seconds: HistogramSnapshot | None = None
 
 
 class Engine(Protocol):

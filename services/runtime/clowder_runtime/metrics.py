@@ -7,8 +7,9 @@ from typing import Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from clowder_runtime.generation import EngineStats
 
@@ -24,7 +25,7 @@ class EngineCollector(Collector):
         self._stats = stats
         self._model = model
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         s = self._stats()
         labels = ["model_name"]
 
@@ -58,6 +59,16 @@ class EngineCollector(Collector):
         yield counter("clowder_runtime_aborted_steps",
                       "Decode steps of batch work cut short (and redone) for an arriving interactive request.",
                       s.aborted_steps_total)
+        for name, doc, figures in (
+            ("clowder_runtime_step_tokens", "Tokens each decode step held (prompt and generated): how full the batch"
+             " runs.", s.step_tokens),
+            ("clowder_runtime_step_seconds", "How long each decode step took.", s.step_seconds),
+        ):
+            if figures is not None:
+                histogram = HistogramMetricFamily(name, doc, labels=labels)
+                buckets = [(floatToGoString(bound), count) for bound, count in figures.cumulative()]
+                histogram.add_metric([self._model], buckets, figures.total)
+                yield histogram
         # The protocol's LoRA signal: one sample whose labels list adapters by state.
         lora = GaugeMetricFamily(
             "lora_requests_info", "Loaded, running and waiting LoRA adapters.",
