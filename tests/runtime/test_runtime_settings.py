@@ -36,6 +36,8 @@ def test_flags_win_over_the_image_and_the_defaults_fill_the_rest():
     (RuntimeConfig(prefill_chunk=-5), {}, "prefill_chunk"),
     (RuntimeConfig(burst_gap_ms=-1), {}, "burst_gap_ms"),
     (RuntimeConfig(burst_wait_max_ms=-0.5), {}, "burst_wait_max_ms"),
+    (RuntimeConfig(burst_gap_ms=float("nan")), {}, "burst_gap_ms"),
+    (RuntimeConfig(burst_wait_max_ms=float("inf")), {}, "burst_wait_max_ms"),
 ])
 async def test_out_of_range_settings_are_refused_naming_the_field(model_path, config, image, field):
     config = RuntimeConfig(**{**config.__dict__, "model_path": str(model_path)})

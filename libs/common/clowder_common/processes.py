@@ -171,7 +171,11 @@ def child_pids(parent: int | None = None) -> list[int]:
 
 
 def _a_child_exited() -> bool:
-    """Whether some child has exited and waits to be collected; it is left uncollected (WNOWAIT)."""
+    """Whether some child has exited and waits to be collected; it is left uncollected (WNOWAIT).
+
+    True where the platform has no waitid (macOS): the caller then looks at every child, as before."""
+    if not hasattr(os, "waitid"):
+        return True
     try:
         return os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:  # no children at all

@@ -36,6 +36,8 @@ from clowder_runtime.validation import validate_image_config
 log = logging.getLogger(__name__)
 
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+# The burst wait holds a burst's first token: beyond a second it would be a stall, not a wait.
+MAX_BURST_WAIT_MS = 1000.0
 
 
 class RuntimeApp:
@@ -222,10 +224,14 @@ async def create_runtime(
     if config.etcd_endpoints:
         validate_name(config.deployment, "deployment")
         validate_name(config.replica_id, "replica_id")
-    for name in ("threads", "node_cpus", "context_size", "max_waiting", "idle_cache_tokens", "slots", "prefill_chunk",
-                 "burst_gap_ms", "burst_wait_max_ms"):
+    for name in ("threads", "node_cpus", "context_size", "max_waiting", "idle_cache_tokens", "slots", "prefill_chunk"):
         if getattr(config, name) < 0:
             raise InvalidArgument(f"{name} must not be negative", field=name)
+    for name in ("burst_gap_ms", "burst_wait_max_ms"):
+        value = getattr(config, name)
+        # The comparison also refuses NaN, which would reach the decode thread's wait.
+        if not 0 <= value <= MAX_BURST_WAIT_MS:
+            raise InvalidArgument(f"{name} must be between 0 and {MAX_BURST_WAIT_MS:g} ms, got {value}", field=name)
     settings = runtime_settings(config, image_config)
     if settings.slots > MAX_SLOTS:
         raise InvalidArgument(f"slots must be at most {MAX_SLOTS} (llama.cpp's limit), got {settings.slots}",

@@ -51,7 +51,7 @@ class RuntimeConfig(EtcdConfig, SecurityConfig):
     prefill_chunk: int = 0
     # A request that finds the replica idle waits for the rest of its burst while requests keep coming at most
     # burst_gap_ms apart, burst_wait_max_ms in all, so a burst's prompts start in one decode step (each but the
-    # first gains a step; a lone request pays burst_gap_ms). 0 turns the wait off.
+    # first gains a step; a lone request pays burst_gap_ms). 0 turns the wait off; at most 1000 each.
     burst_gap_ms: float = 3.0
     burst_wait_max_ms: float = 20.0
     # KV cache tokens idle slots keep for prefix reuse, all together (least recently used dropped first).

@@ -162,8 +162,9 @@ class LlamaEngine:
         if settings.idle_cache_tokens < 0:
             raise InvalidArgument("idle_cache_tokens must not be negative", field="idle_cache_tokens")
         for name in ("burst_gap_s", "burst_wait_max_s"):
-            if getattr(settings, name) < 0:
-                raise InvalidArgument(f"{name} must not be negative", field=name)
+            # The comparison also refuses NaN, which the worker's condition wait would choke on.
+            if not 0 <= getattr(settings, name) <= 1.0:
+                raise InvalidArgument(f"{name} must be between 0 and 1 s", field=name)
         self._settings = settings
         self._threads = settings.threads or os.cpu_count() or 1
         # What set_threads asked for; the worker applies it between decode steps (it alone touches the context).

@@ -60,9 +60,10 @@ class EngineCollector(Collector):
                       "Decode steps of batch work cut short (and redone) for an arriving interactive request.",
                       s.aborted_steps_total)
         for name, doc, figures in (
-            ("clowder_runtime_step_tokens", "Tokens each decode step held (prompt and generated): how full the batch"
-             " runs.", s.step_tokens),
-            ("clowder_runtime_step_seconds", "How long each decode step took.", s.step_seconds),
+            ("clowder_runtime_step_tokens", "Tokens each completed decode step held (prompt and generated): how"
+             " full the batch runs.", s.step_tokens),
+            ("clowder_runtime_step_seconds", "How long llama_decode took in each completed step (sampling aside).",
+             s.step_seconds),
         ):
             if figures is not None:
                 histogram = HistogramMetricFamily(name, doc, labels=labels)
